@@ -1,0 +1,4 @@
+//! Switchboard control plane.
+
+pub mod model;
+pub mod store;

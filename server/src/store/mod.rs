@@ -1,0 +1,335 @@
+//! Durable state behind one trait, with a PostgreSQL (production) and a SQLite
+//! (embedded default) implementation. Both pass the same contract suite
+//! (`tests/tests/store_contract.rs`).
+//!
+//! Every method that changes more than one row runs in one transaction that
+//! commits on `Ok` and rolls back on `Err`. Claims are atomic across
+//! processes: PostgreSQL claims with `FOR UPDATE SKIP LOCKED`, SQLite through
+//! its single writer connection.
+
+mod postgres;
+mod sqlite;
+
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::model::{
+    EndReason, HostHello, HostRecord, HostSummary, MandelboxRecord, MandelboxState, PortSpec,
+    Region, SessionRecord, SessionState,
+};
+
+/// Shared handle to whichever store the process runs on.
+pub type DynStore = Arc<dyn Store>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The user already has `limit` live sessions.
+    #[error("user has reached the limit of {limit} live sessions")]
+    SessionLimit { limit: u32 },
+    /// The database could not be reached or timed out.
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    /// Anything else the database reported, or a row we could not decode.
+    #[error("database error: {0}")]
+    Database(#[source] sqlx::Error),
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+    #[error("migration failed: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        match error {
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
+                StoreError::Unavailable(error)
+            }
+            other => StoreError::Database(other),
+        }
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A session to create in `create_session_and_claim`.
+#[derive(Debug, Clone)]
+pub struct NewSession {
+    pub id: Uuid,
+    pub user_id: String,
+    pub app: String,
+    pub client_version: String,
+    /// Enabled regions to claim from, best first (already validated).
+    pub regions: Vec<String>,
+}
+
+/// A mandelbox claimed for a session: the box is ALLOCATED with `session_id`
+/// set and the session is ASSIGNING with `mandelbox_id`, `host_id` and
+/// `region` set.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claim {
+    pub session: SessionRecord,
+    pub mandelbox: MandelboxRecord,
+    pub host: HostRecord,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClaimOutcome {
+    Claimed(Claim),
+    /// No warm box matched; the session was stored as PENDING.
+    Pending(SessionRecord),
+}
+
+/// A new box to reserve a slot for (state SPAWNING).
+#[derive(Debug, Clone)]
+pub struct NewMandelbox {
+    pub id: Uuid,
+    pub app: String,
+    /// SHA-256 (hex) of the disconnect token; the token itself is never stored.
+    pub token_hash: String,
+    /// Set when the box is spawned on demand for a waiting session.
+    pub session_id: Option<Uuid>,
+}
+
+/// A mandelbox as a reconnecting host reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportedMandelbox {
+    pub id: Uuid,
+}
+
+/// What `reconcile_host` decided.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Reconciliation {
+    /// Boxes the host runs that must go: unknown to the database, already
+    /// DEAD/LOST, DYING (teardown never confirmed) or SPAWNING (spawn never
+    /// confirmed; those are marked DEAD).
+    pub teardown: Vec<Uuid>,
+    /// Boxes the database held live on this host that the host no longer has;
+    /// now LOST.
+    pub lost: Vec<Uuid>,
+    /// Sessions that ended (HOST_LOST) because their box was lost.
+    pub ended_sessions: Vec<SessionRecord>,
+}
+
+/// Result of ending a session.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndedSession {
+    pub session: SessionRecord,
+    /// The box now DYING that its host must tear down; None if the session had
+    /// no box, or was already ended (then `session` is returned unchanged).
+    pub teardown: Option<MandelboxRecord>,
+    /// False if the session was already ENDED before this call.
+    pub changed: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct MandelboxFilter {
+    pub host_id: Option<String>,
+    pub state: Option<MandelboxState>,
+    /// Include DEAD and LOST boxes.
+    pub include_finished: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SessionFilter {
+    pub user_id: Option<String>,
+    pub include_ended: bool,
+    /// At most this many, newest first.
+    pub limit: u32,
+}
+
+/// Credentials of a box needed by ReportDisconnect.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MandelboxAuth {
+    pub mandelbox: MandelboxRecord,
+    pub token_hash: String,
+}
+
+/// Work the housekeeping sweep did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SweepOutcome {
+    /// PENDING sessions older than the cut-off, now ENDED (NO_CAPACITY).
+    pub expired_pending: Vec<SessionRecord>,
+    /// SPAWNING boxes older than the cut-off, now DEAD; a session reserved on
+    /// one is back to PENDING.
+    pub expired_spawns: Vec<MandelboxRecord>,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Which implementation, for logs and `--dump-config`.
+    fn backend(&self) -> &'static str;
+
+    // ----- regions -------------------------------------------------------
+
+    /// Inserts or replaces a region's settings.
+    async fn put_region(&self, region: &Region) -> StoreResult<Region>;
+    async fn list_regions(&self) -> StoreResult<Vec<Region>>;
+
+    // ----- users ---------------------------------------------------------
+
+    /// Creates the user row if missing (registration); idempotent and safe under
+    /// concurrent first calls. Updates the email when one is given.
+    async fn ensure_user(&self, user_id: &str, email: Option<&str>) -> StoreResult<()>;
+
+    // ----- hosts ---------------------------------------------------------
+
+    /// An accepted Hello: inserts or updates the host row with what it reported,
+    /// increments `generation`, sets `last_heartbeat_at` = now, clears
+    /// `disconnected_at`, and sets the state to ACTIVE, or keeps DRAINING if it
+    /// was draining. Returns the row (with the new generation).
+    async fn host_connected(&self, hello: &HostHello) -> StoreResult<HostRecord>;
+
+    /// The stream of `generation` ended: ACTIVE/DRAINING → DISCONNECTED with
+    /// `disconnected_at` = now. Does nothing (returns false) if the row's
+    /// generation differs (a newer connection took over) or the host is
+    /// already DISCONNECTED/UNHEALTHY.
+    async fn host_disconnected(&self, host_id: &str, generation: u64) -> StoreResult<bool>;
+
+    /// Stores the time of the latest heartbeat of `generation` (ignored for
+    /// another generation).
+    async fn record_heartbeat(&self, host_id: &str, generation: u64, at: DateTime<Utc>) -> StoreResult<()>;
+
+    /// ACTIVE → DRAINING (kept if already DRAINING, DISCONNECTED/UNHEALTHY
+    /// unchanged). None if the host is unknown.
+    async fn drain_host(&self, host_id: &str) -> StoreResult<Option<HostRecord>>;
+
+    /// The host is gone (missed heartbeats, or the grace period passed): state
+    /// UNHEALTHY; every live box on it → LOST; every live session on those
+    /// boxes → ENDED (HOST_LOST). With `generation`, acts only if the row still
+    /// has that generation (else returns an empty list and changes nothing).
+    /// Returns the sessions it ended.
+    async fn mark_host_lost(&self, host_id: &str, generation: Option<u64>) -> StoreResult<Vec<SessionRecord>>;
+
+    async fn get_host(&self, host_id: &str) -> StoreResult<Option<HostRecord>>;
+
+    /// Hosts (optionally of one region) with their box counts, by id.
+    async fn list_hosts(&self, region: Option<&str>) -> StoreResult<Vec<HostSummary>>;
+
+    /// DISCONNECTED hosts whose `disconnected_at` is before `cutoff`.
+    async fn hosts_disconnected_before(&self, cutoff: DateTime<Utc>) -> StoreResult<Vec<HostRecord>>;
+
+    /// At start-up of a single control plane: every ACTIVE/DRAINING host →
+    /// DISCONNECTED with `disconnected_at` = `at`, so it gets the reconnect
+    /// grace period. Returns how many.
+    async fn mark_connected_hosts_disconnected(&self, at: DateTime<Utc>) -> StoreResult<u64>;
+
+    /// A reconnecting host reported `reported`; compares it with the live boxes
+    /// the database holds for the host, in one transaction (see
+    /// `Reconciliation`). Boxes in both that are WAITING/ALLOCATED/RUNNING are
+    /// kept as they are.
+    async fn reconcile_host(&self, host_id: &str, reported: &[ReportedMandelbox]) -> StoreResult<Reconciliation>;
+
+    // ----- mandelboxes ---------------------------------------------------
+
+    /// Reserves a slot on `host_id` for a new box: atomically checks that the
+    /// host is ACTIVE and has fewer live boxes than its capacity, then inserts
+    /// the box as SPAWNING (region from the host). None if there is no room.
+    async fn reserve_mandelbox(&self, host_id: &str, new: &NewMandelbox) -> StoreResult<Option<MandelboxRecord>>;
+
+    /// Like `reserve_mandelbox`, on the best host in `regions` with room:
+    /// first region first, then the fullest host (fewest free slots), hosts
+    /// whose image matches the region's image (or any if the region has none),
+    /// ACTIVE only, skipping `exclude_hosts`.
+    async fn reserve_mandelbox_in_regions(
+        &self,
+        regions: &[String],
+        exclude_hosts: &[String],
+        new: &NewMandelbox,
+    ) -> StoreResult<Option<MandelboxRecord>>;
+
+    /// The host confirmed a spawn: SPAWNING → WAITING with `ports`, or →
+    /// ALLOCATED if the box was reserved for a session. None (no change) if the
+    /// box is not SPAWNING any more.
+    async fn mandelbox_spawned(&self, id: Uuid, ports: &[PortSpec]) -> StoreResult<Option<MandelboxRecord>>;
+
+    /// The box is gone (exited, teardown confirmed, or spawn failed): → `state`
+    /// (DEAD or LOST). If a live session is on it, the session → ENDED with
+    /// `reason`. Returns the box as it was before, and the session it ended.
+    /// None if the box is unknown or already DEAD/LOST.
+    async fn mandelbox_finished(
+        &self,
+        id: Uuid,
+        state: MandelboxState,
+        reason: EndReason,
+    ) -> StoreResult<Option<(MandelboxRecord, Option<SessionRecord>)>>;
+
+    async fn get_mandelbox(&self, id: Uuid) -> StoreResult<Option<MandelboxRecord>>;
+
+    /// A box with its token hash, for ReportDisconnect.
+    async fn mandelbox_auth(&self, id: Uuid) -> StoreResult<Option<MandelboxAuth>>;
+
+    /// Newest first, at most 1000.
+    async fn list_mandelboxes(&self, filter: &MandelboxFilter) -> StoreResult<Vec<MandelboxRecord>>;
+
+    /// Live boxes on the host with the given states.
+    async fn host_mandelboxes(&self, host_id: &str, states: &[MandelboxState]) -> StoreResult<Vec<MandelboxRecord>>;
+
+    // ----- sessions and claims ------------------------------------------
+
+    /// In one transaction: ensures the user row, locks it, counts the user's live
+    /// sessions (Err `SessionLimit` if >= `limit`), then claims a WAITING box in
+    /// `new.regions` (first region first; within it the fullest host, i.e. the
+    /// one with the fewest free slots = capacity - assigned boxes; host ACTIVE;
+    /// host image matching the region's image unless that is empty; box app ==
+    /// `new.app`) and inserts the session as ASSIGNING on it; with no such box,
+    /// inserts it as PENDING.
+    async fn create_session_and_claim(&self, new: &NewSession, limit: u32) -> StoreResult<ClaimOutcome>;
+
+    /// Claims a WAITING box (same choice as above, skipping `exclude_hosts`) for
+    /// a PENDING session: session → ASSIGNING, box → ALLOCATED. None if the
+    /// session is not PENDING or no box matched.
+    async fn claim_for_session(&self, session_id: Uuid, exclude_hosts: &[String]) -> StoreResult<Option<Claim>>;
+
+    /// Moves a session onto a box that was reserved (spawned) for it and is now
+    /// ALLOCATED: session PENDING → ASSIGNING with the box's host and region.
+    /// None if the session is not PENDING or the box not ALLOCATED for it.
+    async fn attach_reserved(&self, session_id: Uuid, mandelbox_id: Uuid) -> StoreResult<Option<Claim>>;
+
+    /// The host confirmed an assignment: box ALLOCATED → RUNNING, session
+    /// ASSIGNING → RUNNING. None (no change) if either moved on meanwhile.
+    async fn confirm_assignment(&self, session_id: Uuid, mandelbox_id: Uuid) -> StoreResult<Option<SessionRecord>>;
+
+    /// The host did not confirm: box → `box_state` (DYING when the host may
+    /// still hold it, LOST when the host is gone), session ASSIGNING → PENDING
+    /// with its box, host and region cleared. No change if the session is not
+    /// ASSIGNING on that box.
+    async fn release_claim(&self, session_id: Uuid, mandelbox_id: Uuid, box_state: MandelboxState) -> StoreResult<()>;
+
+    /// Ends a live session with `reason` (sets `ended_at`); its box, if live,
+    /// → DYING and is returned for teardown. An already ENDED session is
+    /// returned unchanged with `changed` = false. None if unknown.
+    async fn end_session(&self, session_id: Uuid, reason: EndReason) -> StoreResult<Option<EndedSession>>;
+
+    async fn get_session(&self, id: Uuid) -> StoreResult<Option<SessionRecord>>;
+
+    async fn list_sessions(&self, filter: &SessionFilter) -> StoreResult<Vec<SessionRecord>>;
+
+    /// PENDING sessions, oldest first.
+    async fn pending_sessions(&self, limit: u32) -> StoreResult<Vec<SessionRecord>>;
+
+    /// Live sessions of a user.
+    async fn count_live_sessions(&self, user_id: &str) -> StoreResult<u32>;
+
+    /// Housekeeping: expires PENDING sessions created before `pending_cutoff`
+    /// and SPAWNING boxes last updated before `spawn_cutoff` (see `SweepOutcome`).
+    async fn sweep(&self, pending_cutoff: DateTime<Utc>, spawn_cutoff: DateTime<Utc>) -> StoreResult<SweepOutcome>;
+}
+
+/// Session states that count as live, for queries.
+pub const LIVE_SESSION_STATES: [SessionState; 3] =
+    [SessionState::Pending, SessionState::Assigning, SessionState::Running];
+
+/// Box states that occupy a slot, for queries.
+pub const LIVE_MANDELBOX_STATES: [MandelboxState; 5] = [
+    MandelboxState::Spawning,
+    MandelboxState::Waiting,
+    MandelboxState::Allocated,
+    MandelboxState::Running,
+    MandelboxState::Dying,
+];
