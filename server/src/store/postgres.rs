@@ -1,0 +1,1263 @@
+//! PostgreSQL store: the production backend, shared by every replica.
+//!
+//! Concurrency rests on row locks inside READ COMMITTED transactions:
+//! * a claim picks its box with `FOR UPDATE SKIP LOCKED`, so concurrent claimers
+//!   (in this process or another) never wait for each other nor take the
+//!   same box;
+//! * the session limit locks the user row, so a user's concurrent requests
+//!   count sessions one after the other;
+//! * a reservation locks the host row, so capacity is checked and used
+//!   atomically.
+//!
+//! To avoid deadlocks, transactions that lock several kinds of rows take them in
+//! one order: user → host → sessions → mandelboxes.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
+use sqlx::types::Json;
+use uuid::Uuid;
+
+use super::rows::{self, host_columns, live_box_states, mandelbox_columns, now, session_columns};
+use super::{
+    Claim, ClaimOutcome, EndedSession, MandelboxAuth, MandelboxFilter, NewMandelbox, NewSession,
+    Reconciliation, ReportedMandelbox, SessionFilter, Store, StoreError, StoreResult, SweepOutcome,
+};
+use crate::model::{
+    EndReason, HostHello, HostRecord, HostState, HostSummary, MandelboxRecord, MandelboxState,
+    PortSpec, Region, SessionRecord, SessionState,
+};
+
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Self> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(url)
+            .await?;
+        Ok(Self { pool })
+    }
+
+    /// Applies pending migrations. sqlx holds a PostgreSQL advisory lock while
+    /// migrating, so replicas starting together apply each migration once.
+    pub async fn migrate(&self) -> StoreResult<()> {
+        sqlx::migrate!("../migrations/postgres")
+            .run(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+// ----- rows ---------------------------------------------------------------
+
+#[derive(sqlx::FromRow)]
+struct RegionRow {
+    name: String,
+    enabled: bool,
+    image: String,
+}
+
+impl From<RegionRow> for Region {
+    fn from(row: RegionRow) -> Self {
+        Region {
+            name: row.name,
+            enabled: row.enabled,
+            image: row.image,
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct HostRow {
+    id: String,
+    region: String,
+    state: String,
+    image: String,
+    agent_version: String,
+    address: String,
+    capacity: i64,
+    generation: i64,
+    last_heartbeat_at: Option<DateTime<Utc>>,
+    disconnected_at: Option<DateTime<Utc>>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl HostRow {
+    fn into_record(self) -> StoreResult<HostRecord> {
+        Ok(HostRecord {
+            state: rows::parse_enum("hosts.state", &self.state, HostState::parse)?,
+            capacity: rows::to_u32("hosts.capacity", self.capacity)?,
+            generation: rows::to_u64("hosts.generation", self.generation)?,
+            id: self.id,
+            region: self.region,
+            image: self.image,
+            agent_version: self.agent_version,
+            address: self.address,
+            last_heartbeat_at: self.last_heartbeat_at,
+            disconnected_at: self.disconnected_at,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct HostSummaryRow {
+    #[sqlx(flatten)]
+    host: HostRow,
+    warm: i64,
+    assigned: i64,
+    live: i64,
+}
+
+impl HostSummaryRow {
+    fn into_summary(self) -> StoreResult<HostSummary> {
+        Ok(HostSummary {
+            host: self.host.into_record()?,
+            warm: rows::to_u32("warm", self.warm)?,
+            assigned: rows::to_u32("assigned", self.assigned)?,
+            live: rows::to_u32("live", self.live)?,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct MandelboxRow {
+    id: Uuid,
+    host_id: String,
+    region: String,
+    app: String,
+    state: String,
+    session_id: Option<Uuid>,
+    ports: serde_json::Value,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl MandelboxRow {
+    fn into_record(self) -> StoreResult<MandelboxRecord> {
+        Ok(MandelboxRecord {
+            state: rows::parse_enum("mandelboxes.state", &self.state, MandelboxState::parse)?,
+            ports: rows::ports_from_json(self.ports)?,
+            id: self.id,
+            host_id: self.host_id,
+            region: self.region,
+            app: self.app,
+            session_id: self.session_id,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct MandelboxAuthRow {
+    #[sqlx(flatten)]
+    mandelbox: MandelboxRow,
+    token_hash: String,
+}
+
+#[derive(sqlx::FromRow)]
+struct SessionRow {
+    id: Uuid,
+    user_id: String,
+    state: String,
+    app: String,
+    client_version: String,
+    requested_regions: serde_json::Value,
+    region: Option<String>,
+    mandelbox_id: Option<Uuid>,
+    host_id: Option<String>,
+    end_reason: Option<String>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    ended_at: Option<DateTime<Utc>>,
+}
+
+impl SessionRow {
+    fn into_record(self) -> StoreResult<SessionRecord> {
+        Ok(SessionRecord {
+            state: rows::parse_enum("sessions.state", &self.state, SessionState::parse)?,
+            requested_regions: rows::regions_from_json(self.requested_regions)?,
+            end_reason: rows::parse_optional_enum(
+                "sessions.end_reason",
+                self.end_reason.as_deref(),
+                EndReason::parse,
+            )?,
+            id: self.id,
+            user_id: self.user_id,
+            app: self.app,
+            client_version: self.client_version,
+            region: self.region,
+            mandelbox_id: self.mandelbox_id,
+            host_id: self.host_id,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            ended_at: self.ended_at,
+        })
+    }
+}
+
+fn hosts(rows: Vec<HostRow>) -> StoreResult<Vec<HostRecord>> {
+    rows.into_iter().map(HostRow::into_record).collect()
+}
+
+fn mandelboxes(rows: Vec<MandelboxRow>) -> StoreResult<Vec<MandelboxRecord>> {
+    rows.into_iter().map(MandelboxRow::into_record).collect()
+}
+
+fn sessions(rows: Vec<SessionRow>) -> StoreResult<Vec<SessionRecord>> {
+    rows.into_iter().map(SessionRow::into_record).collect()
+}
+
+fn state_names<T: Copy>(states: &[T], name: fn(T) -> &'static str) -> Vec<String> {
+    states.iter().map(|state| name(*state).to_owned()).collect()
+}
+
+// ----- queries shared by several methods -----------------------------------
+
+async fn select_host(conn: &mut PgConnection, host_id: &str) -> StoreResult<Option<HostRecord>> {
+    sqlx::query_as::<_, HostRow>(concat!(
+        "SELECT ",
+        host_columns!(),
+        " FROM hosts WHERE id = $1"
+    ))
+    .bind(host_id)
+    .fetch_optional(conn)
+    .await?
+    .map(HostRow::into_record)
+    .transpose()
+}
+
+/// The host a claimed or reserved box lives on; the foreign key guarantees it.
+async fn host_of(conn: &mut PgConnection, mandelbox: &MandelboxRecord) -> StoreResult<HostRecord> {
+    select_host(conn, &mandelbox.host_id).await?.ok_or_else(|| {
+        StoreError::Corrupt(format!(
+            "mandelbox {} is on unknown host {}",
+            mandelbox.id, mandelbox.host_id
+        ))
+    })
+}
+
+async fn lock_host(conn: &mut PgConnection, host_id: &str) -> StoreResult<Option<HostRecord>> {
+    sqlx::query_as::<_, HostRow>(concat!(
+        "SELECT ",
+        host_columns!(),
+        " FROM hosts WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(host_id)
+    .fetch_optional(conn)
+    .await?
+    .map(HostRow::into_record)
+    .transpose()
+}
+
+async fn lock_session(conn: &mut PgConnection, id: Uuid) -> StoreResult<Option<SessionRecord>> {
+    sqlx::query_as::<_, SessionRow>(concat!(
+        "SELECT ",
+        session_columns!(),
+        " FROM sessions WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(id)
+    .fetch_optional(conn)
+    .await?
+    .map(SessionRow::into_record)
+    .transpose()
+}
+
+async fn lock_mandelbox(conn: &mut PgConnection, id: Uuid) -> StoreResult<Option<MandelboxRecord>> {
+    sqlx::query_as::<_, MandelboxRow>(concat!(
+        "SELECT ",
+        mandelbox_columns!(),
+        " FROM mandelboxes WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(id)
+    .fetch_optional(conn)
+    .await?
+    .map(MandelboxRow::into_record)
+    .transpose()
+}
+
+/// Locks the live sessions on `mandelbox_ids` before the boxes themselves are
+/// touched, keeping the sessions → mandelboxes lock order.
+async fn lock_sessions_on(conn: &mut PgConnection, mandelbox_ids: &[Uuid]) -> StoreResult<()> {
+    sqlx::query(
+        "SELECT id FROM sessions WHERE mandelbox_id = ANY($1) AND state <> 'ENDED' \
+         ORDER BY id FOR UPDATE",
+    )
+    .bind(mandelbox_ids)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Ends every live session on `mandelbox_ids`; returns them oldest first.
+async fn end_sessions_on(
+    conn: &mut PgConnection,
+    mandelbox_ids: &[Uuid],
+    reason: EndReason,
+    at: DateTime<Utc>,
+) -> StoreResult<Vec<SessionRecord>> {
+    let rows = sqlx::query_as::<_, SessionRow>(concat!(
+        "UPDATE sessions SET state = 'ENDED', end_reason = $2, ended_at = $3, updated_at = $3 \
+         WHERE mandelbox_id = ANY($1) AND state <> 'ENDED' RETURNING ",
+        session_columns!()
+    ))
+    .bind(mandelbox_ids)
+    .bind(reason.as_str())
+    .bind(at)
+    .fetch_all(conn)
+    .await?;
+    let mut ended = sessions(rows)?;
+    ended.sort_by_key(|session| (session.created_at, session.id));
+    Ok(ended)
+}
+
+/// Takes the best WAITING box for a session and marks it ALLOCATED to it.
+///
+/// Best = first region in `regions`, then the fullest host (fewest free
+/// slots, counting assigned boxes), then host id and box age for a stable
+/// order. `SKIP LOCKED` makes concurrent claimers pass over a box another
+/// transaction is taking instead of waiting for it; the locking happens before
+/// `LIMIT`, so a claimer only gets nothing when every match is taken.
+async fn claim_waiting(
+    conn: &mut PgConnection,
+    regions: &[String],
+    app: &str,
+    exclude_hosts: &[String],
+    session_id: Uuid,
+    at: DateTime<Utc>,
+) -> StoreResult<Option<MandelboxRecord>> {
+    sqlx::query_as::<_, MandelboxRow>(concat!(
+        "UPDATE mandelboxes SET state = 'ALLOCATED', session_id = $4, updated_at = $5 \
+         WHERE id = ( \
+             SELECT m.id FROM mandelboxes m \
+             JOIN hosts h ON h.id = m.host_id \
+             LEFT JOIN regions r ON r.name = m.region \
+             WHERE m.state = 'WAITING' AND m.app = $2 AND m.region = ANY($1) \
+               AND h.state = 'ACTIVE' \
+               AND (COALESCE(r.image, '') = '' OR h.image = r.image) \
+               AND h.id <> ALL($3) \
+             ORDER BY array_position($1::text[], m.region), \
+                      h.capacity - (SELECT count(*) FROM mandelboxes a \
+                                    WHERE a.host_id = h.id AND a.state IN ('ALLOCATED', 'RUNNING')), \
+                      h.id, m.created_at, m.id \
+             LIMIT 1 \
+             FOR UPDATE OF m SKIP LOCKED) \
+         RETURNING ",
+        mandelbox_columns!()
+    ))
+    .bind(regions)
+    .bind(app)
+    .bind(exclude_hosts)
+    .bind(session_id)
+    .bind(at)
+    .fetch_optional(conn)
+    .await?
+    .map(MandelboxRow::into_record)
+    .transpose()
+}
+
+/// Puts a PENDING session onto a claimed box.
+async fn assign_session(
+    conn: &mut PgConnection,
+    session_id: Uuid,
+    mandelbox: &MandelboxRecord,
+    at: DateTime<Utc>,
+) -> StoreResult<SessionRecord> {
+    sqlx::query_as::<_, SessionRow>(concat!(
+        "UPDATE sessions SET state = 'ASSIGNING', region = $2, mandelbox_id = $3, host_id = $4, \
+         updated_at = $5 WHERE id = $1 RETURNING ",
+        session_columns!()
+    ))
+    .bind(session_id)
+    .bind(&mandelbox.region)
+    .bind(mandelbox.id)
+    .bind(&mandelbox.host_id)
+    .bind(at)
+    .fetch_one(conn)
+    .await?
+    .into_record()
+}
+
+/// Inserts a SPAWNING box on `host_id` if the host is ACTIVE and has a free
+/// slot. The host row stays locked until the transaction ends, so concurrent
+/// reservations on one host count each other's boxes.
+async fn reserve_on_host(
+    conn: &mut PgConnection,
+    host_id: &str,
+    new: &NewMandelbox,
+    at: DateTime<Utc>,
+) -> StoreResult<Option<MandelboxRecord>> {
+    let Some(host) = lock_host(conn, host_id).await? else {
+        return Ok(None);
+    };
+    if host.state != HostState::Active {
+        return Ok(None);
+    }
+    let live: i64 = sqlx::query_scalar(concat!(
+        "SELECT count(*) FROM mandelboxes WHERE host_id = $1 AND state IN ",
+        live_box_states!()
+    ))
+    .bind(host_id)
+    .fetch_one(&mut *conn)
+    .await?;
+    if live >= i64::from(host.capacity) {
+        return Ok(None);
+    }
+    sqlx::query_as::<_, MandelboxRow>(concat!(
+        "INSERT INTO mandelboxes (id, host_id, region, app, state, session_id, token_hash, ports, \
+         created_at, updated_at) VALUES ($1, $2, $3, $4, 'SPAWNING', $5, $6, '[]', $7, $7) RETURNING ",
+        mandelbox_columns!()
+    ))
+    .bind(new.id)
+    .bind(&host.id)
+    .bind(&host.region)
+    .bind(&new.app)
+    .bind(new.session_id)
+    .bind(&new.token_hash)
+    .bind(at)
+    .fetch_one(conn)
+    .await?
+    .into_record()
+    .map(Some)
+}
+
+#[async_trait]
+impl Store for PgStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    // ----- regions -----------------------------------------------------
+
+    async fn put_region(&self, region: &Region) -> StoreResult<Region> {
+        let row = sqlx::query_as::<_, RegionRow>(
+            "INSERT INTO regions (name, enabled, image, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $4) \
+             ON CONFLICT (name) DO UPDATE SET enabled = excluded.enabled, image = excluded.image, \
+             updated_at = excluded.updated_at \
+             RETURNING name, enabled, image",
+        )
+        .bind(&region.name)
+        .bind(region.enabled)
+        .bind(&region.image)
+        .bind(now())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.into())
+    }
+
+    async fn list_regions(&self) -> StoreResult<Vec<Region>> {
+        let rows = sqlx::query_as::<_, RegionRow>(
+            "SELECT name, enabled, image FROM regions ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(Region::from).collect())
+    }
+
+    // ----- users -------------------------------------------------------
+
+    async fn ensure_user(&self, user_id: &str, email: Option<&str>) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO users (id, email, created_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (id) DO UPDATE SET email = excluded.email \
+             WHERE excluded.email IS NOT NULL AND users.email IS DISTINCT FROM excluded.email",
+        )
+        .bind(user_id)
+        .bind(email)
+        .bind(now())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    // ----- hosts -------------------------------------------------------
+
+    async fn host_connected(&self, hello: &HostHello) -> StoreResult<HostRecord> {
+        sqlx::query_as::<_, HostRow>(concat!(
+            "INSERT INTO hosts (id, region, state, draining, image, agent_version, address, capacity, \
+             generation, last_heartbeat_at, disconnected_at, created_at, updated_at) \
+             VALUES ($1, $2, 'ACTIVE', FALSE, $3, $4, $5, $6, 1, $7, NULL, $7, $7) \
+             ON CONFLICT (id) DO UPDATE SET region = excluded.region, image = excluded.image, \
+             agent_version = excluded.agent_version, address = excluded.address, \
+             capacity = excluded.capacity, generation = hosts.generation + 1, \
+             state = CASE WHEN hosts.draining THEN 'DRAINING' ELSE 'ACTIVE' END, \
+             last_heartbeat_at = excluded.last_heartbeat_at, disconnected_at = NULL, \
+             updated_at = excluded.updated_at \
+             RETURNING ",
+            host_columns!()
+        ))
+        .bind(&hello.host_id)
+        .bind(&hello.region)
+        .bind(&hello.image)
+        .bind(&hello.agent_version)
+        .bind(&hello.address)
+        .bind(i64::from(hello.capacity))
+        .bind(now())
+        .fetch_one(&self.pool)
+        .await?
+        .into_record()
+    }
+
+    async fn host_disconnected(&self, host_id: &str, generation: u64) -> StoreResult<bool> {
+        let Some(generation) = rows::generation_param(generation) else {
+            return Ok(false);
+        };
+        let result = sqlx::query(
+            "UPDATE hosts SET state = 'DISCONNECTED', disconnected_at = $3, updated_at = $3 \
+             WHERE id = $1 AND generation = $2 AND state IN ('ACTIVE', 'DRAINING')",
+        )
+        .bind(host_id)
+        .bind(generation)
+        .bind(now())
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn record_heartbeat(
+        &self,
+        host_id: &str,
+        generation: u64,
+        at: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        let Some(generation) = rows::generation_param(generation) else {
+            return Ok(());
+        };
+        sqlx::query("UPDATE hosts SET last_heartbeat_at = $3 WHERE id = $1 AND generation = $2")
+            .bind(host_id)
+            .bind(generation)
+            .bind(at)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn drain_host(&self, host_id: &str) -> StoreResult<Option<HostRecord>> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE hosts SET state = 'DRAINING', draining = TRUE, updated_at = $2 \
+             WHERE id = $1 AND state = 'ACTIVE'",
+        )
+        .bind(host_id)
+        .bind(now())
+        .execute(&mut *tx)
+        .await?;
+        let host = select_host(&mut tx, host_id).await?;
+        tx.commit().await?;
+        Ok(host)
+    }
+
+    async fn mark_host_lost(
+        &self,
+        host_id: &str,
+        generation: Option<u64>,
+    ) -> StoreResult<Vec<SessionRecord>> {
+        let at = now();
+        let mut tx = self.pool.begin().await?;
+        let Some(host) = lock_host(&mut tx, host_id).await? else {
+            return Ok(Vec::new());
+        };
+        if generation.is_some_and(|generation| generation != host.generation) {
+            return Ok(Vec::new());
+        }
+        sqlx::query(
+            "UPDATE hosts SET state = 'UNHEALTHY', updated_at = $2 \
+             WHERE id = $1 AND state <> 'UNHEALTHY'",
+        )
+        .bind(host_id)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+        // The host row is locked, so no box can be reserved on it meanwhile.
+        let live_boxes: Vec<Uuid> = sqlx::query_scalar(concat!(
+            "SELECT id FROM mandelboxes WHERE host_id = $1 AND state IN ",
+            live_box_states!()
+        ))
+        .bind(host_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        lock_sessions_on(&mut tx, &live_boxes).await?;
+        sqlx::query(concat!(
+            "UPDATE mandelboxes SET state = 'LOST', updated_at = $2 \
+             WHERE id = ANY($1) AND state IN ",
+            live_box_states!()
+        ))
+        .bind(&live_boxes)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+        let ended = end_sessions_on(&mut tx, &live_boxes, EndReason::HostLost, at).await?;
+        tx.commit().await?;
+        Ok(ended)
+    }
+
+    async fn get_host(&self, host_id: &str) -> StoreResult<Option<HostRecord>> {
+        let mut conn = self.pool.acquire().await?;
+        select_host(&mut conn, host_id).await
+    }
+
+    async fn list_hosts(&self, region: Option<&str>) -> StoreResult<Vec<HostSummary>> {
+        let rows = sqlx::query_as::<_, HostSummaryRow>(concat!(
+            "SELECT h.id, h.region, h.state, h.image, h.agent_version, h.address, h.capacity, \
+             h.generation, h.last_heartbeat_at, h.disconnected_at, h.created_at, h.updated_at, \
+             (SELECT count(*) FROM mandelboxes m WHERE m.host_id = h.id \
+                AND m.state IN ('SPAWNING', 'WAITING')) AS warm, \
+             (SELECT count(*) FROM mandelboxes m WHERE m.host_id = h.id \
+                AND m.state IN ('ALLOCATED', 'RUNNING')) AS assigned, \
+             (SELECT count(*) FROM mandelboxes m WHERE m.host_id = h.id \
+                AND m.state IN ",
+            live_box_states!(),
+            ") AS live \
+             FROM hosts h WHERE ($1::text IS NULL OR h.region = $1) ORDER BY h.id"
+        ))
+        .bind(region)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(HostSummaryRow::into_summary).collect()
+    }
+
+    async fn hosts_disconnected_before(
+        &self,
+        cutoff: DateTime<Utc>,
+    ) -> StoreResult<Vec<HostRecord>> {
+        let rows = sqlx::query_as::<_, HostRow>(concat!(
+            "SELECT ",
+            host_columns!(),
+            " FROM hosts WHERE state = 'DISCONNECTED' AND disconnected_at < $1 \
+             ORDER BY disconnected_at, id"
+        ))
+        .bind(cutoff)
+        .fetch_all(&self.pool)
+        .await?;
+        hosts(rows)
+    }
+
+    async fn mark_connected_hosts_disconnected(&self, at: DateTime<Utc>) -> StoreResult<u64> {
+        let result = sqlx::query(
+            "UPDATE hosts SET state = 'DISCONNECTED', disconnected_at = $1, updated_at = $2 \
+             WHERE state IN ('ACTIVE', 'DRAINING')",
+        )
+        .bind(at)
+        .bind(now())
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected())
+    }
+
+    async fn reconcile_host(
+        &self,
+        host_id: &str,
+        reported: &[ReportedMandelbox],
+    ) -> StoreResult<Reconciliation> {
+        let at = now();
+        let mut tx = self.pool.begin().await?;
+        let reported_ids = rows::unique_ids(reported);
+        if lock_host(&mut tx, host_id).await?.is_none() {
+            return Ok(Reconciliation {
+                teardown: reported_ids,
+                ..Reconciliation::default()
+            });
+        }
+        let known = sqlx::query_as::<_, MandelboxRow>(concat!(
+            "SELECT ",
+            mandelbox_columns!(),
+            " FROM mandelboxes WHERE host_id = $1 AND (state IN ",
+            live_box_states!(),
+            " OR id = ANY($2))"
+        ))
+        .bind(host_id)
+        .bind(&reported_ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        let plan = rows::ReconcilePlan::new(&reported_ids, &mandelboxes(known)?);
+
+        lock_sessions_on(&mut tx, &plan.missing).await?;
+        let lost: Vec<Uuid> = sqlx::query_scalar(concat!(
+            "UPDATE mandelboxes SET state = 'LOST', updated_at = $2 \
+             WHERE id = ANY($1) AND state IN ",
+            live_box_states!(),
+            " RETURNING id"
+        ))
+        .bind(&plan.missing)
+        .bind(at)
+        .fetch_all(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE mandelboxes SET state = 'DEAD', updated_at = $2 \
+             WHERE id = ANY($1) AND state = 'SPAWNING'",
+        )
+        .bind(&plan.unconfirmed_spawns)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+        let ended_sessions = end_sessions_on(&mut tx, &lost, EndReason::HostLost, at).await?;
+        tx.commit().await?;
+        let lost = plan.order(lost);
+        Ok(Reconciliation {
+            teardown: plan.teardown,
+            lost,
+            ended_sessions,
+        })
+    }
+
+    // ----- mandelboxes -------------------------------------------------
+
+    async fn reserve_mandelbox(
+        &self,
+        host_id: &str,
+        new: &NewMandelbox,
+    ) -> StoreResult<Option<MandelboxRecord>> {
+        let mut tx = self.pool.begin().await?;
+        let reserved = reserve_on_host(&mut tx, host_id, new, now()).await?;
+        if reserved.is_some() {
+            tx.commit().await?;
+        }
+        Ok(reserved)
+    }
+
+    async fn reserve_mandelbox_in_regions(
+        &self,
+        regions: &[String],
+        exclude_hosts: &[String],
+        new: &NewMandelbox,
+    ) -> StoreResult<Option<MandelboxRecord>> {
+        let candidates: Vec<String> = sqlx::query_scalar(concat!(
+            "SELECT id FROM ( \
+                 SELECT h.id, h.region, h.capacity - (SELECT count(*) FROM mandelboxes m \
+                     WHERE m.host_id = h.id AND m.state IN ",
+            live_box_states!(),
+            ") AS free \
+                 FROM hosts h LEFT JOIN regions r ON r.name = h.region \
+                 WHERE h.state = 'ACTIVE' AND h.region = ANY($1) AND h.id <> ALL($2) \
+                   AND (COALESCE(r.image, '') = '' OR h.image = r.image) \
+             ) candidates \
+             WHERE free > 0 \
+             ORDER BY array_position($1::text[], region), free, id"
+        ))
+        .bind(regions)
+        .bind(exclude_hosts)
+        .fetch_all(&self.pool)
+        .await?;
+        // One transaction per candidate: holding a rejected host's lock while
+        // locking the next could deadlock with a reservation going the other way.
+        for host_id in candidates {
+            let mut tx = self.pool.begin().await?;
+            if let Some(reserved) = reserve_on_host(&mut tx, &host_id, new, now()).await? {
+                tx.commit().await?;
+                return Ok(Some(reserved));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn mandelbox_spawned(
+        &self,
+        id: Uuid,
+        ports: &[PortSpec],
+    ) -> StoreResult<Option<MandelboxRecord>> {
+        let at = now();
+        let mut tx = self.pool.begin().await?;
+        let reserved_for: Option<Option<Uuid>> =
+            sqlx::query_scalar("SELECT session_id FROM mandelboxes WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(reserved_for) = reserved_for else {
+            return Ok(None);
+        };
+        let session = match reserved_for {
+            Some(session_id) => lock_session(&mut tx, session_id).await?,
+            None => None,
+        };
+        let Some(mandelbox) = lock_mandelbox(&mut tx, id).await? else {
+            return Ok(None);
+        };
+        if mandelbox.state != MandelboxState::Spawning {
+            return Ok(None);
+        }
+        let (state, session_id) = rows::spawned_target(&mandelbox, session.as_ref());
+        let spawned = sqlx::query_as::<_, MandelboxRow>(concat!(
+            "UPDATE mandelboxes SET state = $2, session_id = $3, ports = $4, updated_at = $5 \
+             WHERE id = $1 RETURNING ",
+            mandelbox_columns!()
+        ))
+        .bind(id)
+        .bind(state.as_str())
+        .bind(session_id)
+        .bind(Json(ports))
+        .bind(at)
+        .fetch_one(&mut *tx)
+        .await?
+        .into_record()?;
+        tx.commit().await?;
+        Ok(Some(spawned))
+    }
+
+    async fn mandelbox_finished(
+        &self,
+        id: Uuid,
+        state: MandelboxState,
+        reason: EndReason,
+    ) -> StoreResult<Option<(MandelboxRecord, Option<SessionRecord>)>> {
+        rows::check_finished_state(state)?;
+        let at = now();
+        let mut tx = self.pool.begin().await?;
+        lock_sessions_on(&mut tx, &[id]).await?;
+        let Some(before) = lock_mandelbox(&mut tx, id).await? else {
+            return Ok(None);
+        };
+        if !before.state.is_live() {
+            return Ok(None);
+        }
+        sqlx::query("UPDATE mandelboxes SET state = $2, updated_at = $3 WHERE id = $1")
+            .bind(id)
+            .bind(state.as_str())
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+        let ended = end_sessions_on(&mut tx, &[id], reason, at).await?;
+        tx.commit().await?;
+        Ok(Some((before, ended.into_iter().next())))
+    }
+
+    async fn get_mandelbox(&self, id: Uuid) -> StoreResult<Option<MandelboxRecord>> {
+        sqlx::query_as::<_, MandelboxRow>(concat!(
+            "SELECT ",
+            mandelbox_columns!(),
+            " FROM mandelboxes WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(MandelboxRow::into_record)
+        .transpose()
+    }
+
+    async fn mandelbox_auth(&self, id: Uuid) -> StoreResult<Option<MandelboxAuth>> {
+        let Some(row) = sqlx::query_as::<_, MandelboxAuthRow>(concat!(
+            "SELECT ",
+            mandelbox_columns!(),
+            ", token_hash FROM mandelboxes WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(MandelboxAuth {
+            mandelbox: row.mandelbox.into_record()?,
+            token_hash: row.token_hash,
+        }))
+    }
+
+    async fn list_mandelboxes(
+        &self,
+        filter: &MandelboxFilter,
+    ) -> StoreResult<Vec<MandelboxRecord>> {
+        let rows = sqlx::query_as::<_, MandelboxRow>(concat!(
+            "SELECT ",
+            mandelbox_columns!(),
+            " FROM mandelboxes \
+             WHERE ($1::text IS NULL OR host_id = $1) AND ($2::text IS NULL OR state = $2) \
+               AND ($3 OR state NOT IN ('DEAD', 'LOST')) \
+             ORDER BY created_at DESC, id DESC LIMIT 1000"
+        ))
+        .bind(filter.host_id.as_deref())
+        .bind(filter.state.map(MandelboxState::as_str))
+        .bind(filter.include_finished)
+        .fetch_all(&self.pool)
+        .await?;
+        mandelboxes(rows)
+    }
+
+    async fn host_mandelboxes(
+        &self,
+        host_id: &str,
+        states: &[MandelboxState],
+    ) -> StoreResult<Vec<MandelboxRecord>> {
+        let rows = sqlx::query_as::<_, MandelboxRow>(concat!(
+            "SELECT ",
+            mandelbox_columns!(),
+            " FROM mandelboxes WHERE host_id = $1 AND state = ANY($2) AND state IN ",
+            live_box_states!(),
+            " ORDER BY created_at, id"
+        ))
+        .bind(host_id)
+        .bind(state_names(states, MandelboxState::as_str))
+        .fetch_all(&self.pool)
+        .await?;
+        mandelboxes(rows)
+    }
+
+    // ----- sessions and claims -----------------------------------------
+
+    async fn create_session_and_claim(
+        &self,
+        new: &NewSession,
+        limit: u32,
+    ) -> StoreResult<ClaimOutcome> {
+        let at = now();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO users (id, created_at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&new.user_id)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+        // Serialises this user's concurrent requests from here to commit, so
+        // the count below cannot miss a session another request is creating.
+        sqlx::query("SELECT id FROM users WHERE id = $1 FOR UPDATE")
+            .bind(&new.user_id)
+            .execute(&mut *tx)
+            .await?;
+        let live: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM sessions WHERE user_id = $1 AND state <> 'ENDED'",
+        )
+        .bind(&new.user_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        if live >= i64::from(limit) {
+            return Err(StoreError::SessionLimit { limit });
+        }
+
+        let claimed = claim_waiting(&mut tx, &new.regions, &new.app, &[], new.id, at).await?;
+        let session = sqlx::query_as::<_, SessionRow>(concat!(
+            "INSERT INTO sessions (id, user_id, state, app, client_version, requested_regions, \
+             region, mandelbox_id, host_id, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) RETURNING ",
+            session_columns!()
+        ))
+        .bind(new.id)
+        .bind(&new.user_id)
+        .bind(
+            if claimed.is_some() {
+                SessionState::Assigning
+            } else {
+                SessionState::Pending
+            }
+            .as_str(),
+        )
+        .bind(&new.app)
+        .bind(&new.client_version)
+        .bind(Json(&new.regions))
+        .bind(claimed.as_ref().map(|mandelbox| mandelbox.region.as_str()))
+        .bind(claimed.as_ref().map(|mandelbox| mandelbox.id))
+        .bind(claimed.as_ref().map(|mandelbox| mandelbox.host_id.as_str()))
+        .bind(at)
+        .fetch_one(&mut *tx)
+        .await?
+        .into_record()?;
+
+        let outcome = match claimed {
+            Some(mandelbox) => {
+                let host = host_of(&mut tx, &mandelbox).await?;
+                ClaimOutcome::Claimed(Claim {
+                    session,
+                    mandelbox,
+                    host,
+                })
+            }
+            None => ClaimOutcome::Pending(session),
+        };
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    async fn claim_for_session(
+        &self,
+        session_id: Uuid,
+        exclude_hosts: &[String],
+    ) -> StoreResult<Option<Claim>> {
+        let at = now();
+        let mut tx = self.pool.begin().await?;
+        let Some(session) = lock_session(&mut tx, session_id).await? else {
+            return Ok(None);
+        };
+        if session.state != SessionState::Pending {
+            return Ok(None);
+        }
+        let Some(mandelbox) = claim_waiting(
+            &mut tx,
+            &session.requested_regions,
+            &session.app,
+            exclude_hosts,
+            session_id,
+            at,
+        )
+        .await?
+        else {
+            return Ok(None);
+        };
+        let session = assign_session(&mut tx, session_id, &mandelbox, at).await?;
+        let host = host_of(&mut tx, &mandelbox).await?;
+        tx.commit().await?;
+        Ok(Some(Claim {
+            session,
+            mandelbox,
+            host,
+        }))
+    }
+
+    async fn attach_reserved(
+        &self,
+        session_id: Uuid,
+        mandelbox_id: Uuid,
+    ) -> StoreResult<Option<Claim>> {
+        let at = now();
+        let mut tx = self.pool.begin().await?;
+        let Some(session) = lock_session(&mut tx, session_id).await? else {
+            return Ok(None);
+        };
+        if session.state != SessionState::Pending {
+            return Ok(None);
+        }
+        let Some(mandelbox) = lock_mandelbox(&mut tx, mandelbox_id).await? else {
+            return Ok(None);
+        };
+        if mandelbox.state != MandelboxState::Allocated || mandelbox.session_id != Some(session_id)
+        {
+            return Ok(None);
+        }
+        let session = assign_session(&mut tx, session_id, &mandelbox, at).await?;
+        let host = host_of(&mut tx, &mandelbox).await?;
+        tx.commit().await?;
+        Ok(Some(Claim {
+            session,
+            mandelbox,
+            host,
+        }))
+    }
+
+    async fn confirm_assignment(
+        &self,
+        session_id: Uuid,
+        mandelbox_id: Uuid,
+    ) -> StoreResult<Option<SessionRecord>> {
+        let at = now();
+        let mut tx = self.pool.begin().await?;
+        let Some(session) = lock_session(&mut tx, session_id).await? else {
+            return Ok(None);
+        };
+        if session.state != SessionState::Assigning || session.mandelbox_id != Some(mandelbox_id) {
+            return Ok(None);
+        }
+        let Some(mandelbox) = lock_mandelbox(&mut tx, mandelbox_id).await? else {
+            return Ok(None);
+        };
+        if mandelbox.state != MandelboxState::Allocated || mandelbox.session_id != Some(session_id)
+        {
+            return Ok(None);
+        }
+        sqlx::query("UPDATE mandelboxes SET state = 'RUNNING', updated_at = $2 WHERE id = $1")
+            .bind(mandelbox_id)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+        let session = sqlx::query_as::<_, SessionRow>(concat!(
+            "UPDATE sessions SET state = 'RUNNING', updated_at = $2 WHERE id = $1 RETURNING ",
+            session_columns!()
+        ))
+        .bind(session_id)
+        .bind(at)
+        .fetch_one(&mut *tx)
+        .await?
+        .into_record()?;
+        tx.commit().await?;
+        Ok(Some(session))
+    }
+
+    async fn release_claim(
+        &self,
+        session_id: Uuid,
+        mandelbox_id: Uuid,
+        box_state: MandelboxState,
+    ) -> StoreResult<()> {
+        let at = now();
+        let mut tx = self.pool.begin().await?;
+        let Some(session) = lock_session(&mut tx, session_id).await? else {
+            return Ok(());
+        };
+        if session.state != SessionState::Assigning || session.mandelbox_id != Some(mandelbox_id) {
+            return Ok(());
+        }
+        // A box put back into the pool carries no session.
+        sqlx::query(concat!(
+            "UPDATE mandelboxes SET state = $2, updated_at = $3, \
+             session_id = CASE WHEN $2 = 'WAITING' THEN NULL ELSE session_id END \
+             WHERE id = $1 AND state IN ",
+            live_box_states!()
+        ))
+        .bind(mandelbox_id)
+        .bind(box_state.as_str())
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE sessions SET state = 'PENDING', region = NULL, mandelbox_id = NULL, \
+             host_id = NULL, updated_at = $2 WHERE id = $1",
+        )
+        .bind(session_id)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn end_session(
+        &self,
+        session_id: Uuid,
+        reason: EndReason,
+    ) -> StoreResult<Option<EndedSession>> {
+        let at = now();
+        let mut tx = self.pool.begin().await?;
+        let Some(session) = lock_session(&mut tx, session_id).await? else {
+            return Ok(None);
+        };
+        if session.state == SessionState::Ended {
+            return Ok(Some(EndedSession {
+                session,
+                teardown: None,
+                changed: false,
+            }));
+        }
+        let session = sqlx::query_as::<_, SessionRow>(concat!(
+            "UPDATE sessions SET state = 'ENDED', end_reason = $2, ended_at = $3, updated_at = $3 \
+             WHERE id = $1 RETURNING ",
+            session_columns!()
+        ))
+        .bind(session_id)
+        .bind(reason.as_str())
+        .bind(at)
+        .fetch_one(&mut *tx)
+        .await?
+        .into_record()?;
+        let teardown = match session.mandelbox_id {
+            Some(mandelbox_id) => sqlx::query_as::<_, MandelboxRow>(concat!(
+                "UPDATE mandelboxes SET state = 'DYING', updated_at = $3 \
+                 WHERE id = $1 AND session_id = $2 AND state IN ",
+                live_box_states!(),
+                " RETURNING ",
+                mandelbox_columns!()
+            ))
+            .bind(mandelbox_id)
+            .bind(session_id)
+            .bind(at)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(MandelboxRow::into_record)
+            .transpose()?,
+            None => None,
+        };
+        tx.commit().await?;
+        Ok(Some(EndedSession {
+            session,
+            teardown,
+            changed: true,
+        }))
+    }
+
+    async fn get_session(&self, id: Uuid) -> StoreResult<Option<SessionRecord>> {
+        sqlx::query_as::<_, SessionRow>(concat!(
+            "SELECT ",
+            session_columns!(),
+            " FROM sessions WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(SessionRow::into_record)
+        .transpose()
+    }
+
+    async fn list_sessions(&self, filter: &SessionFilter) -> StoreResult<Vec<SessionRecord>> {
+        let rows = sqlx::query_as::<_, SessionRow>(concat!(
+            "SELECT ",
+            session_columns!(),
+            " FROM sessions WHERE ($1::text IS NULL OR user_id = $1) AND ($2 OR state <> 'ENDED') \
+             ORDER BY created_at DESC, id DESC LIMIT $3"
+        ))
+        .bind(filter.user_id.as_deref())
+        .bind(filter.include_ended)
+        .bind(i64::from(rows::session_list_limit(filter.limit)))
+        .fetch_all(&self.pool)
+        .await?;
+        sessions(rows)
+    }
+
+    async fn pending_sessions(&self, limit: u32) -> StoreResult<Vec<SessionRecord>> {
+        let rows = sqlx::query_as::<_, SessionRow>(concat!(
+            "SELECT ",
+            session_columns!(),
+            " FROM sessions WHERE state = 'PENDING' ORDER BY created_at, id LIMIT $1"
+        ))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        sessions(rows)
+    }
+
+    async fn count_live_sessions(&self, user_id: &str) -> StoreResult<u32> {
+        let live: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM sessions WHERE user_id = $1 AND state <> 'ENDED'",
+        )
+        .bind(user_id)
+        .fetch_one(&self.pool)
+        .await?;
+        rows::to_u32("count", live)
+    }
+
+    async fn sweep(
+        &self,
+        pending_cutoff: DateTime<Utc>,
+        spawn_cutoff: DateTime<Utc>,
+    ) -> StoreResult<SweepOutcome> {
+        let at = now();
+        let mut tx = self.pool.begin().await?;
+        let expired_pending = sqlx::query_as::<_, SessionRow>(concat!(
+            "UPDATE sessions SET state = 'ENDED', end_reason = 'NO_CAPACITY', ended_at = $2, \
+             updated_at = $2 WHERE state = 'PENDING' AND created_at < $1 RETURNING ",
+            session_columns!()
+        ))
+        .bind(pending_cutoff)
+        .bind(at)
+        .fetch_all(&mut *tx)
+        .await?;
+        // Sessions reserved on these boxes are PENDING (never on the box), so
+        // they simply stay in the queue.
+        let expired_spawns = sqlx::query_as::<_, MandelboxRow>(concat!(
+            "UPDATE mandelboxes SET state = 'DEAD', updated_at = $2 \
+             WHERE state = 'SPAWNING' AND updated_at < $1 RETURNING ",
+            mandelbox_columns!()
+        ))
+        .bind(spawn_cutoff)
+        .bind(at)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let mut expired_pending = sessions(expired_pending)?;
+        expired_pending.sort_by_key(|session| (session.created_at, session.id));
+        let mut expired_spawns = mandelboxes(expired_spawns)?;
+        expired_spawns.sort_by_key(|mandelbox| (mandelbox.created_at, mandelbox.id));
+        Ok(SweepOutcome {
+            expired_pending,
+            expired_spawns,
+        })
+    }
+}

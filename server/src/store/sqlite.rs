@@ -1,0 +1,1281 @@
+//! SQLite store: the embedded default (`switchboard dev`, single replica).
+//!
+//! Concurrency: every write goes through one writer connection, in
+//! `BEGIN IMMEDIATE` transactions, so write transactions run one after another
+//! and a transaction never has to upgrade a read lock (the source of
+//! SQLITE_BUSY deadlocks). The checks-then-writes that PostgreSQL guards with
+//! row locks are therefore atomic here by construction. Pure reads use a
+//! separate pool that WAL lets run alongside the writer.
+//!
+//! Representations (see migrations/sqlite): timestamps are INTEGER unix
+//! microseconds, UUIDs hyphenated TEXT, lists JSON TEXT (queried with
+//! `json_each`).
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
+};
+use uuid::Uuid;
+
+use super::rows::{self, host_columns, live_box_states, mandelbox_columns, now, session_columns};
+use super::{
+    Claim, ClaimOutcome, EndedSession, MandelboxAuth, MandelboxFilter, NewMandelbox, NewSession,
+    Reconciliation, ReportedMandelbox, SessionFilter, Store, StoreError, StoreResult, SweepOutcome,
+};
+use crate::model::{
+    EndReason, HostHello, HostRecord, HostState, HostSummary, MandelboxRecord, MandelboxState,
+    PortSpec, Region, SessionRecord, SessionState,
+};
+
+/// Connections that serve pure reads.
+const READER_CONNECTIONS: u32 = 4;
+
+pub struct SqliteStore {
+    /// The only connection that writes; see the module comment.
+    writer: SqlitePool,
+    reader: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database a `sqlite:` URL names, e.g.
+    /// `sqlite:///var/lib/switchboard/switchboard.db` or `sqlite://switchboard.db`.
+    pub async fn open(url: &str) -> StoreResult<Self> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .busy_timeout(Duration::from_secs(5))
+            .foreign_keys(true);
+        if is_in_memory(url) {
+            // Every connection would get its own empty database, and the
+            // database would vanish with its last connection: one connection,
+            // kept forever, serves reads and writes.
+            let pool = SqlitePoolOptions::new()
+                .max_connections(1)
+                .min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None)
+                .connect_with(options)
+                .await?;
+            return Ok(Self {
+                writer: pool.clone(),
+                reader: pool,
+            });
+        }
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(
+                options
+                    .clone()
+                    .create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Normal),
+            )
+            .await?;
+        // WAL mode is stored in the file, which the writer has created and
+        // switched by now; readers only need to open it.
+        let reader = SqlitePoolOptions::new()
+            .max_connections(READER_CONNECTIONS)
+            .connect_with(options.read_only(true))
+            .await?;
+        Ok(Self { writer, reader })
+    }
+
+    pub async fn migrate(&self) -> StoreResult<()> {
+        sqlx::migrate!("../migrations/sqlite")
+            .run(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn begin_write(&self) -> StoreResult<sqlx::Transaction<'static, sqlx::Sqlite>> {
+        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+    }
+}
+
+fn is_in_memory(url: &str) -> bool {
+    url.contains(":memory:") || url.contains("mode=memory")
+}
+
+// ----- representations -------------------------------------------------------
+
+fn micros(at: DateTime<Utc>) -> i64 {
+    at.timestamp_micros()
+}
+
+fn time(column: &str, micros: i64) -> StoreResult<DateTime<Utc>> {
+    DateTime::from_timestamp_micros(micros)
+        .ok_or_else(|| StoreError::Corrupt(format!("{column}: timestamp {micros} out of range")))
+}
+
+fn optional_time(column: &str, micros: Option<i64>) -> StoreResult<Option<DateTime<Utc>>> {
+    micros.map(|micros| time(column, micros)).transpose()
+}
+
+fn uuid(column: &str, text: &str) -> StoreResult<Uuid> {
+    Uuid::parse_str(text)
+        .map_err(|error| StoreError::Corrupt(format!("{column}: {text:?}: {error}")))
+}
+
+fn optional_uuid(column: &str, text: Option<&str>) -> StoreResult<Option<Uuid>> {
+    text.map(|text| uuid(column, text)).transpose()
+}
+
+/// A list parameter, as the JSON array `json_each` reads.
+fn json_list<T: ToString>(items: &[T]) -> StoreResult<String> {
+    let items: Vec<String> = items.iter().map(ToString::to_string).collect();
+    rows::to_json_text(&items)
+}
+
+// ----- rows ------------------------------------------------------------------
+
+#[derive(sqlx::FromRow)]
+struct RegionRow {
+    name: String,
+    enabled: bool,
+    image: String,
+}
+
+impl From<RegionRow> for Region {
+    fn from(row: RegionRow) -> Self {
+        Region {
+            name: row.name,
+            enabled: row.enabled,
+            image: row.image,
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct HostRow {
+    id: String,
+    region: String,
+    state: String,
+    image: String,
+    agent_version: String,
+    address: String,
+    capacity: i64,
+    generation: i64,
+    last_heartbeat_at: Option<i64>,
+    disconnected_at: Option<i64>,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl HostRow {
+    fn into_record(self) -> StoreResult<HostRecord> {
+        Ok(HostRecord {
+            state: rows::parse_enum("hosts.state", &self.state, HostState::parse)?,
+            capacity: rows::to_u32("hosts.capacity", self.capacity)?,
+            generation: rows::to_u64("hosts.generation", self.generation)?,
+            last_heartbeat_at: optional_time("hosts.last_heartbeat_at", self.last_heartbeat_at)?,
+            disconnected_at: optional_time("hosts.disconnected_at", self.disconnected_at)?,
+            created_at: time("hosts.created_at", self.created_at)?,
+            updated_at: time("hosts.updated_at", self.updated_at)?,
+            id: self.id,
+            region: self.region,
+            image: self.image,
+            agent_version: self.agent_version,
+            address: self.address,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct HostSummaryRow {
+    #[sqlx(flatten)]
+    host: HostRow,
+    warm: i64,
+    assigned: i64,
+    live: i64,
+}
+
+impl HostSummaryRow {
+    fn into_summary(self) -> StoreResult<HostSummary> {
+        Ok(HostSummary {
+            host: self.host.into_record()?,
+            warm: rows::to_u32("warm", self.warm)?,
+            assigned: rows::to_u32("assigned", self.assigned)?,
+            live: rows::to_u32("live", self.live)?,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct MandelboxRow {
+    id: String,
+    host_id: String,
+    region: String,
+    app: String,
+    state: String,
+    session_id: Option<String>,
+    ports: String,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl MandelboxRow {
+    fn into_record(self) -> StoreResult<MandelboxRecord> {
+        Ok(MandelboxRecord {
+            id: uuid("mandelboxes.id", &self.id)?,
+            state: rows::parse_enum("mandelboxes.state", &self.state, MandelboxState::parse)?,
+            session_id: optional_uuid("mandelboxes.session_id", self.session_id.as_deref())?,
+            ports: rows::ports_from_text(&self.ports)?,
+            created_at: time("mandelboxes.created_at", self.created_at)?,
+            updated_at: time("mandelboxes.updated_at", self.updated_at)?,
+            host_id: self.host_id,
+            region: self.region,
+            app: self.app,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct MandelboxAuthRow {
+    #[sqlx(flatten)]
+    mandelbox: MandelboxRow,
+    token_hash: String,
+}
+
+#[derive(sqlx::FromRow)]
+struct SessionRow {
+    id: String,
+    user_id: String,
+    state: String,
+    app: String,
+    client_version: String,
+    requested_regions: String,
+    region: Option<String>,
+    mandelbox_id: Option<String>,
+    host_id: Option<String>,
+    end_reason: Option<String>,
+    created_at: i64,
+    updated_at: i64,
+    ended_at: Option<i64>,
+}
+
+impl SessionRow {
+    fn into_record(self) -> StoreResult<SessionRecord> {
+        Ok(SessionRecord {
+            id: uuid("sessions.id", &self.id)?,
+            state: rows::parse_enum("sessions.state", &self.state, SessionState::parse)?,
+            requested_regions: rows::regions_from_text(&self.requested_regions)?,
+            mandelbox_id: optional_uuid("sessions.mandelbox_id", self.mandelbox_id.as_deref())?,
+            end_reason: rows::parse_optional_enum(
+                "sessions.end_reason",
+                self.end_reason.as_deref(),
+                EndReason::parse,
+            )?,
+            created_at: time("sessions.created_at", self.created_at)?,
+            updated_at: time("sessions.updated_at", self.updated_at)?,
+            ended_at: optional_time("sessions.ended_at", self.ended_at)?,
+            user_id: self.user_id,
+            app: self.app,
+            client_version: self.client_version,
+            region: self.region,
+            host_id: self.host_id,
+        })
+    }
+}
+
+fn hosts(rows: Vec<HostRow>) -> StoreResult<Vec<HostRecord>> {
+    rows.into_iter().map(HostRow::into_record).collect()
+}
+
+fn mandelboxes(rows: Vec<MandelboxRow>) -> StoreResult<Vec<MandelboxRecord>> {
+    rows.into_iter().map(MandelboxRow::into_record).collect()
+}
+
+fn sessions(rows: Vec<SessionRow>) -> StoreResult<Vec<SessionRecord>> {
+    rows.into_iter().map(SessionRow::into_record).collect()
+}
+
+// ----- queries shared by several methods -------------------------------------
+//
+// These run inside a writer transaction; being the only writer, they need no
+// row locks to keep what they read true until commit.
+
+async fn select_host(
+    conn: &mut SqliteConnection,
+    host_id: &str,
+) -> StoreResult<Option<HostRecord>> {
+    sqlx::query_as::<_, HostRow>(concat!(
+        "SELECT ",
+        host_columns!(),
+        " FROM hosts WHERE id = ?1"
+    ))
+    .bind(host_id)
+    .fetch_optional(conn)
+    .await?
+    .map(HostRow::into_record)
+    .transpose()
+}
+
+/// The host a claimed or reserved box lives on; the foreign key guarantees it.
+async fn host_of(
+    conn: &mut SqliteConnection,
+    mandelbox: &MandelboxRecord,
+) -> StoreResult<HostRecord> {
+    select_host(conn, &mandelbox.host_id).await?.ok_or_else(|| {
+        StoreError::Corrupt(format!(
+            "mandelbox {} is on unknown host {}",
+            mandelbox.id, mandelbox.host_id
+        ))
+    })
+}
+
+async fn select_session(
+    conn: &mut SqliteConnection,
+    id: Uuid,
+) -> StoreResult<Option<SessionRecord>> {
+    sqlx::query_as::<_, SessionRow>(concat!(
+        "SELECT ",
+        session_columns!(),
+        " FROM sessions WHERE id = ?1"
+    ))
+    .bind(id.to_string())
+    .fetch_optional(conn)
+    .await?
+    .map(SessionRow::into_record)
+    .transpose()
+}
+
+async fn select_mandelbox(
+    conn: &mut SqliteConnection,
+    id: Uuid,
+) -> StoreResult<Option<MandelboxRecord>> {
+    sqlx::query_as::<_, MandelboxRow>(concat!(
+        "SELECT ",
+        mandelbox_columns!(),
+        " FROM mandelboxes WHERE id = ?1"
+    ))
+    .bind(id.to_string())
+    .fetch_optional(conn)
+    .await?
+    .map(MandelboxRow::into_record)
+    .transpose()
+}
+
+/// Ends every live session on `mandelbox_ids`; returns them oldest first.
+async fn end_sessions_on(
+    conn: &mut SqliteConnection,
+    mandelbox_ids: &[Uuid],
+    reason: EndReason,
+    at: DateTime<Utc>,
+) -> StoreResult<Vec<SessionRecord>> {
+    let rows = sqlx::query_as::<_, SessionRow>(concat!(
+        "UPDATE sessions SET state = 'ENDED', end_reason = ?2, ended_at = ?3, updated_at = ?3 \
+         WHERE mandelbox_id IN (SELECT value FROM json_each(?1)) AND state <> 'ENDED' RETURNING ",
+        session_columns!()
+    ))
+    .bind(json_list(mandelbox_ids)?)
+    .bind(reason.as_str())
+    .bind(micros(at))
+    .fetch_all(conn)
+    .await?;
+    let mut ended = sessions(rows)?;
+    ended.sort_by_key(|session| (session.created_at, session.id));
+    Ok(ended)
+}
+
+/// Takes the best WAITING box for a session and marks it ALLOCATED to it.
+///
+/// Best = first region in `regions` (position in the JSON array), then the
+/// fullest host (fewest free slots, counting assigned boxes), then host id and
+/// box age for a stable order. Same choice as the PostgreSQL store.
+async fn claim_waiting(
+    conn: &mut SqliteConnection,
+    regions: &[String],
+    app: &str,
+    exclude_hosts: &[String],
+    session_id: Uuid,
+    at: DateTime<Utc>,
+) -> StoreResult<Option<MandelboxRecord>> {
+    sqlx::query_as::<_, MandelboxRow>(concat!(
+        "UPDATE mandelboxes SET state = 'ALLOCATED', session_id = ?4, updated_at = ?5 \
+         WHERE id = ( \
+             SELECT m.id FROM mandelboxes m \
+             JOIN (SELECT value, min(key) AS position FROM json_each(?1) GROUP BY value) wanted \
+               ON wanted.value = m.region \
+             JOIN hosts h ON h.id = m.host_id \
+             LEFT JOIN regions r ON r.name = m.region \
+             WHERE m.state = 'WAITING' AND m.app = ?2 \
+               AND h.state = 'ACTIVE' \
+               AND (COALESCE(r.image, '') = '' OR h.image = r.image) \
+               AND h.id NOT IN (SELECT value FROM json_each(?3)) \
+             ORDER BY wanted.position, \
+                      h.capacity - (SELECT count(*) FROM mandelboxes a \
+                                    WHERE a.host_id = h.id AND a.state IN ('ALLOCATED', 'RUNNING')), \
+                      h.id, m.created_at, m.id \
+             LIMIT 1) \
+         RETURNING ",
+        mandelbox_columns!()
+    ))
+    .bind(json_list(regions)?)
+    .bind(app)
+    .bind(json_list(exclude_hosts)?)
+    .bind(session_id.to_string())
+    .bind(micros(at))
+    .fetch_optional(conn)
+    .await?
+    .map(MandelboxRow::into_record)
+    .transpose()
+}
+
+/// Puts a PENDING session onto a claimed box.
+async fn assign_session(
+    conn: &mut SqliteConnection,
+    session_id: Uuid,
+    mandelbox: &MandelboxRecord,
+    at: DateTime<Utc>,
+) -> StoreResult<SessionRecord> {
+    sqlx::query_as::<_, SessionRow>(concat!(
+        "UPDATE sessions SET state = 'ASSIGNING', region = ?2, mandelbox_id = ?3, host_id = ?4, \
+         updated_at = ?5 WHERE id = ?1 RETURNING ",
+        session_columns!()
+    ))
+    .bind(session_id.to_string())
+    .bind(&mandelbox.region)
+    .bind(mandelbox.id.to_string())
+    .bind(&mandelbox.host_id)
+    .bind(micros(at))
+    .fetch_one(conn)
+    .await?
+    .into_record()
+}
+
+/// Inserts a SPAWNING box on `host_id` if the host is ACTIVE and has a free slot.
+async fn reserve_on_host(
+    conn: &mut SqliteConnection,
+    host_id: &str,
+    new: &NewMandelbox,
+    at: DateTime<Utc>,
+) -> StoreResult<Option<MandelboxRecord>> {
+    let Some(host) = select_host(conn, host_id).await? else {
+        return Ok(None);
+    };
+    if host.state != HostState::Active {
+        return Ok(None);
+    }
+    let live: i64 = sqlx::query_scalar(concat!(
+        "SELECT count(*) FROM mandelboxes WHERE host_id = ?1 AND state IN ",
+        live_box_states!()
+    ))
+    .bind(host_id)
+    .fetch_one(&mut *conn)
+    .await?;
+    if live >= i64::from(host.capacity) {
+        return Ok(None);
+    }
+    sqlx::query_as::<_, MandelboxRow>(concat!(
+        "INSERT INTO mandelboxes (id, host_id, region, app, state, session_id, token_hash, ports, \
+         created_at, updated_at) VALUES (?1, ?2, ?3, ?4, 'SPAWNING', ?5, ?6, '[]', ?7, ?7) RETURNING ",
+        mandelbox_columns!()
+    ))
+    .bind(new.id.to_string())
+    .bind(&host.id)
+    .bind(&host.region)
+    .bind(&new.app)
+    .bind(new.session_id.map(|id| id.to_string()))
+    .bind(&new.token_hash)
+    .bind(micros(at))
+    .fetch_one(conn)
+    .await?
+    .into_record()
+    .map(Some)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    // ----- regions -----------------------------------------------------
+
+    async fn put_region(&self, region: &Region) -> StoreResult<Region> {
+        let row = sqlx::query_as::<_, RegionRow>(
+            "INSERT INTO regions (name, enabled, image, created_at, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?4) \
+             ON CONFLICT (name) DO UPDATE SET enabled = excluded.enabled, image = excluded.image, \
+             updated_at = excluded.updated_at \
+             RETURNING name, enabled, image",
+        )
+        .bind(&region.name)
+        .bind(region.enabled)
+        .bind(&region.image)
+        .bind(micros(now()))
+        .fetch_one(&self.writer)
+        .await?;
+        Ok(row.into())
+    }
+
+    async fn list_regions(&self) -> StoreResult<Vec<Region>> {
+        let rows = sqlx::query_as::<_, RegionRow>(
+            "SELECT name, enabled, image FROM regions ORDER BY name",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows.into_iter().map(Region::from).collect())
+    }
+
+    // ----- users -------------------------------------------------------
+
+    async fn ensure_user(&self, user_id: &str, email: Option<&str>) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO users (id, email, created_at) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (id) DO UPDATE SET email = excluded.email \
+             WHERE excluded.email IS NOT NULL AND users.email IS NOT excluded.email",
+        )
+        .bind(user_id)
+        .bind(email)
+        .bind(micros(now()))
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    // ----- hosts -------------------------------------------------------
+
+    async fn host_connected(&self, hello: &HostHello) -> StoreResult<HostRecord> {
+        sqlx::query_as::<_, HostRow>(concat!(
+            "INSERT INTO hosts (id, region, state, draining, image, agent_version, address, capacity, \
+             generation, last_heartbeat_at, disconnected_at, created_at, updated_at) \
+             VALUES (?1, ?2, 'ACTIVE', 0, ?3, ?4, ?5, ?6, 1, ?7, NULL, ?7, ?7) \
+             ON CONFLICT (id) DO UPDATE SET region = excluded.region, image = excluded.image, \
+             agent_version = excluded.agent_version, address = excluded.address, \
+             capacity = excluded.capacity, generation = hosts.generation + 1, \
+             state = CASE WHEN hosts.draining = 1 THEN 'DRAINING' ELSE 'ACTIVE' END, \
+             last_heartbeat_at = excluded.last_heartbeat_at, disconnected_at = NULL, \
+             updated_at = excluded.updated_at \
+             RETURNING ",
+            host_columns!()
+        ))
+        .bind(&hello.host_id)
+        .bind(&hello.region)
+        .bind(&hello.image)
+        .bind(&hello.agent_version)
+        .bind(&hello.address)
+        .bind(i64::from(hello.capacity))
+        .bind(micros(now()))
+        .fetch_one(&self.writer)
+        .await?
+        .into_record()
+    }
+
+    async fn host_disconnected(&self, host_id: &str, generation: u64) -> StoreResult<bool> {
+        let Some(generation) = rows::generation_param(generation) else {
+            return Ok(false);
+        };
+        let result = sqlx::query(
+            "UPDATE hosts SET state = 'DISCONNECTED', disconnected_at = ?3, updated_at = ?3 \
+             WHERE id = ?1 AND generation = ?2 AND state IN ('ACTIVE', 'DRAINING')",
+        )
+        .bind(host_id)
+        .bind(generation)
+        .bind(micros(now()))
+        .execute(&self.writer)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn record_heartbeat(
+        &self,
+        host_id: &str,
+        generation: u64,
+        at: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        let Some(generation) = rows::generation_param(generation) else {
+            return Ok(());
+        };
+        sqlx::query("UPDATE hosts SET last_heartbeat_at = ?3 WHERE id = ?1 AND generation = ?2")
+            .bind(host_id)
+            .bind(generation)
+            .bind(micros(at))
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn drain_host(&self, host_id: &str) -> StoreResult<Option<HostRecord>> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "UPDATE hosts SET state = 'DRAINING', draining = 1, updated_at = ?2 \
+             WHERE id = ?1 AND state = 'ACTIVE'",
+        )
+        .bind(host_id)
+        .bind(micros(now()))
+        .execute(&mut *tx)
+        .await?;
+        let host = select_host(&mut tx, host_id).await?;
+        tx.commit().await?;
+        Ok(host)
+    }
+
+    async fn mark_host_lost(
+        &self,
+        host_id: &str,
+        generation: Option<u64>,
+    ) -> StoreResult<Vec<SessionRecord>> {
+        let at = now();
+        let mut tx = self.begin_write().await?;
+        let Some(host) = select_host(&mut tx, host_id).await? else {
+            return Ok(Vec::new());
+        };
+        if generation.is_some_and(|generation| generation != host.generation) {
+            return Ok(Vec::new());
+        }
+        sqlx::query(
+            "UPDATE hosts SET state = 'UNHEALTHY', updated_at = ?2 \
+             WHERE id = ?1 AND state <> 'UNHEALTHY'",
+        )
+        .bind(host_id)
+        .bind(micros(at))
+        .execute(&mut *tx)
+        .await?;
+        let lost: Vec<String> = sqlx::query_scalar(concat!(
+            "UPDATE mandelboxes SET state = 'LOST', updated_at = ?2 \
+             WHERE host_id = ?1 AND state IN ",
+            live_box_states!(),
+            " RETURNING id"
+        ))
+        .bind(host_id)
+        .bind(micros(at))
+        .fetch_all(&mut *tx)
+        .await?;
+        let lost = lost
+            .iter()
+            .map(|id| uuid("mandelboxes.id", id))
+            .collect::<StoreResult<Vec<Uuid>>>()?;
+        let ended = end_sessions_on(&mut tx, &lost, EndReason::HostLost, at).await?;
+        tx.commit().await?;
+        Ok(ended)
+    }
+
+    async fn get_host(&self, host_id: &str) -> StoreResult<Option<HostRecord>> {
+        let mut conn = self.reader.acquire().await?;
+        select_host(&mut conn, host_id).await
+    }
+
+    async fn list_hosts(&self, region: Option<&str>) -> StoreResult<Vec<HostSummary>> {
+        let rows = sqlx::query_as::<_, HostSummaryRow>(concat!(
+            "SELECT h.id, h.region, h.state, h.image, h.agent_version, h.address, h.capacity, \
+             h.generation, h.last_heartbeat_at, h.disconnected_at, h.created_at, h.updated_at, \
+             (SELECT count(*) FROM mandelboxes m WHERE m.host_id = h.id \
+                AND m.state IN ('SPAWNING', 'WAITING')) AS warm, \
+             (SELECT count(*) FROM mandelboxes m WHERE m.host_id = h.id \
+                AND m.state IN ('ALLOCATED', 'RUNNING')) AS assigned, \
+             (SELECT count(*) FROM mandelboxes m WHERE m.host_id = h.id \
+                AND m.state IN ",
+            live_box_states!(),
+            ") AS live \
+             FROM hosts h WHERE (?1 IS NULL OR h.region = ?1) ORDER BY h.id"
+        ))
+        .bind(region)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.into_iter().map(HostSummaryRow::into_summary).collect()
+    }
+
+    async fn hosts_disconnected_before(
+        &self,
+        cutoff: DateTime<Utc>,
+    ) -> StoreResult<Vec<HostRecord>> {
+        let rows = sqlx::query_as::<_, HostRow>(concat!(
+            "SELECT ",
+            host_columns!(),
+            " FROM hosts WHERE state = 'DISCONNECTED' AND disconnected_at < ?1 \
+             ORDER BY disconnected_at, id"
+        ))
+        .bind(micros(cutoff))
+        .fetch_all(&self.reader)
+        .await?;
+        hosts(rows)
+    }
+
+    async fn mark_connected_hosts_disconnected(&self, at: DateTime<Utc>) -> StoreResult<u64> {
+        let result = sqlx::query(
+            "UPDATE hosts SET state = 'DISCONNECTED', disconnected_at = ?1, updated_at = ?2 \
+             WHERE state IN ('ACTIVE', 'DRAINING')",
+        )
+        .bind(micros(at))
+        .bind(micros(now()))
+        .execute(&self.writer)
+        .await?;
+        Ok(result.rows_affected())
+    }
+
+    async fn reconcile_host(
+        &self,
+        host_id: &str,
+        reported: &[ReportedMandelbox],
+    ) -> StoreResult<Reconciliation> {
+        let at = now();
+        let mut tx = self.begin_write().await?;
+        let reported_ids = rows::unique_ids(reported);
+        if select_host(&mut tx, host_id).await?.is_none() {
+            return Ok(Reconciliation {
+                teardown: reported_ids,
+                ..Reconciliation::default()
+            });
+        }
+        let known = sqlx::query_as::<_, MandelboxRow>(concat!(
+            "SELECT ",
+            mandelbox_columns!(),
+            " FROM mandelboxes WHERE host_id = ?1 AND (state IN ",
+            live_box_states!(),
+            " OR id IN (SELECT value FROM json_each(?2)))"
+        ))
+        .bind(host_id)
+        .bind(json_list(&reported_ids)?)
+        .fetch_all(&mut *tx)
+        .await?;
+        let plan = rows::ReconcilePlan::new(&reported_ids, &mandelboxes(known)?);
+
+        sqlx::query(concat!(
+            "UPDATE mandelboxes SET state = 'LOST', updated_at = ?2 \
+             WHERE id IN (SELECT value FROM json_each(?1)) AND state IN ",
+            live_box_states!()
+        ))
+        .bind(json_list(&plan.missing)?)
+        .bind(micros(at))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE mandelboxes SET state = 'DEAD', updated_at = ?2 \
+             WHERE id IN (SELECT value FROM json_each(?1)) AND state = 'SPAWNING'",
+        )
+        .bind(json_list(&plan.unconfirmed_spawns)?)
+        .bind(micros(at))
+        .execute(&mut *tx)
+        .await?;
+        let ended_sessions =
+            end_sessions_on(&mut tx, &plan.missing, EndReason::HostLost, at).await?;
+        tx.commit().await?;
+        Ok(Reconciliation {
+            teardown: plan.teardown,
+            lost: plan.missing,
+            ended_sessions,
+        })
+    }
+
+    // ----- mandelboxes -------------------------------------------------
+
+    async fn reserve_mandelbox(
+        &self,
+        host_id: &str,
+        new: &NewMandelbox,
+    ) -> StoreResult<Option<MandelboxRecord>> {
+        let mut tx = self.begin_write().await?;
+        let reserved = reserve_on_host(&mut tx, host_id, new, now()).await?;
+        if reserved.is_some() {
+            tx.commit().await?;
+        }
+        Ok(reserved)
+    }
+
+    async fn reserve_mandelbox_in_regions(
+        &self,
+        regions: &[String],
+        exclude_hosts: &[String],
+        new: &NewMandelbox,
+    ) -> StoreResult<Option<MandelboxRecord>> {
+        let mut tx = self.begin_write().await?;
+        let best: Option<String> = sqlx::query_scalar(concat!(
+            "SELECT id FROM ( \
+                 SELECT h.id, h.region, h.capacity - (SELECT count(*) FROM mandelboxes m \
+                     WHERE m.host_id = h.id AND m.state IN ",
+            live_box_states!(),
+            ") AS free \
+                 FROM hosts h LEFT JOIN regions r ON r.name = h.region \
+                 WHERE h.state = 'ACTIVE' AND h.id NOT IN (SELECT value FROM json_each(?2)) \
+                   AND (COALESCE(r.image, '') = '' OR h.image = r.image) \
+             ) candidates \
+             JOIN (SELECT value, min(key) AS position FROM json_each(?1) GROUP BY value) wanted \
+               ON wanted.value = candidates.region \
+             WHERE free > 0 \
+             ORDER BY wanted.position, free, id \
+             LIMIT 1"
+        ))
+        .bind(json_list(regions)?)
+        .bind(json_list(exclude_hosts)?)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(host_id) = best else {
+            return Ok(None);
+        };
+        // The write transaction keeps the count true, so this cannot refuse.
+        let reserved = reserve_on_host(&mut tx, &host_id, new, now()).await?;
+        tx.commit().await?;
+        Ok(reserved)
+    }
+
+    async fn mandelbox_spawned(
+        &self,
+        id: Uuid,
+        ports: &[PortSpec],
+    ) -> StoreResult<Option<MandelboxRecord>> {
+        let at = now();
+        let mut tx = self.begin_write().await?;
+        let Some(mandelbox) = select_mandelbox(&mut tx, id).await? else {
+            return Ok(None);
+        };
+        if mandelbox.state != MandelboxState::Spawning {
+            return Ok(None);
+        }
+        let session = match mandelbox.session_id {
+            Some(session_id) => select_session(&mut tx, session_id).await?,
+            None => None,
+        };
+        let (state, session_id) = rows::spawned_target(&mandelbox, session.as_ref());
+        let spawned = sqlx::query_as::<_, MandelboxRow>(concat!(
+            "UPDATE mandelboxes SET state = ?2, session_id = ?3, ports = ?4, updated_at = ?5 \
+             WHERE id = ?1 RETURNING ",
+            mandelbox_columns!()
+        ))
+        .bind(id.to_string())
+        .bind(state.as_str())
+        .bind(session_id.map(|id| id.to_string()))
+        .bind(rows::to_json_text(ports)?)
+        .bind(micros(at))
+        .fetch_one(&mut *tx)
+        .await?
+        .into_record()?;
+        tx.commit().await?;
+        Ok(Some(spawned))
+    }
+
+    async fn mandelbox_finished(
+        &self,
+        id: Uuid,
+        state: MandelboxState,
+        reason: EndReason,
+    ) -> StoreResult<Option<(MandelboxRecord, Option<SessionRecord>)>> {
+        rows::check_finished_state(state)?;
+        let at = now();
+        let mut tx = self.begin_write().await?;
+        let Some(before) = select_mandelbox(&mut tx, id).await? else {
+            return Ok(None);
+        };
+        if !before.state.is_live() {
+            return Ok(None);
+        }
+        sqlx::query("UPDATE mandelboxes SET state = ?2, updated_at = ?3 WHERE id = ?1")
+            .bind(id.to_string())
+            .bind(state.as_str())
+            .bind(micros(at))
+            .execute(&mut *tx)
+            .await?;
+        let ended = end_sessions_on(&mut tx, &[id], reason, at).await?;
+        tx.commit().await?;
+        Ok(Some((before, ended.into_iter().next())))
+    }
+
+    async fn get_mandelbox(&self, id: Uuid) -> StoreResult<Option<MandelboxRecord>> {
+        let mut conn = self.reader.acquire().await?;
+        select_mandelbox(&mut conn, id).await
+    }
+
+    async fn mandelbox_auth(&self, id: Uuid) -> StoreResult<Option<MandelboxAuth>> {
+        let Some(row) = sqlx::query_as::<_, MandelboxAuthRow>(concat!(
+            "SELECT ",
+            mandelbox_columns!(),
+            ", token_hash FROM mandelboxes WHERE id = ?1"
+        ))
+        .bind(id.to_string())
+        .fetch_optional(&self.reader)
+        .await?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(MandelboxAuth {
+            mandelbox: row.mandelbox.into_record()?,
+            token_hash: row.token_hash,
+        }))
+    }
+
+    async fn list_mandelboxes(
+        &self,
+        filter: &MandelboxFilter,
+    ) -> StoreResult<Vec<MandelboxRecord>> {
+        let rows = sqlx::query_as::<_, MandelboxRow>(concat!(
+            "SELECT ",
+            mandelbox_columns!(),
+            " FROM mandelboxes \
+             WHERE (?1 IS NULL OR host_id = ?1) AND (?2 IS NULL OR state = ?2) \
+               AND (?3 OR state NOT IN ('DEAD', 'LOST')) \
+             ORDER BY created_at DESC, id DESC LIMIT 1000"
+        ))
+        .bind(filter.host_id.as_deref())
+        .bind(filter.state.map(MandelboxState::as_str))
+        .bind(filter.include_finished)
+        .fetch_all(&self.reader)
+        .await?;
+        mandelboxes(rows)
+    }
+
+    async fn host_mandelboxes(
+        &self,
+        host_id: &str,
+        states: &[MandelboxState],
+    ) -> StoreResult<Vec<MandelboxRecord>> {
+        let rows = sqlx::query_as::<_, MandelboxRow>(concat!(
+            "SELECT ",
+            mandelbox_columns!(),
+            " FROM mandelboxes WHERE host_id = ?1 AND state IN (SELECT value FROM json_each(?2)) \
+               AND state IN ",
+            live_box_states!(),
+            " ORDER BY created_at, id"
+        ))
+        .bind(host_id)
+        .bind(json_list(states)?)
+        .fetch_all(&self.reader)
+        .await?;
+        mandelboxes(rows)
+    }
+
+    // ----- sessions and claims -----------------------------------------
+
+    async fn create_session_and_claim(
+        &self,
+        new: &NewSession,
+        limit: u32,
+    ) -> StoreResult<ClaimOutcome> {
+        let at = now();
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO users (id, created_at) VALUES (?1, ?2) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&new.user_id)
+        .bind(micros(at))
+        .execute(&mut *tx)
+        .await?;
+        let live: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM sessions WHERE user_id = ?1 AND state <> 'ENDED'",
+        )
+        .bind(&new.user_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        if live >= i64::from(limit) {
+            return Err(StoreError::SessionLimit { limit });
+        }
+
+        let claimed = claim_waiting(&mut tx, &new.regions, &new.app, &[], new.id, at).await?;
+        let session = sqlx::query_as::<_, SessionRow>(concat!(
+            "INSERT INTO sessions (id, user_id, state, app, client_version, requested_regions, \
+             region, mandelbox_id, host_id, created_at, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10) RETURNING ",
+            session_columns!()
+        ))
+        .bind(new.id.to_string())
+        .bind(&new.user_id)
+        .bind(
+            if claimed.is_some() {
+                SessionState::Assigning
+            } else {
+                SessionState::Pending
+            }
+            .as_str(),
+        )
+        .bind(&new.app)
+        .bind(&new.client_version)
+        .bind(rows::to_json_text(&new.regions)?)
+        .bind(claimed.as_ref().map(|mandelbox| mandelbox.region.as_str()))
+        .bind(claimed.as_ref().map(|mandelbox| mandelbox.id.to_string()))
+        .bind(claimed.as_ref().map(|mandelbox| mandelbox.host_id.as_str()))
+        .bind(micros(at))
+        .fetch_one(&mut *tx)
+        .await?
+        .into_record()?;
+
+        let outcome = match claimed {
+            Some(mandelbox) => {
+                let host = host_of(&mut tx, &mandelbox).await?;
+                ClaimOutcome::Claimed(Claim {
+                    session,
+                    mandelbox,
+                    host,
+                })
+            }
+            None => ClaimOutcome::Pending(session),
+        };
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    async fn claim_for_session(
+        &self,
+        session_id: Uuid,
+        exclude_hosts: &[String],
+    ) -> StoreResult<Option<Claim>> {
+        let at = now();
+        let mut tx = self.begin_write().await?;
+        let Some(session) = select_session(&mut tx, session_id).await? else {
+            return Ok(None);
+        };
+        if session.state != SessionState::Pending {
+            return Ok(None);
+        }
+        let Some(mandelbox) = claim_waiting(
+            &mut tx,
+            &session.requested_regions,
+            &session.app,
+            exclude_hosts,
+            session_id,
+            at,
+        )
+        .await?
+        else {
+            return Ok(None);
+        };
+        let session = assign_session(&mut tx, session_id, &mandelbox, at).await?;
+        let host = host_of(&mut tx, &mandelbox).await?;
+        tx.commit().await?;
+        Ok(Some(Claim {
+            session,
+            mandelbox,
+            host,
+        }))
+    }
+
+    async fn attach_reserved(
+        &self,
+        session_id: Uuid,
+        mandelbox_id: Uuid,
+    ) -> StoreResult<Option<Claim>> {
+        let at = now();
+        let mut tx = self.begin_write().await?;
+        let Some(session) = select_session(&mut tx, session_id).await? else {
+            return Ok(None);
+        };
+        if session.state != SessionState::Pending {
+            return Ok(None);
+        }
+        let Some(mandelbox) = select_mandelbox(&mut tx, mandelbox_id).await? else {
+            return Ok(None);
+        };
+        if mandelbox.state != MandelboxState::Allocated || mandelbox.session_id != Some(session_id)
+        {
+            return Ok(None);
+        }
+        let session = assign_session(&mut tx, session_id, &mandelbox, at).await?;
+        let host = host_of(&mut tx, &mandelbox).await?;
+        tx.commit().await?;
+        Ok(Some(Claim {
+            session,
+            mandelbox,
+            host,
+        }))
+    }
+
+    async fn confirm_assignment(
+        &self,
+        session_id: Uuid,
+        mandelbox_id: Uuid,
+    ) -> StoreResult<Option<SessionRecord>> {
+        let at = now();
+        let mut tx = self.begin_write().await?;
+        let Some(session) = select_session(&mut tx, session_id).await? else {
+            return Ok(None);
+        };
+        if session.state != SessionState::Assigning || session.mandelbox_id != Some(mandelbox_id) {
+            return Ok(None);
+        }
+        let Some(mandelbox) = select_mandelbox(&mut tx, mandelbox_id).await? else {
+            return Ok(None);
+        };
+        if mandelbox.state != MandelboxState::Allocated || mandelbox.session_id != Some(session_id)
+        {
+            return Ok(None);
+        }
+        sqlx::query("UPDATE mandelboxes SET state = 'RUNNING', updated_at = ?2 WHERE id = ?1")
+            .bind(mandelbox_id.to_string())
+            .bind(micros(at))
+            .execute(&mut *tx)
+            .await?;
+        let session = sqlx::query_as::<_, SessionRow>(concat!(
+            "UPDATE sessions SET state = 'RUNNING', updated_at = ?2 WHERE id = ?1 RETURNING ",
+            session_columns!()
+        ))
+        .bind(session_id.to_string())
+        .bind(micros(at))
+        .fetch_one(&mut *tx)
+        .await?
+        .into_record()?;
+        tx.commit().await?;
+        Ok(Some(session))
+    }
+
+    async fn release_claim(
+        &self,
+        session_id: Uuid,
+        mandelbox_id: Uuid,
+        box_state: MandelboxState,
+    ) -> StoreResult<()> {
+        let at = now();
+        let mut tx = self.begin_write().await?;
+        let Some(session) = select_session(&mut tx, session_id).await? else {
+            return Ok(());
+        };
+        if session.state != SessionState::Assigning || session.mandelbox_id != Some(mandelbox_id) {
+            return Ok(());
+        }
+        // A box put back into the pool carries no session.
+        sqlx::query(concat!(
+            "UPDATE mandelboxes SET state = ?2, updated_at = ?3, \
+             session_id = CASE WHEN ?2 = 'WAITING' THEN NULL ELSE session_id END \
+             WHERE id = ?1 AND state IN ",
+            live_box_states!()
+        ))
+        .bind(mandelbox_id.to_string())
+        .bind(box_state.as_str())
+        .bind(micros(at))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE sessions SET state = 'PENDING', region = NULL, mandelbox_id = NULL, \
+             host_id = NULL, updated_at = ?2 WHERE id = ?1",
+        )
+        .bind(session_id.to_string())
+        .bind(micros(at))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn end_session(
+        &self,
+        session_id: Uuid,
+        reason: EndReason,
+    ) -> StoreResult<Option<EndedSession>> {
+        let at = now();
+        let mut tx = self.begin_write().await?;
+        let Some(session) = select_session(&mut tx, session_id).await? else {
+            return Ok(None);
+        };
+        if session.state == SessionState::Ended {
+            return Ok(Some(EndedSession {
+                session,
+                teardown: None,
+                changed: false,
+            }));
+        }
+        let session = sqlx::query_as::<_, SessionRow>(concat!(
+            "UPDATE sessions SET state = 'ENDED', end_reason = ?2, ended_at = ?3, updated_at = ?3 \
+             WHERE id = ?1 RETURNING ",
+            session_columns!()
+        ))
+        .bind(session_id.to_string())
+        .bind(reason.as_str())
+        .bind(micros(at))
+        .fetch_one(&mut *tx)
+        .await?
+        .into_record()?;
+        let teardown = match session.mandelbox_id {
+            Some(mandelbox_id) => sqlx::query_as::<_, MandelboxRow>(concat!(
+                "UPDATE mandelboxes SET state = 'DYING', updated_at = ?3 \
+                 WHERE id = ?1 AND session_id = ?2 AND state IN ",
+                live_box_states!(),
+                " RETURNING ",
+                mandelbox_columns!()
+            ))
+            .bind(mandelbox_id.to_string())
+            .bind(session_id.to_string())
+            .bind(micros(at))
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(MandelboxRow::into_record)
+            .transpose()?,
+            None => None,
+        };
+        tx.commit().await?;
+        Ok(Some(EndedSession {
+            session,
+            teardown,
+            changed: true,
+        }))
+    }
+
+    async fn get_session(&self, id: Uuid) -> StoreResult<Option<SessionRecord>> {
+        let mut conn = self.reader.acquire().await?;
+        select_session(&mut conn, id).await
+    }
+
+    async fn list_sessions(&self, filter: &SessionFilter) -> StoreResult<Vec<SessionRecord>> {
+        let rows = sqlx::query_as::<_, SessionRow>(concat!(
+            "SELECT ",
+            session_columns!(),
+            " FROM sessions WHERE (?1 IS NULL OR user_id = ?1) AND (?2 OR state <> 'ENDED') \
+             ORDER BY created_at DESC, id DESC LIMIT ?3"
+        ))
+        .bind(filter.user_id.as_deref())
+        .bind(filter.include_ended)
+        .bind(i64::from(rows::session_list_limit(filter.limit)))
+        .fetch_all(&self.reader)
+        .await?;
+        sessions(rows)
+    }
+
+    async fn pending_sessions(&self, limit: u32) -> StoreResult<Vec<SessionRecord>> {
+        let rows = sqlx::query_as::<_, SessionRow>(concat!(
+            "SELECT ",
+            session_columns!(),
+            " FROM sessions WHERE state = 'PENDING' ORDER BY created_at, id LIMIT ?1"
+        ))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        sessions(rows)
+    }
+
+    async fn count_live_sessions(&self, user_id: &str) -> StoreResult<u32> {
+        let live: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM sessions WHERE user_id = ?1 AND state <> 'ENDED'",
+        )
+        .bind(user_id)
+        .fetch_one(&self.reader)
+        .await?;
+        rows::to_u32("count", live)
+    }
+
+    async fn sweep(
+        &self,
+        pending_cutoff: DateTime<Utc>,
+        spawn_cutoff: DateTime<Utc>,
+    ) -> StoreResult<SweepOutcome> {
+        let at = now();
+        let mut tx = self.begin_write().await?;
+        let expired_pending = sqlx::query_as::<_, SessionRow>(concat!(
+            "UPDATE sessions SET state = 'ENDED', end_reason = 'NO_CAPACITY', ended_at = ?2, \
+             updated_at = ?2 WHERE state = 'PENDING' AND created_at < ?1 RETURNING ",
+            session_columns!()
+        ))
+        .bind(micros(pending_cutoff))
+        .bind(micros(at))
+        .fetch_all(&mut *tx)
+        .await?;
+        // Sessions reserved on these boxes are PENDING (never on the box), so
+        // they simply stay in the queue.
+        let expired_spawns = sqlx::query_as::<_, MandelboxRow>(concat!(
+            "UPDATE mandelboxes SET state = 'DEAD', updated_at = ?2 \
+             WHERE state = 'SPAWNING' AND updated_at < ?1 RETURNING ",
+            mandelbox_columns!()
+        ))
+        .bind(micros(spawn_cutoff))
+        .bind(micros(at))
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let mut expired_pending = sessions(expired_pending)?;
+        expired_pending.sort_by_key(|session| (session.created_at, session.id));
+        let mut expired_spawns = mandelboxes(expired_spawns)?;
+        expired_spawns.sort_by_key(|mandelbox| (mandelbox.created_at, mandelbox.id));
+        Ok(SweepOutcome {
+            expired_pending,
+            expired_spawns,
+        })
+    }
+}

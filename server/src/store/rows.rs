@@ -1,0 +1,214 @@
+//! Conversions between stored column values and domain values, shared by both
+//! backends. A value the domain cannot represent is `StoreError::Corrupt`,
+//! never a panic.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, SubsecRound, Utc};
+use uuid::Uuid;
+
+use super::{ReportedMandelbox, StoreError, StoreResult};
+use crate::model::{MandelboxRecord, MandelboxState, PortSpec, SessionRecord, SessionState};
+
+/// The current time at the precision both databases store (microseconds), so
+/// that a record built from bound values equals the one read back.
+pub(super) fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(6)
+}
+
+/// Parses a stored state or reason with the enum's own `parse`.
+pub(super) fn parse_enum<T>(
+    column: &str,
+    text: &str,
+    parse: fn(&str) -> Option<T>,
+) -> StoreResult<T> {
+    parse(text).ok_or_else(|| StoreError::Corrupt(format!("{column}: unknown value {text:?}")))
+}
+
+pub(super) fn parse_optional_enum<T>(
+    column: &str,
+    text: Option<&str>,
+    parse: fn(&str) -> Option<T>,
+) -> StoreResult<Option<T>> {
+    text.map(|text| parse_enum(column, text, parse)).transpose()
+}
+
+pub(super) fn to_u32(column: &str, value: i64) -> StoreResult<u32> {
+    u32::try_from(value).map_err(|_| StoreError::Corrupt(format!("{column}: {value} out of range")))
+}
+
+pub(super) fn to_u64(column: &str, value: i64) -> StoreResult<u64> {
+    u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("{column}: {value} out of range")))
+}
+
+/// A generation as a database parameter. None for a value no row can hold,
+/// which therefore matches nothing.
+pub(super) fn generation_param(generation: u64) -> Option<i64> {
+    i64::try_from(generation).ok()
+}
+
+pub(super) fn ports_from_json(value: serde_json::Value) -> StoreResult<Vec<PortSpec>> {
+    serde_json::from_value(value).map_err(|error| StoreError::Corrupt(format!("ports: {error}")))
+}
+
+pub(super) fn ports_from_text(text: &str) -> StoreResult<Vec<PortSpec>> {
+    serde_json::from_str(text).map_err(|error| StoreError::Corrupt(format!("ports: {error}")))
+}
+
+pub(super) fn regions_from_json(value: serde_json::Value) -> StoreResult<Vec<String>> {
+    serde_json::from_value(value)
+        .map_err(|error| StoreError::Corrupt(format!("requested_regions: {error}")))
+}
+
+pub(super) fn regions_from_text(text: &str) -> StoreResult<Vec<String>> {
+    serde_json::from_str(text)
+        .map_err(|error| StoreError::Corrupt(format!("requested_regions: {error}")))
+}
+
+/// JSON text of a value we are about to store (ports, region lists); these
+/// types always serialise, the error path only exists for the type system.
+pub(super) fn to_json_text<T: serde::Serialize + ?Sized>(value: &T) -> StoreResult<String> {
+    serde_json::to_string(value)
+        .map_err(|error| StoreError::Corrupt(format!("cannot encode JSON: {error}")))
+}
+
+/// Rows a `list_sessions` call returns when its filter leaves `limit` at 0.
+const DEFAULT_SESSION_LIST_LIMIT: u32 = 1000;
+
+pub(super) fn session_list_limit(limit: u32) -> u32 {
+    if limit == 0 {
+        DEFAULT_SESSION_LIST_LIMIT
+    } else {
+        limit
+    }
+}
+
+/// `mandelbox_finished` only moves a box to a final state.
+pub(super) fn check_finished_state(state: MandelboxState) -> StoreResult<()> {
+    if state.is_live() {
+        return Err(StoreError::Database(sqlx::Error::InvalidArgument(format!(
+            "a finished mandelbox must become DEAD or LOST, not {state}"
+        ))));
+    }
+    Ok(())
+}
+
+/// Where a confirmed spawn goes: ALLOCATED to the session it was reserved for
+/// while that session still waits for it; otherwise WAITING in the warm pool
+/// with no session (the session ended or got another box meanwhile, and an
+/// ALLOCATED box nobody attaches to would be stranded).
+pub(super) fn spawned_target(
+    mandelbox: &MandelboxRecord,
+    reserved_for: Option<&SessionRecord>,
+) -> (MandelboxState, Option<Uuid>) {
+    match reserved_for {
+        Some(session)
+            if session.state == SessionState::Pending
+                && mandelbox.session_id == Some(session.id) =>
+        {
+            (MandelboxState::Allocated, Some(session.id))
+        }
+        _ => (MandelboxState::Waiting, None),
+    }
+}
+
+/// Reported ids without repeats, in the order the host sent them.
+pub(super) fn unique_ids(reported: &[ReportedMandelbox]) -> Vec<Uuid> {
+    let mut seen = HashSet::new();
+    reported
+        .iter()
+        .map(|mandelbox| mandelbox.id)
+        .filter(|id| seen.insert(*id))
+        .collect()
+}
+
+/// What `reconcile_host` will do, decided from what the host reported and the
+/// boxes the database holds for it (its live boxes plus any reported one).
+pub(super) struct ReconcilePlan {
+    /// Reported boxes the host must tear down, in reported order.
+    pub(super) teardown: Vec<Uuid>,
+    /// Reported SPAWNING boxes: their spawn was never confirmed; → DEAD.
+    pub(super) unconfirmed_spawns: Vec<Uuid>,
+    /// Live boxes the host did not report, oldest first; → LOST.
+    pub(super) missing: Vec<Uuid>,
+}
+
+impl ReconcilePlan {
+    pub(super) fn new(reported: &[Uuid], known: &[MandelboxRecord]) -> Self {
+        let by_id: HashMap<Uuid, &MandelboxRecord> = known
+            .iter()
+            .map(|mandelbox| (mandelbox.id, mandelbox))
+            .collect();
+        let mut plan = ReconcilePlan {
+            teardown: Vec::new(),
+            unconfirmed_spawns: Vec::new(),
+            missing: Vec::new(),
+        };
+        for id in reported {
+            match by_id.get(id).map(|mandelbox| mandelbox.state) {
+                Some(
+                    MandelboxState::Waiting | MandelboxState::Allocated | MandelboxState::Running,
+                ) => {}
+                Some(MandelboxState::Spawning) => {
+                    plan.unconfirmed_spawns.push(*id);
+                    plan.teardown.push(*id);
+                }
+                Some(MandelboxState::Dying | MandelboxState::Dead | MandelboxState::Lost)
+                | None => {
+                    plan.teardown.push(*id);
+                }
+            }
+        }
+        let reported: HashSet<&Uuid> = reported.iter().collect();
+        let mut missing: Vec<&MandelboxRecord> = known
+            .iter()
+            .filter(|mandelbox| mandelbox.state.is_live() && !reported.contains(&mandelbox.id))
+            .collect();
+        missing.sort_by_key(|mandelbox| (mandelbox.created_at, mandelbox.id));
+        plan.missing = missing.into_iter().map(|mandelbox| mandelbox.id).collect();
+        plan
+    }
+
+    /// The boxes actually marked LOST (`lost`, in any order), in the order of
+    /// `missing`.
+    pub(super) fn order(&self, lost: Vec<Uuid>) -> Vec<Uuid> {
+        let lost: HashSet<Uuid> = lost.into_iter().collect();
+        self.missing
+            .iter()
+            .copied()
+            .filter(|id| lost.contains(id))
+            .collect()
+    }
+}
+
+// Column lists and state sets as macros so that queries stay `&'static str`
+// built with `concat!`; both schemas use the same column names.
+
+macro_rules! host_columns {
+    () => {
+        "id, region, state, image, agent_version, address, capacity, generation, \
+         last_heartbeat_at, disconnected_at, created_at, updated_at"
+    };
+}
+
+macro_rules! mandelbox_columns {
+    () => {
+        "id, host_id, region, app, state, session_id, ports, created_at, updated_at"
+    };
+}
+
+macro_rules! session_columns {
+    () => {
+        "id, user_id, state, app, client_version, requested_regions, region, mandelbox_id, \
+         host_id, end_reason, created_at, updated_at, ended_at"
+    };
+}
+
+/// SQL list of the box states that occupy a slot (`LIVE_MANDELBOX_STATES`).
+macro_rules! live_box_states {
+    () => {
+        "('SPAWNING', 'WAITING', 'ALLOCATED', 'RUNNING', 'DYING')"
+    };
+}
+
+pub(super) use {host_columns, live_box_states, mandelbox_columns, session_columns};
