@@ -1,4 +1,26 @@
-//! Switchboard control plane.
+//! Switchboard control plane: hands out warm mandelboxes in one call, keeps a
+//! bidirectional stream to every host, and keeps each host's warm pool full.
+//! See ARCHITECTURE.md for the picture.
 
+pub mod admin;
+pub mod allocation;
+pub mod api;
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod core;
+pub mod dev;
+pub mod error;
+pub mod events;
+pub mod fleet;
+pub mod lifecycle;
+pub mod liveness;
 pub mod model;
+pub mod regions;
+pub mod scaling;
+pub mod sessions;
+pub mod shutdown;
 pub mod store;
+pub mod telemetry;
+
+pub use app::{Application, ApplicationOptions};

@@ -1,1 +1,124 @@
-fn main() {}
+//! The `switchboard` binary: `serve` (production) and `dev` (everything on one
+//! machine). Thin: parses flags and calls the library.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Parser, Subcommand};
+use switchboard::{
+    Application, ApplicationOptions,
+    config::{Config, ConfigSources},
+    dev::{self, DevOptions},
+};
+
+#[derive(Parser)]
+#[command(
+    name = "switchboard",
+    version,
+    about = "Control plane for cloud app streaming"
+)]
+struct Cli {
+    /// Configuration file (TOML). Environment variables SWITCHBOARD__SECTION__KEY override it.
+    #[arg(long, global = true, env = "SWITCHBOARD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Print the effective configuration (secrets redacted) and exit.
+    #[arg(long, global = true)]
+    dump_config: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the control plane against the configured database.
+    Serve,
+    /// Run everything locally: SQLite, a dev token issuer and local hosts.
+    Dev {
+        /// Address to listen on; port 0 picks a free one.
+        #[arg(long, default_value = "127.0.0.1:7400")]
+        listen: SocketAddr,
+        /// Where to write {endpoint, user_token, admin_token} as JSON.
+        #[arg(long)]
+        credentials_file: Option<PathBuf>,
+        /// Local hosts per region.
+        #[arg(long, default_value_t = 2)]
+        hosts: u32,
+        /// Mandelboxes per host.
+        #[arg(long, default_value_t = 4)]
+        capacity: u32,
+        /// Comma-separated regions.
+        #[arg(long, value_delimiter = ',', default_value = "us-east-1,eu-west-1")]
+        regions: Vec<String>,
+        /// Database URL; a fresh SQLite file in a temporary directory by default.
+        #[arg(long)]
+        database: Option<String>,
+    },
+    /// Print the credential a host with this id must present (derived from hosts.credential_secret).
+    HostCredential {
+        #[arg(long)]
+        host_id: String,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let file_layers = ConfigSources {
+        file: cli.config.clone(),
+        ..Default::default()
+    };
+    let mut config: Config = file_layers.load()?;
+    switchboard::telemetry::init(&config.log);
+
+    match cli.command {
+        Command::Serve => {
+            // The database's config table sits between the file and the environment.
+            let store = switchboard::store::connect(config.database.url.expose()).await?;
+            let database = Vec::new(); // config-table layer: wired once the store exposes it
+            config = ConfigSources {
+                database,
+                ..file_layers
+            }
+            .load()?;
+            if cli.dump_config {
+                print!("{}", config.dump());
+                return Ok(());
+            }
+            let shutdown = switchboard::shutdown::on_signals();
+            let app =
+                Application::build_with_store(config, ApplicationOptions::default(), store).await?;
+            app.run_until_stopped(shutdown).await
+        }
+        Command::Dev {
+            listen,
+            credentials_file,
+            hosts,
+            capacity,
+            regions,
+            database,
+        } => {
+            if cli.dump_config {
+                print!("{}", config.dump());
+                return Ok(());
+            }
+            let options = DevOptions {
+                listen,
+                credentials_file,
+                hosts_per_region: hosts,
+                capacity,
+                regions,
+                database_url: database,
+            };
+            dev::run(config, options, switchboard::shutdown::on_signals()).await
+        }
+        Command::HostCredential { host_id } => {
+            if config.hosts.credential_secret.is_empty() {
+                anyhow::bail!("hosts.credential_secret is not set");
+            }
+            let credentials = switchboard::auth::host_credential::HostCredentials::new(
+                config.hosts.credential_secret.clone(),
+            );
+            println!("{}", credentials.issue(&host_id));
+            Ok(())
+        }
+    }
+}

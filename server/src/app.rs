@@ -1,0 +1,286 @@
+//! Builds the whole control plane from a `Config` and runs it until told to
+//! stop: `Application::build` → `run_until_stopped`.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use jsonwebtoken::jwk::JwkSet;
+use switchboard_proto::v1::{
+    admin_service_server::AdminServiceServer, allocation_service_server::AllocationServiceServer,
+    host_service_server::HostServiceServer,
+    session_events_service_server::SessionEventsServiceServer,
+};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
+
+use crate::{
+    admin::Admin,
+    allocation::{Allocator, Dispatcher, PendingSessions},
+    api::{
+        admin::AdminApi, allocation::AllocationApi, host::HostApi, session_events::SessionEventsApi,
+    },
+    auth::{AuthLayer, host_credential::HostCredentials, jwt::TokenVerifier},
+    config::Config,
+    core::{Core, SharedCore},
+    events::LocalEventBus,
+    fleet::{ConnectionRegistry, LocalRouter, connection::Fleet, registry::StopReason},
+    liveness::Sweeper,
+    regions::RegionCache,
+    scaling::FixedFleet,
+    sessions::Sessions,
+    store::{self, DynStore},
+};
+
+/// How long region settings are cached on the allocation path.
+const REGION_CACHE_TTL: Duration = Duration::from_secs(2);
+/// Events buffered per subscriber before it lags.
+const EVENT_BUFFER: usize = 4096;
+
+/// Everything `build` needs besides the configuration.
+#[derive(Default)]
+pub struct ApplicationOptions {
+    /// Keys user tokens are checked against (the dev issuer's, or a tenant's).
+    pub user_token_keys: Option<JwkSet>,
+    /// A listener already bound (tests bind port 0 themselves); otherwise
+    /// `config.listen` is bound.
+    pub listener: Option<TcpListener>,
+}
+
+pub struct Application {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    core: SharedCore,
+    routes: Routes,
+    verifier: Arc<TokenVerifier>,
+    allocator: Allocator,
+    pending: PendingSessions,
+    jwks: Arc<JwkSet>,
+}
+
+impl Application {
+    pub async fn build(config: Config, options: ApplicationOptions) -> anyhow::Result<Application> {
+        let store = store::connect(config.database.url.expose())
+            .await
+            .context("opening the database")?;
+        Self::build_with_store(config, options, store).await
+    }
+
+    pub async fn build_with_store(
+        config: Config,
+        options: ApplicationOptions,
+        store: DynStore,
+    ) -> anyhow::Result<Application> {
+        if config.hosts.credential_secret.is_empty() {
+            anyhow::bail!(
+                "hosts.credential_secret must be set (SWITCHBOARD__HOSTS__CREDENTIAL_SECRET)"
+            );
+        }
+        let listener = match options.listener {
+            Some(listener) => listener,
+            None => TcpListener::bind(config.listen)
+                .await
+                .with_context(|| format!("binding {}", config.listen))?,
+        };
+        let local_addr = listener.local_addr()?;
+        let public_endpoint = if config.public_endpoint.is_empty() {
+            let host = if local_addr.ip().is_unspecified() {
+                "127.0.0.1".to_owned()
+            } else {
+                local_addr.ip().to_string()
+            };
+            format!("http://{host}:{}", local_addr.port())
+        } else {
+            config.public_endpoint.clone()
+        };
+
+        // A single control plane owns every host stream, so any host the
+        // database shows as connected belongs to a previous run: it gets the
+        // reconnect grace period from now.
+        let stale = store
+            .mark_connected_hosts_disconnected(chrono::Utc::now())
+            .await?;
+        if stale > 0 {
+            tracing::info!(
+                hosts = stale,
+                "hosts from a previous run wait for their reconnect"
+            );
+        }
+
+        let verifier = Arc::new(TokenVerifier::new(
+            &config.auth.issuer,
+            &config.auth.audience,
+            config.auth.leeway_secs,
+        ));
+        let jwks = options
+            .user_token_keys
+            .unwrap_or(JwkSet { keys: Vec::new() });
+        let usable = verifier.set_jwks(&jwks);
+        if usable == 0 {
+            tracing::warn!(
+                "no keys for user tokens are configured: every user call will be refused"
+            );
+        }
+
+        let registry = Arc::new(ConnectionRegistry::default());
+        let credentials = HostCredentials::new(config.hosts.credential_secret.clone());
+        let core: SharedCore = Arc::new(Core {
+            router: Arc::new(LocalRouter::new(registry.clone())),
+            events: Arc::new(LocalEventBus::new(EVENT_BUFFER)),
+            registry,
+            config: Arc::new(config),
+            public_endpoint,
+            store: store.clone(),
+        });
+        let regions = RegionCache::new(store.clone(), REGION_CACHE_TTL);
+        let pending = PendingSessions::default();
+        let allocator = Allocator::new(
+            core.clone(),
+            regions.clone(),
+            pending.clone(),
+            Arc::new(FixedFleet::new(store)),
+        )?;
+        let sessions = Sessions::new(core.clone(), pending.clone());
+        let fleet = Fleet::new(
+            core.clone(),
+            credentials,
+            regions.clone(),
+            CancellationToken::new(),
+        );
+
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<AllocationServiceServer<AllocationApi>>()
+            .await;
+        health_reporter
+            .set_serving::<HostServiceServer<HostApi>>()
+            .await;
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(switchboard_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        // grpcurl's packaged release only speaks v1alpha.
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(switchboard_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+
+        let mut builder = Routes::builder();
+        builder
+            .add_service(AllocationServiceServer::new(AllocationApi {
+                allocator: allocator.clone(),
+                sessions: sessions.clone(),
+            }))
+            .add_service(HostServiceServer::new(HostApi { fleet }))
+            .add_service(SessionEventsServiceServer::new(SessionEventsApi {
+                sessions,
+            }))
+            .add_service(AdminServiceServer::new(AdminApi {
+                admin: Admin::new(core.clone(), regions),
+            }))
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
+        let routes = builder.routes();
+
+        Ok(Application {
+            listener,
+            local_addr,
+            core,
+            routes,
+            verifier,
+            allocator,
+            pending,
+            jwks: Arc::new(jwks),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// `http://ip:port` of this server.
+    pub fn endpoint(&self) -> String {
+        self.core.public_endpoint.clone()
+    }
+
+    pub fn core(&self) -> SharedCore {
+        self.core.clone()
+    }
+
+    /// Serves until `shutdown` is cancelled, then stops taking work, tells
+    /// hosts to reconnect elsewhere, and gives in-flight calls
+    /// `shutdown_grace_ms` to finish.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Application {
+            listener,
+            local_addr,
+            core,
+            routes,
+            verifier,
+            allocator,
+            pending,
+            jwks,
+        } = self;
+        let background = CancellationToken::new();
+        let interval = Duration::from_millis(core.config.hosts.maintenance_interval_ms);
+        tokio::spawn(
+            Dispatcher::new(allocator, core.events.clone(), interval).run(background.clone()),
+        );
+        tokio::spawn(Sweeper::new(core.clone(), pending).run(background.clone()));
+
+        let http = routes
+            .into_axum_router()
+            .route("/healthz", axum::routing::get(|| async { "ok" }))
+            .route(
+                "/.well-known/jwks.json",
+                axum::routing::get(move || {
+                    let jwks = jwks.clone();
+                    async move { axum::Json((*jwks).clone()) }
+                }),
+            );
+        let cors = tower_http::cors::CorsLayer::new()
+            .allow_origin(tower_http::cors::Any)
+            .allow_headers(tower_http::cors::Any)
+            .allow_methods(tower_http::cors::Any)
+            .expose_headers([
+                http::HeaderName::from_static("grpc-status"),
+                http::HeaderName::from_static("grpc-message"),
+                http::HeaderName::from_static(crate::error::REASON_METADATA_KEY),
+            ]);
+        let server = tonic::transport::Server::builder()
+            .accept_http1(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+            .tcp_nodelay(true)
+            .layer(cors)
+            .layer(tonic_web::GrpcWebLayer::new())
+            .layer(AuthLayer::new(verifier))
+            .add_routes(Routes::from(http));
+
+        tracing::info!(address = %local_addr, store = core.store.backend(), "switchboard listening");
+        let stopping = shutdown.clone();
+        let registry = core.registry.clone();
+        let drain_started = CancellationToken::new();
+        let drain_flag = drain_started.clone();
+        let serve =
+            server.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                stopping.cancelled().await;
+                tracing::info!("shutting down: hosts are told to reconnect elsewhere");
+                registry.stop_all(StopReason::ShuttingDown);
+                drain_flag.cancel();
+            });
+        let grace = Duration::from_millis(core.config.shutdown_grace_ms);
+        tokio::pin!(serve);
+        let result = tokio::select! {
+            result = &mut serve => result.map_err(anyhow::Error::from),
+            _ = async { drain_started.cancelled().await; tokio::time::sleep(grace).await } => {
+                tracing::warn!(grace_ms = grace.as_millis() as u64, "in-flight calls did not finish in time; exiting");
+                Ok(())
+            }
+        };
+        background.cancel();
+        result
+    }
+}

@@ -1,0 +1,182 @@
+//! `switchboard dev`: the whole system on one machine with no external
+//! service: SQLite, the in-process bus, a development token issuer, and local
+//! hosts that connect over real gRPC and run mandelboxes as local tasks.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use hostagent_client::{AgentHandle, AgentOptions, HostAgent, runtime::local::LocalRuntime};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    Application, ApplicationOptions,
+    auth::{dev_issuer::DevIssuer, host_credential::HostCredentials, mandelbox_token},
+    config::{Config, Secret},
+    model::Region,
+    store::{self, DynStore},
+};
+
+#[derive(Debug, Clone)]
+pub struct DevOptions {
+    pub listen: SocketAddr,
+    pub credentials_file: Option<PathBuf>,
+    pub hosts_per_region: u32,
+    pub capacity: u32,
+    pub regions: Vec<String>,
+    /// Defaults to a fresh SQLite file in a temporary directory.
+    pub database_url: Option<String>,
+}
+
+/// What scripts need to drive a dev instance, written as JSON.
+#[derive(Serialize)]
+pub struct DevCredentials {
+    pub endpoint: String,
+    pub user_token: String,
+    pub admin_token: String,
+}
+
+/// Image the dev hosts report and their regions require.
+const DEV_IMAGE: &str = "dev";
+const TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+
+pub async fn run(
+    mut config: Config,
+    options: DevOptions,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let temp_dir = tempfile::Builder::new()
+        .prefix("switchboard-dev-")
+        .tempdir()?;
+    let database_url = match &options.database_url {
+        Some(url) => url.clone(),
+        None => format!(
+            "sqlite://{}",
+            temp_dir.path().join("switchboard.db").display()
+        ),
+    };
+    config.database.url = Secret::new(database_url);
+    if config.hosts.credential_secret.is_empty() {
+        config.hosts.credential_secret = Secret::new(mandelbox_token::generate());
+    }
+    let issuer = DevIssuer::generate(&config.auth.issuer, &config.auth.audience)?;
+    let store: DynStore = store::connect(config.database.url.expose()).await?;
+    for name in &options.regions {
+        store
+            .put_region(&Region {
+                name: name.clone(),
+                enabled: true,
+                image: DEV_IMAGE.into(),
+            })
+            .await?;
+    }
+    let listener = TcpListener::bind(options.listen)
+        .await
+        .with_context(|| format!("binding {}", options.listen))?;
+    let credentials = HostCredentials::new(config.hosts.credential_secret.clone());
+    let app = Application::build_with_store(
+        config,
+        ApplicationOptions {
+            user_token_keys: Some(issuer.jwks().clone()),
+            listener: Some(listener),
+        },
+        store,
+    )
+    .await?;
+    let endpoint = app.endpoint();
+    let server = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+
+    let mut agents: Vec<AgentHandle> = Vec::new();
+    for region in &options.regions {
+        for index in 1..=options.hosts_per_region {
+            let host_id = format!("dev-{region}-{index}");
+            let mut agent = AgentOptions::new(
+                endpoint.clone(),
+                host_id.clone(),
+                region.clone(),
+                credentials.issue(&host_id),
+            );
+            agent.capacity = options.capacity;
+            agent.image = DEV_IMAGE.into();
+            agents.push(HostAgent::new(agent, Arc::new(LocalRuntime::new())).spawn());
+        }
+    }
+    for agent in &agents {
+        agent.wait_connected(1, Duration::from_secs(10)).await?;
+    }
+
+    let dev_credentials = DevCredentials {
+        endpoint: endpoint.clone(),
+        user_token: issuer.issue("dev-user", Some("dev-user@example.com"), &[], TOKEN_TTL)?,
+        admin_token: issuer.issue(
+            "dev-admin",
+            Some("dev-admin@example.com"),
+            &["admin"],
+            TOKEN_TTL,
+        )?,
+    };
+    let credentials_file = options
+        .credentials_file
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(".switchboard").join("dev-credentials.json"));
+    write_credentials(&credentials_file, &dev_credentials)?;
+    print_banner(&dev_credentials, &credentials_file, &options);
+
+    let result = server.await;
+    for agent in &agents {
+        agent.shutdown().await;
+    }
+    drop(temp_dir);
+    result.context("server task")?
+}
+
+fn write_credentials(path: &PathBuf, credentials: &DevCredentials) -> anyhow::Result<()> {
+    if let Some(parent) = path
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(parent)?;
+    }
+    let json = serde_json::to_string_pretty(credentials)?;
+    std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}
+
+fn print_banner(credentials: &DevCredentials, file: &std::path::Path, options: &DevOptions) {
+    let address = credentials.endpoint.trim_start_matches("http://");
+    let region = options
+        .regions
+        .first()
+        .map(String::as_str)
+        .unwrap_or("local");
+    // The banner is for the person at the terminal: plain stdout, not logs.
+    println!(
+        "\nswitchboard dev is ready\n\
+         \n  endpoint     {endpoint}\
+         \n  hosts        {hosts} per region × capacity {capacity} in {regions}\
+         \n  billing      dev (no Stripe: every dev user counts as a subscriber)\
+         \n  credentials  {file}  (keys: endpoint, user_token, admin_token)\
+         \n\n  user token   {user}\
+         \n\n  admin token  {admin}\
+         \n\nAllocate a mandelbox:\n\
+         \n  grpcurl -plaintext -H \"authorization: Bearer $(jq -r .user_token {file})\" \\\
+         \n    -d '{{\"regions\":[\"{region}\"],\"app\":\"chrome\",\"client_version\":\"1.0.0\"}}' \\\
+         \n    {address} switchboard.v1.AllocationService/Allocate\
+         \n\nSee the fleet:\n\
+         \n  grpcurl -plaintext -H \"authorization: Bearer $(jq -r .admin_token {file})\" \\\
+         \n    {address} switchboard.v1.AdminService/ListHosts\n",
+        endpoint = credentials.endpoint,
+        hosts = options.hosts_per_region,
+        capacity = options.capacity,
+        regions = options.regions.join(", "),
+        file = file.display(),
+        user = credentials.user_token,
+        admin = credentials.admin_token,
+    );
+}

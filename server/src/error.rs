@@ -1,0 +1,149 @@
+//! Domain errors and their one mapping to gRPC statuses.
+//!
+//! The set of codes is deliberately small; each error also carries a stable
+//! reason that clients match on. The reason goes in the `x-switchboard-reason`
+//! metadata key and starts the message ("NO_CAPACITY: ...").
+
+use tonic::{Code, Status, metadata::MetadataValue};
+
+use crate::store::StoreError;
+
+/// Metadata key that carries the stable reason of an error.
+pub const REASON_METADATA_KEY: &str = "x-switchboard-reason";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("unknown region {0:?}")]
+    UnknownRegion(String),
+    #[error("client version {got} is older than the minimum {minimum}; update the app")]
+    ClientOutdated { got: String, minimum: String },
+    #[error("none of the requested regions {0:?} is enabled")]
+    RegionNotEnabled(Vec<String>),
+    #[error("the user already has {limit} live sessions")]
+    UserSessionLimit { limit: u32 },
+    #[error("no warm mandelbox and no free capacity in {0:?}")]
+    NoCapacity(Vec<String>),
+    #[error("no host confirmed the assignment in time")]
+    AllocationTimeout,
+    #[error("session not found")]
+    SessionNotFound,
+    #[error("the session ended while it was being assigned")]
+    SessionEnded,
+    #[error("host {0:?} not found")]
+    HostNotFound(String),
+    #[error("wrong or already used mandelbox token")]
+    BadMandelboxToken,
+    #[error("the mandelbox has no session")]
+    MandelboxNotAssigned,
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("the first message on a host stream must be Hello")]
+    HelloRequired,
+    #[error("no Hello within {0} ms")]
+    HelloTimeout(u64),
+    #[error("the host credential is missing or not valid for host {0:?}")]
+    BadHostCredential(String),
+    #[error("a newer connection of this host replaced this one")]
+    Superseded,
+    #[error("the host missed its heartbeats")]
+    HeartbeatTimeout,
+    #[error("the control plane is shutting down")]
+    ShuttingDown,
+    #[error("database unavailable")]
+    StorageUnavailable,
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// The stable, machine-readable reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ApiError::InvalidRequest(_) => "INVALID_REQUEST",
+            ApiError::UnknownRegion(_) => "UNKNOWN_REGION",
+            ApiError::ClientOutdated { .. } => "CLIENT_OUTDATED",
+            ApiError::RegionNotEnabled(_) => "REGION_NOT_ENABLED",
+            ApiError::UserSessionLimit { .. } => "USER_SESSION_LIMIT",
+            ApiError::NoCapacity(_) => "NO_CAPACITY",
+            ApiError::AllocationTimeout => "ALLOCATION_TIMEOUT",
+            ApiError::SessionNotFound => "SESSION_NOT_FOUND",
+            ApiError::SessionEnded => "SESSION_ENDED",
+            ApiError::HostNotFound(_) => "HOST_NOT_FOUND",
+            ApiError::BadMandelboxToken => "BAD_MANDELBOX_TOKEN",
+            ApiError::MandelboxNotAssigned => "MANDELBOX_NOT_ASSIGNED",
+            ApiError::Unauthenticated(_) => "UNAUTHENTICATED",
+            ApiError::Forbidden(_) => "FORBIDDEN",
+            ApiError::HelloRequired => "HELLO_REQUIRED",
+            ApiError::HelloTimeout(_) => "HELLO_TIMEOUT",
+            ApiError::BadHostCredential(_) => "BAD_HOST_CREDENTIAL",
+            ApiError::Superseded => "SUPERSEDED",
+            ApiError::HeartbeatTimeout => "HEARTBEAT_TIMEOUT",
+            ApiError::ShuttingDown => "SHUTTING_DOWN",
+            ApiError::StorageUnavailable => "STORAGE_UNAVAILABLE",
+            ApiError::Internal(_) => "INTERNAL",
+        }
+    }
+
+    pub fn code(&self) -> Code {
+        match self {
+            ApiError::InvalidRequest(_) | ApiError::UnknownRegion(_) | ApiError::HelloRequired => {
+                Code::InvalidArgument
+            }
+            ApiError::ClientOutdated { .. }
+            | ApiError::RegionNotEnabled(_)
+            | ApiError::MandelboxNotAssigned => Code::FailedPrecondition,
+            ApiError::UserSessionLimit { .. } | ApiError::NoCapacity(_) => Code::ResourceExhausted,
+            ApiError::AllocationTimeout | ApiError::HelloTimeout(_) => Code::DeadlineExceeded,
+            ApiError::SessionNotFound | ApiError::HostNotFound(_) => Code::NotFound,
+            ApiError::BadMandelboxToken | ApiError::Forbidden(_) => Code::PermissionDenied,
+            ApiError::Unauthenticated(_) | ApiError::BadHostCredential(_) => Code::Unauthenticated,
+            ApiError::Superseded | ApiError::SessionEnded => Code::Aborted,
+            ApiError::HeartbeatTimeout | ApiError::ShuttingDown | ApiError::StorageUnavailable => {
+                Code::Unavailable
+            }
+            ApiError::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(error: ApiError) -> Status {
+        if let ApiError::Internal(detail) = &error {
+            // The detail may name tables or hosts; it goes to the log, not the client.
+            tracing::error!(%detail, "internal error");
+        }
+        let reason = error.reason();
+        let mut status = Status::new(error.code(), format!("{reason}: {error}"));
+        status
+            .metadata_mut()
+            .insert(REASON_METADATA_KEY, MetadataValue::from_static(reason));
+        status
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> ApiError {
+        match error {
+            StoreError::SessionLimit { limit } => ApiError::UserSessionLimit { limit },
+            StoreError::Unavailable(source) => {
+                tracing::warn!(error = %source, "database unavailable");
+                ApiError::StorageUnavailable
+            }
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// The reason of a status produced by this server, if any.
+pub fn reason_of(status: &Status) -> Option<&str> {
+    status
+        .metadata()
+        .get(REASON_METADATA_KEY)
+        .and_then(|value| value.to_str().ok())
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

@@ -1,0 +1,360 @@
+//! One task per host connection. It owns the stream's channels and selects on:
+//! messages from the host, commands for the host, its heartbeat deadline, and
+//! being told to stop (superseded or shutdown). A failed send means the host
+//! is gone.
+
+use std::{collections::HashMap, time::Duration};
+
+use switchboard_proto::v1::{
+    CommandResult, ControlMessage, HostMessage, TeardownMandelbox, Welcome, command,
+    control_message, host_message,
+};
+use tokio::{sync::mpsc, time::Instant};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Status, Streaming};
+use uuid::Uuid;
+
+use super::{
+    handshake::{check_hello, read_hello},
+    pool,
+    registry::{HostConnection, OutboundCommand, StopReason},
+};
+use crate::{
+    auth::host_credential::HostCredentials,
+    core::SharedCore,
+    error::{ApiError, ApiResult},
+    model::{EndReason, MandelboxState},
+    regions::RegionCache,
+    store::ReportedMandelbox,
+};
+
+/// Outbound messages buffered per host before a send waits.
+const OUTBOUND_BUFFER: usize = 64;
+/// Commands queued per host before senders wait.
+const COMMAND_BUFFER: usize = 256;
+/// Heartbeat times are written to the database at most this often.
+const HEARTBEAT_PERSIST_EVERY: Duration = Duration::from_secs(15);
+
+pub type ControlStream = ReceiverStream<Result<ControlMessage, Status>>;
+
+/// Accepts host streams; cheap to clone.
+#[derive(Clone)]
+pub struct Fleet {
+    core: SharedCore,
+    credentials: HostCredentials,
+    regions: RegionCache,
+    shutdown: CancellationToken,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// The host closed the stream or it broke.
+    Closed,
+    Goodbye,
+    HeartbeatTimeout,
+    Stopped(StopReason),
+}
+
+impl Fleet {
+    pub fn new(
+        core: SharedCore,
+        credentials: HostCredentials,
+        regions: RegionCache,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Fleet {
+            core,
+            credentials,
+            regions,
+            shutdown,
+        }
+    }
+
+    /// Runs the handshake and, once the host is registered, hands the stream to
+    /// its connection task. Errors end the stream before anything is recorded.
+    pub async fn connect(&self, mut inbound: Streaming<HostMessage>) -> ApiResult<ControlStream> {
+        if self.shutdown.is_cancelled() {
+            return Err(ApiError::ShuttingDown);
+        }
+        let config = &self.core.config.hosts;
+        let hello =
+            read_hello(&mut inbound, Duration::from_millis(config.hello_timeout_ms)).await?;
+        let host = check_hello(&hello, &self.credentials)?;
+        if !self.regions.exists(&host.region).await? {
+            return Err(ApiError::UnknownRegion(host.region));
+        }
+        let record = self.core.store.host_connected(&host).await?;
+        let generation = record.generation;
+        tracing::info!(host_id = %host.host_id, generation, region = %host.region, capacity = host.capacity, "host connected");
+
+        let (outbound, outbound_rx) = mpsc::channel(OUTBOUND_BUFFER);
+        let (commands, commands_rx) = mpsc::channel(COMMAND_BUFFER);
+        let stop = self.shutdown.child_token();
+        let connection =
+            HostConnection::new(generation, host.region.clone(), commands, stop.clone());
+        self.core
+            .registry
+            .register(&host.host_id, connection.clone());
+
+        let welcome = ControlMessage {
+            body: Some(control_message::Body::Welcome(Welcome {
+                heartbeat_interval_ms: u32::try_from(config.heartbeat_interval_ms)
+                    .unwrap_or(u32::MAX),
+                generation,
+                session_events_endpoint: self.core.public_endpoint.clone(),
+            })),
+        };
+        // The receiver is still in our hands: this cannot fail.
+        let _ = outbound.send(Ok(welcome)).await;
+
+        let task = ConnectionTask {
+            core: self.core.clone(),
+            host_id: host.host_id.clone(),
+            connection,
+            outbound,
+            pending: HashMap::new(),
+            last_heartbeat_persisted: Instant::now(),
+        };
+        tokio::spawn(task.run(inbound, commands_rx, stop.clone()));
+        tokio::spawn(pool::run_filler(
+            self.core.clone(),
+            host.host_id.clone(),
+            stop,
+        ));
+        tokio::spawn(reconcile(
+            self.core.clone(),
+            host.host_id,
+            hello.mandelboxes,
+        ));
+        Ok(ReceiverStream::new(outbound_rx))
+    }
+}
+
+/// Compares what a (re)connecting host runs with what the database holds:
+/// unknown boxes are torn down, missing ones are lost.
+async fn reconcile(
+    core: SharedCore,
+    host_id: String,
+    reported: Vec<switchboard_proto::v1::RunningMandelbox>,
+) {
+    let mut known = Vec::new();
+    let mut foreign = Vec::new();
+    for mandelbox in reported {
+        match Uuid::parse_str(&mandelbox.mandelbox_id) {
+            Ok(id) => known.push(ReportedMandelbox { id }),
+            Err(_) => foreign.push(mandelbox.mandelbox_id),
+        }
+    }
+    let outcome = match core.store.reconcile_host(&host_id, &known).await {
+        Ok(outcome) => outcome,
+        Err(error) => {
+            tracing::warn!(%host_id, %error, "reconciliation failed");
+            return;
+        }
+    };
+    if !outcome.teardown.is_empty() || !outcome.lost.is_empty() || !foreign.is_empty() {
+        tracing::info!(%host_id, teardown = outcome.teardown.len() + foreign.len(), lost = outcome.lost.len(), "reconciled host");
+    }
+    core.publish_sessions(&outcome.ended_sessions).await;
+    let timeout = Duration::from_millis(core.config.hosts.command_timeout_ms);
+    let ids = outcome.teardown.iter().map(Uuid::to_string).chain(foreign);
+    for mandelbox_id in ids {
+        let kind = command::Kind::Teardown(TeardownMandelbox {
+            mandelbox_id,
+            reason: "unknown to the control plane".into(),
+        });
+        if let Err(error) = core.router.send(&host_id, kind, timeout).await {
+            tracing::warn!(%host_id, %error, "reconciliation teardown failed");
+        }
+    }
+    core.registry.refill(&host_id);
+}
+
+struct ConnectionTask {
+    core: SharedCore,
+    host_id: String,
+    connection: HostConnection,
+    outbound: mpsc::Sender<Result<ControlMessage, Status>>,
+    /// Commands sent and not yet answered; dropped with the task, which tells
+    /// every waiter the host is gone.
+    pending: HashMap<String, tokio::sync::oneshot::Sender<CommandResult>>,
+    last_heartbeat_persisted: Instant,
+}
+
+impl ConnectionTask {
+    #[tracing::instrument(name = "host_connection", skip_all, fields(host_id = %self.host_id, generation = self.connection.generation))]
+    async fn run(
+        mut self,
+        mut inbound: Streaming<HostMessage>,
+        mut commands: mpsc::Receiver<OutboundCommand>,
+        stop: CancellationToken,
+    ) {
+        let deadline = self.core.config.hosts.heartbeat_deadline();
+        let heartbeat_due = tokio::time::sleep(deadline);
+        tokio::pin!(heartbeat_due);
+        let ending = loop {
+            tokio::select! {
+                _ = stop.cancelled() => {
+                    break Ending::Stopped(self.connection.stop_reason().unwrap_or(StopReason::ShuttingDown));
+                }
+                message = inbound.message() => match message {
+                    Ok(Some(message)) => {
+                        if self.on_message(message, &mut heartbeat_due, deadline) {
+                            break Ending::Goodbye;
+                        }
+                    }
+                    Ok(None) => break Ending::Closed,
+                    Err(status) => {
+                        tracing::debug!(code = ?status.code(), "host stream broke");
+                        break Ending::Closed;
+                    }
+                },
+                Some(outbound) = commands.recv() => {
+                    let id = outbound.command.command_id.clone();
+                    let message = ControlMessage { body: Some(control_message::Body::Command(outbound.command)) };
+                    if self.outbound.send(Ok(message)).await.is_err() {
+                        break Ending::Closed;
+                    }
+                    self.pending.insert(id, outbound.reply);
+                }
+                _ = &mut heartbeat_due => break Ending::HeartbeatTimeout,
+            }
+        };
+        self.finish(ending).await;
+    }
+
+    /// Returns true when the host said goodbye.
+    fn on_message(
+        &mut self,
+        message: HostMessage,
+        heartbeat_due: &mut std::pin::Pin<&mut tokio::time::Sleep>,
+        deadline: Duration,
+    ) -> bool {
+        // Any message proves the host is alive.
+        heartbeat_due.as_mut().reset(Instant::now() + deadline);
+        match message.body {
+            Some(host_message::Body::Heartbeat(_)) => {
+                if self.last_heartbeat_persisted.elapsed() >= HEARTBEAT_PERSIST_EVERY {
+                    self.last_heartbeat_persisted = Instant::now();
+                    let store = self.core.store.clone();
+                    let (host_id, generation) = (self.host_id.clone(), self.connection.generation);
+                    tokio::spawn(async move {
+                        if let Err(error) = store
+                            .record_heartbeat(&host_id, generation, chrono::Utc::now())
+                            .await
+                        {
+                            tracing::debug!(%host_id, %error, "heartbeat not recorded");
+                        }
+                    });
+                }
+            }
+            Some(host_message::Body::Result(result)) => {
+                match self.pending.remove(&result.command_id) {
+                    Some(reply) => {
+                        let _ = reply.send(result);
+                    }
+                    None => {
+                        tracing::debug!(command_id = %result.command_id, "result for an unknown command")
+                    }
+                }
+            }
+            Some(host_message::Body::Exited(exited)) => {
+                let core = self.core.clone();
+                let host_id = self.host_id.clone();
+                tokio::spawn(async move {
+                    mandelbox_exited(core, host_id, exited.mandelbox_id, exited.reason).await
+                });
+            }
+            Some(host_message::Body::Goodbye(goodbye)) => {
+                tracing::info!(reason = %goodbye.reason, "host said goodbye");
+                return true;
+            }
+            Some(host_message::Body::Hello(_)) => tracing::warn!("second hello ignored"),
+            None => tracing::debug!("empty host message ignored"),
+        }
+        false
+    }
+
+    async fn finish(self, ending: Ending) {
+        let core = &self.core;
+        let generation = self.connection.generation;
+        core.registry.unregister(&self.host_id, generation);
+        let farewell: Option<ApiError> = match ending {
+            Ending::HeartbeatTimeout => {
+                tracing::warn!(
+                    deadline_ms = u64::try_from(core.config.hosts.heartbeat_deadline().as_millis())
+                        .unwrap_or(u64::MAX),
+                    "host missed its heartbeats; its sessions are lost"
+                );
+                match core
+                    .store
+                    .mark_host_lost(&self.host_id, Some(generation))
+                    .await
+                {
+                    Ok(ended) => core.publish_sessions(&ended).await,
+                    Err(error) => tracing::error!(%error, "could not mark host lost"),
+                }
+                Some(ApiError::HeartbeatTimeout)
+            }
+            Ending::Stopped(StopReason::Superseded) => Some(ApiError::Superseded),
+            Ending::Stopped(StopReason::ShuttingDown) => {
+                self.mark_disconnected().await;
+                Some(ApiError::ShuttingDown)
+            }
+            Ending::Closed | Ending::Goodbye => {
+                tracing::info!(?ending, "host disconnected");
+                self.mark_disconnected().await;
+                None
+            }
+        };
+        if let Some(error) = farewell {
+            let _ = self.outbound.send(Err(error.into())).await;
+        }
+    }
+
+    async fn mark_disconnected(&self) {
+        if let Err(error) = self
+            .core
+            .store
+            .host_disconnected(&self.host_id, self.connection.generation)
+            .await
+        {
+            tracing::error!(%error, "could not mark host disconnected");
+        }
+    }
+}
+
+/// The host says a box exited by itself: its session ends and the slot refills.
+async fn mandelbox_exited(core: SharedCore, host_id: String, mandelbox_id: String, reason: String) {
+    let Ok(id) = Uuid::parse_str(&mandelbox_id) else {
+        tracing::warn!(%host_id, %mandelbox_id, "exit notice for a malformed mandelbox id");
+        return;
+    };
+    match core.store.get_mandelbox(id).await {
+        Ok(Some(mandelbox)) if mandelbox.host_id == host_id => {}
+        Ok(_) => {
+            tracing::warn!(%host_id, %mandelbox_id, "exit notice for a mandelbox this host does not hold");
+            return;
+        }
+        Err(error) => {
+            tracing::warn!(%host_id, %error, "could not read exited mandelbox");
+            return;
+        }
+    }
+    match core
+        .store
+        .mandelbox_finished(id, MandelboxState::Dead, EndReason::MandelboxExited)
+        .await
+    {
+        Ok(Some((_, ended))) => {
+            tracing::info!(%host_id, %mandelbox_id, %reason, "mandelbox exited");
+            if let Some(session) = ended {
+                core.publish_session(&session).await;
+            }
+        }
+        Ok(None) => {}
+        Err(error) => tracing::warn!(%host_id, %error, "could not record exit"),
+    }
+    core.registry.refill(&host_id);
+}

@@ -1,0 +1,104 @@
+//! The warm pool: every connected, active host is kept filled with warm
+//! (WAITING) mandelboxes up to its capacity. One filler per connection, so
+//! fills of one host never overlap; the slot reservation itself is atomic in
+//! the store, so an on-demand spawn racing the filler cannot overfill a host.
+
+use std::time::Duration;
+
+use switchboard_proto::v1::{SpawnMandelbox, command};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::{
+    api::convert::port_from_proto,
+    auth::mandelbox_token,
+    core::SharedCore,
+    events::Event,
+    model::{EndReason, MandelboxRecord, MandelboxState, PortSpec},
+    store::NewMandelbox,
+};
+
+/// How often a host is checked even when nothing woke its filler.
+const PERIODIC_FILL_FACTOR: u32 = 5;
+
+pub async fn run_filler(core: SharedCore, host_id: String, stop: CancellationToken) {
+    let Some(connection) = core.registry.get(&host_id) else {
+        return;
+    };
+    let refill = connection.refill.clone();
+    let period =
+        Duration::from_millis(core.config.hosts.maintenance_interval_ms) * PERIODIC_FILL_FACTOR;
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = refill.notified() => {}
+            _ = tick.tick() => {}
+        }
+        fill(&core, &host_id).await;
+    }
+}
+
+/// Reserves every free slot of the host and spawns a warm box in each.
+async fn fill(core: &SharedCore, host_id: &str) {
+    loop {
+        let token = mandelbox_token::generate();
+        let new = NewMandelbox {
+            id: Uuid::new_v4(),
+            app: core.config.allocation.warm_app.clone(),
+            token_hash: mandelbox_token::hash(&token),
+            session_id: None,
+        };
+        match core.store.reserve_mandelbox(host_id, &new).await {
+            Ok(Some(reserved)) => {
+                tokio::spawn(spawn_warm(core.clone(), reserved, token));
+            }
+            Ok(None) => return,
+            Err(error) => {
+                tracing::warn!(%host_id, %error, "could not reserve a warm slot");
+                return;
+            }
+        }
+    }
+}
+
+async fn spawn_warm(core: SharedCore, reserved: MandelboxRecord, token: String) {
+    let timeout = Duration::from_millis(core.config.allocation.spawn_timeout_ms);
+    let kind = command::Kind::Spawn(SpawnMandelbox {
+        mandelbox_id: reserved.id.to_string(),
+        app: reserved.app.clone(),
+        disconnect_token: token,
+    });
+    match core.router.send(&reserved.host_id, kind, timeout).await {
+        Ok(result) => {
+            let ports: Vec<PortSpec> = result.ports.iter().filter_map(port_from_proto).collect();
+            match core.store.mandelbox_spawned(reserved.id, &ports).await {
+                Ok(Some(mandelbox)) if mandelbox.state == MandelboxState::Waiting => {
+                    tracing::debug!(host_id = %reserved.host_id, mandelbox_id = %reserved.id, "warm mandelbox ready");
+                    core.events.publish(Event::MandelboxWarm {
+                        region: mandelbox.region,
+                    });
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(mandelbox_id = %reserved.id, %error, "could not record spawn")
+                }
+            }
+        }
+        Err(error) => {
+            tracing::warn!(host_id = %reserved.host_id, mandelbox_id = %reserved.id, %error, "warm spawn failed");
+            if let Err(error) = core
+                .store
+                .mandelbox_finished(
+                    reserved.id,
+                    MandelboxState::Dead,
+                    EndReason::MandelboxExited,
+                )
+                .await
+            {
+                tracing::warn!(mandelbox_id = %reserved.id, %error, "could not record failed spawn");
+            }
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! The live host connections of this replica, keyed by host id and connection
+//! generation. A connection only ever removes its own entry, so a late cleanup
+//! of an old stream cannot unregister the newer one that replaced it.
+
+use std::{collections::HashMap, sync::Arc};
+
+use switchboard_proto::v1::{Command, CommandResult};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+/// A command for a host's connection task, with where to send the result.
+#[derive(Debug)]
+pub struct OutboundCommand {
+    pub command: Command,
+    pub reply: oneshot::Sender<CommandResult>,
+}
+
+/// Why a connection task was told to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    Superseded,
+    ShuttingDown,
+}
+
+#[derive(Clone)]
+pub struct HostConnection {
+    pub generation: u64,
+    pub region: String,
+    pub commands: mpsc::Sender<OutboundCommand>,
+    /// Wakes the host's warm-pool filler.
+    pub refill: Arc<Notify>,
+    stop: CancellationToken,
+    stop_reason: Arc<std::sync::Mutex<Option<StopReason>>>,
+}
+
+impl HostConnection {
+    pub fn new(
+        generation: u64,
+        region: String,
+        commands: mpsc::Sender<OutboundCommand>,
+        stop: CancellationToken,
+    ) -> Self {
+        HostConnection {
+            generation,
+            region,
+            commands,
+            refill: Arc::new(Notify::new()),
+            stop,
+            stop_reason: Arc::new(std::sync::Mutex::new(None)),
+        }
+    }
+
+    pub fn stop(&self, reason: StopReason) {
+        if let Ok(mut slot) = self.stop_reason.lock() {
+            slot.get_or_insert(reason);
+        }
+        self.stop.cancel();
+    }
+
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        self.stop_reason.lock().ok().and_then(|slot| *slot)
+    }
+}
+
+#[derive(Default)]
+pub struct ConnectionRegistry {
+    connections: std::sync::Mutex<HashMap<String, HostConnection>>,
+}
+
+impl ConnectionRegistry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, HostConnection>> {
+        // A panic while holding this lock cannot leave the map half-updated
+        // (every operation is a single insert/remove), so poison is harmless.
+        self.connections
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Registers a connection; a connection it replaces is told to stop.
+    pub fn register(&self, host_id: &str, connection: HostConnection) {
+        let previous = self.lock().insert(host_id.to_owned(), connection);
+        if let Some(previous) = previous {
+            tracing::info!(
+                host_id,
+                old_generation = previous.generation,
+                "connection superseded"
+            );
+            previous.stop(StopReason::Superseded);
+        }
+    }
+
+    /// Removes the entry only if it is still this generation's.
+    pub fn unregister(&self, host_id: &str, generation: u64) -> bool {
+        let mut connections = self.lock();
+        match connections.get(host_id) {
+            Some(current) if current.generation == generation => {
+                connections.remove(host_id);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn get(&self, host_id: &str) -> Option<HostConnection> {
+        self.lock().get(host_id).cloned()
+    }
+
+    pub fn is_connected(&self, host_id: &str) -> bool {
+        self.lock().contains_key(host_id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Wakes the warm-pool filler of a host connected here.
+    pub fn refill(&self, host_id: &str) {
+        if let Some(connection) = self.get(host_id) {
+            connection.refill.notify_one();
+        }
+    }
+
+    /// Tells every connection to stop (shutdown).
+    pub fn stop_all(&self, reason: StopReason) {
+        for connection in self.lock().values() {
+            connection.stop(reason);
+        }
+    }
+}

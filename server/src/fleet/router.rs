@@ -1,0 +1,79 @@
+//! Sending a command to a host and waiting for its result, wherever the host's
+//! stream lives. `LocalRouter` reaches hosts connected to this process; a
+//! Redis-backed router (several replicas) implements the same trait.
+
+use std::{sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use switchboard_proto::v1::{Command, CommandResult, command};
+use tokio::sync::oneshot;
+
+use super::registry::{ConnectionRegistry, OutboundCommand};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RouteError {
+    #[error("host is not connected")]
+    NotConnected,
+    #[error("host connection closed before it answered")]
+    Gone,
+    #[error("host did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("host refused the command: {0}")]
+    Refused(String),
+}
+
+#[async_trait]
+pub trait CommandRouter: Send + Sync + 'static {
+    /// Sends `kind` to the host and waits up to `timeout` for its result.
+    /// A result with `ok == false` is returned as `RouteError::Refused`.
+    async fn send(
+        &self,
+        host_id: &str,
+        kind: command::Kind,
+        timeout: Duration,
+    ) -> Result<CommandResult, RouteError>;
+}
+
+pub type DynRouter = Arc<dyn CommandRouter>;
+
+pub struct LocalRouter {
+    registry: Arc<ConnectionRegistry>,
+}
+
+impl LocalRouter {
+    pub fn new(registry: Arc<ConnectionRegistry>) -> Self {
+        LocalRouter { registry }
+    }
+}
+
+#[async_trait]
+impl CommandRouter for LocalRouter {
+    async fn send(
+        &self,
+        host_id: &str,
+        kind: command::Kind,
+        timeout: Duration,
+    ) -> Result<CommandResult, RouteError> {
+        let connection = self.registry.get(host_id).ok_or(RouteError::NotConnected)?;
+        let (reply, answer) = oneshot::channel();
+        let command = Command {
+            command_id: uuid::Uuid::new_v4().to_string(),
+            kind: Some(kind),
+            traceparent: String::new(),
+        };
+        let send = connection.commands.send(OutboundCommand { command, reply });
+        // A full queue means a stuck host: that counts against the deadline too.
+        let deadline = tokio::time::Instant::now() + timeout;
+        match tokio::time::timeout_at(deadline, send).await {
+            Err(_) => return Err(RouteError::Timeout(timeout)),
+            Ok(Err(_)) => return Err(RouteError::Gone),
+            Ok(Ok(())) => {}
+        }
+        match tokio::time::timeout_at(deadline, answer).await {
+            Err(_) => Err(RouteError::Timeout(timeout)),
+            Ok(Err(_)) => Err(RouteError::Gone),
+            Ok(Ok(result)) if result.ok => Ok(result),
+            Ok(Ok(result)) => Err(RouteError::Refused(result.error)),
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! Ending sessions and tearing mandelboxes down, whoever asks: the user
+//! (EndSession), the protocol server (ReportDisconnect), the host (exited
+//! notice) or liveness (host lost).
+
+use std::time::Duration;
+
+use switchboard_proto::v1::{TeardownMandelbox, command};
+use uuid::Uuid;
+
+use crate::{
+    core::Core,
+    error::ApiResult,
+    events::{Event, SessionChange},
+    fleet::RouteError,
+    model::{EndReason, MandelboxRecord, MandelboxState, SessionRecord},
+    store::EndedSession,
+};
+
+impl Core {
+    /// Ends a live session; its box is torn down in the background and a
+    /// replacement warmed once the host confirms.
+    pub async fn end_session(
+        &self,
+        session_id: Uuid,
+        reason: EndReason,
+    ) -> ApiResult<Option<EndedSession>> {
+        let Some(ended) = self.store.end_session(session_id, reason).await? else {
+            return Ok(None);
+        };
+        if ended.changed {
+            tracing::info!(session_id = %session_id, reason = %reason, "session ended");
+            self.publish_session(&ended.session).await;
+        }
+        if let Some(mandelbox) = &ended.teardown {
+            self.spawn_teardown(mandelbox.clone(), reason.as_str());
+        }
+        Ok(Some(ended))
+    }
+
+    /// Tells the box's host to tear it down, in the background. On the host's
+    /// confirmation the box is DEAD and the host's warm pool refills. If the
+    /// host is unreachable the box stays DYING, and the host's next Hello
+    /// reconciles it.
+    pub fn spawn_teardown(&self, mandelbox: MandelboxRecord, reason: &str) {
+        let router = self.router.clone();
+        let store = self.store.clone();
+        let registry = self.registry.clone();
+        let timeout = Duration::from_millis(self.config.hosts.command_timeout_ms);
+        let kind = command::Kind::Teardown(TeardownMandelbox {
+            mandelbox_id: mandelbox.id.to_string(),
+            reason: reason.to_owned(),
+        });
+        tokio::spawn(async move {
+            match router.send(&mandelbox.host_id, kind, timeout).await {
+                Ok(_) => {
+                    if let Err(error) = store
+                        .mandelbox_finished(
+                            mandelbox.id,
+                            MandelboxState::Dead,
+                            EndReason::MandelboxExited,
+                        )
+                        .await
+                    {
+                        tracing::warn!(mandelbox_id = %mandelbox.id, %error, "could not record teardown");
+                    }
+                    registry.refill(&mandelbox.host_id);
+                }
+                Err(RouteError::NotConnected) => {
+                    tracing::info!(mandelbox_id = %mandelbox.id, host_id = %mandelbox.host_id, "host offline; teardown waits for its reconnect");
+                }
+                Err(error) => {
+                    tracing::warn!(mandelbox_id = %mandelbox.id, host_id = %mandelbox.host_id, %error, "teardown not confirmed");
+                }
+            }
+        });
+    }
+
+    /// Publishes a session's current state to watchers.
+    pub async fn publish_session(&self, session: &SessionRecord) {
+        let change = self.session_change(session).await;
+        self.events.publish(Event::Session(Box::new(change)));
+    }
+
+    /// Publishes several ended sessions (host lost, reconciliation).
+    pub async fn publish_sessions(&self, sessions: &[SessionRecord]) {
+        for session in sessions {
+            self.publish_session(session).await;
+        }
+    }
+
+    /// A session with where to reach it (host address and ports).
+    pub async fn session_change(&self, session: &SessionRecord) -> SessionChange {
+        let mut change = SessionChange {
+            session: session.clone(),
+            host_address: None,
+            ports: Vec::new(),
+        };
+        if let Some(host_id) = &session.host_id
+            && let Ok(Some(host)) = self.store.get_host(host_id).await
+        {
+            change.host_address = Some(host.address);
+        }
+        if let Some(mandelbox_id) = session.mandelbox_id
+            && let Ok(Some(mandelbox)) = self.store.get_mandelbox(mandelbox_id).await
+        {
+            change.ports = mandelbox.ports;
+        }
+        change
+    }
+}

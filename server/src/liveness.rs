@@ -1,0 +1,78 @@
+//! Housekeeping on a timer: hosts that stayed disconnected past the reconnect
+//! grace period are lost (their sessions end), pending sessions that waited too
+//! long end with NO_CAPACITY, spawns that never completed are written off.
+//!
+//! A connected host that goes silent is caught faster, by its own connection
+//! task's heartbeat deadline.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::{allocation::PendingSessions, core::SharedCore};
+
+pub struct Sweeper {
+    core: SharedCore,
+    pending: PendingSessions,
+}
+
+impl Sweeper {
+    pub fn new(core: SharedCore, pending: PendingSessions) -> Self {
+        Sweeper { core, pending }
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) {
+        let interval = Duration::from_millis(self.core.config.hosts.maintenance_interval_ms);
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if let Err(error) = self.sweep_once().await {
+                tracing::warn!(%error, "sweep failed");
+            }
+        }
+    }
+
+    pub async fn sweep_once(&self) -> anyhow::Result<()> {
+        let core = &self.core;
+        let now = chrono::Utc::now();
+        let grace =
+            chrono::Duration::milliseconds(i64::try_from(core.config.hosts.reconnect_grace_ms)?);
+        for host in core.store.hosts_disconnected_before(now - grace).await? {
+            if core.registry.is_connected(&host.id) {
+                continue;
+            }
+            let ended = core
+                .store
+                .mark_host_lost(&host.id, Some(host.generation))
+                .await?;
+            tracing::warn!(host_id = %host.id, sessions_lost = ended.len(), "host did not come back within the grace period");
+            core.publish_sessions(&ended).await;
+        }
+        let pending_timeout = chrono::Duration::milliseconds(i64::try_from(
+            core.config.allocation.pending_timeout_ms,
+        )?);
+        // A spawn gets twice its own timeout before it is written off, so the
+        // sweep never races the call still waiting for it.
+        let spawn_timeout =
+            chrono::Duration::milliseconds(i64::try_from(core.config.allocation.spawn_timeout_ms)?)
+                * 2;
+        let outcome = core
+            .store
+            .sweep(now - pending_timeout, now - spawn_timeout)
+            .await?;
+        for session in &outcome.expired_pending {
+            tracing::info!(session_id = %session.id, "pending session expired");
+            self.pending.remove(session.id);
+        }
+        core.publish_sessions(&outcome.expired_pending).await;
+        for mandelbox in &outcome.expired_spawns {
+            tracing::warn!(mandelbox_id = %mandelbox.id, host_id = %mandelbox.host_id, "spawn never confirmed");
+            core.registry.refill(&mandelbox.host_id);
+        }
+        Ok(())
+    }
+}
