@@ -8,7 +8,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
-use tracing::{info, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 use crate::backoff::BackoffSchedule;
 use crate::connection::{self, ConnectionContext, Outcome};
@@ -46,6 +46,13 @@ impl HostAgent {
     /// Goodbye (if connected) and tears down every box. Fails only on settings
     /// that can never work (an unparsable endpoint).
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        // Every log line of this agent (and of its boxes) names the host: dev
+        // mode runs several agents in one process.
+        let span = info_span!("hostagent", host_id = self.options.host_id);
+        self.run_inner(shutdown).instrument(span).await
+    }
+
+    async fn run_inner(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let options = &self.options;
         let endpoint = Endpoint::from_shared(options.endpoint.clone())
             .with_context(|| format!("invalid control plane endpoint {:?}", options.endpoint))?
@@ -55,7 +62,6 @@ impl HostAgent {
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true);
         info!(
-            host_id = options.host_id,
             region = options.region,
             endpoint = options.endpoint,
             version = crate::AGENT_VERSION,
@@ -69,6 +75,7 @@ impl HostAgent {
         };
         let backoff = options.backoff;
         let mut schedule = BackoffSchedule::new(backoff);
+        let mut failures = 0u64;
         // Command tasks outlive a dropped stream (their results are then lost,
         // and the next Hello tells the truth), but not the agent.
         let mut tasks = JoinSet::new();
@@ -87,6 +94,11 @@ impl HostAgent {
             {
                 schedule.reset();
             }
+            failures = if lost.connected_for.is_some() {
+                1
+            } else {
+                failures + 1
+            };
             let delay = if lost.is_rejection() {
                 backoff.max
             } else {
@@ -106,9 +118,7 @@ impl HostAgent {
             } else {
                 warn!(
                     error = lost.error,
-                    delay_ms,
-                    attempt = schedule.attempt(),
-                    "connection failed, retrying"
+                    delay_ms, failures, "connection failed, retrying"
                 );
             }
             tokio::select! {

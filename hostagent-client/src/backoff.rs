@@ -86,6 +86,7 @@ impl BackoffSchedule {
     }
 
     /// Consecutive failures counted so far (stops growing once the ceiling is `max`).
+    #[cfg(test)]
     pub(crate) fn attempt(&self) -> u32 {
         self.attempt
     }

@@ -22,7 +22,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status, Streaming};
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument, debug, error, info, warn};
 
 use crate::AGENT_VERSION;
 use crate::commands::{self, CommandContext};
@@ -223,12 +223,15 @@ pub(crate) async fn run(
                     debug!(command_id, kind = commands::kind_name(command.kind.as_ref()), "command received");
                     let command_cx = command_cx.clone();
                     let results_tx = results_tx.clone();
-                    tasks.spawn(async move {
-                        let result = commands::execute(&command_cx, command).await;
-                        if results_tx.send(result).is_err() {
-                            warn!(command_id, "stream gone, command result dropped");
+                    tasks.spawn(
+                        async move {
+                            let result = commands::execute(&command_cx, command).await;
+                            if results_tx.send(result).is_err() {
+                                warn!(command_id, "stream gone, command result dropped");
+                            }
                         }
-                    });
+                        .in_current_span(),
+                    );
                     reap(tasks);
                     Ok(())
                 }
@@ -371,14 +374,17 @@ pub(crate) fn describe_status(status: &Status) -> String {
 
 /// An error and its sources: tonic's transport errors say little at the top.
 fn error_chain(error: &dyn StdError) -> String {
-    let mut text = error.to_string();
+    let mut parts = vec![error.to_string()];
     let mut source = error.source();
     while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
+        let part = e.to_string();
+        // hyper and tonic repeat themselves ("tcp connect error: tcp connect error").
+        if parts.last() != Some(&part) {
+            parts.push(part);
+        }
         source = e.source();
     }
-    text
+    parts.join(": ")
 }
 
 #[cfg(test)]

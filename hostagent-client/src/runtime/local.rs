@@ -19,7 +19,7 @@ use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::report::report_disconnect;
 use super::{
@@ -165,7 +165,11 @@ impl MandelboxRuntime for LocalRuntime {
             session_events_endpoint: spec.session_events_endpoint,
             exit_after_disconnect: self.inner.exit_after_disconnect,
         };
-        let task = tokio::spawn(life.run(listener, session_rx, stop.clone()));
+        let span = info_span!("mandelbox", mandelbox_id = spec.mandelbox_id);
+        let task = tokio::spawn(
+            life.run(listener, session_rx, stop.clone())
+                .instrument(span),
+        );
         boxes.insert(
             spec.mandelbox_id.clone(),
             LocalBox {
