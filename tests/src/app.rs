@@ -1,0 +1,264 @@
+//! `TestApp::spawn`: a real server on 127.0.0.1:0 with a fresh database, the
+//! dev token issuer, and real hostagents connected over gRPC.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use hostagent_client::{AgentHandle, AgentOptions, HostAgent};
+use switchboard::{
+    Application, ApplicationOptions,
+    auth::{dev_issuer::DevIssuer, host_credential::HostCredentials},
+    config::{Config, Secret},
+    model::{HostState, MandelboxState, Region, SessionRecord, SessionState},
+    store::{DynStore, MandelboxFilter},
+};
+use switchboard_proto::v1::{
+    admin_service_client::AdminServiceClient, allocation_service_client::AllocationServiceClient,
+    session_events_service_client::SessionEventsServiceClient,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::{
+    Request, Status,
+    metadata::MetadataValue,
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::Channel,
+};
+
+use crate::{
+    db::{self, Backend, TestDatabase},
+    runtime::ObservedRuntime,
+};
+
+#[derive(Debug, Clone)]
+pub struct HostSpec {
+    pub id: String,
+    pub region: String,
+    pub capacity: u32,
+}
+
+impl HostSpec {
+    pub fn new(id: &str, region: &str, capacity: u32) -> Self {
+        HostSpec { id: id.into(), region: region.into(), capacity }
+    }
+}
+
+pub struct TestOptions {
+    /// (name, enabled)
+    pub regions: Vec<(String, bool)>,
+    pub hosts: Vec<HostSpec>,
+    /// Wait until every host has filled its warm pool.
+    pub wait_warm: bool,
+}
+
+impl Default for TestOptions {
+    fn default() -> Self {
+        TestOptions {
+            regions: vec![("us-east-1".into(), true)],
+            hosts: vec![HostSpec::new("host-1", "us-east-1", 2)],
+            wait_warm: true,
+        }
+    }
+}
+
+/// Fast timings so liveness tests run in seconds.
+pub fn test_config() -> Config {
+    let mut config = Config::default();
+    config.hosts.credential_secret = Secret::new("test-host-secret");
+    config.hosts.heartbeat_interval_ms = 200;
+    config.hosts.missed_heartbeats = 3;
+    config.hosts.reconnect_grace_ms = 1_000;
+    config.hosts.maintenance_interval_ms = 100;
+    config.hosts.command_timeout_ms = 3_000;
+    config.hosts.hello_timeout_ms = 1_000;
+    config.allocation.min_client_version = "1.0.0".into();
+    config.allocation.assign_timeout_ms = 3_000;
+    config.allocation.spawn_timeout_ms = 5_000;
+    config.shutdown_grace_ms = 2_000;
+    config
+}
+
+pub struct TestApp {
+    pub db: TestDatabase,
+    pub store: DynStore,
+    pub addr: SocketAddr,
+    pub endpoint: String,
+    pub issuer: Arc<DevIssuer>,
+    pub credentials: HostCredentials,
+    pub channel: Channel,
+    pub shutdown: CancellationToken,
+    pub hosts: Vec<(HostSpec, AgentHandle, ObservedRuntime)>,
+}
+
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+pub type AllocationClient = AllocationServiceClient<InterceptedService<Channel, Bearer>>;
+pub type AdminClient = AdminServiceClient<InterceptedService<Channel, Bearer>>;
+
+impl TestApp {
+    pub async fn spawn(backend: Backend, options: TestOptions) -> anyhow::Result<TestApp> {
+        Self::spawn_with(backend, options, |_| {}).await
+    }
+
+    pub async fn spawn_with(
+        backend: Backend,
+        options: TestOptions,
+        configure: impl FnOnce(&mut Config),
+    ) -> anyhow::Result<TestApp> {
+        crate::init_test_log();
+        let db = db::fresh(backend).await?;
+        let store = db::open_store(&db).await?;
+        for (name, enabled) in &options.regions {
+            store.put_region(&Region { name: name.clone(), enabled: *enabled, image: String::new() }).await?;
+        }
+        let mut config = test_config();
+        configure(&mut config);
+        let issuer = Arc::new(DevIssuer::generate(&config.auth.issuer, &config.auth.audience)?);
+        let credentials = HostCredentials::new(config.hosts.credential_secret.clone());
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let app = Application::build_with_store(
+            config,
+            ApplicationOptions { user_token_keys: Some(issuer.jwks().clone()), listener: Some(listener) },
+            store.clone(),
+        )
+        .await?;
+        let addr = app.local_addr();
+        let endpoint = app.endpoint();
+        let shutdown = CancellationToken::new();
+        tokio::spawn(app.run_until_stopped(shutdown.clone()));
+        let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())?.connect().await?;
+        let mut test_app = TestApp { db, store, addr, endpoint, issuer, credentials, channel, shutdown, hosts: Vec::new() };
+        let mut expected_warm = 0;
+        for spec in options.hosts {
+            expected_warm += spec.capacity as usize;
+            test_app.add_host(spec).await?;
+        }
+        if options.wait_warm {
+            test_app.wait_warm(expected_warm, Duration::from_secs(10)).await?;
+        }
+        Ok(test_app)
+    }
+
+    /// Starts a hostagent for `spec` and waits for its Welcome.
+    pub async fn add_host(&mut self, spec: HostSpec) -> anyhow::Result<AgentHandle> {
+        let runtime = ObservedRuntime::new();
+        let mut options =
+            AgentOptions::new(self.endpoint.clone(), spec.id.clone(), spec.region.clone(), self.credentials.issue(&spec.id));
+        options.capacity = spec.capacity;
+        options.backoff.initial = Duration::from_millis(20);
+        options.backoff.max = Duration::from_millis(200);
+        let handle = HostAgent::new(options, Arc::new(runtime.clone())).spawn();
+        handle.wait_connected(1, Duration::from_secs(5)).await?;
+        self.hosts.push((spec, handle.clone(), runtime));
+        Ok(handle)
+    }
+
+    pub fn host(&self, id: &str) -> anyhow::Result<&(HostSpec, AgentHandle, ObservedRuntime)> {
+        self.hosts.iter().find(|(spec, _, _)| spec.id == id).context("no such host")
+    }
+
+    pub fn user_token(&self, user: &str) -> String {
+        self.issuer.issue(user, None, &[], Duration::from_secs(600)).unwrap_or_default()
+    }
+
+    pub fn admin_token(&self) -> String {
+        self.issuer.issue("admin", None, &["admin"], Duration::from_secs(600)).unwrap_or_default()
+    }
+
+    pub fn allocation_client(&self, token: Option<&str>) -> AllocationClient {
+        AllocationServiceClient::with_interceptor(self.channel.clone(), bearer(token))
+    }
+
+    pub fn user_client(&self, user: &str) -> AllocationClient {
+        self.allocation_client(Some(&self.user_token(user)))
+    }
+
+    pub fn admin_client(&self, token: Option<&str>) -> AdminClient {
+        AdminServiceClient::with_interceptor(self.channel.clone(), bearer(token))
+    }
+
+    pub fn session_events_client(&self) -> SessionEventsServiceClient<Channel> {
+        SessionEventsServiceClient::new(self.channel.clone())
+    }
+
+    pub async fn count_boxes(&self, state: MandelboxState) -> anyhow::Result<usize> {
+        let filter = MandelboxFilter { state: Some(state), include_finished: true, ..Default::default() };
+        Ok(self.store.list_mandelboxes(&filter).await?.len())
+    }
+
+    /// Waits until exactly `count` boxes are WAITING.
+    pub async fn wait_warm(&self, count: usize, timeout: Duration) -> anyhow::Result<()> {
+        let mut last = 0;
+        eventually(timeout, async || {
+            last = self.count_boxes(MandelboxState::Waiting).await?;
+            Ok(last == count)
+        })
+        .await
+        .with_context(|| format!("waiting for {count} warm boxes (last saw {last})"))
+    }
+
+    pub async fn session(&self, id: &str) -> anyhow::Result<SessionRecord> {
+        let id = uuid::Uuid::parse_str(id)?;
+        self.store.get_session(id).await?.context("session not found")
+    }
+
+    /// Waits until the session is in `state`.
+    pub async fn wait_session(&self, id: &str, state: SessionState, timeout: Duration) -> anyhow::Result<SessionRecord> {
+        let mut last = None;
+        eventually(timeout, async || {
+            let session = self.session(id).await?;
+            let done = session.state == state;
+            last = Some(session.state);
+            Ok(done)
+        })
+        .await
+        .with_context(|| format!("waiting for session {id} to be {state} (last {last:?})"))?;
+        self.session(id).await
+    }
+
+    pub async fn host_state(&self, id: &str) -> anyhow::Result<HostState> {
+        Ok(self.store.get_host(id).await?.context("host not found")?.state)
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        for (_, handle, _) in &self.hosts {
+            handle.kill();
+        }
+        self.shutdown.cancel();
+    }
+}
+
+fn bearer(token: Option<&str>) -> Bearer {
+    Bearer(token.and_then(|token| MetadataValue::try_from(format!("Bearer {token}")).ok()))
+}
+
+/// Polls `check` every 20 ms until it returns true or `timeout` passes.
+pub async fn eventually(timeout: Duration, mut check: impl AsyncFnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await? {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("condition not met within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The stable reason of a status from the server.
+pub fn reason(status: &Status) -> &str {
+    switchboard::error::reason_of(status).unwrap_or("<none>")
+}

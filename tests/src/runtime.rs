@@ -1,0 +1,76 @@
+//! A runtime for tests: the real local runtime, plus what a test needs to see
+//! (the disconnect tokens the control plane issued) and to provoke (slow spawns).
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use hostagent_client::{AssignSpec, Assignment, ExitNotice, LocalRuntime, MandelboxRuntime, RuntimeError, SpawnSpec};
+use switchboard_proto::v1::{Port, RunningMandelbox};
+use tokio::sync::broadcast;
+
+#[derive(Clone, Default)]
+pub struct ObservedRuntime {
+    inner: Arc<LocalRuntime>,
+    tokens: Arc<Mutex<HashMap<String, String>>>,
+    spawn_delay: Arc<Mutex<Duration>>,
+}
+
+impl ObservedRuntime {
+    pub fn new() -> Self {
+        ObservedRuntime::default()
+    }
+
+    /// The disconnect token the control plane gave this box at spawn.
+    pub fn token_of(&self, mandelbox_id: &str) -> Option<String> {
+        self.tokens.lock().ok()?.get(mandelbox_id).cloned()
+    }
+
+    /// Makes every later spawn take this long.
+    pub fn set_spawn_delay(&self, delay: Duration) {
+        if let Ok(mut slot) = self.spawn_delay.lock() {
+            *slot = delay;
+        }
+    }
+}
+
+#[async_trait]
+impl MandelboxRuntime for ObservedRuntime {
+    async fn spawn(&self, spec: SpawnSpec) -> Result<Vec<Port>, RuntimeError> {
+        let delay = self.spawn_delay.lock().map(|delay| *delay).unwrap_or_default();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        if let Ok(mut tokens) = self.tokens.lock() {
+            tokens.insert(spec.mandelbox_id.clone(), spec.disconnect_token.clone());
+        }
+        self.inner.spawn(spec).await
+    }
+
+    async fn assign(&self, spec: AssignSpec) -> Result<Assignment, RuntimeError> {
+        self.inner.assign(spec).await
+    }
+
+    async fn teardown(&self, mandelbox_id: &str) -> Result<(), RuntimeError> {
+        self.inner.teardown(mandelbox_id).await
+    }
+
+    fn running(&self) -> Vec<RunningMandelbox> {
+        self.inner.running()
+    }
+
+    fn exits(&self) -> broadcast::Receiver<ExitNotice> {
+        self.inner.exits()
+    }
+
+    async fn teardown_all(&self) {
+        self.inner.teardown_all().await
+    }
+
+    fn kill_all(&self) {
+        self.inner.kill_all()
+    }
+}

@@ -1,0 +1,209 @@
+//! The allocation loop end to end, on PostgreSQL and SQLite: real server, real
+//! hostagents, real TCP connections to the mandelboxes.
+#![allow(clippy::unwrap_used)]
+
+use std::{collections::HashSet, time::Duration};
+
+use switchboard::model::{EndReason, MandelboxState, SessionState};
+use switchboard_proto::v1::{AllocateRequest, EndSessionRequest, WatchSessionRequest, SessionState as WireState};
+use switchboard_tests::{Backend, HostSpec, TestApp, TestOptions, app::reason, on_both_backends};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn request(regions: &[&str]) -> AllocateRequest {
+    AllocateRequest {
+        regions: regions.iter().map(|r| r.to_string()).collect(),
+        app: "chrome".into(),
+        client_version: "1.2.0".into(),
+        client_data_json: r#"{"timezone":"Europe/Paris","locale":"fr-FR"}"#.into(),
+        config_encryption_token: "config-token-never-stored".into(),
+    }
+}
+
+/// allocate → connect to the box → disconnect → teardown → a replacement warms.
+async fn whole_loop(backend: Backend) {
+    let app = TestApp::spawn(backend, TestOptions::default()).await.unwrap();
+    let warm_before: HashSet<String> = app
+        .store
+        .host_mandelboxes("host-1", &[MandelboxState::Waiting])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.id.to_string())
+        .collect();
+    assert_eq!(warm_before.len(), 2);
+
+    let response = app.user_client("alice").allocate(request(&["us-east-1"])).await.unwrap().into_inner();
+    assert_eq!(response.state, WireState::Running as i32);
+    assert_eq!(response.region, "us-east-1");
+    assert_eq!(response.host_address, "127.0.0.1");
+    assert_eq!(response.session_key.len(), 32, "a 128-bit hex key");
+    assert!(warm_before.contains(&response.mandelbox_id), "a warm box was used");
+    let port = response.ports.iter().find(|p| p.name == "tcp_32262").unwrap().port;
+
+    // The client connects to its mandelbox and talks to it.
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port as u16)).await.unwrap();
+    stream.write_all(b"ping").await.unwrap();
+    let mut echo = [0u8; 4];
+    stream.read_exact(&mut echo).await.unwrap();
+    assert_eq!(&echo, b"ping");
+    let session = app.session(&response.session_id).await.unwrap();
+    assert_eq!(session.state, SessionState::Running);
+
+    // The client leaves: the protocol server reports it, the session ends.
+    drop(stream);
+    let ended = app.wait_session(&response.session_id, SessionState::Ended, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(ended.end_reason, Some(EndReason::ClientDisconnected));
+
+    // The box is torn down and a fresh one takes its slot.
+    let used = uuid::Uuid::parse_str(&response.mandelbox_id).unwrap();
+    switchboard_tests::app::eventually(Duration::from_secs(5), async || {
+        Ok(app.store.get_mandelbox(used).await?.map(|m| m.state) == Some(MandelboxState::Dead))
+    })
+    .await
+    .unwrap();
+    app.wait_warm(2, Duration::from_secs(5)).await.unwrap();
+    let warm_after: HashSet<String> = app
+        .store
+        .host_mandelboxes("host-1", &[MandelboxState::Waiting])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.id.to_string())
+        .collect();
+    assert!(!warm_after.contains(&response.mandelbox_id));
+    assert_eq!(warm_after.difference(&warm_before).count(), 1, "exactly one replacement");
+
+    // Nothing secret reached the database.
+    let leaked = app
+        .db
+        .query_i64("SELECT count(*) FROM sessions WHERE client_version LIKE '%config-token%'")
+        .await
+        .unwrap();
+    assert_eq!(leaked, 0);
+}
+
+/// 300 users race for 100 warm boxes: exactly 100 win, no box twice.
+async fn concurrent_allocations_never_share_a_box(backend: Backend) {
+    let hosts = (1..=10).map(|i| HostSpec::new(&format!("host-{i}"), "us-east-1", 10)).collect();
+    let app = TestApp::spawn(backend, TestOptions { hosts, ..Default::default() }).await.unwrap();
+    let clients: Vec<_> = (0..300).map(|i| app.user_client(&format!("user-{i}"))).collect();
+    let calls = clients.into_iter().map(|mut client| {
+        tokio::spawn(async move { client.allocate(request(&["us-east-1"])).await })
+    });
+    let results = futures::future::join_all(calls).await;
+    let mut won = Vec::new();
+    let mut pending = 0;
+    let mut no_capacity = 0;
+    for result in results {
+        match result.unwrap() {
+            Ok(response) if response.get_ref().state == WireState::Running as i32 => won.push(response.into_inner()),
+            Ok(response) => {
+                assert_eq!(response.get_ref().state, WireState::Pending as i32);
+                pending += 1;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+                assert_eq!(reason(&status), "NO_CAPACITY");
+                no_capacity += 1;
+            }
+        }
+    }
+    assert_eq!(won.len(), 100, "pending {pending}, no capacity {no_capacity}");
+    assert_eq!(won.len() + pending + no_capacity, 300);
+    let boxes: HashSet<&str> = won.iter().map(|r| r.mandelbox_id.as_str()).collect();
+    assert_eq!(boxes.len(), 100, "a box was given twice");
+    let ports: HashSet<u32> = won.iter().map(|r| r.ports[0].port).collect();
+    assert_eq!(ports.len(), 100);
+    // The database agrees: 100 running boxes, each with a different session.
+    assert_eq!(app.db.query_i64("SELECT count(*) FROM mandelboxes WHERE state = 'RUNNING'").await.unwrap(), 100);
+    assert_eq!(
+        app.db.query_i64("SELECT count(DISTINCT session_id) FROM mandelboxes WHERE state = 'RUNNING'").await.unwrap(),
+        100
+    );
+    assert_eq!(app.db.query_i64("SELECT count(*) FROM sessions WHERE state = 'RUNNING'").await.unwrap(), 100);
+}
+
+/// With no warm box but one on the way, the session is PENDING and the
+/// client follows it to RUNNING with WatchSession, key included.
+async fn pending_session_is_fulfilled_and_watched(backend: Backend) {
+    let hosts = vec![HostSpec::new("host-1", "us-east-1", 1)];
+    let app = TestApp::spawn(backend, TestOptions { hosts, ..Default::default() }).await.unwrap();
+    let first = app.user_client("alice").allocate(request(&["us-east-1"])).await.unwrap().into_inner();
+    assert_eq!(first.state, WireState::Running as i32);
+
+    // The replacement will take a while to warm.
+    app.host("host-1").unwrap().2.set_spawn_delay(Duration::from_millis(800));
+    app.user_client("alice").end_session(EndSessionRequest { session_id: first.session_id.clone() }).await.unwrap();
+    switchboard_tests::app::eventually(Duration::from_secs(5), async || {
+        Ok(app.count_boxes(MandelboxState::Spawning).await? == 1)
+    })
+    .await
+    .unwrap();
+
+    let mut bob = app.user_client("bob");
+    let second = bob.allocate(request(&["us-east-1"])).await.unwrap().into_inner();
+    assert_eq!(second.state, WireState::Pending as i32);
+    assert!(second.session_key.is_empty());
+
+    let mut updates = bob
+        .watch_session(WatchSessionRequest { session_id: second.session_id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut key = String::new();
+    let mut last_state = WireState::Unspecified as i32;
+    while let Ok(Some(update)) = tokio::time::timeout(Duration::from_secs(5), updates.message()).await.unwrap() {
+        if !update.session_key.is_empty() {
+            key = update.session_key.clone();
+        }
+        last_state = update.session.unwrap().state;
+        if last_state == WireState::Running as i32 && !key.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(last_state, WireState::Running as i32);
+    assert_eq!(key.len(), 32);
+    let session = app.session(&second.session_id).await.unwrap();
+    assert_eq!(session.state, SessionState::Running);
+    assert_eq!(session.user_id, "bob");
+}
+
+/// The user limit (3 by default) counts live sessions only.
+async fn user_session_limit(backend: Backend) {
+    let hosts = vec![HostSpec::new("host-1", "us-east-1", 5)];
+    let app = TestApp::spawn(backend, TestOptions { hosts, ..Default::default() }).await.unwrap();
+    let mut carol = app.user_client("carol");
+    let mut sessions = Vec::new();
+    for _ in 0..3 {
+        sessions.push(carol.allocate(request(&["us-east-1"])).await.unwrap().into_inner().session_id);
+    }
+    let refused = carol.allocate(request(&["us-east-1"])).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(reason(&refused), "USER_SESSION_LIMIT");
+    carol.end_session(EndSessionRequest { session_id: sessions[0].clone() }).await.unwrap();
+    let again = carol.allocate(request(&["us-east-1"])).await.unwrap().into_inner();
+    assert_eq!(again.state, WireState::Running as i32);
+}
+
+/// The first region with a warm box wins; a region with none is skipped.
+async fn first_region_with_a_warm_box_wins(backend: Backend) {
+    let options = TestOptions {
+        regions: vec![("us-east-1".into(), true), ("eu-west-1".into(), true), ("ap-south-1".into(), false)],
+        hosts: vec![HostSpec::new("east", "us-east-1", 1), HostSpec::new("west", "eu-west-1", 1)],
+        wait_warm: true,
+    };
+    let app = TestApp::spawn(backend, options).await.unwrap();
+    let first = app.user_client("u1").allocate(request(&["ap-south-1", "eu-west-1", "us-east-1"])).await.unwrap();
+    assert_eq!(first.get_ref().region, "eu-west-1", "disabled region skipped, then client order");
+    let second = app.user_client("u2").allocate(request(&["eu-west-1", "us-east-1"])).await.unwrap();
+    // eu-west-1's only box is taken; its replacement cannot start (capacity 1 is used).
+    assert_eq!(second.get_ref().region, "us-east-1");
+}
+
+on_both_backends!(
+    whole_loop,
+    concurrent_allocations_never_share_a_box,
+    pending_session_is_fulfilled_and_watched,
+    user_session_limit,
+    first_region_with_a_warm_box_wins,
+);
