@@ -42,8 +42,11 @@ pub(crate) async fn execute(ctx: &CommandContext, command: Command) -> CommandRe
         "command",
         command_id = command.command_id,
         kind,
-        traceparent = command.traceparent
+        traceparent = tracing::field::Empty
     );
+    if !command.traceparent.is_empty() {
+        span.record("traceparent", command.traceparent.as_str());
+    }
     let command_id = command.command_id.clone();
     async move {
         let started = Instant::now();

@@ -240,6 +240,22 @@ fn start(options: AgentOptions, runtime: Arc<dyn MandelboxRuntime>) -> AgentHand
     HostAgent::new(options, runtime).spawn()
 }
 
+/// Graceful shutdown as the control plane sees it: a Goodbye, then it closes
+/// the stream, and the agent finishes.
+async fn shut_down(agent: &AgentHandle, mut conn: Conn) {
+    let stopping = tokio::spawn({
+        let agent = agent.clone();
+        async move { agent.shutdown().await }
+    });
+    match conn.next_non_heartbeat().await {
+        host_message::Body::Goodbye(g) => assert_eq!(g.reason, "shutdown"),
+        other => panic!("expected Goodbye, got {other:?}"),
+    }
+    drop(conn);
+    tokio::time::timeout(STEP, stopping).await.unwrap().unwrap();
+    assert!(agent.is_finished());
+}
+
 fn main_port(ports: &[Port]) -> u16 {
     assert_eq!(ports.len(), 1, "{ports:?}");
     assert_eq!(ports[0].name, "tcp_32262");
@@ -383,17 +399,7 @@ async fn hello_welcome_heartbeats_commands_and_goodbye() {
     // Graceful shutdown: Goodbye, then the stream ends.
     conn.spawn("c-8", "mb-2");
     let port = main_port(&conn.result().await.ports);
-    let stopping = tokio::spawn({
-        let agent = agent.clone();
-        async move { agent.shutdown().await }
-    });
-    match conn.next_non_heartbeat().await {
-        host_message::Body::Goodbye(g) => assert_eq!(g.reason, "shutdown"),
-        other => panic!("expected Goodbye, got {other:?}"),
-    }
-    drop(conn.outbound);
-    tokio::time::timeout(STEP, stopping).await.unwrap().unwrap();
-    assert!(agent.is_finished());
+    shut_down(&agent, conn).await;
     assert!(port_closes(port).await, "shutdown tears every box down");
     assert!(!agent.status().borrow().connected);
     assert!(
@@ -498,7 +504,7 @@ async fn paused_heartbeats_keep_the_stream_but_go_silent() {
     assert_eq!(resumed.running_mandelboxes, 1);
     let next = conn.heartbeat().await;
     assert_eq!(next.sequence, resumed.sequence + 1);
-    agent.shutdown().await;
+    shut_down(&agent, conn).await;
 }
 
 #[tokio::test]
@@ -570,14 +576,14 @@ async fn rejections_wait_the_max_backoff_other_failures_do_not() {
     conn.hello().await;
     drop(conn);
     let ended = Instant::now();
-    let (_conn, _) = server.accept(1).await;
+    let (conn, _) = server.accept(1).await;
     let waited = ended.elapsed();
     assert!(
         waited < Duration::from_millis(500),
         "retried after {waited:?}"
     );
     agent.wait_connected(1, STEP).await.unwrap();
-    agent.shutdown().await;
+    shut_down(&agent, conn).await;
 }
 
 #[tokio::test]
@@ -618,7 +624,7 @@ async fn a_box_that_exits_by_itself_is_reported() {
     }
     assert!(port_closes(port).await);
     assert_eq!(conn.heartbeat().await.running_mandelboxes, 0);
-    agent.shutdown().await;
+    shut_down(&agent, conn).await;
 }
 
 /// LocalRuntime, but spawning `slow` takes a while.
@@ -687,5 +693,5 @@ async fn a_slow_spawn_delays_neither_heartbeats_nor_other_commands() {
         heartbeats >= 5,
         "only {heartbeats} heartbeats during a 600 ms spawn"
     );
-    agent.shutdown().await;
+    shut_down(&agent, conn).await;
 }
