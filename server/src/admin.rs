@@ -28,18 +28,13 @@ impl Admin {
         Admin { core, regions }
     }
 
-    pub async fn list_hosts(
-        &self,
-        request: pb::ListHostsRequest,
-    ) -> ApiResult<pb::ListHostsResponse> {
+    pub async fn list_hosts(&self, request: pb::ListHostsRequest) -> ApiResult<pb::ListHostsResponse> {
         let region = Some(request.region.as_str()).filter(|region| !region.is_empty());
         let hosts = self.core.store.list_hosts(region).await?;
         Ok(pb::ListHostsResponse {
             hosts: hosts
                 .iter()
-                .map(|summary| {
-                    convert::host(summary, self.core.registry.is_connected(&summary.host.id))
-                })
+                .map(|summary| convert::host(summary, self.core.registry.is_connected(&summary.host.id)))
                 .collect(),
         })
     }
@@ -48,24 +43,18 @@ impl Admin {
         &self,
         request: pb::ListMandelboxesRequest,
     ) -> ApiResult<pb::ListMandelboxesResponse> {
-        let state = convert::mandelbox_state_from_proto(request.state).ok_or_else(|| {
-            ApiError::InvalidRequest(format!("unknown mandelbox state {}", request.state))
-        })?;
+        let state = convert::mandelbox_state_from_proto(request.state)
+            .ok_or_else(|| ApiError::InvalidRequest(format!("unknown mandelbox state {}", request.state)))?;
         let filter = MandelboxFilter {
             host_id: Some(request.host_id).filter(|id| !id.is_empty()),
             state,
             include_finished: request.include_finished,
         };
         let boxes = self.core.store.list_mandelboxes(&filter).await?;
-        Ok(pb::ListMandelboxesResponse {
-            mandelboxes: boxes.iter().map(convert::mandelbox).collect(),
-        })
+        Ok(pb::ListMandelboxesResponse { mandelboxes: boxes.iter().map(convert::mandelbox).collect() })
     }
 
-    pub async fn list_sessions(
-        &self,
-        request: pb::ListSessionsRequest,
-    ) -> ApiResult<pb::ListSessionsResponse> {
+    pub async fn list_sessions(&self, request: pb::ListSessionsRequest) -> ApiResult<pb::ListSessionsResponse> {
         let limit = match request.limit {
             0 => DEFAULT_LIST_LIMIT,
             limit => limit.min(MAX_LIST_LIMIT),
@@ -87,33 +76,18 @@ impl Admin {
     /// sessions finish normally.
     pub async fn drain_host(&self, request: pb::DrainHostRequest) -> ApiResult<pb::HostInfo> {
         let host_id = request.host_id;
-        self.core
-            .store
-            .drain_host(&host_id)
-            .await?
-            .ok_or_else(|| ApiError::HostNotFound(host_id.clone()))?;
+        self.core.store.drain_host(&host_id).await?.ok_or_else(|| ApiError::HostNotFound(host_id.clone()))?;
         tracing::info!(%host_id, "draining host");
         let timeout = Duration::from_millis(self.core.config.hosts.command_timeout_ms);
-        let drain = command::Kind::Drain(DrainHost {
-            reason: "operator request".into(),
-        });
+        let drain = command::Kind::Drain(DrainHost { reason: "operator request".into() });
         if let Err(error) = self.core.router.send(&host_id, drain, timeout).await {
             tracing::warn!(%host_id, %error, "host did not confirm drain");
         }
-        let idle = self
-            .core
-            .store
-            .host_mandelboxes(
-                &host_id,
-                &[MandelboxState::Waiting, MandelboxState::Spawning],
-            )
-            .await?;
+        let idle =
+            self.core.store.host_mandelboxes(&host_id, &[MandelboxState::Waiting, MandelboxState::Spawning]).await?;
         for mandelbox in idle {
-            if let Some((before, _)) = self
-                .core
-                .store
-                .mandelbox_finished(mandelbox.id, MandelboxState::Dead, EndReason::HostDrained)
-                .await?
+            if let Some((before, _)) =
+                self.core.store.mandelbox_finished(mandelbox.id, MandelboxState::Dead, EndReason::HostDrained).await?
             {
                 self.core.spawn_teardown(before, "host draining");
             }
@@ -126,36 +100,22 @@ impl Admin {
             .into_iter()
             .find(|summary| summary.host.id == host_id)
             .ok_or_else(|| ApiError::HostNotFound(host_id.clone()))?;
-        Ok(convert::host(
-            &summary,
-            self.core.registry.is_connected(&host_id),
-        ))
+        Ok(convert::host(&summary, self.core.registry.is_connected(&host_id)))
     }
 
     pub async fn list_regions(&self) -> ApiResult<pb::ListRegionsResponse> {
         let regions = self.core.store.list_regions().await?;
-        Ok(pb::ListRegionsResponse {
-            regions: regions.iter().map(convert::region).collect(),
-        })
+        Ok(pb::ListRegionsResponse { regions: regions.iter().map(convert::region).collect() })
     }
 
     pub async fn put_region(&self, request: pb::RegionInfo) -> ApiResult<pb::RegionInfo> {
         if !is_valid_name(&request.name) {
-            return Err(ApiError::InvalidRequest(format!(
-                "region name {:?} is not valid",
-                request.name
-            )));
+            return Err(ApiError::InvalidRequest(format!("region name {:?} is not valid", request.name)));
         }
         if request.image.len() > 256 {
-            return Err(ApiError::InvalidRequest(
-                "image is longer than 256 characters".into(),
-            ));
+            return Err(ApiError::InvalidRequest("image is longer than 256 characters".into()));
         }
-        let region = Region {
-            name: request.name,
-            enabled: request.enabled,
-            image: request.image,
-        };
+        let region = Region { name: request.name, enabled: request.enabled, image: request.image };
         let stored = self.core.store.put_region(&region).await?;
         self.regions.invalidate();
         tracing::info!(region = %stored.name, enabled = stored.enabled, image = %stored.image, "region updated");

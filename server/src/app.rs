@@ -7,8 +7,7 @@ use anyhow::Context;
 use jsonwebtoken::jwk::JwkSet;
 use switchboard_proto::v1::{
     admin_service_server::AdminServiceServer, allocation_service_server::AllocationServiceServer,
-    host_service_server::HostServiceServer,
-    session_events_service_server::SessionEventsServiceServer,
+    host_service_server::HostServiceServer, session_events_service_server::SessionEventsServiceServer,
 };
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -18,9 +17,7 @@ use tonic::service::Routes;
 use crate::{
     admin::Admin,
     allocation::{Allocator, Dispatcher, PendingSessions},
-    api::{
-        admin::AdminApi, allocation::AllocationApi, host::HostApi, session_events::SessionEventsApi,
-    },
+    api::{admin::AdminApi, allocation::AllocationApi, host::HostApi, session_events::SessionEventsApi},
     auth::{AuthLayer, host_credential::HostCredentials, jwt::TokenVerifier},
     config::Config,
     core::{Core, SharedCore},
@@ -61,9 +58,7 @@ pub struct Application {
 
 impl Application {
     pub async fn build(config: Config, options: ApplicationOptions) -> anyhow::Result<Application> {
-        let store = store::connect(config.database.url.expose())
-            .await
-            .context("opening the database")?;
+        let store = store::connect(config.database.url.expose()).await.context("opening the database")?;
         Self::build_with_store(config, options, store).await
     }
 
@@ -73,23 +68,16 @@ impl Application {
         store: DynStore,
     ) -> anyhow::Result<Application> {
         if config.hosts.credential_secret.is_empty() {
-            anyhow::bail!(
-                "hosts.credential_secret must be set (SWITCHBOARD__HOSTS__CREDENTIAL_SECRET)"
-            );
+            anyhow::bail!("hosts.credential_secret must be set (SWITCHBOARD__HOSTS__CREDENTIAL_SECRET)");
         }
         let listener = match options.listener {
             Some(listener) => listener,
-            None => TcpListener::bind(config.listen)
-                .await
-                .with_context(|| format!("binding {}", config.listen))?,
+            None => TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?,
         };
         let local_addr = listener.local_addr()?;
         let public_endpoint = if config.public_endpoint.is_empty() {
-            let host = if local_addr.ip().is_unspecified() {
-                "127.0.0.1".to_owned()
-            } else {
-                local_addr.ip().to_string()
-            };
+            let host =
+                if local_addr.ip().is_unspecified() { "127.0.0.1".to_owned() } else { local_addr.ip().to_string() };
             format!("http://{host}:{}", local_addr.port())
         } else {
             config.public_endpoint.clone()
@@ -98,29 +86,17 @@ impl Application {
         // A single control plane owns every host stream, so any host the
         // database shows as connected belongs to a previous run: it gets the
         // reconnect grace period from now.
-        let stale = store
-            .mark_connected_hosts_disconnected(chrono::Utc::now())
-            .await?;
+        let stale = store.mark_connected_hosts_disconnected(chrono::Utc::now()).await?;
         if stale > 0 {
-            tracing::info!(
-                hosts = stale,
-                "hosts from a previous run wait for their reconnect"
-            );
+            tracing::info!(hosts = stale, "hosts from a previous run wait for their reconnect");
         }
 
-        let verifier = Arc::new(TokenVerifier::new(
-            &config.auth.issuer,
-            &config.auth.audience,
-            config.auth.leeway_secs,
-        ));
-        let jwks = options
-            .user_token_keys
-            .unwrap_or(JwkSet { keys: Vec::new() });
+        let verifier =
+            Arc::new(TokenVerifier::new(&config.auth.issuer, &config.auth.audience, config.auth.leeway_secs));
+        let jwks = options.user_token_keys.unwrap_or(JwkSet { keys: Vec::new() });
         let usable = verifier.set_jwks(&jwks);
         if usable == 0 {
-            tracing::warn!(
-                "no keys for user tokens are configured: every user call will be refused"
-            );
+            tracing::warn!("no keys for user tokens are configured: every user call will be refused");
         }
 
         let registry = Arc::new(ConnectionRegistry::default());
@@ -135,27 +111,14 @@ impl Application {
         });
         let regions = RegionCache::new(store.clone(), REGION_CACHE_TTL);
         let pending = PendingSessions::default();
-        let allocator = Allocator::new(
-            core.clone(),
-            regions.clone(),
-            pending.clone(),
-            Arc::new(FixedFleet::new(store)),
-        )?;
+        let allocator =
+            Allocator::new(core.clone(), regions.clone(), pending.clone(), Arc::new(FixedFleet::new(store)))?;
         let sessions = Sessions::new(core.clone(), pending.clone());
-        let fleet = Fleet::new(
-            core.clone(),
-            credentials,
-            regions.clone(),
-            CancellationToken::new(),
-        );
+        let fleet = Fleet::new(core.clone(), credentials, regions.clone(), CancellationToken::new());
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
-        health_reporter
-            .set_serving::<AllocationServiceServer<AllocationApi>>()
-            .await;
-        health_reporter
-            .set_serving::<HostServiceServer<HostApi>>()
-            .await;
+        health_reporter.set_serving::<AllocationServiceServer<AllocationApi>>().await;
+        health_reporter.set_serving::<HostServiceServer<HostApi>>().await;
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(switchboard_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -173,27 +136,14 @@ impl Application {
                 sessions: sessions.clone(),
             }))
             .add_service(HostServiceServer::new(HostApi { fleet }))
-            .add_service(SessionEventsServiceServer::new(SessionEventsApi {
-                sessions,
-            }))
-            .add_service(AdminServiceServer::new(AdminApi {
-                admin: Admin::new(core.clone(), regions),
-            }))
+            .add_service(SessionEventsServiceServer::new(SessionEventsApi { sessions }))
+            .add_service(AdminServiceServer::new(AdminApi { admin: Admin::new(core.clone(), regions) }))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);
         let routes = builder.routes();
 
-        Ok(Application {
-            listener,
-            local_addr,
-            core,
-            routes,
-            verifier,
-            allocator,
-            pending,
-            jwks: Arc::new(jwks),
-        })
+        Ok(Application { listener, local_addr, core, routes, verifier, allocator, pending, jwks: Arc::new(jwks) })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -213,33 +163,19 @@ impl Application {
     /// hosts to reconnect elsewhere, and gives in-flight calls
     /// `shutdown_grace_ms` to finish.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let Application {
-            listener,
-            local_addr,
-            core,
-            routes,
-            verifier,
-            allocator,
-            pending,
-            jwks,
-        } = self;
+        let Application { listener, local_addr, core, routes, verifier, allocator, pending, jwks } = self;
         let background = CancellationToken::new();
         let interval = Duration::from_millis(core.config.hosts.maintenance_interval_ms);
-        tokio::spawn(
-            Dispatcher::new(allocator, core.events.clone(), interval).run(background.clone()),
-        );
+        tokio::spawn(Dispatcher::new(allocator, core.events.clone(), interval).run(background.clone()));
         tokio::spawn(Sweeper::new(core.clone(), pending).run(background.clone()));
 
-        let http = routes
-            .into_axum_router()
-            .route("/healthz", axum::routing::get(|| async { "ok" }))
-            .route(
-                "/.well-known/jwks.json",
-                axum::routing::get(move || {
-                    let jwks = jwks.clone();
-                    async move { axum::Json((*jwks).clone()) }
-                }),
-            );
+        let http = routes.into_axum_router().route("/healthz", axum::routing::get(|| async { "ok" })).route(
+            "/.well-known/jwks.json",
+            axum::routing::get(move || {
+                let jwks = jwks.clone();
+                async move { axum::Json((*jwks).clone()) }
+            }),
+        );
         let cors = tower_http::cors::CorsLayer::new()
             .allow_origin(tower_http::cors::Any)
             .allow_headers(tower_http::cors::Any)
@@ -264,13 +200,12 @@ impl Application {
         let registry = core.registry.clone();
         let drain_started = CancellationToken::new();
         let drain_flag = drain_started.clone();
-        let serve =
-            server.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-                stopping.cancelled().await;
-                tracing::info!("shutting down: hosts are told to reconnect elsewhere");
-                registry.stop_all(StopReason::ShuttingDown);
-                drain_flag.cancel();
-            });
+        let serve = server.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            stopping.cancelled().await;
+            tracing::info!("shutting down: hosts are told to reconnect elsewhere");
+            registry.stop_all(StopReason::ShuttingDown);
+            drain_flag.cancel();
+        });
         let grace = Duration::from_millis(core.config.shutdown_grace_ms);
         tokio::pin!(serve);
         let result = tokio::select! {

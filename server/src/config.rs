@@ -140,20 +140,13 @@ impl Default for Config {
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        DatabaseConfig {
-            url: Secret::new("sqlite://switchboard.db"),
-            max_connections: 16,
-        }
+        DatabaseConfig { url: Secret::new("sqlite://switchboard.db"), max_connections: 16 }
     }
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        AuthConfig {
-            issuer: "https://switchboard.dev.local/".into(),
-            audience: "switchboard".into(),
-            leeway_secs: 30,
-        }
+        AuthConfig { issuer: "https://switchboard.dev.local/".into(), audience: "switchboard".into(), leeway_secs: 30 }
     }
 }
 
@@ -189,10 +182,7 @@ impl Default for AllocationConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig {
-            format: "text".into(),
-            filter: "info".into(),
-        }
+        LogConfig { format: "text".into(), filter: "info".into() }
     }
 }
 
@@ -224,15 +214,11 @@ impl ConfigSources {
         if let Some(file) = &self.file {
             figment = figment.merge(Toml::file_exact(file));
         }
-        figment = figment.merge(Serialized::defaults(
-            nest_dotted(&self.database).map_err(anyhow::Error::msg)?,
-        ));
+        figment = figment.merge(Serialized::defaults(nest_dotted(&self.database).map_err(anyhow::Error::msg)?));
         if let Some(overrides) = &self.overrides {
             figment = figment.merge(Serialized::defaults(overrides.clone()));
         }
-        Ok(figment
-            .merge(Env::prefixed("SWITCHBOARD__").split("__"))
-            .extract()?)
+        Ok(figment.merge(Env::prefixed("SWITCHBOARD__").split("__")).extract()?)
     }
 }
 
@@ -250,15 +236,12 @@ fn nest_dotted(rows: &[(String, String)]) -> Result<serde_json::Value, String> {
                 node.insert(part.to_owned(), value.clone());
                 break;
             }
-            let entry = node
-                .entry(part.to_owned())
-                .or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
+            let entry =
+                node.entry(part.to_owned()).or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
             match entry {
                 serde_json::Value::Object(map) => node = map,
                 _ => {
-                    return Err(format!(
-                        "config table key {key:?} nests under a non-table value"
-                    ));
+                    return Err(format!("config table key {key:?} nests under a non-table value"));
                 }
             }
         }
@@ -273,11 +256,7 @@ impl Config {
     }
 
     pub fn from_file(path: &Path) -> anyhow::Result<Config> {
-        ConfigSources {
-            file: Some(path.to_owned()),
-            ..Default::default()
-        }
-        .load()
+        ConfigSources { file: Some(path.to_owned()), ..Default::default() }.load()
     }
 }
 
@@ -315,31 +294,21 @@ mod tests {
         assert!(!dumped.contains("hunter2"), "{dumped}");
         assert!(!dumped.contains("pw@db"), "{dumped}");
         assert!(!format!("{config:?}").contains("hunter2"));
-        assert!(
-            dumped.contains("credential_secret = \"[redacted]\""),
-            "{dumped}"
-        );
+        assert!(dumped.contains("credential_secret = \"[redacted]\""), "{dumped}");
     }
 
     #[test]
     fn database_rows_override_defaults_and_file_but_not_env() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("switchboard.toml");
-        std::fs::write(
-            &file,
-            "[allocation]\nmax_sessions_per_user = 7\nmax_regions = 4\n",
-        )
-        .unwrap();
+        std::fs::write(&file, "[allocation]\nmax_sessions_per_user = 7\nmax_regions = 4\n").unwrap();
         let sources = ConfigSources {
             file: Some(file),
             database: vec![("allocation.max_regions".into(), "9".into())],
             overrides: None,
         };
         let config = sources.load().unwrap();
-        assert_eq!(
-            config.allocation.max_sessions_per_user, 7,
-            "file beats defaults"
-        );
+        assert_eq!(config.allocation.max_sessions_per_user, 7, "file beats defaults");
         assert_eq!(config.allocation.max_regions, 9, "database beats file");
     }
 

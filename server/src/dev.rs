@@ -41,20 +41,11 @@ pub struct DevCredentials {
 const DEV_IMAGE: &str = "dev";
 const TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 
-pub async fn run(
-    mut config: Config,
-    options: DevOptions,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let temp_dir = tempfile::Builder::new()
-        .prefix("switchboard-dev-")
-        .tempdir()?;
+pub async fn run(mut config: Config, options: DevOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let temp_dir = tempfile::Builder::new().prefix("switchboard-dev-").tempdir()?;
     let database_url = match &options.database_url {
         Some(url) => url.clone(),
-        None => format!(
-            "sqlite://{}",
-            temp_dir.path().join("switchboard.db").display()
-        ),
+        None => format!("sqlite://{}", temp_dir.path().join("switchboard.db").display()),
     };
     config.database.url = Secret::new(database_url);
     if config.hosts.credential_secret.is_empty() {
@@ -63,24 +54,13 @@ pub async fn run(
     let issuer = DevIssuer::generate(&config.auth.issuer, &config.auth.audience)?;
     let store: DynStore = store::connect(config.database.url.expose()).await?;
     for name in &options.regions {
-        store
-            .put_region(&Region {
-                name: name.clone(),
-                enabled: true,
-                image: DEV_IMAGE.into(),
-            })
-            .await?;
+        store.put_region(&Region { name: name.clone(), enabled: true, image: DEV_IMAGE.into() }).await?;
     }
-    let listener = TcpListener::bind(options.listen)
-        .await
-        .with_context(|| format!("binding {}", options.listen))?;
+    let listener = TcpListener::bind(options.listen).await.with_context(|| format!("binding {}", options.listen))?;
     let credentials = HostCredentials::new(config.hosts.credential_secret.clone());
     let app = Application::build_with_store(
         config,
-        ApplicationOptions {
-            user_token_keys: Some(issuer.jwks().clone()),
-            listener: Some(listener),
-        },
+        ApplicationOptions { user_token_keys: Some(issuer.jwks().clone()), listener: Some(listener) },
         store,
     )
     .await?;
@@ -91,12 +71,8 @@ pub async fn run(
     for region in &options.regions {
         for index in 1..=options.hosts_per_region {
             let host_id = format!("dev-{region}-{index}");
-            let mut agent = AgentOptions::new(
-                endpoint.clone(),
-                host_id.clone(),
-                region.clone(),
-                credentials.issue(&host_id),
-            );
+            let mut agent =
+                AgentOptions::new(endpoint.clone(), host_id.clone(), region.clone(), credentials.issue(&host_id));
             agent.capacity = options.capacity;
             agent.image = DEV_IMAGE.into();
             agents.push(HostAgent::new(agent, Arc::new(LocalRuntime::new())).spawn());
@@ -109,17 +85,10 @@ pub async fn run(
     let dev_credentials = DevCredentials {
         endpoint: endpoint.clone(),
         user_token: issuer.issue("dev-user", Some("dev-user@example.com"), &[], TOKEN_TTL)?,
-        admin_token: issuer.issue(
-            "dev-admin",
-            Some("dev-admin@example.com"),
-            &["admin"],
-            TOKEN_TTL,
-        )?,
+        admin_token: issuer.issue("dev-admin", Some("dev-admin@example.com"), &["admin"], TOKEN_TTL)?,
     };
-    let credentials_file = options
-        .credentials_file
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(".switchboard").join("dev-credentials.json"));
+    let credentials_file =
+        options.credentials_file.clone().unwrap_or_else(|| PathBuf::from(".switchboard").join("dev-credentials.json"));
     write_credentials(&credentials_file, &dev_credentials)?;
     print_banner(&dev_credentials, &credentials_file, &options);
 
@@ -132,10 +101,7 @@ pub async fn run(
 }
 
 fn write_credentials(path: &PathBuf, credentials: &DevCredentials) -> anyhow::Result<()> {
-    if let Some(parent) = path
-        .parent()
-        .filter(|parent| !parent.as_os_str().is_empty())
-    {
+    if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)?;
     }
     let json = serde_json::to_string_pretty(credentials)?;
@@ -150,11 +116,7 @@ fn write_credentials(path: &PathBuf, credentials: &DevCredentials) -> anyhow::Re
 
 fn print_banner(credentials: &DevCredentials, file: &std::path::Path, options: &DevOptions) {
     let address = credentials.endpoint.trim_start_matches("http://");
-    let region = options
-        .regions
-        .first()
-        .map(String::as_str)
-        .unwrap_or("local");
+    let region = options.regions.first().map(String::as_str).unwrap_or("local");
     // The banner is for the person at the terminal: plain stdout, not logs.
     println!(
         "\nswitchboard dev is ready\n\

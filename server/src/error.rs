@@ -90,21 +90,17 @@ impl ApiError {
 
     pub fn code(&self) -> Code {
         match self {
-            ApiError::InvalidRequest(_) | ApiError::UnknownRegion(_) | ApiError::HelloRequired => {
-                Code::InvalidArgument
+            ApiError::InvalidRequest(_) | ApiError::UnknownRegion(_) | ApiError::HelloRequired => Code::InvalidArgument,
+            ApiError::ClientOutdated { .. } | ApiError::RegionNotEnabled(_) | ApiError::MandelboxNotAssigned => {
+                Code::FailedPrecondition
             }
-            ApiError::ClientOutdated { .. }
-            | ApiError::RegionNotEnabled(_)
-            | ApiError::MandelboxNotAssigned => Code::FailedPrecondition,
             ApiError::UserSessionLimit { .. } | ApiError::NoCapacity(_) => Code::ResourceExhausted,
             ApiError::AllocationTimeout | ApiError::HelloTimeout(_) => Code::DeadlineExceeded,
             ApiError::SessionNotFound | ApiError::HostNotFound(_) => Code::NotFound,
             ApiError::BadMandelboxToken | ApiError::Forbidden(_) => Code::PermissionDenied,
             ApiError::Unauthenticated(_) | ApiError::BadHostCredential(_) => Code::Unauthenticated,
             ApiError::Superseded | ApiError::SessionEnded => Code::Aborted,
-            ApiError::HeartbeatTimeout | ApiError::ShuttingDown | ApiError::StorageUnavailable => {
-                Code::Unavailable
-            }
+            ApiError::HeartbeatTimeout | ApiError::ShuttingDown | ApiError::StorageUnavailable => Code::Unavailable,
             ApiError::Internal(_) => Code::Internal,
         }
     }
@@ -118,9 +114,7 @@ impl From<ApiError> for Status {
         }
         let reason = error.reason();
         let mut status = Status::new(error.code(), format!("{reason}: {error}"));
-        status
-            .metadata_mut()
-            .insert(REASON_METADATA_KEY, MetadataValue::from_static(reason));
+        status.metadata_mut().insert(REASON_METADATA_KEY, MetadataValue::from_static(reason));
         status
     }
 }
@@ -140,10 +134,7 @@ impl From<StoreError> for ApiError {
 
 /// The reason of a status produced by this server, if any.
 pub fn reason_of(status: &Status) -> Option<&str> {
-    status
-        .metadata()
-        .get(REASON_METADATA_KEY)
-        .and_then(|value| value.to_str().ok())
+    status.metadata().get(REASON_METADATA_KEY).and_then(|value| value.to_str().ok())
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;

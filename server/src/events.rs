@@ -39,9 +39,7 @@ pub struct LocalEventBus {
 
 impl LocalEventBus {
     pub fn new(capacity: usize) -> Self {
-        LocalEventBus {
-            sender: broadcast::channel(capacity).0,
-        }
+        LocalEventBus { sender: broadcast::channel(capacity).0 }
     }
 }
 

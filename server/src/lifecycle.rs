@@ -19,11 +19,7 @@ use crate::{
 impl Core {
     /// Ends a live session; its box is torn down in the background and a
     /// replacement warmed once the host confirms.
-    pub async fn end_session(
-        &self,
-        session_id: Uuid,
-        reason: EndReason,
-    ) -> ApiResult<Option<EndedSession>> {
+    pub async fn end_session(&self, session_id: Uuid, reason: EndReason) -> ApiResult<Option<EndedSession>> {
         let Some(ended) = self.store.end_session(session_id, reason).await? else {
             return Ok(None);
         };
@@ -53,13 +49,8 @@ impl Core {
         tokio::spawn(async move {
             match router.send(&mandelbox.host_id, kind, timeout).await {
                 Ok(_) => {
-                    if let Err(error) = store
-                        .mandelbox_finished(
-                            mandelbox.id,
-                            MandelboxState::Dead,
-                            EndReason::MandelboxExited,
-                        )
-                        .await
+                    if let Err(error) =
+                        store.mandelbox_finished(mandelbox.id, MandelboxState::Dead, EndReason::MandelboxExited).await
                     {
                         tracing::warn!(mandelbox_id = %mandelbox.id, %error, "could not record teardown");
                     }
@@ -90,11 +81,7 @@ impl Core {
 
     /// A session with where to reach it (host address and ports).
     pub async fn session_change(&self, session: &SessionRecord) -> SessionChange {
-        let mut change = SessionChange {
-            session: session.clone(),
-            host_address: None,
-            ports: Vec::new(),
-        };
+        let mut change = SessionChange { session: session.clone(), host_address: None, ports: Vec::new() };
         if let Some(host_id) = &session.host_id
             && let Ok(Some(host)) = self.store.get_host(host_id).await
         {

@@ -39,31 +39,20 @@ impl Sweeper {
     pub async fn sweep_once(&self) -> anyhow::Result<()> {
         let core = &self.core;
         let now = chrono::Utc::now();
-        let grace =
-            chrono::Duration::milliseconds(i64::try_from(core.config.hosts.reconnect_grace_ms)?);
+        let grace = chrono::Duration::milliseconds(i64::try_from(core.config.hosts.reconnect_grace_ms)?);
         for host in core.store.hosts_disconnected_before(now - grace).await? {
             if core.registry.is_connected(&host.id) {
                 continue;
             }
-            let ended = core
-                .store
-                .mark_host_lost(&host.id, Some(host.generation))
-                .await?;
+            let ended = core.store.mark_host_lost(&host.id, Some(host.generation)).await?;
             tracing::warn!(host_id = %host.id, sessions_lost = ended.len(), "host did not come back within the grace period");
             core.publish_sessions(&ended).await;
         }
-        let pending_timeout = chrono::Duration::milliseconds(i64::try_from(
-            core.config.allocation.pending_timeout_ms,
-        )?);
+        let pending_timeout = chrono::Duration::milliseconds(i64::try_from(core.config.allocation.pending_timeout_ms)?);
         // A spawn gets twice its own timeout before it is written off, so the
         // sweep never races the call still waiting for it.
-        let spawn_timeout =
-            chrono::Duration::milliseconds(i64::try_from(core.config.allocation.spawn_timeout_ms)?)
-                * 2;
-        let outcome = core
-            .store
-            .sweep(now - pending_timeout, now - spawn_timeout)
-            .await?;
+        let spawn_timeout = chrono::Duration::milliseconds(i64::try_from(core.config.allocation.spawn_timeout_ms)?) * 2;
+        let outcome = core.store.sweep(now - pending_timeout, now - spawn_timeout).await?;
         for session in &outcome.expired_pending {
             tracing::info!(session_id = %session.id, "pending session expired");
             self.pending.remove(session.id);

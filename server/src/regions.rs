@@ -23,11 +23,7 @@ pub struct RegionCache {
 
 impl RegionCache {
     pub fn new(store: DynStore, ttl: Duration) -> Self {
-        RegionCache {
-            store,
-            ttl,
-            cached: Arc::new(Mutex::new(None)),
-        }
+        RegionCache { store, ttl, cached: Arc::new(Mutex::new(None)) }
     }
 
     pub async fn all(&self) -> ApiResult<Arc<Vec<Region>>> {

@@ -35,10 +35,7 @@ impl CapacityPlanner for FixedFleet {
     async fn capacity_coming(&self, regions: &[String]) -> ApiResult<bool> {
         for region in regions {
             let hosts = self.store.list_hosts(Some(region)).await?;
-            if hosts
-                .iter()
-                .any(|summary| summary.host.state == HostState::Active && summary.warm > 0)
-            {
+            if hosts.iter().any(|summary| summary.host.state == HostState::Active && summary.warm > 0) {
                 return Ok(true);
             }
         }

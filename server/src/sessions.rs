@@ -27,8 +27,7 @@ pub struct Sessions {
 }
 
 pub fn parse_id(text: &str, what: &str) -> ApiResult<Uuid> {
-    Uuid::parse_str(text)
-        .map_err(|_| ApiError::InvalidRequest(format!("{what} {text:?} is not a UUID")))
+    Uuid::parse_str(text).map_err(|_| ApiError::InvalidRequest(format!("{what} {text:?} is not a UUID")))
 }
 
 impl Sessions {
@@ -41,46 +40,26 @@ impl Sessions {
     async fn owned(&self, principal: &Principal, session_id: &str) -> ApiResult<SessionRecord> {
         let id = parse_id(session_id, "session_id")?;
         match self.core.store.get_session(id).await? {
-            Some(session) if session.user_id == principal.user_id() || principal.is_admin() => {
-                Ok(session)
-            }
+            Some(session) if session.user_id == principal.user_id() || principal.is_admin() => Ok(session),
             _ => Err(ApiError::SessionNotFound),
         }
     }
 
-    pub async fn get(
-        &self,
-        principal: &Principal,
-        session_id: &str,
-    ) -> ApiResult<switchboard_proto::v1::Session> {
+    pub async fn get(&self, principal: &Principal, session_id: &str) -> ApiResult<switchboard_proto::v1::Session> {
         let session = self.owned(principal, session_id).await?;
         Ok(convert::session(&self.core.session_change(&session).await))
     }
 
-    pub async fn end(
-        &self,
-        principal: &Principal,
-        session_id: &str,
-    ) -> ApiResult<switchboard_proto::v1::Session> {
+    pub async fn end(&self, principal: &Principal, session_id: &str) -> ApiResult<switchboard_proto::v1::Session> {
         let session = self.owned(principal, session_id).await?;
         self.pending.remove(session.id);
-        let ended = self
-            .core
-            .end_session(session.id, EndReason::UserEnded)
-            .await?
-            .ok_or(ApiError::SessionNotFound)?;
-        Ok(convert::session(
-            &self.core.session_change(&ended.session).await,
-        ))
+        let ended = self.core.end_session(session.id, EndReason::UserEnded).await?.ok_or(ApiError::SessionNotFound)?;
+        Ok(convert::session(&self.core.session_change(&ended.session).await))
     }
 
     /// The session now, then each change until it ends. Subscribes before
     /// reading, so no change between the read and the subscription is missed.
-    pub async fn watch(
-        &self,
-        principal: &Principal,
-        session_id: &str,
-    ) -> ApiResult<SessionUpdates> {
+    pub async fn watch(&self, principal: &Principal, session_id: &str) -> ApiResult<SessionUpdates> {
         let mut events = self.core.events.subscribe();
         let session = self.owned(principal, session_id).await?;
         let owner = session.user_id == principal.user_id();
@@ -91,9 +70,7 @@ impl Sessions {
         let stream = async_stream(move |sender| async move {
             let mut last_state = first.session.state;
             let first_key = session_key(&first, owner, &pending);
-            if sender.send(Ok(update(&first, first_key))).await.is_err()
-                || last_state == SessionState::Ended
-            {
+            if sender.send(Ok(update(&first, first_key))).await.is_err() || last_state == SessionState::Ended {
                 return;
             }
             loop {
@@ -111,9 +88,7 @@ impl Sessions {
                     continue;
                 }
                 last_state = change.session.state;
-                if sender.send(Ok(update(&change, key))).await.is_err()
-                    || last_state == SessionState::Ended
-                {
+                if sender.send(Ok(update(&change, key))).await.is_err() || last_state == SessionState::Ended {
                     return;
                 }
             }
@@ -125,12 +100,7 @@ impl Sessions {
     /// Wrong or used tokens change nothing.
     pub async fn report_disconnect(&self, mandelbox_id: &str, token: &str) -> ApiResult<Uuid> {
         let id = parse_id(mandelbox_id, "mandelbox_id")?;
-        let auth = self
-            .core
-            .store
-            .mandelbox_auth(id)
-            .await?
-            .ok_or(ApiError::BadMandelboxToken)?;
+        let auth = self.core.store.mandelbox_auth(id).await?.ok_or(ApiError::BadMandelboxToken)?;
         if !mandelbox_token::matches(token, &auth.token_hash) {
             tracing::warn!(mandelbox_id = %id, "disconnect report with a wrong token");
             return Err(ApiError::BadMandelboxToken);
@@ -145,13 +115,8 @@ impl Sessions {
                 return Err(ApiError::MandelboxNotAssigned);
             }
         }
-        let session_id = auth
-            .mandelbox
-            .session_id
-            .ok_or(ApiError::MandelboxNotAssigned)?;
-        self.core
-            .end_session(session_id, EndReason::ClientDisconnected)
-            .await?;
+        let session_id = auth.mandelbox.session_id.ok_or(ApiError::MandelboxNotAssigned)?;
+        self.core.end_session(session_id, EndReason::ClientDisconnected).await?;
         Ok(session_id)
     }
 }
@@ -166,10 +131,7 @@ fn session_key(change: &SessionChange, owner: bool, pending: &PendingSessions) -
 }
 
 fn update(change: &SessionChange, session_key: String) -> SessionUpdate {
-    SessionUpdate {
-        session: Some(convert::session(change)),
-        session_key,
-    }
+    SessionUpdate { session: Some(convert::session(change)), session_key }
 }
 
 /// A stream fed by a task through a channel; the task stops when the receiver

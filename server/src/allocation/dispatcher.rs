@@ -17,11 +17,7 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     pub fn new(allocator: Allocator, events: DynEventBus, interval: Duration) -> Self {
-        Dispatcher {
-            allocator,
-            events,
-            interval,
-        }
+        Dispatcher { allocator, events, interval }
     }
 
     pub async fn run(self, shutdown: CancellationToken) {

@@ -59,16 +59,8 @@ impl Allocator {
         planner: DynCapacityPlanner,
     ) -> anyhow::Result<Self> {
         let minimum_version = semver::Version::parse(&core.config.allocation.min_client_version)
-            .map_err(|error| {
-                anyhow::anyhow!("allocation.min_client_version is not a semantic version: {error}")
-            })?;
-        Ok(Allocator {
-            core,
-            regions,
-            pending,
-            planner,
-            minimum_version: Arc::new(minimum_version),
-        })
+            .map_err(|error| anyhow::anyhow!("allocation.min_client_version is not a semantic version: {error}"))?;
+        Ok(Allocator { core, regions, pending, planner, minimum_version: Arc::new(minimum_version) })
     }
 
     pub fn pending(&self) -> &PendingSessions {
@@ -103,11 +95,7 @@ impl Allocator {
             client_data_json: input.client_data_json,
             config_encryption_token: input.config_encryption_token,
         };
-        let outcome = self
-            .core
-            .store
-            .create_session_and_claim(&new, config.max_sessions_per_user)
-            .await?;
+        let outcome = self.core.store.create_session_and_claim(&new, config.max_sessions_per_user).await?;
         let (session, claim) = match outcome {
             ClaimOutcome::Claimed(claim) => (claim.session.clone(), Some(claim)),
             ClaimOutcome::Pending(session) => (session, None),
@@ -143,18 +131,12 @@ impl Allocator {
                 }
                 Err(AssignError::Fatal(error)) => return Err(error),
                 Err(AssignError::Retry) if attempts >= config.max_assign_attempts => {
-                    self.core
-                        .end_session(session.id, EndReason::AssignFailed)
-                        .await?;
+                    self.core.end_session(session.id, EndReason::AssignFailed).await?;
                     return Err(ApiError::AllocationTimeout);
                 }
                 Err(AssignError::Retry) => {
                     excluded_hosts.push(current.host.id.clone());
-                    claim = self
-                        .core
-                        .store
-                        .claim_for_session(session.id, &excluded_hosts)
-                        .await?;
+                    claim = self.core.store.claim_for_session(session.id, &excluded_hosts).await?;
                 }
             }
         }
@@ -162,11 +144,7 @@ impl Allocator {
 
     /// Sends Assign to the claimed box's host and records the confirmation.
     /// On failure the claim is released (session back to PENDING).
-    async fn assign(
-        &self,
-        claim: &Claim,
-        secrets: &AssignmentSecrets,
-    ) -> Result<Assigned, AssignError> {
+    async fn assign(&self, claim: &Claim, secrets: &AssignmentSecrets) -> Result<Assigned, AssignError> {
         let core = &self.core;
         let timeout = Duration::from_millis(core.config.allocation.assign_timeout_ms);
         let kind = command::Kind::Assign(AssignMandelbox {
@@ -190,11 +168,7 @@ impl Allocator {
                 let ports = if result.ports.is_empty() {
                     claim.mandelbox.ports.clone()
                 } else {
-                    result
-                        .ports
-                        .iter()
-                        .filter_map(crate::api::convert::port_from_proto)
-                        .collect()
+                    result.ports.iter().filter_map(crate::api::convert::port_from_proto).collect()
                 };
                 tracing::info!(session_id = %session.id, mandelbox_id = %claim.mandelbox.id, host_id = %claim.host.id, "session running");
                 Ok(Assigned {
@@ -228,11 +202,7 @@ impl Allocator {
 
     /// No warm box: start one for this session on a host with free capacity
     /// and wait for it (bounded).
-    async fn spawn_on_demand(
-        &self,
-        session: &SessionRecord,
-        excluded_hosts: &[String],
-    ) -> ApiResult<Option<Claim>> {
+    async fn spawn_on_demand(&self, session: &SessionRecord, excluded_hosts: &[String]) -> ApiResult<Option<Claim>> {
         let core = &self.core;
         let token = mandelbox_token::generate();
         let new = NewMandelbox {
@@ -241,10 +211,8 @@ impl Allocator {
             token_hash: mandelbox_token::hash(&token),
             session_id: Some(session.id),
         };
-        let Some(reserved) = core
-            .store
-            .reserve_mandelbox_in_regions(&session.requested_regions, excluded_hosts, &new)
-            .await?
+        let Some(reserved) =
+            core.store.reserve_mandelbox_in_regions(&session.requested_regions, excluded_hosts, &new).await?
         else {
             return Ok(None);
         };
@@ -257,26 +225,16 @@ impl Allocator {
         tracing::info!(session_id = %session.id, host_id = %reserved.host_id, "no warm box; spawning on demand");
         match core.router.send(&reserved.host_id, kind, timeout).await {
             Ok(result) => {
-                let ports: Vec<PortSpec> = result
-                    .ports
-                    .iter()
-                    .filter_map(crate::api::convert::port_from_proto)
-                    .collect();
-                if core
-                    .store
-                    .mandelbox_spawned(reserved.id, &ports)
-                    .await?
-                    .is_none()
-                {
+                let ports: Vec<PortSpec> =
+                    result.ports.iter().filter_map(crate::api::convert::port_from_proto).collect();
+                if core.store.mandelbox_spawned(reserved.id, &ports).await?.is_none() {
                     return Ok(None);
                 }
                 Ok(core.store.attach_reserved(session.id, reserved.id).await?)
             }
             Err(error) => {
                 tracing::warn!(host_id = %reserved.host_id, %error, "on-demand spawn failed");
-                core.store
-                    .mandelbox_finished(reserved.id, MandelboxState::Dead, EndReason::AssignFailed)
-                    .await?;
+                core.store.mandelbox_finished(reserved.id, MandelboxState::Dead, EndReason::AssignFailed).await?;
                 Ok(None)
             }
         }
@@ -287,26 +245,17 @@ impl Allocator {
         session: SessionRecord,
         secrets: &AssignmentSecrets,
     ) -> ApiResult<AllocateResponse> {
-        let coming = self
-            .planner
-            .capacity_coming(&session.requested_regions)
-            .await?;
+        let coming = self.planner.capacity_coming(&session.requested_regions).await?;
         if coming {
             tracing::info!(session_id = %session.id, "no warm box yet; session pending");
-            self.pending.insert(
-                session.id,
-                session.requested_regions.clone(),
-                secrets.clone(),
-            );
+            self.pending.insert(session.id, session.requested_regions.clone(), secrets.clone());
             return Ok(AllocateResponse {
                 session_id: session.id.to_string(),
                 state: switchboard_proto::v1::SessionState::Pending as i32,
                 ..Default::default()
             });
         }
-        self.core
-            .end_session(session.id, EndReason::NoCapacity)
-            .await?;
+        self.core.end_session(session.id, EndReason::NoCapacity).await?;
         Err(ApiError::NoCapacity(session.requested_regions))
     }
 
@@ -350,17 +299,9 @@ impl Allocator {
 fn response(assigned: Assigned) -> AllocateResponse {
     AllocateResponse {
         session_id: assigned.session.id.to_string(),
-        mandelbox_id: assigned
-            .session
-            .mandelbox_id
-            .map(|id| id.to_string())
-            .unwrap_or_default(),
+        mandelbox_id: assigned.session.mandelbox_id.map(|id| id.to_string()).unwrap_or_default(),
         host_address: assigned.host_address,
-        ports: assigned
-            .ports
-            .iter()
-            .map(crate::api::convert::port_to_proto)
-            .collect(),
+        ports: assigned.ports.iter().map(crate::api::convert::port_to_proto).collect(),
         session_key: assigned.session_key,
         region: assigned.session.region.clone().unwrap_or_default(),
         state: switchboard_proto::v1::SessionState::Running as i32,

@@ -22,9 +22,7 @@ pub struct AssignmentSecrets {
 
 impl std::fmt::Debug for AssignmentSecrets {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AssignmentSecrets")
-            .field("user_id", &self.user_id)
-            .finish_non_exhaustive()
+        f.debug_struct("AssignmentSecrets").field("user_id", &self.user_id).finish_non_exhaustive()
     }
 }
 
@@ -50,20 +48,11 @@ pub struct PendingSessions {
 
 impl PendingSessions {
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn insert(&self, session_id: Uuid, regions: Vec<String>, secrets: AssignmentSecrets) {
-        self.lock().waiting.insert(
-            session_id,
-            Waiting {
-                regions,
-                secrets,
-                since: Instant::now(),
-            },
-        );
+        self.lock().waiting.insert(session_id, Waiting { regions, secrets, since: Instant::now() });
     }
 
     pub fn remove(&self, session_id: Uuid) {
@@ -71,10 +60,7 @@ impl PendingSessions {
     }
 
     pub fn secrets(&self, session_id: Uuid) -> Option<AssignmentSecrets> {
-        self.lock()
-            .waiting
-            .get(&session_id)
-            .map(|waiting| waiting.secrets.clone())
+        self.lock().waiting.get(&session_id).map(|waiting| waiting.secrets.clone())
     }
 
     /// Pending sessions that accept `region` (all of them for None), oldest first.
@@ -83,9 +69,7 @@ impl PendingSessions {
         let mut matching: Vec<(&Uuid, &Waiting)> = inner
             .waiting
             .iter()
-            .filter(|(_, waiting)| {
-                region.is_none_or(|region| waiting.regions.iter().any(|r| r == region))
-            })
+            .filter(|(_, waiting)| region.is_none_or(|region| waiting.regions.iter().any(|r| r == region)))
             .collect();
         matching.sort_by_key(|(_, waiting)| waiting.since);
         matching.into_iter().map(|(id, _)| *id).collect()
@@ -102,9 +86,7 @@ impl PendingSessions {
     pub fn hand_over_key(&self, session_id: Uuid, key: String) {
         let mut inner = self.lock();
         let now = Instant::now();
-        inner
-            .keys
-            .retain(|_, (_, at)| now.duration_since(*at) < KEY_HANDOFF_TTL);
+        inner.keys.retain(|_, (_, at)| now.duration_since(*at) < KEY_HANDOFF_TTL);
         inner.keys.insert(session_id, (key, now));
     }
 

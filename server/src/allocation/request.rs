@@ -21,48 +21,30 @@ const MAX_TOKEN_LEN: usize = 4096;
 pub fn is_valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_NAME_LEN
-        && name.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.')
-        })
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'))
 }
 
-pub fn validate_request(
-    request: AllocateRequest,
-    config: &AllocationConfig,
-) -> Result<AllocationInput, ApiError> {
+pub fn validate_request(request: AllocateRequest, config: &AllocationConfig) -> Result<AllocationInput, ApiError> {
     if request.regions.is_empty() {
-        return Err(ApiError::InvalidRequest(
-            "regions must name at least one region".into(),
-        ));
+        return Err(ApiError::InvalidRequest("regions must name at least one region".into()));
     }
     if request.regions.len() > config.max_regions {
-        return Err(ApiError::InvalidRequest(format!(
-            "at most {} regions may be requested",
-            config.max_regions
-        )));
+        return Err(ApiError::InvalidRequest(format!("at most {} regions may be requested", config.max_regions)));
     }
     let mut regions: Vec<String> = Vec::with_capacity(request.regions.len());
     for region in request.regions {
         if !is_valid_name(&region) {
-            return Err(ApiError::InvalidRequest(format!(
-                "region name {region:?} is not valid"
-            )));
+            return Err(ApiError::InvalidRequest(format!("region name {region:?} is not valid")));
         }
         if !regions.contains(&region) {
             regions.push(region);
         }
     }
     if !is_valid_name(&request.app) {
-        return Err(ApiError::InvalidRequest(format!(
-            "app name {:?} is not valid",
-            request.app
-        )));
+        return Err(ApiError::InvalidRequest(format!("app name {:?} is not valid", request.app)));
     }
     let client_version = semver::Version::parse(request.client_version.trim()).map_err(|_| {
-        ApiError::InvalidRequest(format!(
-            "client_version {:?} is not a semantic version",
-            request.client_version
-        ))
+        ApiError::InvalidRequest(format!("client_version {:?} is not a semantic version", request.client_version))
     })?;
     if request.client_data_json.len() > config.max_client_data_bytes {
         return Err(ApiError::InvalidRequest(format!(
@@ -77,16 +59,12 @@ pub fn validate_request(
         match serde_json::from_str::<serde_json::Value>(&request.client_data_json) {
             Ok(serde_json::Value::Object(_)) => request.client_data_json,
             _ => {
-                return Err(ApiError::InvalidRequest(
-                    "client data must be a JSON object".into(),
-                ));
+                return Err(ApiError::InvalidRequest("client data must be a JSON object".into()));
             }
         }
     };
     if request.config_encryption_token.len() > MAX_TOKEN_LEN {
-        return Err(ApiError::InvalidRequest(
-            "config encryption token is too long".into(),
-        ));
+        return Err(ApiError::InvalidRequest("config encryption token is too long".into()));
     }
     Ok(AllocationInput {
         regions,
@@ -142,8 +120,7 @@ mod tests {
         not_object.client_data_json = "[1,2]".into();
         assert!(reason(validate_request(not_object, &config)).contains("JSON object"));
         let mut oversized = request();
-        oversized.client_data_json =
-            format!(r#"{{"x":"{}"}}"#, "a".repeat(config.max_client_data_bytes));
+        oversized.client_data_json = format!(r#"{{"x":"{}"}}"#, "a".repeat(config.max_client_data_bytes));
         assert!(reason(validate_request(oversized, &config)).contains("bytes"));
         let mut too_many = request();
         too_many.regions = (0..=config.max_regions).map(|i| format!("r{i}")).collect();

@@ -15,36 +15,25 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::ListHostsRequest>,
     ) -> Result<Response<pb::ListHostsResponse>, Status> {
-        Ok(Response::new(
-            self.admin.list_hosts(request.into_inner()).await?,
-        ))
+        Ok(Response::new(self.admin.list_hosts(request.into_inner()).await?))
     }
 
     async fn list_mandelboxes(
         &self,
         request: Request<pb::ListMandelboxesRequest>,
     ) -> Result<Response<pb::ListMandelboxesResponse>, Status> {
-        Ok(Response::new(
-            self.admin.list_mandelboxes(request.into_inner()).await?,
-        ))
+        Ok(Response::new(self.admin.list_mandelboxes(request.into_inner()).await?))
     }
 
     async fn list_sessions(
         &self,
         request: Request<pb::ListSessionsRequest>,
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
-        Ok(Response::new(
-            self.admin.list_sessions(request.into_inner()).await?,
-        ))
+        Ok(Response::new(self.admin.list_sessions(request.into_inner()).await?))
     }
 
-    async fn drain_host(
-        &self,
-        request: Request<pb::DrainHostRequest>,
-    ) -> Result<Response<pb::HostInfo>, Status> {
-        Ok(Response::new(
-            self.admin.drain_host(request.into_inner()).await?,
-        ))
+    async fn drain_host(&self, request: Request<pb::DrainHostRequest>) -> Result<Response<pb::HostInfo>, Status> {
+        Ok(Response::new(self.admin.drain_host(request.into_inner()).await?))
     }
 
     async fn list_regions(
@@ -54,12 +43,7 @@ impl AdminService for AdminApi {
         Ok(Response::new(self.admin.list_regions().await?))
     }
 
-    async fn put_region(
-        &self,
-        request: Request<pb::RegionInfo>,
-    ) -> Result<Response<pb::RegionInfo>, Status> {
-        Ok(Response::new(
-            self.admin.put_region(request.into_inner()).await?,
-        ))
+    async fn put_region(&self, request: Request<pb::RegionInfo>) -> Result<Response<pb::RegionInfo>, Status> {
+        Ok(Response::new(self.admin.put_region(request.into_inner()).await?))
     }
 }

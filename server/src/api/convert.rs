@@ -5,34 +5,20 @@ use switchboard_proto::v1 as pb;
 
 use crate::{
     events::SessionChange,
-    model::{
-        EndReason, HostState, HostSummary, MandelboxRecord, MandelboxState, PortSpec, Region,
-        SessionState,
-    },
+    model::{EndReason, HostState, HostSummary, MandelboxRecord, MandelboxState, PortSpec, Region, SessionState},
 };
 
 pub fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: at.timestamp(),
-        nanos: i32::try_from(at.timestamp_subsec_nanos()).unwrap_or(0),
-    }
+    prost_types::Timestamp { seconds: at.timestamp(), nanos: i32::try_from(at.timestamp_subsec_nanos()).unwrap_or(0) }
 }
 
 /// A port a host reported; None if it does not fit a port number.
 pub fn port_from_proto(port: &pb::Port) -> Option<PortSpec> {
-    Some(PortSpec {
-        name: port.name.clone(),
-        port: u16::try_from(port.port).ok()?,
-        protocol: port.protocol.clone(),
-    })
+    Some(PortSpec { name: port.name.clone(), port: u16::try_from(port.port).ok()?, protocol: port.protocol.clone() })
 }
 
 pub fn port_to_proto(port: &PortSpec) -> pb::Port {
-    pb::Port {
-        name: port.name.clone(),
-        port: u32::from(port.port),
-        protocol: port.protocol.clone(),
-    }
+    pb::Port { name: port.name.clone(), port: u32::from(port.port), protocol: port.protocol.clone() }
 }
 
 pub fn session_state(state: SessionState) -> pb::SessionState {
@@ -98,17 +84,11 @@ pub fn session(change: &SessionChange) -> pb::Session {
         state: session_state(session.state) as i32,
         region: session.region.clone().unwrap_or_default(),
         app: session.app.clone(),
-        mandelbox_id: session
-            .mandelbox_id
-            .map(|id| id.to_string())
-            .unwrap_or_default(),
+        mandelbox_id: session.mandelbox_id.map(|id| id.to_string()).unwrap_or_default(),
         host_id: session.host_id.clone().unwrap_or_default(),
         host_address: change.host_address.clone().unwrap_or_default(),
         ports: change.ports.iter().map(port_to_proto).collect(),
-        end_reason: session
-            .end_reason
-            .map(end_reason)
-            .unwrap_or(pb::EndReason::Unspecified) as i32,
+        end_reason: session.end_reason.map(end_reason).unwrap_or(pb::EndReason::Unspecified) as i32,
         created_at: Some(timestamp(session.created_at)),
         ended_at: session.ended_at.map(timestamp),
         requested_regions: session.requested_regions.clone(),
@@ -140,19 +120,12 @@ pub fn mandelbox(record: &MandelboxRecord) -> pb::MandelboxInfo {
         region: record.region.clone(),
         app: record.app.clone(),
         state: mandelbox_state(record.state) as i32,
-        session_id: record
-            .session_id
-            .map(|id| id.to_string())
-            .unwrap_or_default(),
+        session_id: record.session_id.map(|id| id.to_string()).unwrap_or_default(),
         ports: record.ports.iter().map(port_to_proto).collect(),
         created_at: Some(timestamp(record.created_at)),
     }
 }
 
 pub fn region(region: &Region) -> pb::RegionInfo {
-    pb::RegionInfo {
-        name: region.name.clone(),
-        enabled: region.enabled,
-        image: region.image.clone(),
-    }
+    pb::RegionInfo { name: region.name.clone(), enabled: region.enabled, image: region.image.clone() }
 }

@@ -13,12 +13,7 @@ pub struct HostApi {
 impl HostService for HostApi {
     type ConnectStream = ControlStream;
 
-    async fn connect(
-        &self,
-        request: Request<Streaming<HostMessage>>,
-    ) -> Result<Response<ControlStream>, Status> {
-        Ok(Response::new(
-            self.fleet.connect(request.into_inner()).await?,
-        ))
+    async fn connect(&self, request: Request<Streaming<HostMessage>>) -> Result<Response<ControlStream>, Status> {
+        Ok(Response::new(self.fleet.connect(request.into_inner()).await?))
     }
 }

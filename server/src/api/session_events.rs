@@ -1,8 +1,7 @@
 //! `switchboard.v1.SessionEventsService`, called from inside mandelboxes.
 
 use switchboard_proto::v1::{
-    ReportDisconnectRequest, ReportDisconnectResponse,
-    session_events_service_server::SessionEventsService,
+    ReportDisconnectRequest, ReportDisconnectResponse, session_events_service_server::SessionEventsService,
 };
 use tonic::{Request, Response, Status};
 
@@ -19,12 +18,7 @@ impl SessionEventsService for SessionEventsApi {
         request: Request<ReportDisconnectRequest>,
     ) -> Result<Response<ReportDisconnectResponse>, Status> {
         let request = request.into_inner();
-        let session_id = self
-            .sessions
-            .report_disconnect(&request.mandelbox_id, &request.token)
-            .await?;
-        Ok(Response::new(ReportDisconnectResponse {
-            session_id: session_id.to_string(),
-        }))
+        let session_id = self.sessions.report_disconnect(&request.mandelbox_id, &request.token).await?;
+        Ok(Response::new(ReportDisconnectResponse { session_id: session_id.to_string() }))
     }
 }

@@ -51,13 +51,7 @@ impl DevIssuer {
                 "e": URL_SAFE_NO_PAD.encode(public.e().to_bytes_be()),
             }]
         }))?;
-        Ok(DevIssuer {
-            issuer: issuer.to_owned(),
-            audience: audience.to_owned(),
-            kid,
-            encoding_key,
-            jwks,
-        })
+        Ok(DevIssuer { issuer: issuer.to_owned(), audience: audience.to_owned(), kid, encoding_key, jwks })
     }
 
     pub fn jwks(&self) -> &JwkSet {

@@ -33,10 +33,7 @@ impl HostCredentials {
     }
 
     pub fn issue(&self, host_id: &str) -> String {
-        format!(
-            "{PREFIX}{}",
-            URL_SAFE_NO_PAD.encode(self.mac(host_id).finalize().into_bytes())
-        )
+        format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(self.mac(host_id).finalize().into_bytes()))
     }
 
     /// Constant-time check that `credential` was issued for `host_id`.

@@ -128,16 +128,10 @@ impl TokenVerifier {
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         validation.validate_nbf = true;
         validation.leeway = self.leeway_secs;
-        let data =
-            jsonwebtoken::decode::<RawClaims>(token, &key.key, &validation).map_err(classify)?;
+        let data = jsonwebtoken::decode::<RawClaims>(token, &key.key, &validation).map_err(classify)?;
         let claims = data.claims;
-        let mut scopes: Vec<String> = claims
-            .scope
-            .as_deref()
-            .unwrap_or_default()
-            .split_whitespace()
-            .map(str::to_owned)
-            .collect();
+        let mut scopes: Vec<String> =
+            claims.scope.as_deref().unwrap_or_default().split_whitespace().map(str::to_owned).collect();
         for permission in claims.permissions.unwrap_or_default() {
             if !scopes.contains(&permission) {
                 scopes.push(permission);
@@ -146,11 +140,7 @@ impl TokenVerifier {
         if claims.sub.is_empty() {
             return Err(TokenError::Invalid("empty subject".into()));
         }
-        Ok(UserClaims {
-            subject: claims.sub,
-            email: claims.email,
-            scopes,
-        })
+        Ok(UserClaims { subject: claims.sub, email: claims.email, scopes })
     }
 }
 
@@ -159,9 +149,7 @@ fn verification_key(jwk: &Jwk) -> Option<(String, VerificationKey)> {
     let kid = jwk.common.key_id.clone()?;
     let algorithm = match &jwk.algorithm {
         AlgorithmParameters::RSA(_) => Algorithm::RS256,
-        AlgorithmParameters::EllipticCurve(params)
-            if params.curve == jsonwebtoken::jwk::EllipticCurve::P256 =>
-        {
+        AlgorithmParameters::EllipticCurve(params) if params.curve == jsonwebtoken::jwk::EllipticCurve::P256 => {
             Algorithm::ES256
         }
         _ => return None,
@@ -178,13 +166,10 @@ fn classify(error: jsonwebtoken::errors::Error) -> TokenError {
         ErrorKind::InvalidIssuer => TokenError::Issuer,
         ErrorKind::InvalidAudience => TokenError::Audience,
         ErrorKind::InvalidSignature => TokenError::Signature,
-        ErrorKind::InvalidToken
-        | ErrorKind::Base64(_)
-        | ErrorKind::Json(_)
-        | ErrorKind::Utf8(_) => TokenError::Malformed,
-        ErrorKind::MissingRequiredClaim(claim) => {
-            TokenError::Invalid(format!("missing claim {claim}"))
+        ErrorKind::InvalidToken | ErrorKind::Base64(_) | ErrorKind::Json(_) | ErrorKind::Utf8(_) => {
+            TokenError::Malformed
         }
+        ErrorKind::MissingRequiredClaim(claim) => TokenError::Invalid(format!("missing claim {claim}")),
         other => TokenError::Invalid(format!("{other:?}")),
     }
 }

@@ -50,9 +50,7 @@ impl Principal {
             .extensions()
             .get::<Principal>()
             .cloned()
-            .ok_or_else(|| {
-                ApiError::Internal("request reached a handler without a principal".into())
-            })
+            .ok_or_else(|| ApiError::Internal("request reached a handler without a principal".into()))
     }
 }
 
@@ -65,11 +63,7 @@ enum Requirement {
 }
 
 fn requirement(path: &str) -> Requirement {
-    let service = path
-        .trim_start_matches('/')
-        .split('/')
-        .next()
-        .unwrap_or_default();
+    let service = path.trim_start_matches('/').split('/').next().unwrap_or_default();
     match service {
         "switchboard.v1.AllocationService" | "switchboard.v1.AccountService" => Requirement::User,
         "switchboard.v1.AdminService" => Requirement::Admin,
@@ -92,10 +86,7 @@ impl<S> Layer<S> for AuthLayer {
     type Service = AuthService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        AuthService {
-            inner,
-            verifier: self.verifier.clone(),
-        }
+        AuthService { inner, verifier: self.verifier.clone() }
     }
 }
 
@@ -118,20 +109,11 @@ impl<S> AuthService<S> {
         let token = header
             .to_str()
             .ok()
-            .and_then(|value| {
-                value
-                    .strip_prefix("Bearer ")
-                    .or_else(|| value.strip_prefix("bearer "))
-            })
+            .and_then(|value| value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")))
             .map(str::trim)
             .filter(|token| !token.is_empty())
-            .ok_or_else(|| {
-                ApiError::Unauthenticated("authorization header is not a bearer token".into())
-            })?;
-        let claims = self
-            .verifier
-            .verify(token)
-            .map_err(|error| ApiError::Unauthenticated(error.to_string()))?;
+            .ok_or_else(|| ApiError::Unauthenticated("authorization header is not a bearer token".into()))?;
+        let claims = self.verifier.verify(token).map_err(|error| ApiError::Unauthenticated(error.to_string()))?;
         let principal = Principal { claims };
         if requirement == Requirement::Admin && !principal.is_admin() {
             return Err(ApiError::Forbidden("this call needs scope admin".into()));
@@ -178,22 +160,10 @@ mod tests {
 
     #[test]
     fn policy_by_path() {
-        assert_eq!(
-            requirement("/switchboard.v1.AllocationService/Allocate"),
-            Requirement::User
-        );
-        assert_eq!(
-            requirement("/switchboard.v1.AdminService/ListHosts"),
-            Requirement::Admin
-        );
-        assert_eq!(
-            requirement("/switchboard.v1.HostService/Connect"),
-            Requirement::Public
-        );
-        assert_eq!(
-            requirement("/grpc.health.v1.Health/Check"),
-            Requirement::Public
-        );
+        assert_eq!(requirement("/switchboard.v1.AllocationService/Allocate"), Requirement::User);
+        assert_eq!(requirement("/switchboard.v1.AdminService/ListHosts"), Requirement::Admin);
+        assert_eq!(requirement("/switchboard.v1.HostService/Connect"), Requirement::Public);
+        assert_eq!(requirement("/grpc.health.v1.Health/Check"), Requirement::Public);
         assert_eq!(requirement("/.well-known/jwks.json"), Requirement::Public);
     }
 }

@@ -11,11 +11,7 @@ use switchboard::{
 };
 
 #[derive(Parser)]
-#[command(
-    name = "switchboard",
-    version,
-    about = "Control plane for cloud app streaming"
-)]
+#[command(name = "switchboard", version, about = "Control plane for cloud app streaming")]
 struct Cli {
     /// Configuration file (TOML). Environment variables SWITCHBOARD__SECTION__KEY override it.
     #[arg(long, global = true, env = "SWITCHBOARD_CONFIG")]
@@ -62,10 +58,7 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let file_layers = ConfigSources {
-        file: cli.config.clone(),
-        ..Default::default()
-    };
+    let file_layers = ConfigSources { file: cli.config.clone(), ..Default::default() };
     let mut config: Config = file_layers.load()?;
     switchboard::telemetry::init(&config.log);
 
@@ -74,28 +67,16 @@ async fn main() -> anyhow::Result<()> {
             // The database's config table sits between the file and the environment.
             let store = switchboard::store::connect(config.database.url.expose()).await?;
             let database = Vec::new(); // config-table layer: wired once the store exposes it
-            config = ConfigSources {
-                database,
-                ..file_layers
-            }
-            .load()?;
+            config = ConfigSources { database, ..file_layers }.load()?;
             if cli.dump_config {
                 print!("{}", config.dump());
                 return Ok(());
             }
             let shutdown = switchboard::shutdown::on_signals();
-            let app =
-                Application::build_with_store(config, ApplicationOptions::default(), store).await?;
+            let app = Application::build_with_store(config, ApplicationOptions::default(), store).await?;
             app.run_until_stopped(shutdown).await
         }
-        Command::Dev {
-            listen,
-            credentials_file,
-            hosts,
-            capacity,
-            regions,
-            database,
-        } => {
+        Command::Dev { listen, credentials_file, hosts, capacity, regions, database } => {
             if cli.dump_config {
                 print!("{}", config.dump());
                 return Ok(());
@@ -114,9 +95,8 @@ async fn main() -> anyhow::Result<()> {
             if config.hosts.credential_secret.is_empty() {
                 anyhow::bail!("hosts.credential_secret is not set");
             }
-            let credentials = switchboard::auth::host_credential::HostCredentials::new(
-                config.hosts.credential_secret.clone(),
-            );
+            let credentials =
+                switchboard::auth::host_credential::HostCredentials::new(config.hosts.credential_secret.clone());
             println!("{}", credentials.issue(&host_id));
             Ok(())
         }

@@ -6,8 +6,7 @@
 use std::{collections::HashMap, time::Duration};
 
 use switchboard_proto::v1::{
-    CommandResult, ControlMessage, HostMessage, TeardownMandelbox, Welcome, command,
-    control_message, host_message,
+    CommandResult, ControlMessage, HostMessage, TeardownMandelbox, Welcome, command, control_message, host_message,
 };
 use tokio::{sync::mpsc, time::Instant};
 use tokio_stream::wrappers::ReceiverStream;
@@ -63,12 +62,7 @@ impl Fleet {
         regions: RegionCache,
         shutdown: CancellationToken,
     ) -> Self {
-        Fleet {
-            core,
-            credentials,
-            regions,
-            shutdown,
-        }
+        Fleet { core, credentials, regions, shutdown }
     }
 
     /// Runs the handshake and, once the host is registered, hands the stream to
@@ -78,8 +72,7 @@ impl Fleet {
             return Err(ApiError::ShuttingDown);
         }
         let config = &self.core.config.hosts;
-        let hello =
-            read_hello(&mut inbound, Duration::from_millis(config.hello_timeout_ms)).await?;
+        let hello = read_hello(&mut inbound, Duration::from_millis(config.hello_timeout_ms)).await?;
         let host = check_hello(&hello, &self.credentials)?;
         if !self.regions.exists(&host.region).await? {
             return Err(ApiError::UnknownRegion(host.region));
@@ -91,16 +84,12 @@ impl Fleet {
         let (outbound, outbound_rx) = mpsc::channel(OUTBOUND_BUFFER);
         let (commands, commands_rx) = mpsc::channel(COMMAND_BUFFER);
         let stop = self.shutdown.child_token();
-        let connection =
-            HostConnection::new(generation, host.region.clone(), commands, stop.clone());
-        self.core
-            .registry
-            .register(&host.host_id, connection.clone());
+        let connection = HostConnection::new(generation, host.region.clone(), commands, stop.clone());
+        self.core.registry.register(&host.host_id, connection.clone());
 
         let welcome = ControlMessage {
             body: Some(control_message::Body::Welcome(Welcome {
-                heartbeat_interval_ms: u32::try_from(config.heartbeat_interval_ms)
-                    .unwrap_or(u32::MAX),
+                heartbeat_interval_ms: u32::try_from(config.heartbeat_interval_ms).unwrap_or(u32::MAX),
                 generation,
                 session_events_endpoint: self.core.public_endpoint.clone(),
             })),
@@ -116,28 +105,22 @@ impl Fleet {
             pending: HashMap::new(),
             last_heartbeat_persisted: Instant::now(),
         };
+        let refill = task.connection.refill.clone();
         tokio::spawn(task.run(inbound, commands_rx, stop.clone()));
-        tokio::spawn(pool::run_filler(
-            self.core.clone(),
-            host.host_id.clone(),
-            stop,
-        ));
-        tokio::spawn(reconcile(
-            self.core.clone(),
-            host.host_id,
-            hello.mandelboxes,
-        ));
+        // The warm pool is topped up only once the database agrees with what
+        // the host runs; a box reserved before that would look lost.
+        let core = self.core.clone();
+        tokio::spawn(async move {
+            reconcile(core.clone(), host.host_id.clone(), hello.mandelboxes).await;
+            pool::run_filler(core, host.host_id, refill, stop).await;
+        });
         Ok(ReceiverStream::new(outbound_rx))
     }
 }
 
 /// Compares what a (re)connecting host runs with what the database holds:
 /// unknown boxes are torn down, missing ones are lost.
-async fn reconcile(
-    core: SharedCore,
-    host_id: String,
-    reported: Vec<switchboard_proto::v1::RunningMandelbox>,
-) {
+async fn reconcile(core: SharedCore, host_id: String, reported: Vec<switchboard_proto::v1::RunningMandelbox>) {
     let mut known = Vec::new();
     let mut foreign = Vec::new();
     for mandelbox in reported {
@@ -160,15 +143,12 @@ async fn reconcile(
     let timeout = Duration::from_millis(core.config.hosts.command_timeout_ms);
     let ids = outcome.teardown.iter().map(Uuid::to_string).chain(foreign);
     for mandelbox_id in ids {
-        let kind = command::Kind::Teardown(TeardownMandelbox {
-            mandelbox_id,
-            reason: "unknown to the control plane".into(),
-        });
+        let kind =
+            command::Kind::Teardown(TeardownMandelbox { mandelbox_id, reason: "unknown to the control plane".into() });
         if let Err(error) = core.router.send(&host_id, kind, timeout).await {
             tracing::warn!(%host_id, %error, "reconciliation teardown failed");
         }
     }
-    core.registry.refill(&host_id);
 }
 
 struct ConnectionTask {
@@ -221,6 +201,8 @@ impl ConnectionTask {
                 _ = &mut heartbeat_due => break Ending::HeartbeatTimeout,
             }
         };
+        // The connection's helpers (its warm-pool filler) end with it.
+        stop.cancel();
         self.finish(ending).await;
     }
 
@@ -240,31 +222,24 @@ impl ConnectionTask {
                     let store = self.core.store.clone();
                     let (host_id, generation) = (self.host_id.clone(), self.connection.generation);
                     tokio::spawn(async move {
-                        if let Err(error) = store
-                            .record_heartbeat(&host_id, generation, chrono::Utc::now())
-                            .await
-                        {
+                        if let Err(error) = store.record_heartbeat(&host_id, generation, chrono::Utc::now()).await {
                             tracing::debug!(%host_id, %error, "heartbeat not recorded");
                         }
                     });
                 }
             }
-            Some(host_message::Body::Result(result)) => {
-                match self.pending.remove(&result.command_id) {
-                    Some(reply) => {
-                        let _ = reply.send(result);
-                    }
-                    None => {
-                        tracing::debug!(command_id = %result.command_id, "result for an unknown command")
-                    }
+            Some(host_message::Body::Result(result)) => match self.pending.remove(&result.command_id) {
+                Some(reply) => {
+                    let _ = reply.send(result);
                 }
-            }
+                None => {
+                    tracing::debug!(command_id = %result.command_id, "result for an unknown command")
+                }
+            },
             Some(host_message::Body::Exited(exited)) => {
                 let core = self.core.clone();
                 let host_id = self.host_id.clone();
-                tokio::spawn(async move {
-                    mandelbox_exited(core, host_id, exited.mandelbox_id, exited.reason).await
-                });
+                tokio::spawn(async move { mandelbox_exited(core, host_id, exited.mandelbox_id, exited.reason).await });
             }
             Some(host_message::Body::Goodbye(goodbye)) => {
                 tracing::info!(reason = %goodbye.reason, "host said goodbye");
@@ -283,15 +258,10 @@ impl ConnectionTask {
         let farewell: Option<ApiError> = match ending {
             Ending::HeartbeatTimeout => {
                 tracing::warn!(
-                    deadline_ms = u64::try_from(core.config.hosts.heartbeat_deadline().as_millis())
-                        .unwrap_or(u64::MAX),
+                    deadline_ms = u64::try_from(core.config.hosts.heartbeat_deadline().as_millis()).unwrap_or(u64::MAX),
                     "host missed its heartbeats; its sessions are lost"
                 );
-                match core
-                    .store
-                    .mark_host_lost(&self.host_id, Some(generation))
-                    .await
-                {
+                match core.store.mark_host_lost(&self.host_id, Some(generation)).await {
                     Ok(ended) => core.publish_sessions(&ended).await,
                     Err(error) => tracing::error!(%error, "could not mark host lost"),
                 }
@@ -314,12 +284,7 @@ impl ConnectionTask {
     }
 
     async fn mark_disconnected(&self) {
-        if let Err(error) = self
-            .core
-            .store
-            .host_disconnected(&self.host_id, self.connection.generation)
-            .await
-        {
+        if let Err(error) = self.core.store.host_disconnected(&self.host_id, self.connection.generation).await {
             tracing::error!(%error, "could not mark host disconnected");
         }
     }
@@ -342,11 +307,7 @@ async fn mandelbox_exited(core: SharedCore, host_id: String, mandelbox_id: Strin
             return;
         }
     }
-    match core
-        .store
-        .mandelbox_finished(id, MandelboxState::Dead, EndReason::MandelboxExited)
-        .await
-    {
+    match core.store.mandelbox_finished(id, MandelboxState::Dead, EndReason::MandelboxExited).await {
         Ok(Some((_, ended))) => {
             tracing::info!(%host_id, %mandelbox_id, %reason, "mandelbox exited");
             if let Some(session) = ended {

@@ -17,67 +17,43 @@ const MAX_CAPACITY: u32 = 1024;
 const MAX_TEXT_LEN: usize = 256;
 
 /// Reads the Hello that must open the stream.
-pub async fn read_hello(
-    inbound: &mut Streaming<HostMessage>,
-    timeout: Duration,
-) -> ApiResult<Hello> {
+pub async fn read_hello(inbound: &mut Streaming<HostMessage>, timeout: Duration) -> ApiResult<Hello> {
     let first = tokio::time::timeout(timeout, inbound.message())
         .await
-        .map_err(|_| {
-            ApiError::HelloTimeout(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX))
-        })?;
+        .map_err(|_| ApiError::HelloTimeout(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)))?;
     match first {
-        Ok(Some(HostMessage {
-            body: Some(host_message::Body::Hello(hello)),
-        })) => Ok(hello),
+        Ok(Some(HostMessage { body: Some(host_message::Body::Hello(hello)) })) => Ok(hello),
         Ok(_) => Err(ApiError::HelloRequired),
-        Err(status) => Err(ApiError::InvalidRequest(format!(
-            "host stream failed before Hello: {}",
-            status.message()
-        ))),
+        Err(status) => Err(ApiError::InvalidRequest(format!("host stream failed before Hello: {}", status.message()))),
     }
 }
 
 fn is_valid_host_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_HOST_ID_LEN
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// Checks the Hello's fields and credential; returns what the store records.
 pub fn check_hello(hello: &Hello, credentials: &HostCredentials) -> ApiResult<HostHello> {
     if !is_valid_host_id(&hello.host_id) {
-        return Err(ApiError::InvalidRequest(
-            "host_id must be 1-128 characters of [A-Za-z0-9._-]".into(),
-        ));
+        return Err(ApiError::InvalidRequest("host_id must be 1-128 characters of [A-Za-z0-9._-]".into()));
     }
     // Before anything else about the host is believed.
     if !credentials.verify(&hello.host_id, &hello.credential) {
         return Err(ApiError::BadHostCredential(hello.host_id.clone()));
     }
     if !crate::allocation::is_valid_name(&hello.region) {
-        return Err(ApiError::InvalidRequest(format!(
-            "region {:?} is not a valid name",
-            hello.region
-        )));
+        return Err(ApiError::InvalidRequest(format!("region {:?} is not a valid name", hello.region)));
     }
     if hello.capacity > MAX_CAPACITY {
-        return Err(ApiError::InvalidRequest(format!(
-            "capacity {} is over {MAX_CAPACITY}",
-            hello.capacity
-        )));
+        return Err(ApiError::InvalidRequest(format!("capacity {} is over {MAX_CAPACITY}", hello.capacity)));
     }
-    for (field, value) in [
-        ("image", &hello.image),
-        ("agent_version", &hello.agent_version),
-        ("address", &hello.address),
-    ] {
+    for (field, value) in
+        [("image", &hello.image), ("agent_version", &hello.agent_version), ("address", &hello.address)]
+    {
         if value.len() > MAX_TEXT_LEN {
-            return Err(ApiError::InvalidRequest(format!(
-                "{field} is longer than {MAX_TEXT_LEN}"
-            )));
+            return Err(ApiError::InvalidRequest(format!("{field} is longer than {MAX_TEXT_LEN}")));
         }
     }
     if hello.address.is_empty() {

@@ -3,9 +3,10 @@
 //! fills of one host never overlap; the slot reservation itself is atomic in
 //! the store, so an on-demand spawn racing the filler cannot overfill a host.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use switchboard_proto::v1::{SpawnMandelbox, command};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -21,15 +22,11 @@ use crate::{
 /// How often a host is checked even when nothing woke its filler.
 const PERIODIC_FILL_FACTOR: u32 = 5;
 
-pub async fn run_filler(core: SharedCore, host_id: String, stop: CancellationToken) {
-    let Some(connection) = core.registry.get(&host_id) else {
-        return;
-    };
-    let refill = connection.refill.clone();
-    let period =
-        Duration::from_millis(core.config.hosts.maintenance_interval_ms) * PERIODIC_FILL_FACTOR;
+pub async fn run_filler(core: SharedCore, host_id: String, refill: Arc<Notify>, stop: CancellationToken) {
+    let period = Duration::from_millis(core.config.hosts.maintenance_interval_ms) * PERIODIC_FILL_FACTOR;
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick fires at once: a fresh connection is filled right away.
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -76,9 +73,7 @@ async fn spawn_warm(core: SharedCore, reserved: MandelboxRecord, token: String) 
             match core.store.mandelbox_spawned(reserved.id, &ports).await {
                 Ok(Some(mandelbox)) if mandelbox.state == MandelboxState::Waiting => {
                     tracing::debug!(host_id = %reserved.host_id, mandelbox_id = %reserved.id, "warm mandelbox ready");
-                    core.events.publish(Event::MandelboxWarm {
-                        region: mandelbox.region,
-                    });
+                    core.events.publish(Event::MandelboxWarm { region: mandelbox.region });
                 }
                 Ok(_) => {}
                 Err(error) => {
@@ -88,14 +83,8 @@ async fn spawn_warm(core: SharedCore, reserved: MandelboxRecord, token: String) 
         }
         Err(error) => {
             tracing::warn!(host_id = %reserved.host_id, mandelbox_id = %reserved.id, %error, "warm spawn failed");
-            if let Err(error) = core
-                .store
-                .mandelbox_finished(
-                    reserved.id,
-                    MandelboxState::Dead,
-                    EndReason::MandelboxExited,
-                )
-                .await
+            if let Err(error) =
+                core.store.mandelbox_finished(reserved.id, MandelboxState::Dead, EndReason::MandelboxExited).await
             {
                 tracing::warn!(mandelbox_id = %reserved.id, %error, "could not record failed spawn");
             }

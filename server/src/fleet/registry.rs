@@ -71,20 +71,14 @@ impl ConnectionRegistry {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, HostConnection>> {
         // A panic while holding this lock cannot leave the map half-updated
         // (every operation is a single insert/remove), so poison is harmless.
-        self.connections
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.connections.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Registers a connection; a connection it replaces is told to stop.
     pub fn register(&self, host_id: &str, connection: HostConnection) {
         let previous = self.lock().insert(host_id.to_owned(), connection);
         if let Some(previous) = previous {
-            tracing::info!(
-                host_id,
-                old_generation = previous.generation,
-                "connection superseded"
-            );
+            tracing::info!(host_id, old_generation = previous.generation, "connection superseded");
             previous.stop(StopReason::Superseded);
         }
     }

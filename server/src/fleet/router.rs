@@ -26,12 +26,7 @@ pub enum RouteError {
 pub trait CommandRouter: Send + Sync + 'static {
     /// Sends `kind` to the host and waits up to `timeout` for its result.
     /// A result with `ok == false` is returned as `RouteError::Refused`.
-    async fn send(
-        &self,
-        host_id: &str,
-        kind: command::Kind,
-        timeout: Duration,
-    ) -> Result<CommandResult, RouteError>;
+    async fn send(&self, host_id: &str, kind: command::Kind, timeout: Duration) -> Result<CommandResult, RouteError>;
 }
 
 pub type DynRouter = Arc<dyn CommandRouter>;
@@ -48,19 +43,11 @@ impl LocalRouter {
 
 #[async_trait]
 impl CommandRouter for LocalRouter {
-    async fn send(
-        &self,
-        host_id: &str,
-        kind: command::Kind,
-        timeout: Duration,
-    ) -> Result<CommandResult, RouteError> {
+    async fn send(&self, host_id: &str, kind: command::Kind, timeout: Duration) -> Result<CommandResult, RouteError> {
         let connection = self.registry.get(host_id).ok_or(RouteError::NotConnected)?;
         let (reply, answer) = oneshot::channel();
-        let command = Command {
-            command_id: uuid::Uuid::new_v4().to_string(),
-            kind: Some(kind),
-            traceparent: String::new(),
-        };
+        let command =
+            Command { command_id: uuid::Uuid::new_v4().to_string(), kind: Some(kind), traceparent: String::new() };
         let send = connection.commands.send(OutboundCommand { command, reply });
         // A full queue means a stuck host: that counts against the deadline too.
         let deadline = tokio::time::Instant::now() + timeout;
