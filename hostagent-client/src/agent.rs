@@ -30,11 +30,7 @@ pub struct HostAgent {
 
 impl HostAgent {
     pub fn new(options: AgentOptions, runtime: Arc<dyn MandelboxRuntime>) -> Self {
-        Self {
-            options,
-            runtime,
-            shared: Arc::new(Shared::new()),
-        }
+        Self { options, runtime, shared: Arc::new(Shared::new()) }
     }
 
     /// The agent's status, updated on every change.
@@ -67,12 +63,7 @@ impl HostAgent {
             version = crate::AGENT_VERSION,
             "host agent starting"
         );
-        let cx = ConnectionContext {
-            options,
-            endpoint: &endpoint,
-            runtime: &self.runtime,
-            shared: &self.shared,
-        };
+        let cx = ConnectionContext { options, endpoint: &endpoint, runtime: &self.runtime, shared: &self.shared };
         let backoff = options.backoff;
         let mut schedule = BackoffSchedule::new(backoff);
         let mut failures = 0u64;
@@ -88,38 +79,18 @@ impl HostAgent {
                 s.connected = false;
                 s.last_error = Some(lost.error.clone());
             });
-            if lost
-                .connected_for
-                .is_some_and(|d| d >= backoff.reset_after())
-            {
+            if lost.connected_for.is_some_and(|d| d >= backoff.reset_after()) {
                 schedule.reset();
             }
-            failures = if lost.connected_for.is_some() {
-                1
-            } else {
-                failures + 1
-            };
-            let delay = if lost.is_rejection() {
-                backoff.max
-            } else {
-                schedule.next_delay(&mut rand::thread_rng())
-            };
+            failures = if lost.connected_for.is_some() { 1 } else { failures + 1 };
+            let delay = if lost.is_rejection() { backoff.max } else { schedule.next_delay(&mut rand::thread_rng()) };
             let delay_ms = delay.as_millis() as u64;
             if lost.is_rejection() {
-                warn!(
-                    error = lost.error,
-                    delay_ms, "rejected by the control plane, retrying later"
-                );
+                warn!(error = lost.error, delay_ms, "rejected by the control plane, retrying later");
             } else if lost.connected_for.is_some() {
-                warn!(
-                    error = lost.error,
-                    delay_ms, "connection lost, reconnecting"
-                );
+                warn!(error = lost.error, delay_ms, "connection lost, reconnecting");
             } else {
-                warn!(
-                    error = lost.error,
-                    delay_ms, failures, "connection failed, retrying"
-                );
+                warn!(error = lost.error, delay_ms, failures, "connection failed, retrying");
             }
             tokio::select! {
                 _ = shutdown.cancelled() => break,

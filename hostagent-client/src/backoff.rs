@@ -21,11 +21,7 @@ pub struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Self {
-            initial: Duration::from_millis(50),
-            max: Duration::from_secs(5),
-            multiplier: 2.0,
-        }
+        Self { initial: Duration::from_millis(50), max: Duration::from_secs(5), multiplier: 2.0 }
     }
 }
 
@@ -34,11 +30,7 @@ impl Backoff {
     pub fn ceiling(&self, attempt: u32) -> Duration {
         let max = self.max;
         let initial = self.initial.min(max);
-        let multiplier = if self.multiplier.is_finite() && self.multiplier >= 1.0 {
-            self.multiplier
-        } else {
-            1.0
-        };
+        let multiplier = if self.multiplier.is_finite() && self.multiplier >= 1.0 { self.multiplier } else { 1.0 };
         let exponent = i32::try_from(attempt).unwrap_or(i32::MAX);
         let secs = initial.as_secs_f64() * multiplier.powi(exponent);
         if !secs.is_finite() || secs >= max.as_secs_f64() {
@@ -70,10 +62,7 @@ pub(crate) struct BackoffSchedule {
 
 impl BackoffSchedule {
     pub(crate) fn new(backoff: Backoff) -> Self {
-        Self {
-            backoff,
-            attempt: 0,
-        }
+        Self { backoff, attempt: 0 }
     }
 
     /// Delay before the next attempt; each call grows the ceiling until it reaches `max`.
@@ -138,27 +127,14 @@ mod tests {
 
     #[test]
     fn odd_settings_are_tamed() {
-        let shrinking = Backoff {
-            initial: 10 * MS,
-            max: 100 * MS,
-            multiplier: 0.5,
-        };
+        let shrinking = Backoff { initial: 10 * MS, max: 100 * MS, multiplier: 0.5 };
         assert_eq!(shrinking.ceiling(5), 10 * MS);
-        let nan = Backoff {
-            multiplier: f64::NAN,
-            ..shrinking
-        };
+        let nan = Backoff { multiplier: f64::NAN, ..shrinking };
         assert_eq!(nan.ceiling(5), 10 * MS);
-        let initial_above_max = Backoff {
-            initial: Duration::from_secs(9),
-            max: Duration::from_secs(1),
-            multiplier: 2.0,
-        };
+        let initial_above_max =
+            Backoff { initial: Duration::from_secs(9), max: Duration::from_secs(1), multiplier: 2.0 };
         assert_eq!(initial_above_max.ceiling(0), Duration::from_secs(1));
-        let huge = Backoff {
-            multiplier: 1e300,
-            ..Backoff::default()
-        };
+        let huge = Backoff { multiplier: 1e300, ..Backoff::default() };
         assert_eq!(huge.ceiling(3), huge.max);
     }
 
@@ -179,11 +155,7 @@ mod tests {
 
     #[test]
     fn schedule_grows_caps_and_resets() {
-        let b = Backoff {
-            initial: 10 * MS,
-            max: 40 * MS,
-            multiplier: 2.0,
-        };
+        let b = Backoff { initial: 10 * MS, max: 40 * MS, multiplier: 2.0 };
         let mut schedule = BackoffSchedule::new(b);
         let mut rng = StdRng::seed_from_u64(1);
         let mut attempts = Vec::new();
@@ -201,11 +173,7 @@ mod tests {
 
     #[test]
     fn zero_initial_never_waits() {
-        let b = Backoff {
-            initial: Duration::ZERO,
-            max: Duration::from_secs(1),
-            multiplier: 2.0,
-        };
+        let b = Backoff { initial: Duration::ZERO, max: Duration::from_secs(1), multiplier: 2.0 };
         let mut rng = StdRng::seed_from_u64(3);
         assert_eq!(b.delay(4, &mut rng), Duration::ZERO);
     }
@@ -213,10 +181,7 @@ mod tests {
     #[test]
     fn reset_after_is_at_least_a_second() {
         assert_eq!(Backoff::default().reset_after(), Duration::from_secs(5));
-        let short = Backoff {
-            max: 100 * MS,
-            ..Backoff::default()
-        };
+        let short = Backoff { max: 100 * MS, ..Backoff::default() };
         assert_eq!(short.reset_after(), Duration::from_secs(1));
     }
 }

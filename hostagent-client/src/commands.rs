@@ -5,9 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use switchboard_proto::v1::command::Kind;
-use switchboard_proto::v1::{
-    AssignMandelbox, Command, CommandResult, SpawnMandelbox, TeardownMandelbox,
-};
+use switchboard_proto::v1::{AssignMandelbox, Command, CommandResult, SpawnMandelbox, TeardownMandelbox};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::handle::Shared;
@@ -38,12 +36,7 @@ pub(crate) fn kind_name(kind: Option<&Kind>) -> &'static str {
 /// Runs `command` and builds its result. Logs never include tokens or keys.
 pub(crate) async fn execute(ctx: &CommandContext, command: Command) -> CommandResult {
     let kind = kind_name(command.kind.as_ref());
-    let span = info_span!(
-        "command",
-        command_id = command.command_id,
-        kind,
-        traceparent = tracing::field::Empty
-    );
+    let span = info_span!("command", command_id = command.command_id, kind, traceparent = tracing::field::Empty);
     if !command.traceparent.is_empty() {
         span.record("traceparent", command.traceparent.as_str());
     }
@@ -66,20 +59,11 @@ pub(crate) async fn execute(ctx: &CommandContext, command: Command) -> CommandRe
             }
         };
         let result = match outcome {
-            Ok(done) => CommandResult {
-                command_id,
-                ok: true,
-                error: String::new(),
-                ..done
-            },
+            Ok(done) => CommandResult { command_id, ok: true, error: String::new(), ..done },
             Err(error) => CommandResult {
                 command_id,
                 ok: false,
-                error: if error.is_empty() {
-                    "command failed".to_owned()
-                } else {
-                    error
-                },
+                error: if error.is_empty() { "command failed".to_owned() } else { error },
                 ..CommandResult::default()
             },
         };
@@ -97,11 +81,7 @@ pub(crate) async fn execute(ctx: &CommandContext, command: Command) -> CommandRe
 
 async fn run_spawn(ctx: &CommandContext, spawn: SpawnMandelbox) -> Result<CommandResult, String> {
     check_id("mandelbox_id", &spawn.mandelbox_id)?;
-    info!(
-        mandelbox_id = spawn.mandelbox_id,
-        app = spawn.app,
-        "spawning mandelbox"
-    );
+    info!(mandelbox_id = spawn.mandelbox_id, app = spawn.app, "spawning mandelbox");
     let spec = SpawnSpec {
         mandelbox_id: spawn.mandelbox_id,
         app: spawn.app,
@@ -109,16 +89,10 @@ async fn run_spawn(ctx: &CommandContext, spawn: SpawnMandelbox) -> Result<Comman
         session_events_endpoint: ctx.session_events_endpoint.clone(),
     };
     let ports = ctx.runtime.spawn(spec).await.map_err(|e| e.to_string())?;
-    Ok(CommandResult {
-        ports,
-        ..CommandResult::default()
-    })
+    Ok(CommandResult { ports, ..CommandResult::default() })
 }
 
-async fn run_assign(
-    ctx: &CommandContext,
-    assign: AssignMandelbox,
-) -> Result<CommandResult, String> {
+async fn run_assign(ctx: &CommandContext, assign: AssignMandelbox) -> Result<CommandResult, String> {
     check_id("mandelbox_id", &assign.mandelbox_id)?;
     check_id("session_id", &assign.session_id)?;
     info!(
@@ -138,23 +112,12 @@ async fn run_assign(
     if assignment.session_key.is_empty() {
         return Err("runtime returned no session key".to_owned());
     }
-    Ok(CommandResult {
-        ports: assignment.ports,
-        session_key: assignment.session_key,
-        ..CommandResult::default()
-    })
+    Ok(CommandResult { ports: assignment.ports, session_key: assignment.session_key, ..CommandResult::default() })
 }
 
-async fn run_teardown(
-    ctx: &CommandContext,
-    teardown: TeardownMandelbox,
-) -> Result<CommandResult, String> {
+async fn run_teardown(ctx: &CommandContext, teardown: TeardownMandelbox) -> Result<CommandResult, String> {
     check_id("mandelbox_id", &teardown.mandelbox_id)?;
-    info!(
-        mandelbox_id = teardown.mandelbox_id,
-        reason = teardown.reason,
-        "tearing down mandelbox"
-    );
+    info!(mandelbox_id = teardown.mandelbox_id, reason = teardown.reason, "tearing down mandelbox");
     match ctx.runtime.teardown(&teardown.mandelbox_id).await {
         // Teardown is idempotent: a box that is already gone is torn down.
         Ok(()) | Err(RuntimeError::NotFound(_)) => Ok(CommandResult::default()),
@@ -189,11 +152,7 @@ mod tests {
     }
 
     fn command(id: &str, kind: Option<Kind>) -> Command {
-        Command {
-            command_id: id.to_owned(),
-            kind,
-            traceparent: String::new(),
-        }
+        Command { command_id: id.to_owned(), kind, traceparent: String::new() }
     }
 
     fn spawn(id: &str) -> Option<Kind> {
@@ -226,10 +185,7 @@ mod tests {
             ..AssignMandelbox::default()
         });
         let r = execute(&ctx, command("c4", Some(assign))).await;
-        assert_eq!(
-            (r.ok, r.error.as_str()),
-            (false, "mandelbox nope not found")
-        );
+        assert_eq!((r.ok, r.error.as_str()), (false, "mandelbox nope not found"));
         assert!(r.session_key.is_empty());
     }
 
@@ -251,12 +207,8 @@ mod tests {
         assert_eq!(r.session_key.len(), 32);
         assert_eq!(r.ports.len(), 1);
 
-        let teardown = || {
-            Some(Kind::Teardown(TeardownMandelbox {
-                mandelbox_id: "mb-1".to_owned(),
-                reason: "test".to_owned(),
-            }))
-        };
+        let teardown =
+            || Some(Kind::Teardown(TeardownMandelbox { mandelbox_id: "mb-1".to_owned(), reason: "test".to_owned() }));
         let r = execute(&ctx, command("c3", teardown())).await;
         assert!(r.ok && r.error.is_empty());
         let r = execute(&ctx, command("c4", teardown())).await;
@@ -264,9 +216,7 @@ mod tests {
         assert!(ctx.runtime.running().is_empty());
 
         assert!(!ctx.shared.status.borrow().draining);
-        let drain = Kind::Drain(DrainHost {
-            reason: "maintenance".to_owned(),
-        });
+        let drain = Kind::Drain(DrainHost { reason: "maintenance".to_owned() });
         let r = execute(&ctx, command("c5", Some(drain))).await;
         assert!(r.ok);
         assert!(ctx.shared.status.borrow().draining);

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use switchboard_proto::v1::host_service_client::HostServiceClient;
 use switchboard_proto::v1::{
-    CommandResult, ControlMessage, Goodbye, Heartbeat, Hello, HostMessage, MandelboxExited,
-    Welcome, control_message, host_message,
+    CommandResult, ControlMessage, Goodbye, Heartbeat, Hello, HostMessage, MandelboxExited, Welcome, control_message,
+    host_message,
 };
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinSet;
@@ -68,11 +68,7 @@ pub(crate) struct Lost {
 
 impl Lost {
     fn new(error: impl Into<String>) -> Self {
-        Self {
-            error: error.into(),
-            code: None,
-            connected_for: None,
-        }
+        Self { error: error.into(), code: None, connected_for: None }
     }
 
     fn from_status(context: &str, status: &Status) -> Self {
@@ -85,10 +81,7 @@ impl Lost {
 
     /// The control plane refused this host; retrying fast cannot help.
     pub(crate) fn is_rejection(&self) -> bool {
-        matches!(
-            self.code,
-            Some(Code::Unauthenticated | Code::PermissionDenied | Code::InvalidArgument)
-        )
+        matches!(self.code, Some(Code::Unauthenticated | Code::PermissionDenied | Code::InvalidArgument))
     }
 }
 
@@ -105,11 +98,7 @@ struct Stream {
 
 /// Opens a stream, serves it until it ends or `shutdown` is cancelled, and says
 /// how it ended. Command tasks go into `tasks`, which outlives the connection.
-pub(crate) async fn run(
-    cx: &ConnectionContext<'_>,
-    tasks: &mut JoinSet<()>,
-    shutdown: &CancellationToken,
-) -> Outcome {
+pub(crate) async fn run(cx: &ConnectionContext<'_>, tasks: &mut JoinSet<()>, shutdown: &CancellationToken) -> Outcome {
     let mut drop_requests = cx.shared.drop_connection.subscribe();
     let stream = tokio::select! {
         _ = shutdown.cancelled() => return Outcome::Shutdown,
@@ -121,14 +110,7 @@ pub(crate) async fn run(
             Err(lost) => return Outcome::Lost(lost),
         },
     };
-    let Stream {
-        _client,
-        outbound,
-        mut inbound,
-        mut exits,
-        welcome,
-        announced,
-    } = stream;
+    let Stream { _client, outbound, mut inbound, mut exits, welcome, announced } = stream;
     let welcomed_at = Instant::now();
 
     let interval = heartbeat_interval(welcome.heartbeat_interval_ms);
@@ -149,20 +131,15 @@ pub(crate) async fn run(
         "connected"
     );
 
-    let command_cx = CommandContext {
-        runtime: Arc::clone(cx.runtime),
-        shared: Arc::clone(cx.shared),
-        session_events_endpoint,
-    };
+    let command_cx =
+        CommandContext { runtime: Arc::clone(cx.runtime), shared: Arc::clone(cx.shared), session_events_endpoint };
     let (results_tx, mut results) = mpsc::unbounded_channel::<CommandResult>();
     let mut heartbeat = tokio::time::interval_at(welcomed_at + interval, interval);
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut sequence = 0u64;
     let mut exits_open = true;
     let send = |body: host_message::Body| -> Result<(), Lost> {
-        outbound
-            .send(HostMessage { body: Some(body) })
-            .map_err(|_| Lost::new("stream closed"))
+        outbound.send(HostMessage { body: Some(body) }).map_err(|_| Lost::new("stream closed"))
     };
 
     let lost = loop {
@@ -251,19 +228,12 @@ pub(crate) async fn run(
             break lost;
         }
     };
-    Outcome::Lost(Lost {
-        connected_for: Some(welcomed_at.elapsed()),
-        ..lost
-    })
+    Outcome::Lost(Lost { connected_for: Some(welcomed_at.elapsed()), ..lost })
 }
 
 /// Connects, sends Hello and waits for Welcome.
 async fn handshake(cx: &ConnectionContext<'_>) -> Result<Stream, Lost> {
-    let channel = cx
-        .endpoint
-        .connect()
-        .await
-        .map_err(|e| Lost::new(format!("connect failed: {}", error_chain(&e))))?;
+    let channel = cx.endpoint.connect().await.map_err(|e| Lost::new(format!("connect failed: {}", error_chain(&e))))?;
     let mut client = HostServiceClient::new(channel);
 
     // Subscribe before listing the boxes, so no exit falls between the two.
@@ -283,9 +253,7 @@ async fn handshake(cx: &ConnectionContext<'_>) -> Result<Stream, Lost> {
     };
     let (outbound, outbound_rx) = mpsc::unbounded_channel();
     outbound
-        .send(HostMessage {
-            body: Some(host_message::Body::Hello(hello)),
-        })
+        .send(HostMessage { body: Some(host_message::Body::Hello(hello)) })
         .map_err(|_| Lost::new("stream closed before hello"))?;
     debug!(mandelboxes = announced, "hello queued");
 
@@ -296,12 +264,8 @@ async fn handshake(cx: &ConnectionContext<'_>) -> Result<Stream, Lost> {
             .map_err(|status| Lost::from_status("rejected", &status))?;
         let mut inbound = response.into_inner();
         match inbound.message().await {
-            Ok(Some(ControlMessage {
-                body: Some(control_message::Body::Welcome(welcome)),
-            })) => Ok((inbound, welcome)),
-            Ok(Some(_)) => Err(Lost::new(
-                "protocol error: first control message is not a welcome",
-            )),
+            Ok(Some(ControlMessage { body: Some(control_message::Body::Welcome(welcome)) })) => Ok((inbound, welcome)),
+            Ok(Some(_)) => Err(Lost::new("protocol error: first control message is not a welcome")),
             Ok(None) => Err(Lost::new("control plane closed the stream before welcome")),
             Err(status) => Err(Lost::from_status("rejected", &status)),
         }
@@ -310,19 +274,10 @@ async fn handshake(cx: &ConnectionContext<'_>) -> Result<Stream, Lost> {
     let (inbound, welcome) = match answer {
         Ok(result) => result?,
         Err(_) => {
-            return Err(Lost::new(format!(
-                "no welcome within {HANDSHAKE_TIMEOUT:?}"
-            )));
+            return Err(Lost::new(format!("no welcome within {HANDSHAKE_TIMEOUT:?}")));
         }
     };
-    Ok(Stream {
-        _client: client,
-        outbound,
-        inbound,
-        exits,
-        welcome,
-        announced,
-    })
+    Ok(Stream { _client: client, outbound, inbound, exits, welcome, announced })
 }
 
 /// Collects finished command tasks so the set does not grow without bound.
@@ -337,11 +292,7 @@ fn reap(tasks: &mut JoinSet<()>) {
 }
 
 fn heartbeat_interval(ms: u32) -> Duration {
-    if ms == 0 {
-        DEFAULT_HEARTBEAT_INTERVAL
-    } else {
-        Duration::from_millis(u64::from(ms)).max(MIN_HEARTBEAT_INTERVAL)
-    }
+    if ms == 0 { DEFAULT_HEARTBEAT_INTERVAL } else { Duration::from_millis(u64::from(ms)).max(MIN_HEARTBEAT_INTERVAL) }
 }
 
 /// `UNAUTHENTICATED: BAD_HOST_CREDENTIAL: ...`
@@ -365,11 +316,7 @@ pub(crate) fn describe_status(status: &Status) -> String {
         Code::DataLoss => "DATA_LOSS",
         Code::Unauthenticated => "UNAUTHENTICATED",
     };
-    if status.message().is_empty() {
-        name.to_owned()
-    } else {
-        format!("{name}: {}", status.message())
-    }
+    if status.message().is_empty() { name.to_owned() } else { format!("{name}: {}", status.message()) }
 }
 
 /// An error and its sources: tonic's transport errors say little at the top.
@@ -400,10 +347,7 @@ mod tests {
         assert!(!with(Code::Unavailable).is_rejection());
         assert!(!with(Code::Aborted).is_rejection());
         assert!(!Lost::new("connect failed").is_rejection());
-        assert_eq!(
-            with(Code::Unauthenticated).error,
-            "rejected: UNAUTHENTICATED: x"
-        );
+        assert_eq!(with(Code::Unauthenticated).error, "rejected: UNAUTHENTICATED: x");
     }
 
     #[test]

@@ -92,11 +92,7 @@ impl AgentHandle {
 
     /// Waits until the agent is connected and has accepted at least
     /// `min_connections` Welcomes in all.
-    pub async fn wait_connected(
-        &self,
-        min_connections: u64,
-        timeout: Duration,
-    ) -> anyhow::Result<AgentStatus> {
+    pub async fn wait_connected(&self, min_connections: u64, timeout: Duration) -> anyhow::Result<AgentStatus> {
         let mut status = self.status();
         let wait = async {
             tokio::select! {
@@ -110,9 +106,7 @@ impl AgentHandle {
             Ok(result) => result,
             Err(_) => {
                 let now = self.inner.shared.status.borrow().clone();
-                Err(anyhow!(
-                    "agent not connected with {min_connections} connection(s) after {timeout:?}: {now:?}"
-                ))
+                Err(anyhow!("agent not connected with {min_connections} connection(s) after {timeout:?}: {now:?}"))
             }
         }
     }
@@ -148,18 +142,12 @@ impl AgentHandle {
     /// Fault injection: drops the current stream abruptly (no Goodbye). The agent
     /// reconnects by itself with backoff; its boxes keep running.
     pub fn drop_connection(&self) {
-        self.inner
-            .shared
-            .drop_connection
-            .send_modify(|n| *n = n.wrapping_add(1));
+        self.inner.shared.drop_connection.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Fault injection: keep the stream open but stop (or resume) heartbeats.
     pub fn pause_heartbeats(&self, paused: bool) {
-        self.inner
-            .shared
-            .heartbeats_paused
-            .store(paused, Ordering::Relaxed);
+        self.inner.shared.heartbeats_paused.store(paused, Ordering::Relaxed);
     }
 
     /// Whether the agent task has ended.

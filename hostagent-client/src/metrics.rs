@@ -13,14 +13,8 @@ pub(crate) struct HostLoad {
 pub(crate) fn host_load() -> HostLoad {
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     HostLoad {
-        cpu_load: fs::read_to_string("/proc/loadavg")
-            .ok()
-            .and_then(|s| cpu_load(&s, cpus))
-            .unwrap_or(0.0),
-        memory_used_bytes: fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|s| memory_used_bytes(&s))
-            .unwrap_or(0),
+        cpu_load: fs::read_to_string("/proc/loadavg").ok().and_then(|s| cpu_load(&s, cpus)).unwrap_or(0.0),
+        memory_used_bytes: fs::read_to_string("/proc/meminfo").ok().and_then(|s| memory_used_bytes(&s)).unwrap_or(0),
     }
 }
 

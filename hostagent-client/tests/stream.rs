@@ -8,17 +8,15 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use hostagent_client::{
-    AgentHandle, AgentOptions, AssignSpec, Assignment, Backoff, ExitNotice, HostAgent,
-    LocalRuntime, MandelboxRuntime, RuntimeError, SpawnSpec,
+    AgentHandle, AgentOptions, AssignSpec, Assignment, Backoff, ExitNotice, HostAgent, LocalRuntime, MandelboxRuntime,
+    RuntimeError, SpawnSpec,
 };
 use switchboard_proto::v1::host_service_server::{HostService, HostServiceServer};
-use switchboard_proto::v1::session_events_service_server::{
-    SessionEventsService, SessionEventsServiceServer,
-};
+use switchboard_proto::v1::session_events_service_server::{SessionEventsService, SessionEventsServiceServer};
 use switchboard_proto::v1::{
     AssignMandelbox, Command, CommandResult, ControlMessage, Heartbeat, Hello, HostMessage, Port,
-    ReportDisconnectRequest, ReportDisconnectResponse, RunningMandelbox, SpawnMandelbox,
-    TeardownMandelbox, Welcome, command, control_message, host_message,
+    ReportDisconnectRequest, ReportDisconnectResponse, RunningMandelbox, SpawnMandelbox, TeardownMandelbox, Welcome,
+    command, control_message, host_message,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -47,15 +45,9 @@ struct ControlPlane {
 impl HostService for ControlPlane {
     type ConnectStream = UnboundedReceiverStream<Result<ControlMessage, Status>>;
 
-    async fn connect(
-        &self,
-        request: Request<Streaming<HostMessage>>,
-    ) -> Result<Response<Self::ConnectStream>, Status> {
+    async fn connect(&self, request: Request<Streaming<HostMessage>>) -> Result<Response<Self::ConnectStream>, Status> {
         let (outbound, rx) = mpsc::unbounded_channel();
-        let _ = self.conns.send(Conn {
-            inbound: request.into_inner(),
-            outbound,
-        });
+        let _ = self.conns.send(Conn { inbound: request.into_inner(), outbound });
         Ok(Response::new(UnboundedReceiverStream::new(rx)))
     }
 }
@@ -67,9 +59,7 @@ impl SessionEventsService for ControlPlane {
         request: Request<ReportDisconnectRequest>,
     ) -> Result<Response<ReportDisconnectResponse>, Status> {
         let _ = self.reports.send(request.into_inner());
-        Ok(Response::new(ReportDisconnectResponse {
-            session_id: "s-1".to_owned(),
-        }))
+        Ok(Response::new(ReportDisconnectResponse { session_id: "s-1".to_owned() }))
     }
 }
 
@@ -85,21 +75,14 @@ impl Server {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (conns_tx, conns) = mpsc::unbounded_channel();
         let (reports_tx, reports) = mpsc::unbounded_channel();
-        let plane = Arc::new(ControlPlane {
-            conns: conns_tx,
-            reports: reports_tx,
-        });
+        let plane = Arc::new(ControlPlane { conns: conns_tx, reports: reports_tx });
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(HostServiceServer::from_arc(Arc::clone(&plane)))
                 .add_service(SessionEventsServiceServer::from_arc(plane))
                 .serve_with_incoming(TcpListenerStream::new(listener)),
         );
-        Self {
-            url,
-            conns,
-            reports,
-        }
+        Self { url, conns, reports }
     }
 
     fn options(&self) -> AgentOptions {
@@ -111,10 +94,7 @@ impl Server {
     }
 
     async fn next_conn(&mut self) -> Conn {
-        tokio::time::timeout(STEP, self.conns.recv())
-            .await
-            .expect("no connection in time")
-            .unwrap()
+        tokio::time::timeout(STEP, self.conns.recv()).await.expect("no connection in time").unwrap()
     }
 
     /// Accepts the next stream, checks its Hello and welcomes it.
@@ -177,9 +157,7 @@ impl Conn {
     }
 
     fn send(&self, body: control_message::Body) {
-        self.outbound
-            .send(Ok(ControlMessage { body: Some(body) }))
-            .unwrap();
+        self.outbound.send(Ok(ControlMessage { body: Some(body) })).unwrap();
     }
 
     fn command(&self, id: &str, kind: Option<command::Kind>) {
@@ -218,10 +196,7 @@ impl Conn {
     async fn drain_to_end(&mut self) -> Vec<host_message::Body> {
         let mut seen = Vec::new();
         loop {
-            match tokio::time::timeout(STEP, self.inbound.message())
-                .await
-                .expect("stream did not end in time")
-            {
+            match tokio::time::timeout(STEP, self.inbound.message()).await.expect("stream did not end in time") {
                 Ok(Some(m)) => seen.extend(m.body),
                 Ok(None) | Err(_) => return seen,
             }
@@ -230,9 +205,7 @@ impl Conn {
 
     /// Whether anything arrives within `wait`.
     async fn quiet_for(&mut self, wait: Duration) -> bool {
-        tokio::time::timeout(wait, self.inbound.message())
-            .await
-            .is_err()
+        tokio::time::timeout(wait, self.inbound.message()).await.is_err()
     }
 }
 
@@ -273,11 +246,7 @@ async fn port_closes(port: u16) -> bool {
 }
 
 fn running(id: &str, session: &str) -> RunningMandelbox {
-    RunningMandelbox {
-        mandelbox_id: id.to_owned(),
-        assigned: !session.is_empty(),
-        session_id: session.to_owned(),
-    }
+    RunningMandelbox { mandelbox_id: id.to_owned(), assigned: !session.is_empty(), session_id: session.to_owned() }
 }
 
 #[tokio::test]
@@ -300,23 +269,12 @@ async fn hello_welcome_heartbeats_commands_and_goodbye() {
             credential: "cred-1".to_owned(),
         }
     );
-    assert!(
-        !agent.status().borrow().connected,
-        "not connected before Welcome"
-    );
+    assert!(!agent.status().borrow().connected, "not connected before Welcome");
 
     let welcomed = Instant::now();
     conn.welcome(7, &server.url);
     let status = agent.wait_connected(1, STEP).await.unwrap();
-    assert_eq!(
-        (
-            status.connected,
-            status.generation,
-            status.connections,
-            status.draining
-        ),
-        (true, 7, 1, false)
-    );
+    assert_eq!((status.connected, status.generation, status.connections, status.draining), (true, 7, 1, false));
 
     // Heartbeats at the interval, numbered from 1.
     let mut beats = Vec::new();
@@ -324,26 +282,17 @@ async fn hello_welcome_heartbeats_commands_and_goodbye() {
         let h = conn.heartbeat().await;
         beats.push((h.sequence, h.running_mandelboxes, welcomed.elapsed()));
     }
-    assert_eq!(
-        beats.iter().map(|b| (b.0, b.1)).collect::<Vec<_>>(),
-        vec![(1, 0), (2, 0), (3, 0)]
-    );
+    assert_eq!(beats.iter().map(|b| (b.0, b.1)).collect::<Vec<_>>(), vec![(1, 0), (2, 0), (3, 0)]);
     for (i, (_, _, at)) in beats.iter().enumerate() {
         let due = Duration::from_millis(u64::from(HEARTBEAT_MS) * (i as u64 + 1));
         assert!(*at >= due, "heartbeat {i} at {at:?}, due {due:?}");
     }
-    assert!(
-        beats[2].2 < Duration::from_secs(2),
-        "heartbeats too slow: {beats:?}"
-    );
+    assert!(beats[2].2 < Duration::from_secs(2), "heartbeats too slow: {beats:?}");
 
     // Spawn: ok with a port that accepts connections.
     conn.spawn("c-1", "mb-1");
     let result = conn.result().await;
-    assert_eq!(
-        (result.command_id.as_str(), result.ok, result.error.as_str()),
-        ("c-1", true, "")
-    );
+    assert_eq!((result.command_id.as_str(), result.ok, result.error.as_str()), ("c-1", true, ""));
     let port = main_port(&result.ports);
     assert!(TcpStream::connect(("127.0.0.1", port)).await.is_ok());
     assert_eq!(conn.heartbeat().await.running_mandelboxes, 1);
@@ -369,9 +318,7 @@ async fn hello_welcome_heartbeats_commands_and_goodbye() {
     // Drain is remembered.
     conn.command(
         "c-5",
-        Some(command::Kind::Drain(switchboard_proto::v1::DrainHost {
-            reason: "maintenance".to_owned(),
-        })),
+        Some(command::Kind::Drain(switchboard_proto::v1::DrainHost { reason: "maintenance".to_owned() })),
     );
     let result = conn.result().await;
     assert_eq!((result.command_id.as_str(), result.ok), ("c-5", true));
@@ -387,12 +334,7 @@ async fn hello_welcome_heartbeats_commands_and_goodbye() {
             })),
         );
         let result = conn.result().await;
-        assert_eq!(
-            (result.command_id.as_str(), result.ok),
-            (id, true),
-            "{}",
-            result.error
-        );
+        assert_eq!((result.command_id.as_str(), result.ok), (id, true), "{}", result.error);
     }
     assert!(port_closes(port).await);
 
@@ -403,9 +345,7 @@ async fn hello_welcome_heartbeats_commands_and_goodbye() {
     assert!(port_closes(port).await, "shutdown tears every box down");
     assert!(!agent.status().borrow().connected);
     assert!(
-        tokio::time::timeout(Duration::from_millis(200), server.conns.recv())
-            .await
-            .map_or(true, |c| c.is_none()),
+        tokio::time::timeout(Duration::from_millis(200), server.conns.recv()).await.map_or(true, |c| c.is_none()),
         "no reconnect after shutdown"
     );
 }
@@ -414,11 +354,7 @@ async fn hello_welcome_heartbeats_commands_and_goodbye() {
 async fn reconnects_and_resumes_with_running_boxes() {
     let mut server = Server::start().await;
     let mut options = server.options();
-    options.backoff = Backoff {
-        initial: Duration::from_millis(20),
-        max: Duration::from_millis(200),
-        multiplier: 2.0,
-    };
+    options.backoff = Backoff { initial: Duration::from_millis(20), max: Duration::from_millis(200), multiplier: 2.0 };
     let agent = start(options, Arc::new(LocalRuntime::new()));
 
     let (conn, hello) = server.accept(1).await;
@@ -437,33 +373,19 @@ async fn reconnects_and_resumes_with_running_boxes() {
     let (mut conn, hello) = server.accept(2).await;
     assert_eq!(hello.host_id, "host-1");
     assert_eq!(hello.credential, "cred-1");
-    assert_eq!(
-        hello.mandelboxes,
-        vec![running("mb-1", "s-1"), running("mb-2", "")]
-    );
+    assert_eq!(hello.mandelboxes, vec![running("mb-1", "s-1"), running("mb-2", "")]);
     let status = agent.wait_connected(2, STEP).await.unwrap();
     assert_eq!((status.generation, status.connections), (2, 2));
     assert!(status.last_error.is_some());
-    assert!(
-        TcpStream::connect(("127.0.0.1", port)).await.is_ok(),
-        "boxes keep running"
-    );
+    assert!(TcpStream::connect(("127.0.0.1", port)).await.is_ok(), "boxes keep running");
     conn.heartbeat().await;
 
     // The agent drops the stream itself (fault injection): no Goodbye, then a new Hello.
     agent.drop_connection();
     let before_end = conn.drain_to_end().await;
-    assert!(
-        !before_end
-            .iter()
-            .any(|m| matches!(m, host_message::Body::Goodbye(_))),
-        "{before_end:?}"
-    );
+    assert!(!before_end.iter().any(|m| matches!(m, host_message::Body::Goodbye(_))), "{before_end:?}");
     let (_conn, hello) = server.accept(3).await;
-    assert_eq!(
-        hello.mandelboxes,
-        vec![running("mb-1", "s-1"), running("mb-2", "")]
-    );
+    assert_eq!(hello.mandelboxes, vec![running("mb-1", "s-1"), running("mb-2", "")]);
     let status = agent.wait_connected(3, STEP).await.unwrap();
     assert_eq!((status.generation, status.connections), (3, 3));
 
@@ -481,17 +403,11 @@ async fn paused_heartbeats_keep_the_stream_but_go_silent() {
     agent.pause_heartbeats(true);
     // A heartbeat may already be on its way; after that, silence.
     let mut in_flight = 0;
-    while !conn
-        .quiet_for(Duration::from_millis(u64::from(HEARTBEAT_MS) * 2))
-        .await
-    {
+    while !conn.quiet_for(Duration::from_millis(u64::from(HEARTBEAT_MS) * 2)).await {
         in_flight += 1;
         assert!(in_flight <= 1, "heartbeats keep coming while paused");
     }
-    assert!(
-        conn.quiet_for(Duration::from_millis(300)).await,
-        "heartbeats while paused"
-    );
+    assert!(conn.quiet_for(Duration::from_millis(300)).await, "heartbeats while paused");
     assert!(agent.status().borrow().connected);
 
     // Commands are still served while silent.
@@ -519,20 +435,13 @@ async fn kill_sends_no_goodbye_and_stops_every_box() {
     agent.kill();
     let before_end = conn.drain_to_end().await;
     assert!(
-        !before_end
-            .iter()
-            .any(|m| matches!(m, host_message::Body::Goodbye(_))),
+        !before_end.iter().any(|m| matches!(m, host_message::Body::Goodbye(_))),
         "kill must not say goodbye: {before_end:?}"
     );
-    assert!(
-        port_closes(port).await,
-        "killed boxes close their listeners"
-    );
+    assert!(port_closes(port).await, "killed boxes close their listeners");
     assert!(!agent.status().borrow().connected);
     assert!(
-        tokio::time::timeout(Duration::from_millis(300), server.conns.recv())
-            .await
-            .is_err(),
+        tokio::time::timeout(Duration::from_millis(300), server.conns.recv()).await.is_err(),
         "a killed agent does not reconnect"
     );
     // Shutdown after kill returns at once.
@@ -543,34 +452,20 @@ async fn kill_sends_no_goodbye_and_stops_every_box() {
 async fn rejections_wait_the_max_backoff_other_failures_do_not() {
     let mut server = Server::start().await;
     let mut options = server.options();
-    options.backoff = Backoff {
-        initial: Duration::from_millis(10),
-        max: Duration::from_millis(600),
-        multiplier: 2.0,
-    };
+    options.backoff = Backoff { initial: Duration::from_millis(10), max: Duration::from_millis(600), multiplier: 2.0 };
     let agent = start(options, Arc::new(LocalRuntime::new()));
 
     let mut conn = server.next_conn().await;
     conn.hello().await;
-    conn.outbound
-        .send(Err(Status::unauthenticated(
-            "BAD_HOST_CREDENTIAL: wrong credential",
-        )))
-        .unwrap();
+    conn.outbound.send(Err(Status::unauthenticated("BAD_HOST_CREDENTIAL: wrong credential"))).unwrap();
     let rejected = Instant::now();
     let mut conn = server.next_conn().await;
     let waited = rejected.elapsed();
-    assert!(
-        waited >= Duration::from_millis(600),
-        "retried after {waited:?}"
-    );
+    assert!(waited >= Duration::from_millis(600), "retried after {waited:?}");
     let status = agent.status().borrow().clone();
     assert_eq!((status.connected, status.connections), (false, 0));
     let error = status.last_error.unwrap();
-    assert!(
-        error.contains("UNAUTHENTICATED: BAD_HOST_CREDENTIAL"),
-        "{error}"
-    );
+    assert!(error.contains("UNAUTHENTICATED: BAD_HOST_CREDENTIAL"), "{error}");
 
     // A stream that just ends before Welcome is not a rejection: back soon.
     conn.hello().await;
@@ -578,10 +473,7 @@ async fn rejections_wait_the_max_backoff_other_failures_do_not() {
     let ended = Instant::now();
     let (conn, _) = server.accept(1).await;
     let waited = ended.elapsed();
-    assert!(
-        waited < Duration::from_millis(500),
-        "retried after {waited:?}"
-    );
+    assert!(waited < Duration::from_millis(500), "retried after {waited:?}");
     agent.wait_connected(1, STEP).await.unwrap();
     shut_down(&agent, conn).await;
 }
@@ -605,20 +497,11 @@ async fn a_box_that_exits_by_itself_is_reported() {
     assert_eq!(&echoed, b"hello box");
     drop(client);
 
-    let report = tokio::time::timeout(STEP, server.reports.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        (report.mandelbox_id.as_str(), report.token.as_str()),
-        ("mb-1", "dt-mb-1")
-    );
+    let report = tokio::time::timeout(STEP, server.reports.recv()).await.unwrap().unwrap();
+    assert_eq!((report.mandelbox_id.as_str(), report.token.as_str()), ("mb-1", "dt-mb-1"));
     match conn.next_non_heartbeat().await {
         host_message::Body::Exited(e) => {
-            assert_eq!(
-                (e.mandelbox_id.as_str(), e.reason.as_str()),
-                ("mb-1", "client disconnected")
-            );
+            assert_eq!((e.mandelbox_id.as_str(), e.reason.as_str()), ("mb-1", "client disconnected"));
         }
         other => panic!("expected MandelboxExited, got {other:?}"),
     }
@@ -662,11 +545,7 @@ impl MandelboxRuntime for SlowSpawn {
 #[tokio::test]
 async fn a_slow_spawn_delays_neither_heartbeats_nor_other_commands() {
     let mut server = Server::start().await;
-    let runtime = SlowSpawn {
-        inner: LocalRuntime::new(),
-        slow: "mb-slow",
-        delay: Duration::from_millis(600),
-    };
+    let runtime = SlowSpawn { inner: LocalRuntime::new(), slow: "mb-slow", delay: Duration::from_millis(600) };
     let agent = start(server.options(), Arc::new(runtime));
     let (mut conn, _) = server.accept(1).await;
     let sent = Instant::now();
@@ -689,9 +568,6 @@ async fn a_slow_spawn_delays_neither_heartbeats_nor_other_commands() {
     assert!(results[0].1 < Duration::from_millis(400), "{results:?}");
     assert_eq!(results[1].0, "c-slow");
     assert!(results[1].1 >= Duration::from_millis(600));
-    assert!(
-        heartbeats >= 5,
-        "only {heartbeats} heartbeats during a 600 ms spawn"
-    );
+    assert!(heartbeats >= 5, "only {heartbeats} heartbeats during a 600 ms spawn");
     shut_down(&agent, conn).await;
 }

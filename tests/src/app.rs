@@ -137,7 +137,8 @@ impl TestApp {
         let shutdown = CancellationToken::new();
         tokio::spawn(app.run_until_stopped(shutdown.clone()));
         let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())?.connect().await?;
-        let mut test_app = TestApp { db, store, addr, endpoint, issuer, credentials, channel, shutdown, hosts: Vec::new() };
+        let mut test_app =
+            TestApp { db, store, addr, endpoint, issuer, credentials, channel, shutdown, hosts: Vec::new() };
         let mut expected_warm = 0;
         for spec in options.hosts {
             expected_warm += spec.capacity as usize;
@@ -152,8 +153,12 @@ impl TestApp {
     /// Starts a hostagent for `spec` and waits for its Welcome.
     pub async fn add_host(&mut self, spec: HostSpec) -> anyhow::Result<AgentHandle> {
         let runtime = ObservedRuntime::new();
-        let mut options =
-            AgentOptions::new(self.endpoint.clone(), spec.id.clone(), spec.region.clone(), self.credentials.issue(&spec.id));
+        let mut options = AgentOptions::new(
+            self.endpoint.clone(),
+            spec.id.clone(),
+            spec.region.clone(),
+            self.credentials.issue(&spec.id),
+        );
         options.capacity = spec.capacity;
         options.backoff.initial = Duration::from_millis(20);
         options.backoff.max = Duration::from_millis(200);
@@ -213,7 +218,12 @@ impl TestApp {
     }
 
     /// Waits until the session is in `state`.
-    pub async fn wait_session(&self, id: &str, state: SessionState, timeout: Duration) -> anyhow::Result<SessionRecord> {
+    pub async fn wait_session(
+        &self,
+        id: &str,
+        state: SessionState,
+        timeout: Duration,
+    ) -> anyhow::Result<SessionRecord> {
         let mut last = None;
         eventually(timeout, async || {
             let session = self.session(id).await?;

@@ -5,7 +5,7 @@
 use std::{collections::HashSet, time::Duration};
 
 use switchboard::model::{EndReason, MandelboxState, SessionState};
-use switchboard_proto::v1::{AllocateRequest, EndSessionRequest, WatchSessionRequest, SessionState as WireState};
+use switchboard_proto::v1::{AllocateRequest, EndSessionRequest, SessionState as WireState, WatchSessionRequest};
 use switchboard_tests::{Backend, HostSpec, TestApp, TestOptions, app::reason, on_both_backends};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -74,11 +74,8 @@ async fn whole_loop(backend: Backend) {
     assert_eq!(warm_after.difference(&warm_before).count(), 1, "exactly one replacement");
 
     // Nothing secret reached the database.
-    let leaked = app
-        .db
-        .query_i64("SELECT count(*) FROM sessions WHERE client_version LIKE '%config-token%'")
-        .await
-        .unwrap();
+    let leaked =
+        app.db.query_i64("SELECT count(*) FROM sessions WHERE client_version LIKE '%config-token%'").await.unwrap();
     assert_eq!(leaked, 0);
 }
 
@@ -87,9 +84,9 @@ async fn concurrent_allocations_never_share_a_box(backend: Backend) {
     let hosts = (1..=10).map(|i| HostSpec::new(&format!("host-{i}"), "us-east-1", 10)).collect();
     let app = TestApp::spawn(backend, TestOptions { hosts, ..Default::default() }).await.unwrap();
     let clients: Vec<_> = (0..300).map(|i| app.user_client(&format!("user-{i}"))).collect();
-    let calls = clients.into_iter().map(|mut client| {
-        tokio::spawn(async move { client.allocate(request(&["us-east-1"])).await })
-    });
+    let calls = clients
+        .into_iter()
+        .map(|mut client| tokio::spawn(async move { client.allocate(request(&["us-east-1"])).await }));
     let results = futures::future::join_all(calls).await;
     let mut won = Vec::new();
     let mut pending = 0;
@@ -145,11 +142,8 @@ async fn pending_session_is_fulfilled_and_watched(backend: Backend) {
     assert_eq!(second.state, WireState::Pending as i32);
     assert!(second.session_key.is_empty());
 
-    let mut updates = bob
-        .watch_session(WatchSessionRequest { session_id: second.session_id.clone() })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut updates =
+        bob.watch_session(WatchSessionRequest { session_id: second.session_id.clone() }).await.unwrap().into_inner();
     let mut key = String::new();
     let mut last_state = WireState::Unspecified as i32;
     while let Ok(Some(update)) = tokio::time::timeout(Duration::from_secs(5), updates.message()).await.unwrap() {

@@ -50,15 +50,11 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
     let args = Args::parse();
 
-    let host_id = args
-        .host_id
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let host_id = args.host_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let mut options = AgentOptions::new(args.endpoint, host_id, args.region, args.credential);
     options.image = args.image;
     options.capacity = args.capacity;
@@ -90,10 +86,7 @@ async fn watch_signals(shutdown: CancellationToken) {
         }
     };
     let first = signals.next().await;
-    info!(
-        signal = first,
-        "shutting down gracefully (signal again to exit at once)"
-    );
+    info!(signal = first, "shutting down gracefully (signal again to exit at once)");
     shutdown.cancel();
     let second = signals.next().await;
     warn!(signal = second, "second signal, exiting now");

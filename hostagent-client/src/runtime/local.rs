@@ -22,9 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::report::report_disconnect;
-use super::{
-    AssignSpec, Assignment, ExitNotice, MandelboxRuntime, RuntimeError, SpawnSpec, new_session_key,
-};
+use super::{AssignSpec, Assignment, ExitNotice, MandelboxRuntime, RuntimeError, SpawnSpec, new_session_key};
 
 /// Name of the port a local box reports (the protocol server's main port in the
 /// system Switchboard replaces).
@@ -143,11 +141,7 @@ impl MandelboxRuntime for LocalRuntime {
         // The only await: cancelling spawn here leaves nothing behind.
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let port = listener.local_addr()?.port();
-        let ports = vec![Port {
-            name: MAIN_PORT_NAME.to_owned(),
-            port: u32::from(port),
-            protocol: "tcp".to_owned(),
-        }];
+        let ports = vec![Port { name: MAIN_PORT_NAME.to_owned(), port: u32::from(port), protocol: "tcp".to_owned() }];
 
         let mut boxes = self.inner.lock();
         if let Some(existing) = boxes.get(&spec.mandelbox_id) {
@@ -166,26 +160,9 @@ impl MandelboxRuntime for LocalRuntime {
             exit_after_disconnect: self.inner.exit_after_disconnect,
         };
         let span = info_span!("mandelbox", mandelbox_id = spec.mandelbox_id);
-        let task = tokio::spawn(
-            life.run(listener, session_rx, stop.clone())
-                .instrument(span),
-        );
-        boxes.insert(
-            spec.mandelbox_id.clone(),
-            LocalBox {
-                instance,
-                ports: ports.clone(),
-                session,
-                stop,
-                task,
-            },
-        );
-        info!(
-            mandelbox_id = spec.mandelbox_id,
-            app = spec.app,
-            port,
-            "mandelbox spawned"
-        );
+        let task = tokio::spawn(life.run(listener, session_rx, stop.clone()).instrument(span));
+        boxes.insert(spec.mandelbox_id.clone(), LocalBox { instance, ports: ports.clone(), session, stop, task });
+        info!(mandelbox_id = spec.mandelbox_id, app = spec.app, port, "mandelbox spawned");
         Ok(ports)
     }
 
@@ -194,16 +171,12 @@ impl MandelboxRuntime for LocalRuntime {
             return Err(RuntimeError::Invalid("empty session_id".into()));
         }
         let boxes = self.inner.lock();
-        let b = boxes
-            .get(&spec.mandelbox_id)
-            .ok_or_else(|| RuntimeError::NotFound(spec.mandelbox_id.clone()))?;
+        let b = boxes.get(&spec.mandelbox_id).ok_or_else(|| RuntimeError::NotFound(spec.mandelbox_id.clone()))?;
         let current = b.session.borrow().clone();
         let session_key = match current {
             Some(s) if s.session_id == spec.session_id => s.session_key,
             Some(_) => {
-                return Err(RuntimeError::AlreadyAssigned {
-                    mandelbox_id: spec.mandelbox_id,
-                });
+                return Err(RuntimeError::AlreadyAssigned { mandelbox_id: spec.mandelbox_id });
             }
             None => {
                 let session_key = new_session_key();
@@ -220,10 +193,7 @@ impl MandelboxRuntime for LocalRuntime {
                 session_key
             }
         };
-        Ok(Assignment {
-            ports: b.ports.clone(),
-            session_key,
-        })
+        Ok(Assignment { ports: b.ports.clone(), session_key })
     }
 
     async fn teardown(&self, mandelbox_id: &str) -> Result<(), RuntimeError> {
@@ -252,10 +222,7 @@ impl MandelboxRuntime for LocalRuntime {
                 RunningMandelbox {
                     mandelbox_id: id.clone(),
                     assigned: session.is_some(),
-                    session_id: session
-                        .as_ref()
-                        .map(|s| s.session_id.clone())
-                        .unwrap_or_default(),
+                    session_id: session.as_ref().map(|s| s.session_id.clone()).unwrap_or_default(),
                 }
             })
             .collect();
@@ -301,12 +268,7 @@ struct BoxLife {
 }
 
 impl BoxLife {
-    async fn run(
-        self,
-        listener: TcpListener,
-        session: watch::Receiver<Option<SessionInfo>>,
-        stop: CancellationToken,
-    ) {
+    async fn run(self, listener: TcpListener, session: watch::Receiver<Option<SessionInfo>>, stop: CancellationToken) {
         tokio::select! {
             _ = stop.cancelled() => {}
             exit_reason = self.serve(&listener, session) => {
@@ -320,11 +282,7 @@ impl BoxLife {
 
     /// Serves one session. Returns the reason when the box exits by itself;
     /// otherwise waits (for teardown) forever.
-    async fn serve(
-        &self,
-        listener: &TcpListener,
-        mut session: watch::Receiver<Option<SessionInfo>>,
-    ) -> Option<String> {
+    async fn serve(&self, listener: &TcpListener, mut session: watch::Receiver<Option<SessionInfo>>) -> Option<String> {
         let mandelbox_id = self.mandelbox_id.as_str();
         let assigned = session
             .wait_for(Option::is_some)
@@ -347,12 +305,7 @@ impl BoxLife {
         let bytes = echo(stream).await;
         info!(mandelbox_id, session_id, bytes, "client disconnected");
         let left_at = Instant::now();
-        report_disconnect(
-            &self.session_events_endpoint,
-            mandelbox_id,
-            &self.disconnect_token,
-        )
-        .await;
+        report_disconnect(&self.session_events_endpoint, mandelbox_id, &self.disconnect_token).await;
         match self.exit_after_disconnect {
             Some(delay) => {
                 tokio::time::sleep_until(left_at + delay).await;
@@ -378,10 +331,7 @@ impl BoxLife {
         if removed.is_some() {
             info!(mandelbox_id = self.mandelbox_id, reason, "mandelbox exited");
             // No subscriber means nobody to tell; the next Hello omits the box.
-            let _ = runtime.exits.send(ExitNotice {
-                mandelbox_id: self.mandelbox_id.clone(),
-                reason,
-            });
+            let _ = runtime.exits.send(ExitNotice { mandelbox_id: self.mandelbox_id.clone(), reason });
         }
     }
 }

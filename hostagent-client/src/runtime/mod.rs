@@ -98,10 +98,7 @@ pub struct Assignment {
 
 impl fmt::Debug for Assignment {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Assignment")
-            .field("ports", &self.ports)
-            .field("session_key", &REDACTED)
-            .finish()
+        f.debug_struct("Assignment").field("ports", &self.ports).field("session_key", &REDACTED).finish()
     }
 }
 
@@ -158,10 +155,7 @@ mod tests {
             client_data_json: "{}".into(),
             config_encryption_token: "cet-secret".into(),
         };
-        let assignment = Assignment {
-            ports: vec![],
-            session_key: "key-secret".into(),
-        };
+        let assignment = Assignment { ports: vec![], session_key: "key-secret".into() };
         let all = format!("{spawn:?} {assign:?} {assignment:?}");
         assert!(!all.contains("secret"), "{all}");
         assert!(all.contains("mb-1") && all.contains("s-1"));
@@ -172,10 +166,7 @@ mod tests {
         let a = new_session_key();
         let b = new_session_key();
         assert_eq!(a.len(), 32);
-        assert!(
-            a.chars()
-                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
-        );
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
         assert_ne!(a, b);
     }
 }

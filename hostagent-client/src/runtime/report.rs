@@ -16,11 +16,8 @@ pub(crate) const REPORT_ATTEMPTS: u32 = 5;
 
 const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
-const REPORT_BACKOFF: Backoff = Backoff {
-    initial: Duration::from_millis(100),
-    max: Duration::from_secs(2),
-    multiplier: 2.0,
-};
+const REPORT_BACKOFF: Backoff =
+    Backoff { initial: Duration::from_millis(100), max: Duration::from_secs(2), multiplier: 2.0 };
 
 /// Why one report attempt failed.
 #[derive(Debug)]
@@ -35,10 +32,7 @@ enum Failure {
 /// plane accepted the report. Never logs the token.
 pub(crate) async fn report_disconnect(endpoint: &str, mandelbox_id: &str, token: &str) -> bool {
     if endpoint.is_empty() {
-        warn!(
-            mandelbox_id,
-            "no session events endpoint, disconnect not reported"
-        );
+        warn!(mandelbox_id, "no session events endpoint, disconnect not reported");
         return false;
     }
     let mut schedule = BackoffSchedule::new(REPORT_BACKOFF);
@@ -49,10 +43,7 @@ pub(crate) async fn report_disconnect(endpoint: &str, mandelbox_id: &str, token:
                 return true;
             }
             Err(Failure::Permanent(error)) => {
-                warn!(
-                    mandelbox_id,
-                    attempt, error, "disconnect report rejected, giving up"
-                );
+                warn!(mandelbox_id, attempt, error, "disconnect report rejected, giving up");
                 return false;
             }
             Err(Failure::Transient(error)) if attempt < REPORT_ATTEMPTS => {
@@ -67,10 +58,7 @@ pub(crate) async fn report_disconnect(endpoint: &str, mandelbox_id: &str, token:
                 tokio::time::sleep(delay).await;
             }
             Err(Failure::Transient(error)) => {
-                warn!(
-                    mandelbox_id,
-                    attempt, error, "disconnect report failed, giving up"
-                );
+                warn!(mandelbox_id, attempt, error, "disconnect report failed, giving up");
             }
         }
     }
@@ -82,18 +70,9 @@ async fn report_once(endpoint: &str, mandelbox_id: &str, token: &str) -> Result<
         .map_err(|e| Failure::Permanent(format!("bad session events endpoint: {e}")))?
         .connect_timeout(REPORT_TIMEOUT)
         .timeout(REPORT_TIMEOUT);
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| Failure::Transient(format!("connect: {e}")))?;
-    let request = ReportDisconnectRequest {
-        mandelbox_id: mandelbox_id.to_owned(),
-        token: token.to_owned(),
-    };
-    match SessionEventsServiceClient::new(channel)
-        .report_disconnect(request)
-        .await
-    {
+    let channel = endpoint.connect().await.map_err(|e| Failure::Transient(format!("connect: {e}")))?;
+    let request = ReportDisconnectRequest { mandelbox_id: mandelbox_id.to_owned(), token: token.to_owned() };
+    match SessionEventsServiceClient::new(channel).report_disconnect(request).await {
         Ok(response) => Ok(response.into_inner().session_id),
         Err(status) => {
             let error = format!("{:?}: {}", status.code(), status.message());

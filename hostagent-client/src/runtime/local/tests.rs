@@ -1,8 +1,6 @@
 use std::collections::VecDeque;
 
-use switchboard_proto::v1::session_events_service_server::{
-    SessionEventsService, SessionEventsServiceServer,
-};
+use switchboard_proto::v1::session_events_service_server::{SessionEventsService, SessionEventsServiceServer};
 use switchboard_proto::v1::{ReportDisconnectRequest, ReportDisconnectResponse};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -60,23 +58,16 @@ impl SessionEventsService for FakeEvents {
         let _ = self.calls.send(request);
         match self.script.lock().unwrap().pop_front() {
             Some(status) => Err(status),
-            None => Ok(Response::new(ReportDisconnectResponse {
-                session_id: "s-1".to_owned(),
-            })),
+            None => Ok(Response::new(ReportDisconnectResponse { session_id: "s-1".to_owned() })),
         }
     }
 }
 
-async fn events_server(
-    script: Vec<Status>,
-) -> (String, mpsc::UnboundedReceiver<ReportDisconnectRequest>) {
+async fn events_server(script: Vec<Status>) -> (String, mpsc::UnboundedReceiver<ReportDisconnectRequest>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (calls, calls_rx) = mpsc::unbounded_channel();
-    let svc = FakeEvents {
-        script: std::sync::Mutex::new(script.into()),
-        calls,
-    };
+    let svc = FakeEvents { script: std::sync::Mutex::new(script.into()), calls };
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(SessionEventsServiceServer::new(svc))
@@ -90,10 +81,7 @@ async fn visit(port: u16) {
     let mut client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     client.write_all(b"ping").await.unwrap();
     let mut echoed = [0u8; 4];
-    tokio::time::timeout(STEP, client.read_exact(&mut echoed))
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(STEP, client.read_exact(&mut echoed)).await.unwrap().unwrap();
     assert_eq!(&echoed, b"ping");
     drop(client);
 }
@@ -124,15 +112,9 @@ async fn assign_returns_a_32_hex_key_once_per_session() {
     let again = rt.assign(assign_spec("mb-1", "s-1")).await.unwrap();
     assert_eq!(again, a);
     let other = rt.assign(assign_spec("mb-1", "s-2")).await;
-    assert!(
-        matches!(other, Err(RuntimeError::AlreadyAssigned { .. })),
-        "{other:?}"
-    );
+    assert!(matches!(other, Err(RuntimeError::AlreadyAssigned { .. })), "{other:?}");
     let missing = rt.assign(assign_spec("nope", "s-1")).await;
-    assert!(
-        matches!(missing, Err(RuntimeError::NotFound(_))),
-        "{missing:?}"
-    );
+    assert!(matches!(missing, Err(RuntimeError::NotFound(_))), "{missing:?}");
     // Another box gets another key.
     rt.spawn(spawn_spec("mb-2", "")).await.unwrap();
     let b = rt.assign(assign_spec("mb-2", "s-2")).await.unwrap();
@@ -145,10 +127,7 @@ async fn teardown_closes_the_port_and_is_idempotent() {
     let port = main_port(&rt.spawn(spawn_spec("mb-1", "")).await.unwrap());
     assert!(connects(port).await);
     rt.teardown("mb-1").await.unwrap();
-    assert!(
-        !connects(port).await,
-        "port {port} still open after teardown"
-    );
+    assert!(!connects(port).await, "port {port} still open after teardown");
     rt.teardown("mb-1").await.unwrap();
     rt.teardown("never-existed").await.unwrap();
     assert!(rt.running().is_empty());
@@ -163,16 +142,8 @@ async fn running_lists_boxes_with_assigned_flags() {
     assert_eq!(
         rt.running(),
         vec![
-            RunningMandelbox {
-                mandelbox_id: "mb-a".to_owned(),
-                assigned: false,
-                session_id: String::new(),
-            },
-            RunningMandelbox {
-                mandelbox_id: "mb-b".to_owned(),
-                assigned: true,
-                session_id: "s-9".to_owned(),
-            },
+            RunningMandelbox { mandelbox_id: "mb-a".to_owned(), assigned: false, session_id: String::new() },
+            RunningMandelbox { mandelbox_id: "mb-b".to_owned(), assigned: true, session_id: "s-9".to_owned() },
         ]
     );
 }
@@ -187,25 +158,13 @@ async fn client_leaving_is_reported_and_the_box_exits_later() {
     let left = Instant::now();
     visit(port).await;
 
-    let call = tokio::time::timeout(STEP, calls.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let call = tokio::time::timeout(STEP, calls.recv()).await.unwrap().unwrap();
     assert_eq!(call.mandelbox_id, "mb-1");
     assert_eq!(call.token, "token-mb-1");
 
-    let exit = tokio::time::timeout(STEP, exits.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let exit = tokio::time::timeout(STEP, exits.recv()).await.unwrap().unwrap();
     assert!(left.elapsed() >= Duration::from_millis(100));
-    assert_eq!(
-        exit,
-        ExitNotice {
-            mandelbox_id: "mb-1".to_owned(),
-            reason: "client disconnected".to_owned(),
-        }
-    );
+    assert_eq!(exit, ExitNotice { mandelbox_id: "mb-1".to_owned(), reason: "client disconnected".to_owned() });
     assert!(rt.running().is_empty());
     assert!(!connects(port).await);
     assert!(calls.try_recv().is_err(), "reported once");
@@ -219,10 +178,7 @@ async fn without_exit_delay_the_box_waits_for_teardown() {
     let port = main_port(&rt.spawn(spawn_spec("mb-1", &endpoint)).await.unwrap());
     rt.assign(assign_spec("mb-1", "s-1")).await.unwrap();
     visit(port).await;
-    tokio::time::timeout(STEP, calls.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(STEP, calls.recv()).await.unwrap().unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(exits.try_recv().is_err());
     assert_eq!(rt.running().len(), 1);
@@ -232,36 +188,24 @@ async fn without_exit_delay_the_box_waits_for_teardown() {
 
 #[tokio::test]
 async fn unavailable_reports_are_retried_and_refusals_are_not() {
-    let (endpoint, mut calls) = events_server(vec![
-        Status::unavailable("STORAGE_UNAVAILABLE"),
-        Status::unavailable("STORAGE_UNAVAILABLE"),
-    ])
-    .await;
+    let (endpoint, mut calls) =
+        events_server(vec![Status::unavailable("STORAGE_UNAVAILABLE"), Status::unavailable("STORAGE_UNAVAILABLE")])
+            .await;
     let rt = LocalRuntime::new();
     let port = main_port(&rt.spawn(spawn_spec("mb-1", &endpoint)).await.unwrap());
     rt.assign(assign_spec("mb-1", "s-1")).await.unwrap();
     visit(port).await;
     for _ in 0..3 {
-        tokio::time::timeout(STEP, calls.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        tokio::time::timeout(STEP, calls.recv()).await.unwrap().unwrap();
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        calls.try_recv().is_err(),
-        "no call after the successful one"
-    );
+    assert!(calls.try_recv().is_err(), "no call after the successful one");
 
-    let (endpoint, mut calls) =
-        events_server(vec![Status::permission_denied("BAD_MANDELBOX_TOKEN")]).await;
+    let (endpoint, mut calls) = events_server(vec![Status::permission_denied("BAD_MANDELBOX_TOKEN")]).await;
     let port = main_port(&rt.spawn(spawn_spec("mb-2", &endpoint)).await.unwrap());
     rt.assign(assign_spec("mb-2", "s-2")).await.unwrap();
     visit(port).await;
-    tokio::time::timeout(STEP, calls.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(STEP, calls.recv()).await.unwrap().unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(calls.try_recv().is_err(), "PERMISSION_DENIED is final");
 }
@@ -282,9 +226,7 @@ async fn kill_all_closes_every_port_and_client() {
     assert!(rt.running().is_empty());
     // The client sees its connection end, and the ports close.
     let mut rest = Vec::new();
-    let read = tokio::time::timeout(STEP, client.read_to_end(&mut rest))
-        .await
-        .unwrap();
+    let read = tokio::time::timeout(STEP, client.read_to_end(&mut rest)).await.unwrap();
     assert!(read.is_err() || rest.is_empty());
     let closed = async {
         while connects(p1).await || connects(p2).await {
@@ -292,10 +234,7 @@ async fn kill_all_closes_every_port_and_client() {
         }
     };
     tokio::time::timeout(STEP, closed).await.unwrap();
-    assert!(
-        exits.try_recv().is_err(),
-        "a killed box sends no exit notice"
-    );
+    assert!(exits.try_recv().is_err(), "a killed box sends no exit notice");
 }
 
 #[tokio::test]
