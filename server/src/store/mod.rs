@@ -21,8 +21,8 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::model::{
-    EndReason, HostHello, HostRecord, HostSummary, MandelboxRecord, MandelboxState, PortSpec,
-    Region, SessionRecord, SessionState,
+    EndReason, HostHello, HostRecord, HostSummary, MandelboxRecord, MandelboxState, PortSpec, Region, SessionRecord,
+    SessionState,
 };
 
 /// Shared handle to whichever store the process runs on.
@@ -50,12 +50,8 @@ pub enum StoreError {
 impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
         match error {
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
-                StoreError::Unavailable(error)
-            }
-            sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
-                StoreError::Corrupt(error.to_string())
-            }
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => StoreError::Unavailable(error),
+            sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => StoreError::Corrupt(error.to_string()),
             other => StoreError::Database(other),
         }
     }
@@ -202,12 +198,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Stores the time of the latest heartbeat of `generation` (ignored for
     /// another generation).
-    async fn record_heartbeat(
-        &self,
-        host_id: &str,
-        generation: u64,
-        at: DateTime<Utc>,
-    ) -> StoreResult<()>;
+    async fn record_heartbeat(&self, host_id: &str, generation: u64, at: DateTime<Utc>) -> StoreResult<()>;
 
     /// ACTIVE → DRAINING (kept if already DRAINING, DISCONNECTED/UNHEALTHY
     /// unchanged). None if the host is unknown.
@@ -218,11 +209,7 @@ pub trait Store: Send + Sync + 'static {
     /// boxes → ENDED (HOST_LOST). With `generation`, acts only if the row still
     /// has that generation (else returns an empty list and changes nothing).
     /// Returns the sessions it ended.
-    async fn mark_host_lost(
-        &self,
-        host_id: &str,
-        generation: Option<u64>,
-    ) -> StoreResult<Vec<SessionRecord>>;
+    async fn mark_host_lost(&self, host_id: &str, generation: Option<u64>) -> StoreResult<Vec<SessionRecord>>;
 
     async fn get_host(&self, host_id: &str) -> StoreResult<Option<HostRecord>>;
 
@@ -230,10 +217,7 @@ pub trait Store: Send + Sync + 'static {
     async fn list_hosts(&self, region: Option<&str>) -> StoreResult<Vec<HostSummary>>;
 
     /// DISCONNECTED hosts whose `disconnected_at` is before `cutoff`.
-    async fn hosts_disconnected_before(
-        &self,
-        cutoff: DateTime<Utc>,
-    ) -> StoreResult<Vec<HostRecord>>;
+    async fn hosts_disconnected_before(&self, cutoff: DateTime<Utc>) -> StoreResult<Vec<HostRecord>>;
 
     /// At start-up of a single control plane: every ACTIVE/DRAINING host →
     /// DISCONNECTED with `disconnected_at` = `at`, so it gets the reconnect
@@ -244,22 +228,14 @@ pub trait Store: Send + Sync + 'static {
     /// the database holds for the host, in one transaction (see
     /// `Reconciliation`). Boxes in both that are WAITING/ALLOCATED/RUNNING are
     /// kept as they are.
-    async fn reconcile_host(
-        &self,
-        host_id: &str,
-        reported: &[ReportedMandelbox],
-    ) -> StoreResult<Reconciliation>;
+    async fn reconcile_host(&self, host_id: &str, reported: &[ReportedMandelbox]) -> StoreResult<Reconciliation>;
 
     // ----- mandelboxes ---------------------------------------------------
 
     /// Reserves a slot on `host_id` for a new box: atomically checks that the
     /// host is ACTIVE and has fewer live boxes than its capacity, then inserts
     /// the box as SPAWNING (region from the host). None if there is no room.
-    async fn reserve_mandelbox(
-        &self,
-        host_id: &str,
-        new: &NewMandelbox,
-    ) -> StoreResult<Option<MandelboxRecord>>;
+    async fn reserve_mandelbox(&self, host_id: &str, new: &NewMandelbox) -> StoreResult<Option<MandelboxRecord>>;
 
     /// Like `reserve_mandelbox`, on the best host in `regions` with room:
     /// first region first, then the fullest host (fewest free slots), hosts
@@ -275,11 +251,7 @@ pub trait Store: Send + Sync + 'static {
     /// The host confirmed a spawn: SPAWNING → WAITING with `ports`, or →
     /// ALLOCATED if the box was reserved for a session. None (no change) if the
     /// box is not SPAWNING any more.
-    async fn mandelbox_spawned(
-        &self,
-        id: Uuid,
-        ports: &[PortSpec],
-    ) -> StoreResult<Option<MandelboxRecord>>;
+    async fn mandelbox_spawned(&self, id: Uuid, ports: &[PortSpec]) -> StoreResult<Option<MandelboxRecord>>;
 
     /// The box is gone (exited, teardown confirmed, or spawn failed): → `state`
     /// (DEAD or LOST). If a live session is on it, the session → ENDED with
@@ -298,15 +270,10 @@ pub trait Store: Send + Sync + 'static {
     async fn mandelbox_auth(&self, id: Uuid) -> StoreResult<Option<MandelboxAuth>>;
 
     /// Newest first, at most 1000.
-    async fn list_mandelboxes(&self, filter: &MandelboxFilter)
-    -> StoreResult<Vec<MandelboxRecord>>;
+    async fn list_mandelboxes(&self, filter: &MandelboxFilter) -> StoreResult<Vec<MandelboxRecord>>;
 
     /// Live boxes on the host with the given states.
-    async fn host_mandelboxes(
-        &self,
-        host_id: &str,
-        states: &[MandelboxState],
-    ) -> StoreResult<Vec<MandelboxRecord>>;
+    async fn host_mandelboxes(&self, host_id: &str, states: &[MandelboxState]) -> StoreResult<Vec<MandelboxRecord>>;
 
     // ----- sessions and claims ------------------------------------------
 
@@ -317,57 +284,32 @@ pub trait Store: Send + Sync + 'static {
     /// host image matching the region's image unless that is empty; box app ==
     /// `new.app`) and inserts the session as ASSIGNING on it; with no such box,
     /// inserts it as PENDING.
-    async fn create_session_and_claim(
-        &self,
-        new: &NewSession,
-        limit: u32,
-    ) -> StoreResult<ClaimOutcome>;
+    async fn create_session_and_claim(&self, new: &NewSession, limit: u32) -> StoreResult<ClaimOutcome>;
 
     /// Claims a WAITING box (same choice as above, skipping `exclude_hosts`) for
     /// a PENDING session: session → ASSIGNING, box → ALLOCATED. None if the
     /// session is not PENDING or no box matched.
-    async fn claim_for_session(
-        &self,
-        session_id: Uuid,
-        exclude_hosts: &[String],
-    ) -> StoreResult<Option<Claim>>;
+    async fn claim_for_session(&self, session_id: Uuid, exclude_hosts: &[String]) -> StoreResult<Option<Claim>>;
 
     /// Moves a session onto a box that was reserved (spawned) for it and is now
     /// ALLOCATED: session PENDING → ASSIGNING with the box's host and region.
     /// None if the session is not PENDING or the box not ALLOCATED for it.
-    async fn attach_reserved(
-        &self,
-        session_id: Uuid,
-        mandelbox_id: Uuid,
-    ) -> StoreResult<Option<Claim>>;
+    async fn attach_reserved(&self, session_id: Uuid, mandelbox_id: Uuid) -> StoreResult<Option<Claim>>;
 
     /// The host confirmed an assignment: box ALLOCATED → RUNNING, session
     /// ASSIGNING → RUNNING. None (no change) if either moved on meanwhile.
-    async fn confirm_assignment(
-        &self,
-        session_id: Uuid,
-        mandelbox_id: Uuid,
-    ) -> StoreResult<Option<SessionRecord>>;
+    async fn confirm_assignment(&self, session_id: Uuid, mandelbox_id: Uuid) -> StoreResult<Option<SessionRecord>>;
 
     /// The host did not confirm: box → `box_state` (DYING when the host may
     /// still hold it, LOST when the host is gone), session ASSIGNING → PENDING
     /// with its box, host and region cleared. No change if the session is not
     /// ASSIGNING on that box.
-    async fn release_claim(
-        &self,
-        session_id: Uuid,
-        mandelbox_id: Uuid,
-        box_state: MandelboxState,
-    ) -> StoreResult<()>;
+    async fn release_claim(&self, session_id: Uuid, mandelbox_id: Uuid, box_state: MandelboxState) -> StoreResult<()>;
 
     /// Ends a live session with `reason` (sets `ended_at`); its box, if live,
     /// → DYING and is returned for teardown. An already ENDED session is
     /// returned unchanged with `changed` = false. None if unknown.
-    async fn end_session(
-        &self,
-        session_id: Uuid,
-        reason: EndReason,
-    ) -> StoreResult<Option<EndedSession>>;
+    async fn end_session(&self, session_id: Uuid, reason: EndReason) -> StoreResult<Option<EndedSession>>;
 
     async fn get_session(&self, id: Uuid) -> StoreResult<Option<SessionRecord>>;
 
@@ -381,11 +323,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Housekeeping: expires PENDING sessions created before `pending_cutoff`
     /// and SPAWNING boxes last updated before `spawn_cutoff` (see `SweepOutcome`).
-    async fn sweep(
-        &self,
-        pending_cutoff: DateTime<Utc>,
-        spawn_cutoff: DateTime<Utc>,
-    ) -> StoreResult<SweepOutcome>;
+    async fn sweep(&self, pending_cutoff: DateTime<Utc>, spawn_cutoff: DateTime<Utc>) -> StoreResult<SweepOutcome>;
 }
 
 /// Opens the store a URL names, `postgres://…` (or `postgresql://…`) or
@@ -405,27 +343,19 @@ pub async fn connect(url: &str) -> StoreResult<DynStore> {
         Ok(Arc::new(store))
     } else {
         Err(StoreError::Database(sqlx::Error::Configuration(
-            format!(
-                "unsupported database URL (want postgres:// or sqlite:): {}",
-                redact_url(url)
-            )
-            .into(),
+            format!("unsupported database URL (want postgres:// or sqlite:): {}", redact_url(url)).into(),
         )))
     }
 }
 
 /// The scheme of a URL only: the rest may hold a password.
 fn redact_url(url: &str) -> &str {
-    url.split_once(':')
-        .map_or("<no scheme>", |(scheme, _)| scheme)
+    url.split_once(':').map_or("<no scheme>", |(scheme, _)| scheme)
 }
 
 /// Session states that count as live, for queries.
-pub const LIVE_SESSION_STATES: [SessionState; 3] = [
-    SessionState::Pending,
-    SessionState::Assigning,
-    SessionState::Running,
-];
+pub const LIVE_SESSION_STATES: [SessionState; 3] =
+    [SessionState::Pending, SessionState::Assigning, SessionState::Running];
 
 /// Box states that occupy a slot, for queries.
 pub const LIVE_MANDELBOX_STATES: [MandelboxState; 5] = [

@@ -22,12 +22,12 @@ use uuid::Uuid;
 
 use super::rows::{self, host_columns, live_box_states, mandelbox_columns, now, session_columns};
 use super::{
-    Claim, ClaimOutcome, EndedSession, MandelboxAuth, MandelboxFilter, NewMandelbox, NewSession,
-    Reconciliation, ReportedMandelbox, SessionFilter, Store, StoreError, StoreResult, SweepOutcome,
+    Claim, ClaimOutcome, EndedSession, MandelboxAuth, MandelboxFilter, NewMandelbox, NewSession, Reconciliation,
+    ReportedMandelbox, SessionFilter, Store, StoreError, StoreResult, SweepOutcome,
 };
 use crate::model::{
-    EndReason, HostHello, HostRecord, HostState, HostSummary, MandelboxRecord, MandelboxState,
-    PortSpec, Region, SessionRecord, SessionState,
+    EndReason, HostHello, HostRecord, HostState, HostSummary, MandelboxRecord, MandelboxState, PortSpec, Region,
+    SessionRecord, SessionState,
 };
 
 pub struct PgStore {
@@ -47,9 +47,7 @@ impl PgStore {
     /// Applies pending migrations. sqlx holds a PostgreSQL advisory lock while
     /// migrating, so replicas starting together apply each migration once.
     pub async fn migrate(&self) -> StoreResult<()> {
-        sqlx::migrate!("../migrations/postgres")
-            .run(&self.pool)
-            .await?;
+        sqlx::migrate!("../migrations/postgres").run(&self.pool).await?;
         Ok(())
     }
 
@@ -69,11 +67,7 @@ struct RegionRow {
 
 impl From<RegionRow> for Region {
     fn from(row: RegionRow) -> Self {
-        Region {
-            name: row.name,
-            enabled: row.enabled,
-            image: row.image,
-        }
+        Region { name: row.name, enabled: row.enabled, image: row.image }
     }
 }
 
@@ -190,11 +184,7 @@ impl SessionRow {
         Ok(SessionRecord {
             state: rows::parse_enum("sessions.state", &self.state, SessionState::parse)?,
             requested_regions: rows::regions_from_json(self.requested_regions)?,
-            end_reason: rows::parse_optional_enum(
-                "sessions.end_reason",
-                self.end_reason.as_deref(),
-                EndReason::parse,
-            )?,
+            end_reason: rows::parse_optional_enum("sessions.end_reason", self.end_reason.as_deref(), EndReason::parse)?,
             id: self.id,
             user_id: self.user_id,
             app: self.app,
@@ -228,52 +218,37 @@ fn state_names<T: Copy>(states: &[T], name: fn(T) -> &'static str) -> Vec<String
 // ----- queries shared by several methods -----------------------------------
 
 async fn select_host(conn: &mut PgConnection, host_id: &str) -> StoreResult<Option<HostRecord>> {
-    sqlx::query_as::<_, HostRow>(concat!(
-        "SELECT ",
-        host_columns!(),
-        " FROM hosts WHERE id = $1"
-    ))
-    .bind(host_id)
-    .fetch_optional(conn)
-    .await?
-    .map(HostRow::into_record)
-    .transpose()
+    sqlx::query_as::<_, HostRow>(concat!("SELECT ", host_columns!(), " FROM hosts WHERE id = $1"))
+        .bind(host_id)
+        .fetch_optional(conn)
+        .await?
+        .map(HostRow::into_record)
+        .transpose()
 }
 
 /// The host a claimed or reserved box lives on; the foreign key guarantees it.
 async fn host_of(conn: &mut PgConnection, mandelbox: &MandelboxRecord) -> StoreResult<HostRecord> {
     select_host(conn, &mandelbox.host_id).await?.ok_or_else(|| {
-        StoreError::Corrupt(format!(
-            "mandelbox {} is on unknown host {}",
-            mandelbox.id, mandelbox.host_id
-        ))
+        StoreError::Corrupt(format!("mandelbox {} is on unknown host {}", mandelbox.id, mandelbox.host_id))
     })
 }
 
 async fn lock_host(conn: &mut PgConnection, host_id: &str) -> StoreResult<Option<HostRecord>> {
-    sqlx::query_as::<_, HostRow>(concat!(
-        "SELECT ",
-        host_columns!(),
-        " FROM hosts WHERE id = $1 FOR UPDATE"
-    ))
-    .bind(host_id)
-    .fetch_optional(conn)
-    .await?
-    .map(HostRow::into_record)
-    .transpose()
+    sqlx::query_as::<_, HostRow>(concat!("SELECT ", host_columns!(), " FROM hosts WHERE id = $1 FOR UPDATE"))
+        .bind(host_id)
+        .fetch_optional(conn)
+        .await?
+        .map(HostRow::into_record)
+        .transpose()
 }
 
 async fn lock_session(conn: &mut PgConnection, id: Uuid) -> StoreResult<Option<SessionRecord>> {
-    sqlx::query_as::<_, SessionRow>(concat!(
-        "SELECT ",
-        session_columns!(),
-        " FROM sessions WHERE id = $1 FOR UPDATE"
-    ))
-    .bind(id)
-    .fetch_optional(conn)
-    .await?
-    .map(SessionRow::into_record)
-    .transpose()
+    sqlx::query_as::<_, SessionRow>(concat!("SELECT ", session_columns!(), " FROM sessions WHERE id = $1 FOR UPDATE"))
+        .bind(id)
+        .fetch_optional(conn)
+        .await?
+        .map(SessionRow::into_record)
+        .transpose()
 }
 
 async fn lock_mandelbox(conn: &mut PgConnection, id: Uuid) -> StoreResult<Option<MandelboxRecord>> {
@@ -460,11 +435,9 @@ impl Store for PgStore {
     }
 
     async fn list_regions(&self) -> StoreResult<Vec<Region>> {
-        let rows = sqlx::query_as::<_, RegionRow>(
-            "SELECT name, enabled, image FROM regions ORDER BY name",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query_as::<_, RegionRow>("SELECT name, enabled, image FROM regions ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
         Ok(rows.into_iter().map(Region::from).collect())
     }
 
@@ -528,12 +501,7 @@ impl Store for PgStore {
         Ok(result.rows_affected() == 1)
     }
 
-    async fn record_heartbeat(
-        &self,
-        host_id: &str,
-        generation: u64,
-        at: DateTime<Utc>,
-    ) -> StoreResult<()> {
+    async fn record_heartbeat(&self, host_id: &str, generation: u64, at: DateTime<Utc>) -> StoreResult<()> {
         let Some(generation) = rows::generation_param(generation) else {
             return Ok(());
         };
@@ -561,11 +529,7 @@ impl Store for PgStore {
         Ok(host)
     }
 
-    async fn mark_host_lost(
-        &self,
-        host_id: &str,
-        generation: Option<u64>,
-    ) -> StoreResult<Vec<SessionRecord>> {
+    async fn mark_host_lost(&self, host_id: &str, generation: Option<u64>) -> StoreResult<Vec<SessionRecord>> {
         let at = now();
         let mut tx = self.pool.begin().await?;
         let Some(host) = lock_host(&mut tx, host_id).await? else {
@@ -630,10 +594,7 @@ impl Store for PgStore {
         rows.into_iter().map(HostSummaryRow::into_summary).collect()
     }
 
-    async fn hosts_disconnected_before(
-        &self,
-        cutoff: DateTime<Utc>,
-    ) -> StoreResult<Vec<HostRecord>> {
+    async fn hosts_disconnected_before(&self, cutoff: DateTime<Utc>) -> StoreResult<Vec<HostRecord>> {
         let rows = sqlx::query_as::<_, HostRow>(concat!(
             "SELECT ",
             host_columns!(),
@@ -658,19 +619,12 @@ impl Store for PgStore {
         Ok(result.rows_affected())
     }
 
-    async fn reconcile_host(
-        &self,
-        host_id: &str,
-        reported: &[ReportedMandelbox],
-    ) -> StoreResult<Reconciliation> {
+    async fn reconcile_host(&self, host_id: &str, reported: &[ReportedMandelbox]) -> StoreResult<Reconciliation> {
         let at = now();
         let mut tx = self.pool.begin().await?;
         let reported_ids = rows::unique_ids(reported);
         if lock_host(&mut tx, host_id).await?.is_none() {
-            return Ok(Reconciliation {
-                teardown: reported_ids,
-                ..Reconciliation::default()
-            });
+            return Ok(Reconciliation { teardown: reported_ids, ..Reconciliation::default() });
         }
         let known = sqlx::query_as::<_, MandelboxRow>(concat!(
             "SELECT ",
@@ -707,20 +661,12 @@ impl Store for PgStore {
         let ended_sessions = end_sessions_on(&mut tx, &lost, EndReason::HostLost, at).await?;
         tx.commit().await?;
         let lost = plan.order(lost);
-        Ok(Reconciliation {
-            teardown: plan.teardown,
-            lost,
-            ended_sessions,
-        })
+        Ok(Reconciliation { teardown: plan.teardown, lost, ended_sessions })
     }
 
     // ----- mandelboxes -------------------------------------------------
 
-    async fn reserve_mandelbox(
-        &self,
-        host_id: &str,
-        new: &NewMandelbox,
-    ) -> StoreResult<Option<MandelboxRecord>> {
+    async fn reserve_mandelbox(&self, host_id: &str, new: &NewMandelbox) -> StoreResult<Option<MandelboxRecord>> {
         let mut tx = self.pool.begin().await?;
         let reserved = reserve_on_host(&mut tx, host_id, new, now()).await?;
         if reserved.is_some() {
@@ -764,18 +710,13 @@ impl Store for PgStore {
         Ok(None)
     }
 
-    async fn mandelbox_spawned(
-        &self,
-        id: Uuid,
-        ports: &[PortSpec],
-    ) -> StoreResult<Option<MandelboxRecord>> {
+    async fn mandelbox_spawned(&self, id: Uuid, ports: &[PortSpec]) -> StoreResult<Option<MandelboxRecord>> {
         let at = now();
         let mut tx = self.pool.begin().await?;
-        let reserved_for: Option<Option<Uuid>> =
-            sqlx::query_scalar("SELECT session_id FROM mandelboxes WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let reserved_for: Option<Option<Uuid>> = sqlx::query_scalar("SELECT session_id FROM mandelboxes WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
         let Some(reserved_for) = reserved_for else {
             return Ok(None);
         };
@@ -835,16 +776,12 @@ impl Store for PgStore {
     }
 
     async fn get_mandelbox(&self, id: Uuid) -> StoreResult<Option<MandelboxRecord>> {
-        sqlx::query_as::<_, MandelboxRow>(concat!(
-            "SELECT ",
-            mandelbox_columns!(),
-            " FROM mandelboxes WHERE id = $1"
-        ))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?
-        .map(MandelboxRow::into_record)
-        .transpose()
+        sqlx::query_as::<_, MandelboxRow>(concat!("SELECT ", mandelbox_columns!(), " FROM mandelboxes WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(MandelboxRow::into_record)
+            .transpose()
     }
 
     async fn mandelbox_auth(&self, id: Uuid) -> StoreResult<Option<MandelboxAuth>> {
@@ -859,16 +796,10 @@ impl Store for PgStore {
         else {
             return Ok(None);
         };
-        Ok(Some(MandelboxAuth {
-            mandelbox: row.mandelbox.into_record()?,
-            token_hash: row.token_hash,
-        }))
+        Ok(Some(MandelboxAuth { mandelbox: row.mandelbox.into_record()?, token_hash: row.token_hash }))
     }
 
-    async fn list_mandelboxes(
-        &self,
-        filter: &MandelboxFilter,
-    ) -> StoreResult<Vec<MandelboxRecord>> {
+    async fn list_mandelboxes(&self, filter: &MandelboxFilter) -> StoreResult<Vec<MandelboxRecord>> {
         let rows = sqlx::query_as::<_, MandelboxRow>(concat!(
             "SELECT ",
             mandelbox_columns!(),
@@ -885,11 +816,7 @@ impl Store for PgStore {
         mandelboxes(rows)
     }
 
-    async fn host_mandelboxes(
-        &self,
-        host_id: &str,
-        states: &[MandelboxState],
-    ) -> StoreResult<Vec<MandelboxRecord>> {
+    async fn host_mandelboxes(&self, host_id: &str, states: &[MandelboxState]) -> StoreResult<Vec<MandelboxRecord>> {
         let rows = sqlx::query_as::<_, MandelboxRow>(concat!(
             "SELECT ",
             mandelbox_columns!(),
@@ -906,32 +833,21 @@ impl Store for PgStore {
 
     // ----- sessions and claims -----------------------------------------
 
-    async fn create_session_and_claim(
-        &self,
-        new: &NewSession,
-        limit: u32,
-    ) -> StoreResult<ClaimOutcome> {
+    async fn create_session_and_claim(&self, new: &NewSession, limit: u32) -> StoreResult<ClaimOutcome> {
         let at = now();
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO users (id, created_at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(&new.user_id)
-        .bind(at)
-        .execute(&mut *tx)
-        .await?;
-        // Serialises this user's concurrent requests from here to commit, so
-        // the count below cannot miss a session another request is creating.
-        sqlx::query("SELECT id FROM users WHERE id = $1 FOR UPDATE")
+        sqlx::query("INSERT INTO users (id, created_at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING")
             .bind(&new.user_id)
+            .bind(at)
             .execute(&mut *tx)
             .await?;
-        let live: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM sessions WHERE user_id = $1 AND state <> 'ENDED'",
-        )
-        .bind(&new.user_id)
-        .fetch_one(&mut *tx)
-        .await?;
+        // Serialises this user's concurrent requests from here to commit, so
+        // the count below cannot miss a session another request is creating.
+        sqlx::query("SELECT id FROM users WHERE id = $1 FOR UPDATE").bind(&new.user_id).execute(&mut *tx).await?;
+        let live: i64 = sqlx::query_scalar("SELECT count(*) FROM sessions WHERE user_id = $1 AND state <> 'ENDED'")
+            .bind(&new.user_id)
+            .fetch_one(&mut *tx)
+            .await?;
         if live >= i64::from(limit) {
             return Err(StoreError::SessionLimit { limit });
         }
@@ -945,14 +861,7 @@ impl Store for PgStore {
         ))
         .bind(new.id)
         .bind(&new.user_id)
-        .bind(
-            if claimed.is_some() {
-                SessionState::Assigning
-            } else {
-                SessionState::Pending
-            }
-            .as_str(),
-        )
+        .bind(if claimed.is_some() { SessionState::Assigning } else { SessionState::Pending }.as_str())
         .bind(&new.app)
         .bind(&new.client_version)
         .bind(Json(&new.regions))
@@ -967,11 +876,7 @@ impl Store for PgStore {
         let outcome = match claimed {
             Some(mandelbox) => {
                 let host = host_of(&mut tx, &mandelbox).await?;
-                ClaimOutcome::Claimed(Claim {
-                    session,
-                    mandelbox,
-                    host,
-                })
+                ClaimOutcome::Claimed(Claim { session, mandelbox, host })
             }
             None => ClaimOutcome::Pending(session),
         };
@@ -979,11 +884,7 @@ impl Store for PgStore {
         Ok(outcome)
     }
 
-    async fn claim_for_session(
-        &self,
-        session_id: Uuid,
-        exclude_hosts: &[String],
-    ) -> StoreResult<Option<Claim>> {
+    async fn claim_for_session(&self, session_id: Uuid, exclude_hosts: &[String]) -> StoreResult<Option<Claim>> {
         let at = now();
         let mut tx = self.pool.begin().await?;
         let Some(session) = lock_session(&mut tx, session_id).await? else {
@@ -992,33 +893,18 @@ impl Store for PgStore {
         if session.state != SessionState::Pending {
             return Ok(None);
         }
-        let Some(mandelbox) = claim_waiting(
-            &mut tx,
-            &session.requested_regions,
-            &session.app,
-            exclude_hosts,
-            session_id,
-            at,
-        )
-        .await?
+        let Some(mandelbox) =
+            claim_waiting(&mut tx, &session.requested_regions, &session.app, exclude_hosts, session_id, at).await?
         else {
             return Ok(None);
         };
         let session = assign_session(&mut tx, session_id, &mandelbox, at).await?;
         let host = host_of(&mut tx, &mandelbox).await?;
         tx.commit().await?;
-        Ok(Some(Claim {
-            session,
-            mandelbox,
-            host,
-        }))
+        Ok(Some(Claim { session, mandelbox, host }))
     }
 
-    async fn attach_reserved(
-        &self,
-        session_id: Uuid,
-        mandelbox_id: Uuid,
-    ) -> StoreResult<Option<Claim>> {
+    async fn attach_reserved(&self, session_id: Uuid, mandelbox_id: Uuid) -> StoreResult<Option<Claim>> {
         let at = now();
         let mut tx = self.pool.begin().await?;
         let Some(session) = lock_session(&mut tx, session_id).await? else {
@@ -1030,25 +916,16 @@ impl Store for PgStore {
         let Some(mandelbox) = lock_mandelbox(&mut tx, mandelbox_id).await? else {
             return Ok(None);
         };
-        if mandelbox.state != MandelboxState::Allocated || mandelbox.session_id != Some(session_id)
-        {
+        if mandelbox.state != MandelboxState::Allocated || mandelbox.session_id != Some(session_id) {
             return Ok(None);
         }
         let session = assign_session(&mut tx, session_id, &mandelbox, at).await?;
         let host = host_of(&mut tx, &mandelbox).await?;
         tx.commit().await?;
-        Ok(Some(Claim {
-            session,
-            mandelbox,
-            host,
-        }))
+        Ok(Some(Claim { session, mandelbox, host }))
     }
 
-    async fn confirm_assignment(
-        &self,
-        session_id: Uuid,
-        mandelbox_id: Uuid,
-    ) -> StoreResult<Option<SessionRecord>> {
+    async fn confirm_assignment(&self, session_id: Uuid, mandelbox_id: Uuid) -> StoreResult<Option<SessionRecord>> {
         let at = now();
         let mut tx = self.pool.begin().await?;
         let Some(session) = lock_session(&mut tx, session_id).await? else {
@@ -1060,8 +937,7 @@ impl Store for PgStore {
         let Some(mandelbox) = lock_mandelbox(&mut tx, mandelbox_id).await? else {
             return Ok(None);
         };
-        if mandelbox.state != MandelboxState::Allocated || mandelbox.session_id != Some(session_id)
-        {
+        if mandelbox.state != MandelboxState::Allocated || mandelbox.session_id != Some(session_id) {
             return Ok(None);
         }
         sqlx::query("UPDATE mandelboxes SET state = 'RUNNING', updated_at = $2 WHERE id = $1")
@@ -1082,12 +958,7 @@ impl Store for PgStore {
         Ok(Some(session))
     }
 
-    async fn release_claim(
-        &self,
-        session_id: Uuid,
-        mandelbox_id: Uuid,
-        box_state: MandelboxState,
-    ) -> StoreResult<()> {
+    async fn release_claim(&self, session_id: Uuid, mandelbox_id: Uuid, box_state: MandelboxState) -> StoreResult<()> {
         let at = now();
         let mut tx = self.pool.begin().await?;
         let Some(session) = lock_session(&mut tx, session_id).await? else {
@@ -1120,22 +991,14 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn end_session(
-        &self,
-        session_id: Uuid,
-        reason: EndReason,
-    ) -> StoreResult<Option<EndedSession>> {
+    async fn end_session(&self, session_id: Uuid, reason: EndReason) -> StoreResult<Option<EndedSession>> {
         let at = now();
         let mut tx = self.pool.begin().await?;
         let Some(session) = lock_session(&mut tx, session_id).await? else {
             return Ok(None);
         };
         if session.state == SessionState::Ended {
-            return Ok(Some(EndedSession {
-                session,
-                teardown: None,
-                changed: false,
-            }));
+            return Ok(Some(EndedSession { session, teardown: None, changed: false }));
         }
         let session = sqlx::query_as::<_, SessionRow>(concat!(
             "UPDATE sessions SET state = 'ENDED', end_reason = $2, ended_at = $3, updated_at = $3 \
@@ -1166,24 +1029,16 @@ impl Store for PgStore {
             None => None,
         };
         tx.commit().await?;
-        Ok(Some(EndedSession {
-            session,
-            teardown,
-            changed: true,
-        }))
+        Ok(Some(EndedSession { session, teardown, changed: true }))
     }
 
     async fn get_session(&self, id: Uuid) -> StoreResult<Option<SessionRecord>> {
-        sqlx::query_as::<_, SessionRow>(concat!(
-            "SELECT ",
-            session_columns!(),
-            " FROM sessions WHERE id = $1"
-        ))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?
-        .map(SessionRow::into_record)
-        .transpose()
+        sqlx::query_as::<_, SessionRow>(concat!("SELECT ", session_columns!(), " FROM sessions WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(SessionRow::into_record)
+            .transpose()
     }
 
     async fn list_sessions(&self, filter: &SessionFilter) -> StoreResult<Vec<SessionRecord>> {
@@ -1214,20 +1069,14 @@ impl Store for PgStore {
     }
 
     async fn count_live_sessions(&self, user_id: &str) -> StoreResult<u32> {
-        let live: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM sessions WHERE user_id = $1 AND state <> 'ENDED'",
-        )
-        .bind(user_id)
-        .fetch_one(&self.pool)
-        .await?;
+        let live: i64 = sqlx::query_scalar("SELECT count(*) FROM sessions WHERE user_id = $1 AND state <> 'ENDED'")
+            .bind(user_id)
+            .fetch_one(&self.pool)
+            .await?;
         rows::to_u32("count", live)
     }
 
-    async fn sweep(
-        &self,
-        pending_cutoff: DateTime<Utc>,
-        spawn_cutoff: DateTime<Utc>,
-    ) -> StoreResult<SweepOutcome> {
+    async fn sweep(&self, pending_cutoff: DateTime<Utc>, spawn_cutoff: DateTime<Utc>) -> StoreResult<SweepOutcome> {
         let at = now();
         let mut tx = self.pool.begin().await?;
         let expired_pending = sqlx::query_as::<_, SessionRow>(concat!(
@@ -1255,9 +1104,6 @@ impl Store for PgStore {
         expired_pending.sort_by_key(|session| (session.created_at, session.id));
         let mut expired_spawns = mandelboxes(expired_spawns)?;
         expired_spawns.sort_by_key(|mandelbox| (mandelbox.created_at, mandelbox.id));
-        Ok(SweepOutcome {
-            expired_pending,
-            expired_spawns,
-        })
+        Ok(SweepOutcome { expired_pending, expired_spawns })
     }
 }

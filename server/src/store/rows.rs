@@ -17,11 +17,7 @@ pub(super) fn now() -> DateTime<Utc> {
 }
 
 /// Parses a stored state or reason with the enum's own `parse`.
-pub(super) fn parse_enum<T>(
-    column: &str,
-    text: &str,
-    parse: fn(&str) -> Option<T>,
-) -> StoreResult<T> {
+pub(super) fn parse_enum<T>(column: &str, text: &str, parse: fn(&str) -> Option<T>) -> StoreResult<T> {
     parse(text).ok_or_else(|| StoreError::Corrupt(format!("{column}: unknown value {text:?}")))
 }
 
@@ -56,31 +52,24 @@ pub(super) fn ports_from_text(text: &str) -> StoreResult<Vec<PortSpec>> {
 }
 
 pub(super) fn regions_from_json(value: serde_json::Value) -> StoreResult<Vec<String>> {
-    serde_json::from_value(value)
-        .map_err(|error| StoreError::Corrupt(format!("requested_regions: {error}")))
+    serde_json::from_value(value).map_err(|error| StoreError::Corrupt(format!("requested_regions: {error}")))
 }
 
 pub(super) fn regions_from_text(text: &str) -> StoreResult<Vec<String>> {
-    serde_json::from_str(text)
-        .map_err(|error| StoreError::Corrupt(format!("requested_regions: {error}")))
+    serde_json::from_str(text).map_err(|error| StoreError::Corrupt(format!("requested_regions: {error}")))
 }
 
 /// JSON text of a value we are about to store (ports, region lists); these
 /// types always serialise, the error path only exists for the type system.
 pub(super) fn to_json_text<T: serde::Serialize + ?Sized>(value: &T) -> StoreResult<String> {
-    serde_json::to_string(value)
-        .map_err(|error| StoreError::Corrupt(format!("cannot encode JSON: {error}")))
+    serde_json::to_string(value).map_err(|error| StoreError::Corrupt(format!("cannot encode JSON: {error}")))
 }
 
 /// Rows a `list_sessions` call returns when its filter leaves `limit` at 0.
 const DEFAULT_SESSION_LIST_LIMIT: u32 = 1000;
 
 pub(super) fn session_list_limit(limit: u32) -> u32 {
-    if limit == 0 {
-        DEFAULT_SESSION_LIST_LIMIT
-    } else {
-        limit
-    }
+    if limit == 0 { DEFAULT_SESSION_LIST_LIMIT } else { limit }
 }
 
 /// `mandelbox_finished` only moves a box to a final state.
@@ -102,10 +91,7 @@ pub(super) fn spawned_target(
     reserved_for: Option<&SessionRecord>,
 ) -> (MandelboxState, Option<Uuid>) {
     match reserved_for {
-        Some(session)
-            if session.state == SessionState::Pending
-                && mandelbox.session_id == Some(session.id) =>
-        {
+        Some(session) if session.state == SessionState::Pending && mandelbox.session_id == Some(session.id) => {
             (MandelboxState::Allocated, Some(session.id))
         }
         _ => (MandelboxState::Waiting, None),
@@ -115,11 +101,7 @@ pub(super) fn spawned_target(
 /// Reported ids without repeats, in the order the host sent them.
 pub(super) fn unique_ids(reported: &[ReportedMandelbox]) -> Vec<Uuid> {
     let mut seen = HashSet::new();
-    reported
-        .iter()
-        .map(|mandelbox| mandelbox.id)
-        .filter(|id| seen.insert(*id))
-        .collect()
+    reported.iter().map(|mandelbox| mandelbox.id).filter(|id| seen.insert(*id)).collect()
 }
 
 /// What `reconcile_host` will do, decided from what the host reported and the
@@ -135,35 +117,23 @@ pub(super) struct ReconcilePlan {
 
 impl ReconcilePlan {
     pub(super) fn new(reported: &[Uuid], known: &[MandelboxRecord]) -> Self {
-        let by_id: HashMap<Uuid, &MandelboxRecord> = known
-            .iter()
-            .map(|mandelbox| (mandelbox.id, mandelbox))
-            .collect();
-        let mut plan = ReconcilePlan {
-            teardown: Vec::new(),
-            unconfirmed_spawns: Vec::new(),
-            missing: Vec::new(),
-        };
+        let by_id: HashMap<Uuid, &MandelboxRecord> = known.iter().map(|mandelbox| (mandelbox.id, mandelbox)).collect();
+        let mut plan = ReconcilePlan { teardown: Vec::new(), unconfirmed_spawns: Vec::new(), missing: Vec::new() };
         for id in reported {
             match by_id.get(id).map(|mandelbox| mandelbox.state) {
-                Some(
-                    MandelboxState::Waiting | MandelboxState::Allocated | MandelboxState::Running,
-                ) => {}
+                Some(MandelboxState::Waiting | MandelboxState::Allocated | MandelboxState::Running) => {}
                 Some(MandelboxState::Spawning) => {
                     plan.unconfirmed_spawns.push(*id);
                     plan.teardown.push(*id);
                 }
-                Some(MandelboxState::Dying | MandelboxState::Dead | MandelboxState::Lost)
-                | None => {
+                Some(MandelboxState::Dying | MandelboxState::Dead | MandelboxState::Lost) | None => {
                     plan.teardown.push(*id);
                 }
             }
         }
         let reported: HashSet<&Uuid> = reported.iter().collect();
-        let mut missing: Vec<&MandelboxRecord> = known
-            .iter()
-            .filter(|mandelbox| mandelbox.state.is_live() && !reported.contains(&mandelbox.id))
-            .collect();
+        let mut missing: Vec<&MandelboxRecord> =
+            known.iter().filter(|mandelbox| mandelbox.state.is_live() && !reported.contains(&mandelbox.id)).collect();
         missing.sort_by_key(|mandelbox| (mandelbox.created_at, mandelbox.id));
         plan.missing = missing.into_iter().map(|mandelbox| mandelbox.id).collect();
         plan
@@ -173,11 +143,7 @@ impl ReconcilePlan {
     /// `missing`.
     pub(super) fn order(&self, lost: Vec<Uuid>) -> Vec<Uuid> {
         let lost: HashSet<Uuid> = lost.into_iter().collect();
-        self.missing
-            .iter()
-            .copied()
-            .filter(|id| lost.contains(id))
-            .collect()
+        self.missing.iter().copied().filter(|id| lost.contains(id)).collect()
     }
 }
 

@@ -17,19 +17,18 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use uuid::Uuid;
 
 use super::rows::{self, host_columns, live_box_states, mandelbox_columns, now, session_columns};
 use super::{
-    Claim, ClaimOutcome, EndedSession, MandelboxAuth, MandelboxFilter, NewMandelbox, NewSession,
-    Reconciliation, ReportedMandelbox, SessionFilter, Store, StoreError, StoreResult, SweepOutcome,
+    Claim, ClaimOutcome, EndedSession, MandelboxAuth, MandelboxFilter, NewMandelbox, NewSession, Reconciliation,
+    ReportedMandelbox, SessionFilter, Store, StoreError, StoreResult, SweepOutcome,
 };
 use crate::model::{
-    EndReason, HostHello, HostRecord, HostState, HostSummary, MandelboxRecord, MandelboxState,
-    PortSpec, Region, SessionRecord, SessionState,
+    EndReason, HostHello, HostRecord, HostState, HostSummary, MandelboxRecord, MandelboxState, PortSpec, Region,
+    SessionRecord, SessionState,
 };
 
 /// Connections that serve pure reads.
@@ -45,9 +44,7 @@ impl SqliteStore {
     /// Opens (creating if missing) the database a `sqlite:` URL names, e.g.
     /// `sqlite:///var/lib/switchboard/switchboard.db` or `sqlite://switchboard.db`.
     pub async fn open(url: &str) -> StoreResult<Self> {
-        let options = SqliteConnectOptions::from_str(url)?
-            .busy_timeout(Duration::from_secs(5))
-            .foreign_keys(true);
+        let options = SqliteConnectOptions::from_str(url)?.busy_timeout(Duration::from_secs(5)).foreign_keys(true);
         if is_in_memory(url) {
             // Every connection would get its own empty database, and the
             // database would vanish with its last connection: one connection,
@@ -59,10 +56,7 @@ impl SqliteStore {
                 .max_lifetime(None)
                 .connect_with(options)
                 .await?;
-            return Ok(Self {
-                writer: pool.clone(),
-                reader: pool,
-            });
+            return Ok(Self { writer: pool.clone(), reader: pool });
         }
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
@@ -76,17 +70,13 @@ impl SqliteStore {
             .await?;
         // WAL mode is stored in the file, which the writer has created and
         // switched by now; readers only need to open it.
-        let reader = SqlitePoolOptions::new()
-            .max_connections(READER_CONNECTIONS)
-            .connect_with(options.read_only(true))
-            .await?;
+        let reader =
+            SqlitePoolOptions::new().max_connections(READER_CONNECTIONS).connect_with(options.read_only(true)).await?;
         Ok(Self { writer, reader })
     }
 
     pub async fn migrate(&self) -> StoreResult<()> {
-        sqlx::migrate!("../migrations/sqlite")
-            .run(&self.writer)
-            .await?;
+        sqlx::migrate!("../migrations/sqlite").run(&self.writer).await?;
         Ok(())
     }
 
@@ -115,8 +105,7 @@ fn optional_time(column: &str, micros: Option<i64>) -> StoreResult<Option<DateTi
 }
 
 fn uuid(column: &str, text: &str) -> StoreResult<Uuid> {
-    Uuid::parse_str(text)
-        .map_err(|error| StoreError::Corrupt(format!("{column}: {text:?}: {error}")))
+    Uuid::parse_str(text).map_err(|error| StoreError::Corrupt(format!("{column}: {text:?}: {error}")))
 }
 
 fn optional_uuid(column: &str, text: Option<&str>) -> StoreResult<Option<Uuid>> {
@@ -140,11 +129,7 @@ struct RegionRow {
 
 impl From<RegionRow> for Region {
     fn from(row: RegionRow) -> Self {
-        Region {
-            name: row.name,
-            enabled: row.enabled,
-            image: row.image,
-        }
+        Region { name: row.name, enabled: row.enabled, image: row.image }
     }
 }
 
@@ -263,11 +248,7 @@ impl SessionRow {
             state: rows::parse_enum("sessions.state", &self.state, SessionState::parse)?,
             requested_regions: rows::regions_from_text(&self.requested_regions)?,
             mandelbox_id: optional_uuid("sessions.mandelbox_id", self.mandelbox_id.as_deref())?,
-            end_reason: rows::parse_optional_enum(
-                "sessions.end_reason",
-                self.end_reason.as_deref(),
-                EndReason::parse,
-            )?,
+            end_reason: rows::parse_optional_enum("sessions.end_reason", self.end_reason.as_deref(), EndReason::parse)?,
             created_at: time("sessions.created_at", self.created_at)?,
             updated_at: time("sessions.updated_at", self.updated_at)?,
             ended_at: optional_time("sessions.ended_at", self.ended_at)?,
@@ -297,65 +278,38 @@ fn sessions(rows: Vec<SessionRow>) -> StoreResult<Vec<SessionRecord>> {
 // These run inside a writer transaction; being the only writer, they need no
 // row locks to keep what they read true until commit.
 
-async fn select_host(
-    conn: &mut SqliteConnection,
-    host_id: &str,
-) -> StoreResult<Option<HostRecord>> {
-    sqlx::query_as::<_, HostRow>(concat!(
-        "SELECT ",
-        host_columns!(),
-        " FROM hosts WHERE id = ?1"
-    ))
-    .bind(host_id)
-    .fetch_optional(conn)
-    .await?
-    .map(HostRow::into_record)
-    .transpose()
+async fn select_host(conn: &mut SqliteConnection, host_id: &str) -> StoreResult<Option<HostRecord>> {
+    sqlx::query_as::<_, HostRow>(concat!("SELECT ", host_columns!(), " FROM hosts WHERE id = ?1"))
+        .bind(host_id)
+        .fetch_optional(conn)
+        .await?
+        .map(HostRow::into_record)
+        .transpose()
 }
 
 /// The host a claimed or reserved box lives on; the foreign key guarantees it.
-async fn host_of(
-    conn: &mut SqliteConnection,
-    mandelbox: &MandelboxRecord,
-) -> StoreResult<HostRecord> {
+async fn host_of(conn: &mut SqliteConnection, mandelbox: &MandelboxRecord) -> StoreResult<HostRecord> {
     select_host(conn, &mandelbox.host_id).await?.ok_or_else(|| {
-        StoreError::Corrupt(format!(
-            "mandelbox {} is on unknown host {}",
-            mandelbox.id, mandelbox.host_id
-        ))
+        StoreError::Corrupt(format!("mandelbox {} is on unknown host {}", mandelbox.id, mandelbox.host_id))
     })
 }
 
-async fn select_session(
-    conn: &mut SqliteConnection,
-    id: Uuid,
-) -> StoreResult<Option<SessionRecord>> {
-    sqlx::query_as::<_, SessionRow>(concat!(
-        "SELECT ",
-        session_columns!(),
-        " FROM sessions WHERE id = ?1"
-    ))
-    .bind(id.to_string())
-    .fetch_optional(conn)
-    .await?
-    .map(SessionRow::into_record)
-    .transpose()
+async fn select_session(conn: &mut SqliteConnection, id: Uuid) -> StoreResult<Option<SessionRecord>> {
+    sqlx::query_as::<_, SessionRow>(concat!("SELECT ", session_columns!(), " FROM sessions WHERE id = ?1"))
+        .bind(id.to_string())
+        .fetch_optional(conn)
+        .await?
+        .map(SessionRow::into_record)
+        .transpose()
 }
 
-async fn select_mandelbox(
-    conn: &mut SqliteConnection,
-    id: Uuid,
-) -> StoreResult<Option<MandelboxRecord>> {
-    sqlx::query_as::<_, MandelboxRow>(concat!(
-        "SELECT ",
-        mandelbox_columns!(),
-        " FROM mandelboxes WHERE id = ?1"
-    ))
-    .bind(id.to_string())
-    .fetch_optional(conn)
-    .await?
-    .map(MandelboxRow::into_record)
-    .transpose()
+async fn select_mandelbox(conn: &mut SqliteConnection, id: Uuid) -> StoreResult<Option<MandelboxRecord>> {
+    sqlx::query_as::<_, MandelboxRow>(concat!("SELECT ", mandelbox_columns!(), " FROM mandelboxes WHERE id = ?1"))
+        .bind(id.to_string())
+        .fetch_optional(conn)
+        .await?
+        .map(MandelboxRow::into_record)
+        .transpose()
 }
 
 /// Ends every live session on `mandelbox_ids`; returns them oldest first.
@@ -513,11 +467,9 @@ impl Store for SqliteStore {
     }
 
     async fn list_regions(&self) -> StoreResult<Vec<Region>> {
-        let rows = sqlx::query_as::<_, RegionRow>(
-            "SELECT name, enabled, image FROM regions ORDER BY name",
-        )
-        .fetch_all(&self.reader)
-        .await?;
+        let rows = sqlx::query_as::<_, RegionRow>("SELECT name, enabled, image FROM regions ORDER BY name")
+            .fetch_all(&self.reader)
+            .await?;
         Ok(rows.into_iter().map(Region::from).collect())
     }
 
@@ -581,12 +533,7 @@ impl Store for SqliteStore {
         Ok(result.rows_affected() == 1)
     }
 
-    async fn record_heartbeat(
-        &self,
-        host_id: &str,
-        generation: u64,
-        at: DateTime<Utc>,
-    ) -> StoreResult<()> {
+    async fn record_heartbeat(&self, host_id: &str, generation: u64, at: DateTime<Utc>) -> StoreResult<()> {
         let Some(generation) = rows::generation_param(generation) else {
             return Ok(());
         };
@@ -614,11 +561,7 @@ impl Store for SqliteStore {
         Ok(host)
     }
 
-    async fn mark_host_lost(
-        &self,
-        host_id: &str,
-        generation: Option<u64>,
-    ) -> StoreResult<Vec<SessionRecord>> {
+    async fn mark_host_lost(&self, host_id: &str, generation: Option<u64>) -> StoreResult<Vec<SessionRecord>> {
         let at = now();
         let mut tx = self.begin_write().await?;
         let Some(host) = select_host(&mut tx, host_id).await? else {
@@ -645,10 +588,7 @@ impl Store for SqliteStore {
         .bind(micros(at))
         .fetch_all(&mut *tx)
         .await?;
-        let lost = lost
-            .iter()
-            .map(|id| uuid("mandelboxes.id", id))
-            .collect::<StoreResult<Vec<Uuid>>>()?;
+        let lost = lost.iter().map(|id| uuid("mandelboxes.id", id)).collect::<StoreResult<Vec<Uuid>>>()?;
         let ended = end_sessions_on(&mut tx, &lost, EndReason::HostLost, at).await?;
         tx.commit().await?;
         Ok(ended)
@@ -679,10 +619,7 @@ impl Store for SqliteStore {
         rows.into_iter().map(HostSummaryRow::into_summary).collect()
     }
 
-    async fn hosts_disconnected_before(
-        &self,
-        cutoff: DateTime<Utc>,
-    ) -> StoreResult<Vec<HostRecord>> {
+    async fn hosts_disconnected_before(&self, cutoff: DateTime<Utc>) -> StoreResult<Vec<HostRecord>> {
         let rows = sqlx::query_as::<_, HostRow>(concat!(
             "SELECT ",
             host_columns!(),
@@ -707,19 +644,12 @@ impl Store for SqliteStore {
         Ok(result.rows_affected())
     }
 
-    async fn reconcile_host(
-        &self,
-        host_id: &str,
-        reported: &[ReportedMandelbox],
-    ) -> StoreResult<Reconciliation> {
+    async fn reconcile_host(&self, host_id: &str, reported: &[ReportedMandelbox]) -> StoreResult<Reconciliation> {
         let at = now();
         let mut tx = self.begin_write().await?;
         let reported_ids = rows::unique_ids(reported);
         if select_host(&mut tx, host_id).await?.is_none() {
-            return Ok(Reconciliation {
-                teardown: reported_ids,
-                ..Reconciliation::default()
-            });
+            return Ok(Reconciliation { teardown: reported_ids, ..Reconciliation::default() });
         }
         let known = sqlx::query_as::<_, MandelboxRow>(concat!(
             "SELECT ",
@@ -751,23 +681,14 @@ impl Store for SqliteStore {
         .bind(micros(at))
         .execute(&mut *tx)
         .await?;
-        let ended_sessions =
-            end_sessions_on(&mut tx, &plan.missing, EndReason::HostLost, at).await?;
+        let ended_sessions = end_sessions_on(&mut tx, &plan.missing, EndReason::HostLost, at).await?;
         tx.commit().await?;
-        Ok(Reconciliation {
-            teardown: plan.teardown,
-            lost: plan.missing,
-            ended_sessions,
-        })
+        Ok(Reconciliation { teardown: plan.teardown, lost: plan.missing, ended_sessions })
     }
 
     // ----- mandelboxes -------------------------------------------------
 
-    async fn reserve_mandelbox(
-        &self,
-        host_id: &str,
-        new: &NewMandelbox,
-    ) -> StoreResult<Option<MandelboxRecord>> {
+    async fn reserve_mandelbox(&self, host_id: &str, new: &NewMandelbox) -> StoreResult<Option<MandelboxRecord>> {
         let mut tx = self.begin_write().await?;
         let reserved = reserve_on_host(&mut tx, host_id, new, now()).await?;
         if reserved.is_some() {
@@ -812,11 +733,7 @@ impl Store for SqliteStore {
         Ok(reserved)
     }
 
-    async fn mandelbox_spawned(
-        &self,
-        id: Uuid,
-        ports: &[PortSpec],
-    ) -> StoreResult<Option<MandelboxRecord>> {
+    async fn mandelbox_spawned(&self, id: Uuid, ports: &[PortSpec]) -> StoreResult<Option<MandelboxRecord>> {
         let at = now();
         let mut tx = self.begin_write().await?;
         let Some(mandelbox) = select_mandelbox(&mut tx, id).await? else {
@@ -890,16 +807,10 @@ impl Store for SqliteStore {
         else {
             return Ok(None);
         };
-        Ok(Some(MandelboxAuth {
-            mandelbox: row.mandelbox.into_record()?,
-            token_hash: row.token_hash,
-        }))
+        Ok(Some(MandelboxAuth { mandelbox: row.mandelbox.into_record()?, token_hash: row.token_hash }))
     }
 
-    async fn list_mandelboxes(
-        &self,
-        filter: &MandelboxFilter,
-    ) -> StoreResult<Vec<MandelboxRecord>> {
+    async fn list_mandelboxes(&self, filter: &MandelboxFilter) -> StoreResult<Vec<MandelboxRecord>> {
         let rows = sqlx::query_as::<_, MandelboxRow>(concat!(
             "SELECT ",
             mandelbox_columns!(),
@@ -916,11 +827,7 @@ impl Store for SqliteStore {
         mandelboxes(rows)
     }
 
-    async fn host_mandelboxes(
-        &self,
-        host_id: &str,
-        states: &[MandelboxState],
-    ) -> StoreResult<Vec<MandelboxRecord>> {
+    async fn host_mandelboxes(&self, host_id: &str, states: &[MandelboxState]) -> StoreResult<Vec<MandelboxRecord>> {
         let rows = sqlx::query_as::<_, MandelboxRow>(concat!(
             "SELECT ",
             mandelbox_columns!(),
@@ -938,26 +845,18 @@ impl Store for SqliteStore {
 
     // ----- sessions and claims -----------------------------------------
 
-    async fn create_session_and_claim(
-        &self,
-        new: &NewSession,
-        limit: u32,
-    ) -> StoreResult<ClaimOutcome> {
+    async fn create_session_and_claim(&self, new: &NewSession, limit: u32) -> StoreResult<ClaimOutcome> {
         let at = now();
         let mut tx = self.begin_write().await?;
-        sqlx::query(
-            "INSERT INTO users (id, created_at) VALUES (?1, ?2) ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(&new.user_id)
-        .bind(micros(at))
-        .execute(&mut *tx)
-        .await?;
-        let live: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM sessions WHERE user_id = ?1 AND state <> 'ENDED'",
-        )
-        .bind(&new.user_id)
-        .fetch_one(&mut *tx)
-        .await?;
+        sqlx::query("INSERT INTO users (id, created_at) VALUES (?1, ?2) ON CONFLICT (id) DO NOTHING")
+            .bind(&new.user_id)
+            .bind(micros(at))
+            .execute(&mut *tx)
+            .await?;
+        let live: i64 = sqlx::query_scalar("SELECT count(*) FROM sessions WHERE user_id = ?1 AND state <> 'ENDED'")
+            .bind(&new.user_id)
+            .fetch_one(&mut *tx)
+            .await?;
         if live >= i64::from(limit) {
             return Err(StoreError::SessionLimit { limit });
         }
@@ -971,14 +870,7 @@ impl Store for SqliteStore {
         ))
         .bind(new.id.to_string())
         .bind(&new.user_id)
-        .bind(
-            if claimed.is_some() {
-                SessionState::Assigning
-            } else {
-                SessionState::Pending
-            }
-            .as_str(),
-        )
+        .bind(if claimed.is_some() { SessionState::Assigning } else { SessionState::Pending }.as_str())
         .bind(&new.app)
         .bind(&new.client_version)
         .bind(rows::to_json_text(&new.regions)?)
@@ -993,11 +885,7 @@ impl Store for SqliteStore {
         let outcome = match claimed {
             Some(mandelbox) => {
                 let host = host_of(&mut tx, &mandelbox).await?;
-                ClaimOutcome::Claimed(Claim {
-                    session,
-                    mandelbox,
-                    host,
-                })
+                ClaimOutcome::Claimed(Claim { session, mandelbox, host })
             }
             None => ClaimOutcome::Pending(session),
         };
@@ -1005,11 +893,7 @@ impl Store for SqliteStore {
         Ok(outcome)
     }
 
-    async fn claim_for_session(
-        &self,
-        session_id: Uuid,
-        exclude_hosts: &[String],
-    ) -> StoreResult<Option<Claim>> {
+    async fn claim_for_session(&self, session_id: Uuid, exclude_hosts: &[String]) -> StoreResult<Option<Claim>> {
         let at = now();
         let mut tx = self.begin_write().await?;
         let Some(session) = select_session(&mut tx, session_id).await? else {
@@ -1018,33 +902,18 @@ impl Store for SqliteStore {
         if session.state != SessionState::Pending {
             return Ok(None);
         }
-        let Some(mandelbox) = claim_waiting(
-            &mut tx,
-            &session.requested_regions,
-            &session.app,
-            exclude_hosts,
-            session_id,
-            at,
-        )
-        .await?
+        let Some(mandelbox) =
+            claim_waiting(&mut tx, &session.requested_regions, &session.app, exclude_hosts, session_id, at).await?
         else {
             return Ok(None);
         };
         let session = assign_session(&mut tx, session_id, &mandelbox, at).await?;
         let host = host_of(&mut tx, &mandelbox).await?;
         tx.commit().await?;
-        Ok(Some(Claim {
-            session,
-            mandelbox,
-            host,
-        }))
+        Ok(Some(Claim { session, mandelbox, host }))
     }
 
-    async fn attach_reserved(
-        &self,
-        session_id: Uuid,
-        mandelbox_id: Uuid,
-    ) -> StoreResult<Option<Claim>> {
+    async fn attach_reserved(&self, session_id: Uuid, mandelbox_id: Uuid) -> StoreResult<Option<Claim>> {
         let at = now();
         let mut tx = self.begin_write().await?;
         let Some(session) = select_session(&mut tx, session_id).await? else {
@@ -1056,25 +925,16 @@ impl Store for SqliteStore {
         let Some(mandelbox) = select_mandelbox(&mut tx, mandelbox_id).await? else {
             return Ok(None);
         };
-        if mandelbox.state != MandelboxState::Allocated || mandelbox.session_id != Some(session_id)
-        {
+        if mandelbox.state != MandelboxState::Allocated || mandelbox.session_id != Some(session_id) {
             return Ok(None);
         }
         let session = assign_session(&mut tx, session_id, &mandelbox, at).await?;
         let host = host_of(&mut tx, &mandelbox).await?;
         tx.commit().await?;
-        Ok(Some(Claim {
-            session,
-            mandelbox,
-            host,
-        }))
+        Ok(Some(Claim { session, mandelbox, host }))
     }
 
-    async fn confirm_assignment(
-        &self,
-        session_id: Uuid,
-        mandelbox_id: Uuid,
-    ) -> StoreResult<Option<SessionRecord>> {
+    async fn confirm_assignment(&self, session_id: Uuid, mandelbox_id: Uuid) -> StoreResult<Option<SessionRecord>> {
         let at = now();
         let mut tx = self.begin_write().await?;
         let Some(session) = select_session(&mut tx, session_id).await? else {
@@ -1086,8 +946,7 @@ impl Store for SqliteStore {
         let Some(mandelbox) = select_mandelbox(&mut tx, mandelbox_id).await? else {
             return Ok(None);
         };
-        if mandelbox.state != MandelboxState::Allocated || mandelbox.session_id != Some(session_id)
-        {
+        if mandelbox.state != MandelboxState::Allocated || mandelbox.session_id != Some(session_id) {
             return Ok(None);
         }
         sqlx::query("UPDATE mandelboxes SET state = 'RUNNING', updated_at = ?2 WHERE id = ?1")
@@ -1108,12 +967,7 @@ impl Store for SqliteStore {
         Ok(Some(session))
     }
 
-    async fn release_claim(
-        &self,
-        session_id: Uuid,
-        mandelbox_id: Uuid,
-        box_state: MandelboxState,
-    ) -> StoreResult<()> {
+    async fn release_claim(&self, session_id: Uuid, mandelbox_id: Uuid, box_state: MandelboxState) -> StoreResult<()> {
         let at = now();
         let mut tx = self.begin_write().await?;
         let Some(session) = select_session(&mut tx, session_id).await? else {
@@ -1146,22 +1000,14 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn end_session(
-        &self,
-        session_id: Uuid,
-        reason: EndReason,
-    ) -> StoreResult<Option<EndedSession>> {
+    async fn end_session(&self, session_id: Uuid, reason: EndReason) -> StoreResult<Option<EndedSession>> {
         let at = now();
         let mut tx = self.begin_write().await?;
         let Some(session) = select_session(&mut tx, session_id).await? else {
             return Ok(None);
         };
         if session.state == SessionState::Ended {
-            return Ok(Some(EndedSession {
-                session,
-                teardown: None,
-                changed: false,
-            }));
+            return Ok(Some(EndedSession { session, teardown: None, changed: false }));
         }
         let session = sqlx::query_as::<_, SessionRow>(concat!(
             "UPDATE sessions SET state = 'ENDED', end_reason = ?2, ended_at = ?3, updated_at = ?3 \
@@ -1192,11 +1038,7 @@ impl Store for SqliteStore {
             None => None,
         };
         tx.commit().await?;
-        Ok(Some(EndedSession {
-            session,
-            teardown,
-            changed: true,
-        }))
+        Ok(Some(EndedSession { session, teardown, changed: true }))
     }
 
     async fn get_session(&self, id: Uuid) -> StoreResult<Option<SessionRecord>> {
@@ -1232,20 +1074,14 @@ impl Store for SqliteStore {
     }
 
     async fn count_live_sessions(&self, user_id: &str) -> StoreResult<u32> {
-        let live: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM sessions WHERE user_id = ?1 AND state <> 'ENDED'",
-        )
-        .bind(user_id)
-        .fetch_one(&self.reader)
-        .await?;
+        let live: i64 = sqlx::query_scalar("SELECT count(*) FROM sessions WHERE user_id = ?1 AND state <> 'ENDED'")
+            .bind(user_id)
+            .fetch_one(&self.reader)
+            .await?;
         rows::to_u32("count", live)
     }
 
-    async fn sweep(
-        &self,
-        pending_cutoff: DateTime<Utc>,
-        spawn_cutoff: DateTime<Utc>,
-    ) -> StoreResult<SweepOutcome> {
+    async fn sweep(&self, pending_cutoff: DateTime<Utc>, spawn_cutoff: DateTime<Utc>) -> StoreResult<SweepOutcome> {
         let at = now();
         let mut tx = self.begin_write().await?;
         let expired_pending = sqlx::query_as::<_, SessionRow>(concat!(
@@ -1273,9 +1109,6 @@ impl Store for SqliteStore {
         expired_pending.sort_by_key(|session| (session.created_at, session.id));
         let mut expired_spawns = mandelboxes(expired_spawns)?;
         expired_spawns.sort_by_key(|mandelbox| (mandelbox.created_at, mandelbox.id));
-        Ok(SweepOutcome {
-            expired_pending,
-            expired_spawns,
-        })
+        Ok(SweepOutcome { expired_pending, expired_spawns })
     }
 }

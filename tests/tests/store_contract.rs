@@ -1,0 +1,1319 @@
+//! The `Store` contract, written once and run against both backends: every
+//! test gets a fresh database (`mod postgres`, `mod sqlite` at the bottom).
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use switchboard::model::{
+    EndReason, HostHello, HostRecord, HostState, MandelboxRecord, MandelboxState, PortSpec, Region, SessionRecord,
+    SessionState,
+};
+use switchboard::store::{
+    Claim, ClaimOutcome, DynStore, MandelboxFilter, NewMandelbox, NewSession, ReportedMandelbox, SessionFilter,
+    StoreError,
+};
+use switchboard_tests::db::TestDatabase;
+use uuid::Uuid;
+
+const APP: &str = "chrome";
+/// Generous enough never to get in the way unless a test means it to.
+const NO_LIMIT: u32 = 1000;
+
+// ----- fixtures ---------------------------------------------------------------
+
+fn hello(host_id: &str, region: &str, image: &str, capacity: u32) -> HostHello {
+    HostHello {
+        host_id: host_id.to_owned(),
+        region: region.to_owned(),
+        image: image.to_owned(),
+        agent_version: "1.2.3".to_owned(),
+        address: format!("{host_id}.example:7000"),
+        capacity,
+    }
+}
+
+async fn host(store: &DynStore, host_id: &str, region: &str, image: &str, capacity: u32) -> HostRecord {
+    store.host_connected(&hello(host_id, region, image, capacity)).await.unwrap()
+}
+
+async fn region(store: &DynStore, name: &str, image: &str) {
+    store.put_region(&Region { name: name.to_owned(), enabled: true, image: image.to_owned() }).await.unwrap();
+}
+
+fn ports() -> Vec<PortSpec> {
+    vec![
+        PortSpec { name: "tcp32262".to_owned(), port: 40001, protocol: "tcp".to_owned() },
+        PortSpec { name: "udp32263".to_owned(), port: 40002, protocol: "udp".to_owned() },
+    ]
+}
+
+fn new_box(app: &str, session_id: Option<Uuid>) -> NewMandelbox {
+    let id = Uuid::new_v4();
+    NewMandelbox { id, app: app.to_owned(), token_hash: format!("sha256-of-{id}"), session_id }
+}
+
+async fn spawning_box(store: &DynStore, host_id: &str, app: &str) -> MandelboxRecord {
+    store.reserve_mandelbox(host_id, &new_box(app, None)).await.unwrap().expect("host has room")
+}
+
+/// A box that finished spawning and waits for a session.
+async fn warm_box(store: &DynStore, host_id: &str, app: &str) -> MandelboxRecord {
+    let reserved = spawning_box(store, host_id, app).await;
+    let warm = store.mandelbox_spawned(reserved.id, &ports()).await.unwrap().unwrap();
+    assert_eq!(warm.state, MandelboxState::Waiting);
+    warm
+}
+
+fn new_session(user_id: &str, regions: &[&str]) -> NewSession {
+    NewSession {
+        id: Uuid::new_v4(),
+        user_id: user_id.to_owned(),
+        app: APP.to_owned(),
+        client_version: "3.1.0".to_owned(),
+        regions: regions.iter().map(|region| (*region).to_owned()).collect(),
+    }
+}
+
+fn claimed(outcome: ClaimOutcome) -> Claim {
+    match outcome {
+        ClaimOutcome::Claimed(claim) => claim,
+        ClaimOutcome::Pending(session) => {
+            panic!("expected a claim, session {} is pending", session.id)
+        }
+    }
+}
+
+fn pending(outcome: ClaimOutcome) -> SessionRecord {
+    match outcome {
+        ClaimOutcome::Pending(session) => session,
+        ClaimOutcome::Claimed(claim) => {
+            panic!("expected pending, claimed box {}", claim.mandelbox.id)
+        }
+    }
+}
+
+async fn claim(store: &DynStore, user_id: &str, regions: &[&str]) -> Claim {
+    claimed(store.create_session_and_claim(&new_session(user_id, regions), NO_LIMIT).await.unwrap())
+}
+
+/// A session RUNNING on a box RUNNING on `host_id`.
+async fn running_session(store: &DynStore, host_id: &str, region: &str, user_id: &str) -> Claim {
+    warm_box(store, host_id, APP).await;
+    let claim = claim(store, user_id, &[region]).await;
+    assert_eq!(claim.mandelbox.host_id, host_id);
+    let session = store.confirm_assignment(claim.session.id, claim.mandelbox.id).await.unwrap().unwrap();
+    assert_eq!(session.state, SessionState::Running);
+    claim
+}
+
+async fn box_state(store: &DynStore, id: Uuid) -> MandelboxState {
+    store.get_mandelbox(id).await.unwrap().unwrap().state
+}
+
+async fn session(store: &DynStore, id: Uuid) -> SessionRecord {
+    store.get_session(id).await.unwrap().unwrap()
+}
+
+async fn host_state(store: &DynStore, host_id: &str) -> HostState {
+    store.get_host(host_id).await.unwrap().unwrap().state
+}
+
+/// Lets the clock move on, so that rows created after it are strictly newer.
+async fn tick() -> DateTime<Utc> {
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let now = Utc::now();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    now
+}
+
+fn ids(boxes: &[MandelboxRecord]) -> Vec<Uuid> {
+    boxes.iter().map(|mandelbox| mandelbox.id).collect()
+}
+
+// ----- the contract -----------------------------------------------------------
+
+mod contract {
+    use super::*;
+
+    // ----- regions ------------------------------------------------------
+
+    pub(crate) async fn regions_are_upserted_and_listed_by_name(_db: &TestDatabase, store: DynStore) {
+        assert!(store.list_regions().await.unwrap().is_empty());
+        let west = Region { name: "us-west-1".to_owned(), enabled: true, image: "img-1".to_owned() };
+        let east = Region { name: "us-east-1".to_owned(), enabled: false, image: String::new() };
+        assert_eq!(store.put_region(&west).await.unwrap(), west);
+        assert_eq!(store.put_region(&east).await.unwrap(), east);
+        assert_eq!(store.list_regions().await.unwrap(), vec![east.clone(), west.clone()]);
+
+        let west_v2 = Region { enabled: false, image: "img-2".to_owned(), ..west };
+        assert_eq!(store.put_region(&west_v2).await.unwrap(), west_v2);
+        assert_eq!(store.list_regions().await.unwrap(), vec![east, west_v2]);
+    }
+
+    // ----- users --------------------------------------------------------
+
+    pub(crate) async fn ensure_user_is_idempotent_and_keeps_the_email(db: &TestDatabase, store: DynStore) {
+        store.ensure_user("auth0|alice", None).await.unwrap();
+        store.ensure_user("auth0|alice", None).await.unwrap();
+        assert_eq!(db.query_i64("SELECT count(*) FROM users").await.unwrap(), 1);
+        assert_eq!(db.query_i64("SELECT count(*) FROM users WHERE email IS NULL").await.unwrap(), 1);
+
+        store.ensure_user("auth0|alice", Some("alice@example.com")).await.unwrap();
+        store.ensure_user("auth0|alice", None).await.unwrap();
+        assert_eq!(
+            db.query_i64("SELECT count(*) FROM users WHERE id = 'auth0|alice' AND email = 'alice@example.com'")
+                .await
+                .unwrap(),
+            1
+        );
+        store.ensure_user("auth0|alice", Some("alice@new.example")).await.unwrap();
+        assert_eq!(db.query_i64("SELECT count(*) FROM users WHERE email = 'alice@new.example'").await.unwrap(), 1);
+        assert_eq!(db.query_i64("SELECT count(*) FROM users").await.unwrap(), 1);
+    }
+
+    pub(crate) async fn concurrent_ensure_user_creates_one_row(db: &TestDatabase, store: DynStore) {
+        let tasks: Vec<_> = (0..50)
+            .map(|i| {
+                let store = store.clone();
+                let email = (i % 2 == 0).then(|| "bob@example.com".to_owned());
+                tokio::spawn(async move { store.ensure_user("auth0|bob", email.as_deref()).await })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        assert_eq!(db.query_i64("SELECT count(*) FROM users").await.unwrap(), 1);
+        assert_eq!(
+            db.query_i64("SELECT count(*) FROM users WHERE id = 'auth0|bob' AND email = 'bob@example.com'")
+                .await
+                .unwrap(),
+            1
+        );
+    }
+
+    // ----- hosts --------------------------------------------------------
+
+    pub(crate) async fn host_connected_inserts_then_bumps_the_generation(_db: &TestDatabase, store: DynStore) {
+        let first = host(&store, "h1", "us-east-1", "img-1", 4).await;
+        assert_eq!(first.id, "h1");
+        assert_eq!(first.region, "us-east-1");
+        assert_eq!(first.image, "img-1");
+        assert_eq!(first.agent_version, "1.2.3");
+        assert_eq!(first.address, "h1.example:7000");
+        assert_eq!(first.capacity, 4);
+        assert_eq!(first.generation, 1);
+        assert_eq!(first.state, HostState::Active);
+        assert!(first.last_heartbeat_at.is_some());
+        assert_eq!(first.disconnected_at, None);
+        assert_eq!(store.get_host("h1").await.unwrap(), Some(first.clone()));
+
+        assert!(store.host_disconnected("h1", 1).await.unwrap());
+        let second = store.host_connected(&hello("h1", "us-east-1", "img-2", 8)).await.unwrap();
+        assert_eq!(second.generation, 2);
+        assert_eq!(second.state, HostState::Active);
+        assert_eq!(second.image, "img-2");
+        assert_eq!(second.capacity, 8);
+        assert_eq!(second.disconnected_at, None);
+        assert_eq!(second.created_at, first.created_at);
+        assert!(second.last_heartbeat_at >= first.last_heartbeat_at);
+        assert_eq!(store.get_host("h1").await.unwrap(), Some(second));
+        assert_eq!(store.get_host("nope").await.unwrap(), None);
+    }
+
+    pub(crate) async fn host_connected_keeps_a_host_draining(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h1", "r1", "img", 4).await;
+        assert_eq!(store.drain_host("h1").await.unwrap().unwrap().state, HostState::Draining);
+        let again = host(&store, "h1", "r1", "img", 4).await;
+        assert_eq!((again.state, again.generation), (HostState::Draining, 2));
+        // Also across a disconnect, which forgets the state but not the drain.
+        assert!(store.host_disconnected("h1", 2).await.unwrap());
+        assert_eq!(host_state(&store, "h1").await, HostState::Disconnected);
+        let back = host(&store, "h1", "r1", "img", 4).await;
+        assert_eq!((back.state, back.generation), (HostState::Draining, 3));
+    }
+
+    pub(crate) async fn host_disconnected_honours_the_generation(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h1", "r1", "img", 4).await;
+        host(&store, "h1", "r1", "img", 4).await;
+        assert!(!store.host_disconnected("h1", 1).await.unwrap(), "an old connection must not win");
+        let host1 = store.get_host("h1").await.unwrap().unwrap();
+        assert_eq!((host1.state, host1.disconnected_at), (HostState::Active, None));
+
+        assert!(store.host_disconnected("h1", 2).await.unwrap());
+        let host1 = store.get_host("h1").await.unwrap().unwrap();
+        assert_eq!(host1.state, HostState::Disconnected);
+        assert!(host1.disconnected_at.is_some());
+        assert!(!store.host_disconnected("h1", 2).await.unwrap(), "already disconnected");
+        assert!(!store.host_disconnected("unknown", 1).await.unwrap());
+
+        host(&store, "h2", "r1", "img", 4).await;
+        store.mark_host_lost("h2", None).await.unwrap();
+        assert!(!store.host_disconnected("h2", 1).await.unwrap(), "UNHEALTHY stays");
+        assert_eq!(host_state(&store, "h2").await, HostState::Unhealthy);
+
+        host(&store, "h3", "r1", "img", 4).await;
+        store.drain_host("h3").await.unwrap();
+        assert!(store.host_disconnected("h3", 1).await.unwrap(), "DRAINING disconnects too");
+        assert_eq!(host_state(&store, "h3").await, HostState::Disconnected);
+    }
+
+    pub(crate) async fn record_heartbeat_ignores_other_generations(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h1", "r1", "img", 4).await;
+        host(&store, "h1", "r1", "img", 4).await;
+        let at = DateTime::from_timestamp_micros(1_900_000_000_123_456).unwrap();
+        store.record_heartbeat("h1", 2, at).await.unwrap();
+        assert_eq!(store.get_host("h1").await.unwrap().unwrap().last_heartbeat_at, Some(at));
+        let stale = at + chrono::Duration::seconds(10);
+        store.record_heartbeat("h1", 1, stale).await.unwrap();
+        assert_eq!(store.get_host("h1").await.unwrap().unwrap().last_heartbeat_at, Some(at));
+        store.record_heartbeat("unknown", 1, stale).await.unwrap();
+    }
+
+    pub(crate) async fn drain_host_moves_only_active_hosts(_db: &TestDatabase, store: DynStore) {
+        assert_eq!(store.drain_host("unknown").await.unwrap(), None);
+        host(&store, "h1", "r1", "img", 4).await;
+        assert_eq!(store.drain_host("h1").await.unwrap().unwrap().state, HostState::Draining);
+        assert_eq!(store.drain_host("h1").await.unwrap().unwrap().state, HostState::Draining);
+
+        host(&store, "h2", "r1", "img", 4).await;
+        store.host_disconnected("h2", 1).await.unwrap();
+        assert_eq!(store.drain_host("h2").await.unwrap().unwrap().state, HostState::Disconnected);
+        host(&store, "h3", "r1", "img", 4).await;
+        store.mark_host_lost("h3", Some(1)).await.unwrap();
+        assert_eq!(store.drain_host("h3").await.unwrap().unwrap().state, HostState::Unhealthy);
+    }
+
+    pub(crate) async fn mark_host_lost_loses_boxes_and_ends_their_sessions(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h1", "r1", "img", 5).await;
+        host(&store, "h2", "r2", "img", 5).await;
+        let running = running_session(&store, "h1", "r1", "u1").await;
+        warm_box(&store, "h1", APP).await;
+        let assigning = claim(&store, "u2", &["r1"]).await;
+        assert_eq!(assigning.mandelbox.host_id, "h1");
+        let waiting = warm_box(&store, "h1", APP).await;
+        let spawning = spawning_box(&store, "h1", APP).await;
+        let elsewhere = running_session(&store, "h2", "r2", "u3").await;
+
+        let ended = store.mark_host_lost("h1", Some(1)).await.unwrap();
+        let ended_ids: HashSet<Uuid> = ended.iter().map(|session| session.id).collect();
+        assert_eq!(ended_ids, HashSet::from([running.session.id, assigning.session.id]));
+        for session in &ended {
+            assert_eq!(session.state, SessionState::Ended);
+            assert_eq!(session.end_reason, Some(EndReason::HostLost));
+            assert!(session.ended_at.is_some());
+        }
+        assert_eq!(host_state(&store, "h1").await, HostState::Unhealthy);
+        for id in [running.mandelbox.id, assigning.mandelbox.id, waiting.id, spawning.id] {
+            assert_eq!(box_state(&store, id).await, MandelboxState::Lost);
+        }
+        assert_eq!(session(&store, elsewhere.session.id).await.state, SessionState::Running);
+        assert_eq!(box_state(&store, elsewhere.mandelbox.id).await, MandelboxState::Running);
+        assert_eq!(store.count_live_sessions("u1").await.unwrap(), 0);
+        // A second call has nothing left to do.
+        assert!(store.mark_host_lost("h1", None).await.unwrap().is_empty());
+    }
+
+    pub(crate) async fn mark_host_lost_honours_the_generation(_db: &TestDatabase, store: DynStore) {
+        assert!(store.mark_host_lost("unknown", None).await.unwrap().is_empty());
+        host(&store, "h1", "r1", "img", 5).await;
+        host(&store, "h1", "r1", "img", 5).await;
+        let running = running_session(&store, "h1", "r1", "u1").await;
+
+        assert!(store.mark_host_lost("h1", Some(1)).await.unwrap().is_empty());
+        assert_eq!(host_state(&store, "h1").await, HostState::Active);
+        assert_eq!(box_state(&store, running.mandelbox.id).await, MandelboxState::Running);
+        assert_eq!(session(&store, running.session.id).await.state, SessionState::Running);
+
+        let ended = store.mark_host_lost("h1", Some(2)).await.unwrap();
+        assert_eq!(ended.len(), 1);
+        assert_eq!(ended[0].id, running.session.id);
+        assert_eq!(host_state(&store, "h1").await, HostState::Unhealthy);
+    }
+
+    pub(crate) async fn list_hosts_counts_boxes_by_kind(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h-b", "r1", "img", 10).await;
+        host(&store, "h-a", "r1", "img", 10).await;
+        host(&store, "h-c", "r2", "img", 3).await;
+        spawning_box(&store, "h-b", APP).await;
+        warm_box(&store, "h-b", APP).await;
+        running_session(&store, "h-b", "r1", "u1").await; // RUNNING
+        claim(&store, "u2", &["r1"]).await; // takes the WAITING box: ALLOCATED
+        warm_box(&store, "h-b", APP).await;
+        let ended = running_session(&store, "h-b", "r1", "u3").await;
+        store.end_session(ended.session.id, EndReason::UserEnded).await.unwrap(); // DYING
+        let dead = spawning_box(&store, "h-b", APP).await;
+        store.mandelbox_finished(dead.id, MandelboxState::Dead, EndReason::MandelboxExited).await.unwrap();
+
+        let all = store.list_hosts(None).await.unwrap();
+        let listed: Vec<&str> = all.iter().map(|summary| summary.host.id.as_str()).collect();
+        assert_eq!(listed, vec!["h-a", "h-b", "h-c"]);
+        let h_b = &all[1];
+        assert_eq!((h_b.warm, h_b.assigned, h_b.live), (2, 2, 5));
+        assert_eq!((all[0].warm, all[0].assigned, all[0].live), (0, 0, 0));
+        assert_eq!(h_b.host, store.get_host("h-b").await.unwrap().unwrap());
+
+        let r2 = store.list_hosts(Some("r2")).await.unwrap();
+        assert_eq!(r2.len(), 1);
+        assert_eq!(r2[0].host.id, "h-c");
+        assert!(store.list_hosts(Some("nowhere")).await.unwrap().is_empty());
+    }
+
+    pub(crate) async fn hosts_disconnected_before_a_cutoff(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h1", "r1", "img", 1).await;
+        host(&store, "h2", "r1", "img", 1).await;
+        host(&store, "h3", "r1", "img", 1).await;
+        let before = tick().await;
+        store.host_disconnected("h2", 1).await.unwrap();
+        store.host_disconnected("h1", 1).await.unwrap();
+        let after = tick().await;
+
+        assert!(store.hosts_disconnected_before(before).await.unwrap().is_empty());
+        let listed: Vec<String> =
+            store.hosts_disconnected_before(after).await.unwrap().into_iter().map(|host| host.id).collect();
+        assert_eq!(listed, vec!["h2", "h1"], "oldest disconnect first");
+    }
+
+    pub(crate) async fn mark_connected_hosts_disconnected_at_start_up(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h1", "r1", "img", 1).await;
+        host(&store, "h2", "r1", "img", 1).await;
+        host(&store, "h3", "r1", "img", 1).await;
+        host(&store, "h4", "r1", "img", 1).await;
+        host(&store, "h5", "r1", "img", 1).await;
+        store.drain_host("h2").await.unwrap();
+        store.host_disconnected("h3", 1).await.unwrap();
+        let h3_disconnected_at = store.get_host("h3").await.unwrap().unwrap().disconnected_at;
+        store.mark_host_lost("h4", None).await.unwrap();
+
+        let at = DateTime::from_timestamp_micros(1_800_000_000_000_001).unwrap();
+        assert_eq!(store.mark_connected_hosts_disconnected(at).await.unwrap(), 3);
+        for id in ["h1", "h2", "h5"] {
+            let host = store.get_host(id).await.unwrap().unwrap();
+            assert_eq!((host.state, host.disconnected_at), (HostState::Disconnected, Some(at)), "{id}");
+        }
+        let h3 = store.get_host("h3").await.unwrap().unwrap();
+        assert_eq!(h3.disconnected_at, h3_disconnected_at);
+        assert_eq!(host_state(&store, "h4").await, HostState::Unhealthy);
+        assert_eq!(store.mark_connected_hosts_disconnected(at).await.unwrap(), 0);
+    }
+
+    pub(crate) async fn reconcile_host_compares_reported_and_stored_boxes(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h1", "r1", "img", 20).await;
+        host(&store, "h2", "r2", "img", 20).await;
+        // Every claim happens while h1 has exactly one WAITING box.
+        let running = running_session(&store, "h1", "r1", "u1").await;
+        warm_box(&store, "h1", APP).await;
+        let allocated = claim(&store, "u2", &["r1"]).await;
+        let dying = running_session(&store, "h1", "r1", "u3").await;
+        store.end_session(dying.session.id, EndReason::UserEnded).await.unwrap();
+        let waiting = warm_box(&store, "h1", APP).await;
+        let spawning = spawning_box(&store, "h1", APP).await;
+        let dead = spawning_box(&store, "h1", APP).await;
+        store.mandelbox_finished(dead.id, MandelboxState::Dead, EndReason::MandelboxExited).await.unwrap();
+        let missing_waiting = warm_box(&store, "h1", APP).await;
+        let on_other_host = warm_box(&store, "h2", APP).await;
+        let unknown = Uuid::new_v4();
+
+        let reported: Vec<ReportedMandelbox> = [
+            waiting.id,
+            unknown,
+            running.mandelbox.id,
+            spawning.id,
+            dying.mandelbox.id,
+            dead.id,
+            on_other_host.id,
+            unknown,
+        ]
+        .into_iter()
+        .map(|id| ReportedMandelbox { id })
+        .collect();
+        let outcome = store.reconcile_host("h1", &reported).await.unwrap();
+
+        assert_eq!(outcome.teardown, vec![unknown, spawning.id, dying.mandelbox.id, dead.id, on_other_host.id]);
+        assert_eq!(outcome.lost, vec![allocated.mandelbox.id, missing_waiting.id]);
+        assert_eq!(outcome.ended_sessions.len(), 1);
+        let ended = &outcome.ended_sessions[0];
+        assert_eq!(ended.id, allocated.session.id);
+        assert_eq!((ended.state, ended.end_reason), (SessionState::Ended, Some(EndReason::HostLost)));
+
+        assert_eq!(box_state(&store, waiting.id).await, MandelboxState::Waiting);
+        assert_eq!(box_state(&store, running.mandelbox.id).await, MandelboxState::Running);
+        assert_eq!(session(&store, running.session.id).await.state, SessionState::Running);
+        assert_eq!(box_state(&store, spawning.id).await, MandelboxState::Dead);
+        assert_eq!(box_state(&store, dying.mandelbox.id).await, MandelboxState::Dying);
+        assert_eq!(box_state(&store, dead.id).await, MandelboxState::Dead);
+        assert_eq!(box_state(&store, allocated.mandelbox.id).await, MandelboxState::Lost);
+        assert_eq!(box_state(&store, missing_waiting.id).await, MandelboxState::Lost);
+        assert_eq!(box_state(&store, on_other_host.id).await, MandelboxState::Waiting, "not h1's");
+        assert_eq!(store.get_mandelbox(unknown).await.unwrap(), None);
+
+        // The host finished the teardown while away: the DYING box is gone
+        // from its report, so it is LOST; after that nothing changes.
+        let kept = [ReportedMandelbox { id: waiting.id }, ReportedMandelbox { id: running.mandelbox.id }];
+        let again = store.reconcile_host("h1", &kept).await.unwrap();
+        assert_eq!(again.lost, vec![dying.mandelbox.id]);
+        assert!(again.teardown.is_empty());
+        assert!(again.ended_sessions.is_empty(), "its session had ended already");
+        assert_eq!(box_state(&store, dying.mandelbox.id).await, MandelboxState::Lost);
+        assert_eq!(store.reconcile_host("h1", &kept).await.unwrap(), Default::default());
+    }
+
+    pub(crate) async fn reconcile_unknown_host_tears_everything_down(_db: &TestDatabase, store: DynStore) {
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let outcome =
+            store.reconcile_host("ghost", &[ReportedMandelbox { id: a }, ReportedMandelbox { id: b }]).await.unwrap();
+        assert_eq!(outcome.teardown, vec![a, b]);
+        assert!(outcome.lost.is_empty());
+        assert!(outcome.ended_sessions.is_empty());
+    }
+
+    // ----- mandelboxes --------------------------------------------------
+
+    pub(crate) async fn reserve_mandelbox_respects_capacity(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h1", "r1", "img", 2).await;
+        let session_id = Uuid::new_v4();
+        let new = new_box(APP, Some(session_id));
+        let first = store.reserve_mandelbox("h1", &new).await.unwrap().unwrap();
+        assert_eq!(first.id, new.id);
+        assert_eq!(first.host_id, "h1");
+        assert_eq!(first.region, "r1");
+        assert_eq!(first.app, APP);
+        assert_eq!(first.state, MandelboxState::Spawning);
+        assert_eq!(first.session_id, Some(session_id));
+        assert!(first.ports.is_empty());
+        assert_eq!(store.get_mandelbox(first.id).await.unwrap(), Some(first.clone()));
+
+        let second = spawning_box(&store, "h1", APP).await;
+        assert_eq!(store.reserve_mandelbox("h1", &new_box(APP, None)).await.unwrap(), None);
+        store.mandelbox_finished(second.id, MandelboxState::Dead, EndReason::MandelboxExited).await.unwrap();
+        assert!(store.reserve_mandelbox("h1", &new_box(APP, None)).await.unwrap().is_some());
+        assert_eq!(store.reserve_mandelbox("h1", &new_box(APP, None)).await.unwrap(), None);
+
+        assert_eq!(store.reserve_mandelbox("unknown", &new_box(APP, None)).await.unwrap(), None);
+        host(&store, "h2", "r1", "img", 2).await;
+        store.drain_host("h2").await.unwrap();
+        assert_eq!(store.reserve_mandelbox("h2", &new_box(APP, None)).await.unwrap(), None);
+        host(&store, "h3", "r1", "img", 2).await;
+        store.host_disconnected("h3", 1).await.unwrap();
+        assert_eq!(store.reserve_mandelbox("h3", &new_box(APP, None)).await.unwrap(), None);
+    }
+
+    pub(crate) async fn mandelbox_token_hash_is_stored_for_auth(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h1", "r1", "img", 2).await;
+        let new = new_box(APP, None);
+        let reserved = store.reserve_mandelbox("h1", &new).await.unwrap().unwrap();
+        let auth = store.mandelbox_auth(reserved.id).await.unwrap().unwrap();
+        assert_eq!(auth.token_hash, new.token_hash);
+        assert_eq!(auth.mandelbox, reserved);
+        assert_eq!(store.mandelbox_auth(Uuid::new_v4()).await.unwrap(), None);
+    }
+
+    pub(crate) async fn reserve_in_regions_picks_first_region_then_fullest_host(_db: &TestDatabase, store: DynStore) {
+        region(&store, "r1", "img-1").await;
+        region(&store, "r2", "").await;
+        host(&store, "h-r2", "r2", "anything", 5).await;
+        host(&store, "h-emptier", "r1", "img-1", 4).await;
+        host(&store, "h-fuller", "r1", "img-1", 4).await;
+        host(&store, "h-wrong-image", "r1", "img-0", 4).await;
+        host(&store, "h-draining", "r1", "img-1", 4).await;
+        spawning_box(&store, "h-emptier", APP).await;
+        for _ in 0..2 {
+            spawning_box(&store, "h-fuller", APP).await;
+        }
+        for _ in 0..3 {
+            spawning_box(&store, "h-draining", APP).await;
+        }
+        store.drain_host("h-draining").await.unwrap();
+        let regions = vec!["r1".to_owned(), "r2".to_owned()];
+
+        let reserve = |exclude: Vec<String>| {
+            let store = store.clone();
+            let regions = regions.clone();
+            async move {
+                store
+                    .reserve_mandelbox_in_regions(&regions, &exclude, &new_box(APP, None))
+                    .await
+                    .unwrap()
+                    .map(|mandelbox| mandelbox.host_id)
+            }
+        };
+        assert_eq!(reserve(vec![]).await.as_deref(), Some("h-fuller")); // 2 free → 1 free
+        assert_eq!(reserve(vec![]).await.as_deref(), Some("h-fuller")); // 1 free → full
+        assert_eq!(reserve(vec!["h-emptier".to_owned()]).await.as_deref(), Some("h-r2"));
+        for _ in 0..3 {
+            assert_eq!(reserve(vec![]).await.as_deref(), Some("h-emptier"));
+        }
+        // r1 is full now (for hosts with the right image).
+        assert_eq!(reserve(vec![]).await.as_deref(), Some("h-r2"));
+        let r2_first = store
+            .reserve_mandelbox_in_regions(&["r2".to_owned(), "r1".to_owned()], &[], &new_box(APP, None))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(r2_first.host_id, "h-r2");
+        assert_eq!(r2_first.region, "r2");
+        assert_eq!(reserve(vec!["h-r2".to_owned()]).await, None);
+        assert_eq!(store.reserve_mandelbox_in_regions(&[], &[], &new_box(APP, None)).await.unwrap(), None);
+    }
+
+    pub(crate) async fn concurrent_reservations_respect_capacity(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h1", "r1", "img", 5).await;
+        host(&store, "h2", "r2", "img", 3).await;
+        host(&store, "h3", "r2", "img", 3).await;
+        let on_host: Vec<_> = (0..20)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move { store.reserve_mandelbox("h1", &new_box(APP, None)).await })
+            })
+            .collect();
+        let in_regions: Vec<_> = (0..15)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    store.reserve_mandelbox_in_regions(&["r2".to_owned()], &[], &new_box(APP, None)).await
+                })
+            })
+            .collect();
+        let mut reserved_on_host = 0;
+        for task in on_host {
+            reserved_on_host += usize::from(task.await.unwrap().unwrap().is_some());
+        }
+        let mut reserved_in_regions = 0;
+        for task in in_regions {
+            reserved_in_regions += usize::from(task.await.unwrap().unwrap().is_some());
+        }
+        assert_eq!(reserved_on_host, 5);
+        assert_eq!(reserved_in_regions, 6);
+        let live: Vec<(String, u32)> =
+            store.list_hosts(None).await.unwrap().into_iter().map(|summary| (summary.host.id, summary.live)).collect();
+        assert_eq!(live, vec![("h1".to_owned(), 5), ("h2".to_owned(), 3), ("h3".to_owned(), 3)]);
+    }
+
+    pub(crate) async fn mandelbox_spawned_goes_waiting_or_allocated(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h1", "r1", "img", 10).await;
+        let plain = spawning_box(&store, "h1", APP).await;
+        let spawned = store.mandelbox_spawned(plain.id, &ports()).await.unwrap().unwrap();
+        assert_eq!(spawned.state, MandelboxState::Waiting);
+        assert_eq!(spawned.ports, ports());
+        assert_eq!(spawned.session_id, None);
+        assert_eq!(store.get_mandelbox(plain.id).await.unwrap(), Some(spawned));
+        assert_eq!(store.mandelbox_spawned(plain.id, &[]).await.unwrap(), None, "not SPAWNING");
+        assert_eq!(store.get_mandelbox(plain.id).await.unwrap().unwrap().ports, ports());
+        assert_eq!(store.mandelbox_spawned(Uuid::new_v4(), &ports()).await.unwrap(), None);
+
+        let waiting = pending(store.create_session_and_claim(&new_session("u1", &["r9"]), NO_LIMIT).await.unwrap());
+        let reserved = store.reserve_mandelbox("h1", &new_box(APP, Some(waiting.id))).await.unwrap().unwrap();
+        let spawned = store.mandelbox_spawned(reserved.id, &ports()).await.unwrap().unwrap();
+        assert_eq!(spawned.state, MandelboxState::Allocated);
+        assert_eq!(spawned.session_id, Some(waiting.id));
+        // The session itself is only moved by attach_reserved.
+        assert_eq!(session(&store, waiting.id).await.state, SessionState::Pending);
+
+        // Reserved for a session that ended meanwhile: the box joins the pool.
+        let gone = pending(store.create_session_and_claim(&new_session("u2", &["r9"]), NO_LIMIT).await.unwrap());
+        let reserved = store.reserve_mandelbox("h1", &new_box(APP, Some(gone.id))).await.unwrap().unwrap();
+        store.end_session(gone.id, EndReason::UserEnded).await.unwrap();
+        let spawned = store.mandelbox_spawned(reserved.id, &ports()).await.unwrap().unwrap();
+        assert_eq!((spawned.state, spawned.session_id), (MandelboxState::Waiting, None));
+    }
+
+    pub(crate) async fn mandelbox_finished_ends_the_session_on_it(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h1", "r1", "img", 10).await;
+        let running = running_session(&store, "h1", "r1", "u1").await;
+        let (before, ended) = store
+            .mandelbox_finished(running.mandelbox.id, MandelboxState::Dead, EndReason::MandelboxExited)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(before.state, MandelboxState::Running);
+        assert_eq!(before.id, running.mandelbox.id);
+        let ended = ended.unwrap();
+        assert_eq!(ended.id, running.session.id);
+        assert_eq!((ended.state, ended.end_reason), (SessionState::Ended, Some(EndReason::MandelboxExited)));
+        assert!(ended.ended_at.is_some());
+        assert_eq!(session(&store, running.session.id).await, ended);
+        assert_eq!(box_state(&store, running.mandelbox.id).await, MandelboxState::Dead);
+        assert_eq!(
+            store.mandelbox_finished(running.mandelbox.id, MandelboxState::Lost, EndReason::HostLost).await.unwrap(),
+            None,
+            "already finished"
+        );
+        assert_eq!(
+            store.mandelbox_finished(Uuid::new_v4(), MandelboxState::Dead, EndReason::MandelboxExited).await.unwrap(),
+            None
+        );
+
+        let waiting = warm_box(&store, "h1", APP).await;
+        let (before, ended) =
+            store.mandelbox_finished(waiting.id, MandelboxState::Lost, EndReason::HostLost).await.unwrap().unwrap();
+        assert_eq!((before.state, ended), (MandelboxState::Waiting, None));
+        assert_eq!(box_state(&store, waiting.id).await, MandelboxState::Lost);
+
+        // A spawn that fails leaves the session it was reserved for waiting.
+        let queued = pending(store.create_session_and_claim(&new_session("u2", &["r9"]), NO_LIMIT).await.unwrap());
+        let reserved = store.reserve_mandelbox("h1", &new_box(APP, Some(queued.id))).await.unwrap().unwrap();
+        let (_, ended) = store
+            .mandelbox_finished(reserved.id, MandelboxState::Dead, EndReason::MandelboxExited)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(ended, None);
+        assert_eq!(session(&store, queued.id).await.state, SessionState::Pending);
+
+        let live = warm_box(&store, "h1", APP).await;
+        assert!(store.mandelbox_finished(live.id, MandelboxState::Dying, EndReason::UserEnded).await.is_err());
+        assert_eq!(box_state(&store, live.id).await, MandelboxState::Waiting);
+    }
+
+    pub(crate) async fn list_mandelboxes_filters_newest_first(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h1", "r1", "img", 10).await;
+        host(&store, "h2", "r1", "img", 10).await;
+        let a = spawning_box(&store, "h1", APP).await;
+        tick().await;
+        let b = warm_box(&store, "h2", APP).await;
+        tick().await;
+        let c = warm_box(&store, "h1", APP).await;
+        tick().await;
+        let d = spawning_box(&store, "h1", APP).await;
+        store.mandelbox_finished(d.id, MandelboxState::Dead, EndReason::MandelboxExited).await.unwrap();
+
+        let list = |filter: MandelboxFilter| {
+            let store = store.clone();
+            async move { ids(&store.list_mandelboxes(&filter).await.unwrap()) }
+        };
+        assert_eq!(list(MandelboxFilter::default()).await, vec![c.id, b.id, a.id]);
+        assert_eq!(
+            list(MandelboxFilter { include_finished: true, ..Default::default() }).await,
+            vec![d.id, c.id, b.id, a.id]
+        );
+        assert_eq!(
+            list(MandelboxFilter { host_id: Some("h1".to_owned()), ..Default::default() }).await,
+            vec![c.id, a.id]
+        );
+        assert_eq!(
+            list(MandelboxFilter { state: Some(MandelboxState::Waiting), ..Default::default() }).await,
+            vec![c.id, b.id]
+        );
+        assert_eq!(
+            list(MandelboxFilter {
+                host_id: Some("h1".to_owned()),
+                state: Some(MandelboxState::Dead),
+                include_finished: true
+            })
+            .await,
+            vec![d.id]
+        );
+        assert_eq!(
+            list(MandelboxFilter { state: Some(MandelboxState::Dead), ..Default::default() }).await,
+            Vec::<Uuid>::new(),
+            "finished boxes need include_finished"
+        );
+    }
+
+    pub(crate) async fn host_mandelboxes_lists_live_boxes_in_given_states(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h1", "r1", "img", 10).await;
+        host(&store, "h2", "r1", "img", 10).await;
+        let spawning = spawning_box(&store, "h1", APP).await;
+        let waiting = warm_box(&store, "h1", APP).await;
+        warm_box(&store, "h2", APP).await;
+        let dead = spawning_box(&store, "h1", APP).await;
+        store.mandelbox_finished(dead.id, MandelboxState::Dead, EndReason::MandelboxExited).await.unwrap();
+
+        let listed = store
+            .host_mandelboxes("h1", &[MandelboxState::Spawning, MandelboxState::Waiting, MandelboxState::Dead])
+            .await
+            .unwrap();
+        assert_eq!(ids(&listed), vec![spawning.id, waiting.id]);
+        assert_eq!(ids(&store.host_mandelboxes("h1", &[MandelboxState::Waiting]).await.unwrap()), vec![waiting.id]);
+        assert!(store.host_mandelboxes("h1", &[MandelboxState::Running]).await.unwrap().is_empty());
+        assert!(store.host_mandelboxes("h1", &[]).await.unwrap().is_empty());
+    }
+
+    pub(crate) async fn corrupt_rows_are_reported_not_panicked_on(db: &TestDatabase, store: DynStore) {
+        host(&store, "h1", "r1", "img", 10).await;
+        let mandelbox = warm_box(&store, "h1", APP).await;
+        let changed = db.execute(r#"UPDATE mandelboxes SET ports = '[{"bogus": true}]'"#).await.unwrap();
+        assert_eq!(changed, 1);
+        let error = store.get_mandelbox(mandelbox.id).await.unwrap_err();
+        assert!(matches!(error, StoreError::Corrupt(_)), "{error:?}");
+    }
+
+    // ----- sessions and claims -------------------------------------------
+
+    pub(crate) async fn claim_takes_the_first_region_with_a_box(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h-east", "us-east-1", "img", 4).await;
+        host(&store, "h-west", "us-west-1", "img", 4).await;
+        let west = warm_box(&store, "h-west", APP).await;
+        let east = warm_box(&store, "h-east", APP).await;
+
+        let new = new_session("u1", &["eu-central-1", "us-west-1", "us-east-1"]);
+        let first = claimed(store.create_session_and_claim(&new, NO_LIMIT).await.unwrap());
+        assert_eq!(first.mandelbox.id, west.id);
+        assert_eq!(first.mandelbox.state, MandelboxState::Allocated);
+        assert_eq!(first.mandelbox.session_id, Some(new.id));
+        assert_eq!(first.host, store.get_host("h-west").await.unwrap().unwrap());
+        let session = &first.session;
+        assert_eq!(session.id, new.id);
+        assert_eq!(session.user_id, "u1");
+        assert_eq!(session.state, SessionState::Assigning);
+        assert_eq!(session.app, APP);
+        assert_eq!(session.client_version, "3.1.0");
+        assert_eq!(session.requested_regions, new.regions);
+        assert_eq!(session.region.as_deref(), Some("us-west-1"));
+        assert_eq!(session.mandelbox_id, Some(west.id));
+        assert_eq!(session.host_id.as_deref(), Some("h-west"));
+        assert_eq!((session.end_reason, session.ended_at), (None, None));
+        assert_eq!(store.get_session(new.id).await.unwrap().as_ref(), Some(session));
+        assert_eq!(store.get_mandelbox(west.id).await.unwrap(), Some(first.mandelbox.clone()));
+
+        let next = claim(&store, "u2", &["eu-central-1", "us-west-1", "us-east-1"]).await;
+        assert_eq!(next.mandelbox.id, east.id);
+        let last = pending(store.create_session_and_claim(&new_session("u3", &["us-east-1"]), NO_LIMIT).await.unwrap());
+        assert_eq!(last.state, SessionState::Pending);
+    }
+
+    pub(crate) async fn claim_prefers_the_fullest_host(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h-big", "r1", "img", 10).await;
+        host(&store, "h-half", "r1", "img", 4).await;
+        host(&store, "h-small", "r1", "img", 2).await;
+        // h-half: one assigned box, so 3 free slots.
+        running_session(&store, "h-half", "r1", "busy").await;
+        let big = warm_box(&store, "h-big", APP).await;
+        let half = warm_box(&store, "h-half", APP).await;
+        let small = warm_box(&store, "h-small", APP).await;
+
+        assert_eq!(claim(&store, "u1", &["r1"]).await.mandelbox.id, small.id); // 2 free
+        assert_eq!(claim(&store, "u2", &["r1"]).await.mandelbox.id, half.id); // 3 free
+        assert_eq!(claim(&store, "u3", &["r1"]).await.mandelbox.id, big.id); // 10 free
+    }
+
+    pub(crate) async fn claim_breaks_ties_by_host_then_age(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h-b", "r1", "img", 4).await;
+        host(&store, "h-a", "r1", "img", 4).await;
+        let b_old = warm_box(&store, "h-b", APP).await;
+        tick().await;
+        let a_new = warm_box(&store, "h-a", APP).await;
+        tick().await;
+        let a_newer = warm_box(&store, "h-a", APP).await;
+
+        assert_eq!(claim(&store, "u1", &["r1"]).await.mandelbox.id, a_new.id);
+        // h-a now has one assigned box: fuller than h-b.
+        assert_eq!(claim(&store, "u2", &["r1"]).await.mandelbox.id, a_newer.id);
+        assert_eq!(claim(&store, "u3", &["r1"]).await.mandelbox.id, b_old.id);
+    }
+
+    pub(crate) async fn claim_skips_unfit_boxes(_db: &TestDatabase, store: DynStore) {
+        region(&store, "r1", "img-2").await;
+        host(&store, "h-old-image", "r1", "img-1", 4).await;
+        host(&store, "h-draining", "r1", "img-2", 4).await;
+        host(&store, "h-gone", "r1", "img-2", 4).await;
+        host(&store, "h-lost", "r1", "img-2", 4).await;
+        host(&store, "h-ok", "r1", "img-2", 4).await;
+        warm_box(&store, "h-old-image", APP).await;
+        warm_box(&store, "h-draining", APP).await;
+        warm_box(&store, "h-gone", APP).await;
+        warm_box(&store, "h-ok", "other-app").await;
+        spawning_box(&store, "h-ok", APP).await;
+        store.drain_host("h-draining").await.unwrap();
+        store.host_disconnected("h-gone", 1).await.unwrap();
+        warm_box(&store, "h-lost", APP).await;
+        store.mark_host_lost("h-lost", None).await.unwrap();
+
+        let session = pending(store.create_session_and_claim(&new_session("u1", &["r1"]), NO_LIMIT).await.unwrap());
+        assert_eq!(session.state, SessionState::Pending);
+        assert_eq!((session.region, session.mandelbox_id, session.host_id), (None, None, None));
+
+        let fit = warm_box(&store, "h-ok", APP).await;
+        let served = store.claim_for_session(session.id, &[]).await.unwrap().unwrap();
+        assert_eq!(served.mandelbox.id, fit.id);
+
+        // A region without an image takes any host image.
+        region(&store, "r2", "").await;
+        host(&store, "h-any", "r2", "whatever", 4).await;
+        let any = warm_box(&store, "h-any", APP).await;
+        assert_eq!(claim(&store, "u2", &["r2"]).await.mandelbox.id, any.id);
+    }
+
+    pub(crate) async fn pending_session_is_stored_and_queued(_db: &TestDatabase, store: DynStore) {
+        let first = new_session("u1", &["r1", "r2"]);
+        let outcome = store.create_session_and_claim(&first, NO_LIMIT).await.unwrap();
+        let session = pending(outcome);
+        assert_eq!(session.id, first.id);
+        assert_eq!(session.state, SessionState::Pending);
+        assert_eq!(session.requested_regions, vec!["r1".to_owned(), "r2".to_owned()]);
+        assert_eq!((session.region, session.mandelbox_id, session.host_id), (None, None, None));
+        tick().await;
+        let second = pending(store.create_session_and_claim(&new_session("u2", &[]), NO_LIMIT).await.unwrap());
+        tick().await;
+        let third = pending(store.create_session_and_claim(&new_session("u3", &["r1"]), NO_LIMIT).await.unwrap());
+        store.end_session(second.id, EndReason::UserEnded).await.unwrap();
+
+        let queued: Vec<Uuid> = store.pending_sessions(10).await.unwrap().into_iter().map(|s| s.id).collect();
+        assert_eq!(queued, vec![first.id, third.id], "oldest first, ended ones left out");
+        let queued: Vec<Uuid> = store.pending_sessions(1).await.unwrap().into_iter().map(|s| s.id).collect();
+        assert_eq!(queued, vec![first.id]);
+    }
+
+    pub(crate) async fn session_limit_counts_live_sessions(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h1", "r1", "img", 10).await;
+        warm_box(&store, "h1", APP).await;
+        let running = claim(&store, "u1", &["r1"]).await;
+        store.confirm_assignment(running.session.id, running.mandelbox.id).await.unwrap().unwrap();
+        let queued = pending(store.create_session_and_claim(&new_session("u1", &["r1"]), 3).await.unwrap());
+        pending(store.create_session_and_claim(&new_session("u1", &["r1"]), 3).await.unwrap());
+        assert_eq!(store.count_live_sessions("u1").await.unwrap(), 3);
+
+        let refused = new_session("u1", &["r1"]);
+        let error = store.create_session_and_claim(&refused, 3).await.unwrap_err();
+        assert!(matches!(error, StoreError::SessionLimit { limit: 3 }), "{error:?}");
+        assert_eq!(store.get_session(refused.id).await.unwrap(), None, "nothing stored");
+
+        store.end_session(queued.id, EndReason::UserEnded).await.unwrap();
+        store.end_session(running.session.id, EndReason::UserEnded).await.unwrap();
+        assert_eq!(store.count_live_sessions("u1").await.unwrap(), 1);
+        pending(store.create_session_and_claim(&new_session("u1", &["r1"]), 3).await.unwrap());
+        pending(store.create_session_and_claim(&new_session("u1", &["r1"]), 3).await.unwrap());
+        assert!(matches!(
+            store.create_session_and_claim(&new_session("u1", &["r1"]), 3).await,
+            Err(StoreError::SessionLimit { limit: 3 })
+        ));
+        assert_eq!(store.count_live_sessions("u1").await.unwrap(), 3);
+        // Other users are not affected; a limit of 0 refuses everything.
+        pending(store.create_session_and_claim(&new_session("u2", &["r1"]), 3).await.unwrap());
+        assert!(matches!(
+            store.create_session_and_claim(&new_session("u3", &["r1"]), 0).await,
+            Err(StoreError::SessionLimit { limit: 0 })
+        ));
+        assert_eq!(store.count_live_sessions("nobody").await.unwrap(), 0);
+    }
+
+    pub(crate) async fn concurrent_requests_of_one_user_respect_the_limit(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h1", "r1", "img", 20).await;
+        for _ in 0..5 {
+            warm_box(&store, "h1", APP).await;
+        }
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move { store.create_session_and_claim(&new_session("u1", &["r1"]), 3).await })
+            })
+            .collect();
+        let (mut accepted, mut refused) = (0, 0);
+        for task in tasks {
+            match task.await.unwrap() {
+                Ok(_) => accepted += 1,
+                Err(StoreError::SessionLimit { limit: 3 }) => refused += 1,
+                Err(error) => panic!("unexpected error: {error}"),
+            }
+        }
+        assert_eq!((accepted, refused), (3, 17));
+        assert_eq!(store.count_live_sessions("u1").await.unwrap(), 3);
+    }
+
+    pub(crate) async fn concurrent_claims_take_distinct_boxes(db: &TestDatabase, store: DynStore) {
+        for host_index in 0..4 {
+            let host_id = format!("h{host_index}");
+            host(&store, &host_id, "r1", "img", 5).await;
+            for _ in 0..5 {
+                warm_box(&store, &host_id, APP).await;
+            }
+        }
+        let outcomes = race_claims(&store, 50, "user").await;
+        assert_claims_are_distinct(&outcomes, 20);
+        assert_twenty_boxes_claimed_once(db, 30).await;
+    }
+
+    pub(crate) async fn claim_for_session_claims_pending_sessions(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h1", "r1", "img", 4).await;
+        host(&store, "h2", "r1", "img", 4).await;
+        let session = pending(store.create_session_and_claim(&new_session("u1", &["r1"]), NO_LIMIT).await.unwrap());
+        assert_eq!(store.claim_for_session(session.id, &[]).await.unwrap(), None, "no box yet");
+
+        let on_h1 = warm_box(&store, "h1", APP).await;
+        assert_eq!(store.claim_for_session(session.id, &["h1".to_owned()]).await.unwrap(), None, "excluded");
+        let on_h2 = warm_box(&store, "h2", APP).await;
+        let claim = store.claim_for_session(session.id, &["h1".to_owned()]).await.unwrap().unwrap();
+        assert_eq!(claim.mandelbox.id, on_h2.id);
+        assert_eq!(claim.mandelbox.state, MandelboxState::Allocated);
+        assert_eq!(claim.mandelbox.session_id, Some(session.id));
+        assert_eq!(claim.session.state, SessionState::Assigning);
+        assert_eq!(claim.session.mandelbox_id, Some(on_h2.id));
+        assert_eq!(claim.session.host_id.as_deref(), Some("h2"));
+        assert_eq!(claim.session.region.as_deref(), Some("r1"));
+        assert_eq!(claim.host.id, "h2");
+        assert_eq!(store.get_session(session.id).await.unwrap(), Some(claim.session.clone()));
+
+        assert_eq!(store.claim_for_session(session.id, &[]).await.unwrap(), None, "not PENDING any more");
+        assert_eq!(box_state(&store, on_h1.id).await, MandelboxState::Waiting);
+        assert_eq!(store.claim_for_session(Uuid::new_v4(), &[]).await.unwrap(), None);
+    }
+
+    pub(crate) async fn attach_reserved_moves_the_session_onto_its_box(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h1", "r1", "img", 4).await;
+        let session = pending(store.create_session_and_claim(&new_session("u1", &["r1"]), NO_LIMIT).await.unwrap());
+        let reserved = store.reserve_mandelbox("h1", &new_box(APP, Some(session.id))).await.unwrap().unwrap();
+        assert_eq!(store.attach_reserved(session.id, reserved.id).await.unwrap(), None, "still SPAWNING");
+        let allocated = store.mandelbox_spawned(reserved.id, &ports()).await.unwrap().unwrap();
+        let other = pending(store.create_session_and_claim(&new_session("u2", &["r9"]), NO_LIMIT).await.unwrap());
+        assert_eq!(store.attach_reserved(other.id, reserved.id).await.unwrap(), None, "not reserved for it");
+
+        let claim = store.attach_reserved(session.id, reserved.id).await.unwrap().unwrap();
+        assert_eq!(claim.mandelbox, allocated);
+        assert_eq!(claim.session.state, SessionState::Assigning);
+        assert_eq!(claim.session.mandelbox_id, Some(reserved.id));
+        assert_eq!(claim.session.host_id.as_deref(), Some("h1"));
+        assert_eq!(claim.session.region.as_deref(), Some("r1"));
+        assert_eq!(claim.host.id, "h1");
+        assert_eq!(store.attach_reserved(session.id, reserved.id).await.unwrap(), None, "not PENDING");
+        assert_eq!(store.attach_reserved(Uuid::new_v4(), reserved.id).await.unwrap(), None);
+
+        let confirmed = store.confirm_assignment(session.id, reserved.id).await.unwrap().unwrap();
+        assert_eq!(confirmed.state, SessionState::Running);
+    }
+
+    pub(crate) async fn confirm_assignment_runs_both(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h1", "r1", "img", 4).await;
+        warm_box(&store, "h1", APP).await;
+        warm_box(&store, "h1", APP).await;
+        let first = claim(&store, "u1", &["r1"]).await;
+        let second = claim(&store, "u2", &["r1"]).await;
+        assert_eq!(
+            store.confirm_assignment(first.session.id, second.mandelbox.id).await.unwrap(),
+            None,
+            "not this session's box"
+        );
+        let running = store.confirm_assignment(first.session.id, first.mandelbox.id).await.unwrap().unwrap();
+        assert_eq!(running.state, SessionState::Running);
+        assert_eq!(running.mandelbox_id, Some(first.mandelbox.id));
+        assert!(running.updated_at >= first.session.updated_at);
+        assert_eq!(session(&store, first.session.id).await, running);
+        assert_eq!(box_state(&store, first.mandelbox.id).await, MandelboxState::Running);
+        assert_eq!(store.confirm_assignment(first.session.id, first.mandelbox.id).await.unwrap(), None);
+
+        store.end_session(second.session.id, EndReason::UserEnded).await.unwrap();
+        assert_eq!(store.confirm_assignment(second.session.id, second.mandelbox.id).await.unwrap(), None);
+        assert_eq!(box_state(&store, second.mandelbox.id).await, MandelboxState::Dying);
+    }
+
+    pub(crate) async fn release_claim_puts_the_session_back_in_the_queue(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h1", "r1", "img", 4).await;
+        warm_box(&store, "h1", APP).await;
+        warm_box(&store, "h1", APP).await;
+        let first = claim(&store, "u1", &["r1"]).await;
+        store.release_claim(first.session.id, first.mandelbox.id, MandelboxState::Dying).await.unwrap();
+        let released = session(&store, first.session.id).await;
+        assert_eq!(released.state, SessionState::Pending);
+        assert_eq!((released.region, released.mandelbox_id, released.host_id), (None, None, None));
+        assert_eq!(box_state(&store, first.mandelbox.id).await, MandelboxState::Dying);
+        // Released again: the session is no longer ASSIGNING on that box.
+        store.release_claim(first.session.id, first.mandelbox.id, MandelboxState::Lost).await.unwrap();
+        assert_eq!(box_state(&store, first.mandelbox.id).await, MandelboxState::Dying);
+
+        let retry = store.claim_for_session(first.session.id, &["h9".to_owned()]).await.unwrap().unwrap();
+        assert_ne!(retry.mandelbox.id, first.mandelbox.id);
+        store.release_claim(first.session.id, retry.mandelbox.id, MandelboxState::Lost).await.unwrap();
+        assert_eq!(box_state(&store, retry.mandelbox.id).await, MandelboxState::Lost);
+        assert_eq!(session(&store, first.session.id).await.state, SessionState::Pending);
+
+        // A RUNNING session is not released.
+        let running = running_session(&store, "h1", "r1", "u2").await;
+        store.release_claim(running.session.id, running.mandelbox.id, MandelboxState::Dying).await.unwrap();
+        assert_eq!(session(&store, running.session.id).await.state, SessionState::Running);
+        assert_eq!(box_state(&store, running.mandelbox.id).await, MandelboxState::Running);
+    }
+
+    pub(crate) async fn end_session_tears_down_its_box_once(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h1", "r1", "img", 4).await;
+        let running = running_session(&store, "h1", "r1", "u1").await;
+        let ended = store.end_session(running.session.id, EndReason::ClientDisconnected).await.unwrap().unwrap();
+        assert!(ended.changed);
+        assert_eq!(ended.session.state, SessionState::Ended);
+        assert_eq!(ended.session.end_reason, Some(EndReason::ClientDisconnected));
+        assert!(ended.session.ended_at.is_some());
+        assert_eq!(ended.session.mandelbox_id, Some(running.mandelbox.id), "kept as history");
+        let teardown = ended.teardown.unwrap();
+        assert_eq!((teardown.id, teardown.state), (running.mandelbox.id, MandelboxState::Dying));
+        assert_eq!(session(&store, running.session.id).await, ended.session);
+
+        let again = store.end_session(running.session.id, EndReason::UserEnded).await.unwrap().unwrap();
+        assert!(!again.changed);
+        assert_eq!(again.teardown, None);
+        assert_eq!(again.session, ended.session, "returned unchanged");
+
+        let queued = pending(store.create_session_and_claim(&new_session("u2", &["r9"]), NO_LIMIT).await.unwrap());
+        let ended = store.end_session(queued.id, EndReason::UserEnded).await.unwrap().unwrap();
+        assert!(ended.changed);
+        assert_eq!((ended.session.state, ended.teardown), (SessionState::Ended, None));
+        assert_eq!(store.end_session(Uuid::new_v4(), EndReason::UserEnded).await.unwrap(), None);
+
+        // A session whose box is already gone ends without a teardown.
+        let orphan = running_session(&store, "h1", "r1", "u3").await;
+        store.mandelbox_finished(orphan.mandelbox.id, MandelboxState::Lost, EndReason::HostLost).await.unwrap();
+        let ended = store.end_session(orphan.session.id, EndReason::UserEnded).await.unwrap().unwrap();
+        assert!(!ended.changed, "mandelbox_finished already ended it");
+    }
+
+    pub(crate) async fn list_sessions_filters_newest_first(_db: &TestDatabase, store: DynStore) {
+        let mut created = Vec::new();
+        for user in ["u1", "u2", "u1", "u1"] {
+            created
+                .push(pending(store.create_session_and_claim(&new_session(user, &["r1"]), NO_LIMIT).await.unwrap()).id);
+            tick().await;
+        }
+        store.end_session(created[2], EndReason::UserEnded).await.unwrap();
+        let list = |filter: SessionFilter| {
+            let store = store.clone();
+            async move { store.list_sessions(&filter).await.unwrap().into_iter().map(|s| s.id).collect::<Vec<_>>() }
+        };
+        assert_eq!(list(SessionFilter::default()).await, vec![created[3], created[1], created[0]]);
+        assert_eq!(
+            list(SessionFilter { include_ended: true, ..Default::default() }).await,
+            vec![created[3], created[2], created[1], created[0]]
+        );
+        assert_eq!(
+            list(SessionFilter { user_id: Some("u1".to_owned()), include_ended: true, limit: 2 }).await,
+            vec![created[3], created[2]]
+        );
+        assert_eq!(
+            list(SessionFilter { user_id: Some("u1".to_owned()), ..Default::default() }).await,
+            vec![created[3], created[0]]
+        );
+        assert!(list(SessionFilter { user_id: Some("u9".to_owned()), ..Default::default() }).await.is_empty());
+    }
+
+    pub(crate) async fn sweep_expires_old_pending_sessions_and_spawns(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h1", "r1", "img", 10).await;
+        let old_session = pending(store.create_session_and_claim(&new_session("u1", &["r9"]), NO_LIMIT).await.unwrap());
+        let reserved_for =
+            pending(store.create_session_and_claim(&new_session("u2", &["r9"]), NO_LIMIT).await.unwrap());
+        let old_spawn = store.reserve_mandelbox("h1", &new_box(APP, Some(reserved_for.id))).await.unwrap().unwrap();
+        let old_waiting = warm_box(&store, "h1", APP).await;
+        let cutoff = tick().await;
+        let new_session_ =
+            pending(store.create_session_and_claim(&new_session("u3", &["r9"]), NO_LIMIT).await.unwrap());
+        let new_spawn = spawning_box(&store, "h1", APP).await;
+
+        let far_past = cutoff - chrono::Duration::hours(1);
+        assert_eq!(store.sweep(far_past, far_past).await.unwrap(), Default::default());
+
+        let outcome = store.sweep(cutoff, cutoff).await.unwrap();
+        let expired: Vec<Uuid> = outcome.expired_pending.iter().map(|s| s.id).collect();
+        assert_eq!(expired, vec![old_session.id, reserved_for.id]);
+        for session in &outcome.expired_pending {
+            assert_eq!(session.state, SessionState::Ended);
+            assert_eq!(session.end_reason, Some(EndReason::NoCapacity));
+            assert!(session.ended_at.is_some());
+        }
+        assert_eq!(ids(&outcome.expired_spawns), vec![old_spawn.id]);
+        assert_eq!(outcome.expired_spawns[0].state, MandelboxState::Dead);
+        assert_eq!(box_state(&store, old_spawn.id).await, MandelboxState::Dead);
+        assert_eq!(box_state(&store, old_waiting.id).await, MandelboxState::Waiting);
+        assert_eq!(box_state(&store, new_spawn.id).await, MandelboxState::Spawning);
+        assert_eq!(session(&store, new_session_.id).await.state, SessionState::Pending);
+
+        assert_eq!(store.sweep(cutoff, cutoff).await.unwrap(), Default::default(), "nothing left");
+    }
+
+    pub(crate) async fn sweep_keeps_the_session_of_an_expired_spawn_pending(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h1", "r1", "img", 10).await;
+        let cutoff_for_sessions = Utc::now() - chrono::Duration::hours(1);
+        let queued = pending(store.create_session_and_claim(&new_session("u1", &["r1"]), NO_LIMIT).await.unwrap());
+        let spawn = store.reserve_mandelbox("h1", &new_box(APP, Some(queued.id))).await.unwrap().unwrap();
+        let cutoff = tick().await;
+        let outcome = store.sweep(cutoff_for_sessions, cutoff).await.unwrap();
+        assert!(outcome.expired_pending.is_empty());
+        assert_eq!(ids(&outcome.expired_spawns), vec![spawn.id]);
+        assert_eq!(session(&store, queued.id).await.state, SessionState::Pending);
+        // The session can be served by another box.
+        let warm = warm_box(&store, "h1", APP).await;
+        assert_eq!(store.claim_for_session(queued.id, &[]).await.unwrap().unwrap().mandelbox.id, warm.id);
+    }
+}
+
+// ----- helpers for the races ----------------------------------------------------
+
+/// `claimers` users, each creating one session at the same moment.
+async fn race_claims(store: &DynStore, claimers: usize, user_prefix: &str) -> Vec<ClaimOutcome> {
+    let start = Arc::new(tokio::sync::Barrier::new(claimers));
+    let tasks: Vec<_> = (0..claimers)
+        .map(|i| {
+            let store = store.clone();
+            let start = start.clone();
+            let user = format!("{user_prefix}-{i}");
+            tokio::spawn(async move {
+                start.wait().await;
+                store.create_session_and_claim(&new_session(&user, &["r1"]), 1).await
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for task in tasks {
+        outcomes.push(task.await.unwrap().unwrap());
+    }
+    outcomes
+}
+
+fn assert_claims_are_distinct(outcomes: &[ClaimOutcome], expected_claims: usize) {
+    let boxes: Vec<Uuid> = outcomes
+        .iter()
+        .filter_map(|outcome| match outcome {
+            ClaimOutcome::Claimed(claim) => Some(claim.mandelbox.id),
+            ClaimOutcome::Pending(_) => None,
+        })
+        .collect();
+    assert_eq!(boxes.len(), expected_claims, "claims");
+    assert_eq!(boxes.iter().collect::<HashSet<_>>().len(), expected_claims, "distinct boxes");
+}
+
+/// The stored rows agree: 20 boxes, each ALLOCATED to its own ASSIGNING
+/// session, and every other session PENDING.
+async fn assert_twenty_boxes_claimed_once(db: &TestDatabase, pending_sessions: i64) {
+    let count = |sql: &'static str| async move { db.query_i64(sql).await.unwrap() };
+    assert_eq!(count("SELECT count(*) FROM mandelboxes WHERE state = 'ALLOCATED'").await, 20);
+    assert_eq!(count("SELECT count(DISTINCT session_id) FROM mandelboxes WHERE state = 'ALLOCATED'").await, 20);
+    assert_eq!(count("SELECT count(*) FROM mandelboxes WHERE state = 'WAITING'").await, 0);
+    assert_eq!(count("SELECT count(*) FROM sessions WHERE state = 'ASSIGNING'").await, 20);
+    assert_eq!(count("SELECT count(DISTINCT mandelbox_id) FROM sessions WHERE state = 'ASSIGNING'").await, 20);
+    assert_eq!(
+        count(
+            "SELECT count(*) FROM sessions s JOIN mandelboxes m ON m.id = s.mandelbox_id \
+             WHERE s.state = 'ASSIGNING' AND m.session_id = s.id AND m.state = 'ALLOCATED'"
+        )
+        .await,
+        20
+    );
+    assert_eq!(count("SELECT count(*) FROM sessions WHERE state = 'PENDING'").await, pending_sessions);
+}
+
+// ----- the suite, once per backend ------------------------------------------------
+
+/// Instantiates every contract test for one backend: each gets a fresh database
+/// and a migrated store.
+macro_rules! store_contract_suite {
+    ($backend:expr) => {
+        store_contract_suite!(
+            @tests $backend;
+            regions_are_upserted_and_listed_by_name,
+            ensure_user_is_idempotent_and_keeps_the_email,
+            concurrent_ensure_user_creates_one_row,
+            host_connected_inserts_then_bumps_the_generation,
+            host_connected_keeps_a_host_draining,
+            host_disconnected_honours_the_generation,
+            record_heartbeat_ignores_other_generations,
+            drain_host_moves_only_active_hosts,
+            mark_host_lost_loses_boxes_and_ends_their_sessions,
+            mark_host_lost_honours_the_generation,
+            list_hosts_counts_boxes_by_kind,
+            hosts_disconnected_before_a_cutoff,
+            mark_connected_hosts_disconnected_at_start_up,
+            reconcile_host_compares_reported_and_stored_boxes,
+            reconcile_unknown_host_tears_everything_down,
+            reserve_mandelbox_respects_capacity,
+            mandelbox_token_hash_is_stored_for_auth,
+            reserve_in_regions_picks_first_region_then_fullest_host,
+            concurrent_reservations_respect_capacity,
+            mandelbox_spawned_goes_waiting_or_allocated,
+            mandelbox_finished_ends_the_session_on_it,
+            list_mandelboxes_filters_newest_first,
+            host_mandelboxes_lists_live_boxes_in_given_states,
+            corrupt_rows_are_reported_not_panicked_on,
+            claim_takes_the_first_region_with_a_box,
+            claim_prefers_the_fullest_host,
+            claim_breaks_ties_by_host_then_age,
+            claim_skips_unfit_boxes,
+            pending_session_is_stored_and_queued,
+            session_limit_counts_live_sessions,
+            concurrent_requests_of_one_user_respect_the_limit,
+            concurrent_claims_take_distinct_boxes,
+            claim_for_session_claims_pending_sessions,
+            attach_reserved_moves_the_session_onto_its_box,
+            confirm_assignment_runs_both,
+            release_claim_puts_the_session_back_in_the_queue,
+            end_session_tears_down_its_box_once,
+            list_sessions_filters_newest_first,
+            sweep_expires_old_pending_sessions_and_spawns,
+            sweep_keeps_the_session_of_an_expired_spawn_pending,
+        );
+    };
+    (@tests $backend:expr; $($test:ident),+ $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $test() {
+                let db = switchboard_tests::db::fresh($backend).await.unwrap();
+                let store = switchboard_tests::db::open_store(&db).await.unwrap();
+                let expected_backend = match $backend {
+                    switchboard_tests::db::Backend::Postgres => "postgres",
+                    switchboard_tests::db::Backend::Sqlite => "sqlite",
+                };
+                assert_eq!(store.backend(), expected_backend);
+                crate::contract::$test(&db, store).await;
+            }
+        )+
+    };
+}
+
+mod postgres {
+    use switchboard::store::{DynStore, PgStore};
+    use switchboard_tests::db::Backend;
+
+    use super::*;
+
+    store_contract_suite!(Backend::Postgres);
+
+    /// Two stores on one database stand for two replicas: their claims can
+    /// only be kept apart by the database itself.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn claims_from_two_pools_never_share_a_box() {
+        let db = switchboard_tests::db::fresh(Backend::Postgres).await.unwrap();
+        let first = PgStore::connect(db.url(), 10).await.unwrap();
+        first.migrate().await.unwrap();
+        let second = PgStore::connect(db.url(), 10).await.unwrap();
+        second.migrate().await.unwrap();
+        let (first, second): (DynStore, DynStore) = (Arc::new(first), Arc::new(second));
+        for host_index in 0..4 {
+            let host_id = format!("h{host_index}");
+            host(&first, &host_id, "r1", "img", 5).await;
+            for _ in 0..5 {
+                warm_box(&second, &host_id, APP).await;
+            }
+        }
+
+        let (from_first, from_second) =
+            tokio::join!(race_claims(&first, 25, "first"), race_claims(&second, 25, "second"));
+        let outcomes: Vec<ClaimOutcome> = from_first.into_iter().chain(from_second).collect();
+        assert_claims_are_distinct(&outcomes, 20);
+        assert_twenty_boxes_claimed_once(&db, 30).await;
+    }
+
+    /// Replicas starting together migrate once (sqlx's advisory lock).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_migrations_are_safe() {
+        let db = switchboard_tests::db::fresh(Backend::Postgres).await.unwrap();
+        let tasks: Vec<_> = (0..4)
+            .map(|_| {
+                let url = db.url().to_owned();
+                tokio::spawn(async move {
+                    let store = PgStore::connect(&url, 2).await?;
+                    store.migrate().await
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        assert_eq!(db.query_i64("SELECT count(*) FROM _sqlx_migrations").await.unwrap(), 1);
+    }
+}
+
+mod sqlite {
+    use switchboard_tests::db::Backend;
+
+    store_contract_suite!(Backend::Sqlite);
+
+    #[tokio::test]
+    async fn unsupported_urls_are_refused() {
+        assert!(switchboard::store::connect("mysql://localhost/db").await.is_err());
+    }
+}
