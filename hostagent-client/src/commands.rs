@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use switchboard_proto::v1::command::Kind;
 use switchboard_proto::v1::{AssignMandelbox, Command, CommandResult, SpawnMandelbox, TeardownMandelbox};
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::handle::Shared;
 use crate::runtime::{AssignSpec, MandelboxRuntime, RuntimeError, SpawnSpec};
@@ -69,7 +69,7 @@ pub(crate) async fn execute(ctx: &CommandContext, command: Command) -> CommandRe
         };
         let elapsed_ms = started.elapsed().as_millis() as u64;
         if result.ok {
-            info!(elapsed_ms, "command done");
+            debug!(elapsed_ms, "command done");
         } else {
             warn!(elapsed_ms, error = result.error, "command failed");
         }
@@ -81,7 +81,7 @@ pub(crate) async fn execute(ctx: &CommandContext, command: Command) -> CommandRe
 
 async fn run_spawn(ctx: &CommandContext, spawn: SpawnMandelbox) -> Result<CommandResult, String> {
     check_id("mandelbox_id", &spawn.mandelbox_id)?;
-    info!(mandelbox_id = spawn.mandelbox_id, app = spawn.app, "spawning mandelbox");
+    debug!(mandelbox_id = spawn.mandelbox_id, app = spawn.app, "spawning mandelbox");
     let spec = SpawnSpec {
         mandelbox_id: spawn.mandelbox_id,
         app: spawn.app,

@@ -65,7 +65,9 @@ pub async fn run(mut config: Config, options: DevOptions, shutdown: Cancellation
     )
     .await?;
     let endpoint = app.endpoint();
-    let server = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+    // The server stops only after the local hosts have said goodbye.
+    let server_stop = CancellationToken::new();
+    let server = tokio::spawn(app.run_until_stopped(server_stop.clone()));
 
     let mut agents: Vec<AgentHandle> = Vec::new();
     for region in &options.regions {
@@ -92,10 +94,12 @@ pub async fn run(mut config: Config, options: DevOptions, shutdown: Cancellation
     write_credentials(&credentials_file, &dev_credentials)?;
     print_banner(&dev_credentials, &credentials_file, &options);
 
-    let result = server.await;
+    shutdown.cancelled().await;
     for agent in &agents {
         agent.shutdown().await;
     }
+    server_stop.cancel();
+    let result = server.await;
     drop(temp_dir);
     result.context("server task")?
 }

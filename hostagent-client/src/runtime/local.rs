@@ -162,7 +162,7 @@ impl MandelboxRuntime for LocalRuntime {
         let span = info_span!("mandelbox", mandelbox_id = spec.mandelbox_id);
         let task = tokio::spawn(life.run(listener, session_rx, stop.clone()).instrument(span));
         boxes.insert(spec.mandelbox_id.clone(), LocalBox { instance, ports: ports.clone(), session, stop, task });
-        info!(mandelbox_id = spec.mandelbox_id, app = spec.app, port, "mandelbox spawned");
+        debug!(mandelbox_id = spec.mandelbox_id, app = spec.app, port, "mandelbox spawned");
         Ok(ports)
     }
 
