@@ -1312,6 +1312,16 @@ mod sqlite {
 
     store_contract_suite!(Backend::Sqlite);
 
+    /// One connection serves reads and writes, or the reader would see its
+    /// own empty in-memory database.
+    #[tokio::test]
+    async fn in_memory_database_reads_its_writes() {
+        let store = switchboard::store::connect("sqlite::memory:").await.unwrap();
+        let region = switchboard::model::Region { name: "r1".to_owned(), enabled: true, image: String::new() };
+        store.put_region(&region).await.unwrap();
+        assert_eq!(store.list_regions().await.unwrap(), vec![region]);
+    }
+
     #[tokio::test]
     async fn unsupported_urls_are_refused() {
         assert!(switchboard::store::connect("mysql://localhost/db").await.is_err());
