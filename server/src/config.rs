@@ -112,6 +112,9 @@ pub struct AllocationConfig {
     pub max_regions: usize,
     /// App that warm boxes are started with; other apps are spawned on demand.
     pub warm_app: String,
+    /// Keep hosts filled with warm boxes. Off, every session waits for a cold
+    /// start (cheaper hosts, slower sessions).
+    pub warm_pool: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -176,6 +179,7 @@ impl Default for AllocationConfig {
             max_client_data_bytes: 16 * 1024,
             max_regions: 16,
             warm_app: "chrome".into(),
+            warm_pool: true,
         }
     }
 }

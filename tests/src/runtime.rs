@@ -12,16 +12,54 @@ use hostagent_client::{AssignSpec, Assignment, ExitNotice, LocalRuntime, Mandelb
 use switchboard_proto::v1::{Port, RunningMandelbox};
 use tokio::sync::broadcast;
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct ObservedRuntime {
     inner: Arc<LocalRuntime>,
     tokens: Arc<Mutex<HashMap<String, String>>>,
     spawn_delay: Arc<Mutex<Duration>>,
+    assign_delay: Arc<Mutex<Duration>>,
+    exits: broadcast::Sender<ExitNotice>,
+}
+
+impl Default for ObservedRuntime {
+    fn default() -> Self {
+        ObservedRuntime::new()
+    }
 }
 
 impl ObservedRuntime {
     pub fn new() -> Self {
-        ObservedRuntime::default()
+        let inner = Arc::new(LocalRuntime::new());
+        let (exits, _) = broadcast::channel(64);
+        // Exits of the real runtime are passed on, next to simulated ones.
+        let mut inner_exits = inner.exits();
+        let forward = exits.clone();
+        tokio::spawn(async move {
+            while let Ok(notice) = inner_exits.recv().await {
+                let _ = forward.send(notice);
+            }
+        });
+        ObservedRuntime {
+            inner,
+            tokens: Arc::default(),
+            spawn_delay: Arc::default(),
+            assign_delay: Arc::default(),
+            exits,
+        }
+    }
+
+    /// Makes every later assign take this long (a host that does not answer in time).
+    pub fn set_assign_delay(&self, delay: Duration) {
+        if let Ok(mut slot) = self.assign_delay.lock() {
+            *slot = delay;
+        }
+    }
+
+    /// The box dies by itself (crash): it stops and the agent reports it exited.
+    pub async fn crash(&self, mandelbox_id: &str) -> Result<(), RuntimeError> {
+        self.inner.teardown(mandelbox_id).await?;
+        let _ = self.exits.send(ExitNotice { mandelbox_id: mandelbox_id.into(), reason: "crashed".into() });
+        Ok(())
     }
 
     /// The disconnect token the control plane gave this box at spawn.
@@ -51,6 +89,10 @@ impl MandelboxRuntime for ObservedRuntime {
     }
 
     async fn assign(&self, spec: AssignSpec) -> Result<Assignment, RuntimeError> {
+        let delay = self.assign_delay.lock().map(|delay| *delay).unwrap_or_default();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         self.inner.assign(spec).await
     }
 
@@ -63,7 +105,7 @@ impl MandelboxRuntime for ObservedRuntime {
     }
 
     fn exits(&self) -> broadcast::Receiver<ExitNotice> {
-        self.inner.exits()
+        self.exits.subscribe()
     }
 
     async fn teardown_all(&self) {

@@ -39,6 +39,9 @@ pub async fn run_filler(core: SharedCore, host_id: String, refill: Arc<Notify>, 
 
 /// Reserves every free slot of the host and spawns a warm box in each.
 async fn fill(core: &SharedCore, host_id: &str) {
+    if !core.config.allocation.warm_pool {
+        return;
+    }
     loop {
         let token = mandelbox_token::generate();
         let new = NewMandelbox {
