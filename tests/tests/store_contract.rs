@@ -399,6 +399,22 @@ mod contract {
         assert_eq!(store.mark_connected_hosts_disconnected(at).await.unwrap(), 0);
     }
 
+    pub(crate) async fn config_entries_are_read_by_key(db: &TestDatabase, store: DynStore) {
+        assert!(store.config_entries().await.unwrap().is_empty());
+        db.execute(
+            "INSERT INTO config (key, value) VALUES ('hosts.missed_heartbeats', '4'), ('allocation.max_regions', '8')",
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            store.config_entries().await.unwrap(),
+            vec![
+                ("allocation.max_regions".to_owned(), "8".to_owned()),
+                ("hosts.missed_heartbeats".to_owned(), "4".to_owned()),
+            ]
+        );
+    }
+
     pub(crate) async fn reconcile_host_compares_reported_and_stored_boxes(_db: &TestDatabase, store: DynStore) {
         host(&store, "h1", "r1", "img", 20).await;
         host(&store, "h2", "r2", "img", 20).await;
@@ -413,6 +429,8 @@ mod contract {
         let dead = spawning_box(&store, "h1", APP).await;
         store.mandelbox_finished(dead.id, MandelboxState::Dead, EndReason::MandelboxExited).await.unwrap();
         let missing_waiting = warm_box(&store, "h1", APP).await;
+        // Reserved after the host's Hello: its spawn is in flight, not lost.
+        let in_flight = spawning_box(&store, "h1", APP).await;
         let on_other_host = warm_box(&store, "h2", APP).await;
         let unknown = Uuid::new_v4();
 
@@ -447,6 +465,7 @@ mod contract {
         assert_eq!(box_state(&store, allocated.mandelbox.id).await, MandelboxState::Lost);
         assert_eq!(box_state(&store, missing_waiting.id).await, MandelboxState::Lost);
         assert_eq!(box_state(&store, on_other_host.id).await, MandelboxState::Waiting, "not h1's");
+        assert_eq!(box_state(&store, in_flight.id).await, MandelboxState::Spawning, "in flight, not lost");
         assert_eq!(store.get_mandelbox(unknown).await.unwrap(), None);
 
         // The host finished the teardown while away: the DYING box is gone
@@ -1208,6 +1227,7 @@ macro_rules! store_contract_suite {
             list_hosts_counts_boxes_by_kind,
             hosts_disconnected_before_a_cutoff,
             mark_connected_hosts_disconnected_at_start_up,
+            config_entries_are_read_by_key,
             reconcile_host_compares_reported_and_stored_boxes,
             reconcile_unknown_host_tears_everything_down,
             reserve_mandelbox_respects_capacity,

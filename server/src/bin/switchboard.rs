@@ -66,7 +66,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve => {
             // The database's config table sits between the file and the environment.
             let store = switchboard::store::connect(config.database.url.expose()).await?;
-            let database = Vec::new(); // config-table layer: wired once the store exposes it
+            let database = store.config_entries().await?;
             config = ConfigSources { database, ..file_layers }.load()?;
             if cli.dump_config {
                 print!("{}", config.dump());

@@ -115,7 +115,9 @@ pub struct Reconciliation {
     /// confirmed; those are marked DEAD).
     pub teardown: Vec<Uuid>,
     /// Boxes the database held live on this host that the host no longer has;
-    /// now LOST.
+    /// now LOST. SPAWNING boxes are never lost here: their spawn may be in
+    /// flight (sent after the host's Hello); `sweep` writes off those that
+    /// never complete.
     pub lost: Vec<Uuid>,
     /// Sessions that ended (HOST_LOST) because their box was lost.
     pub ended_sessions: Vec<SessionRecord>,
@@ -175,6 +177,12 @@ pub trait Store: Send + Sync + 'static {
     /// Inserts or replaces a region's settings.
     async fn put_region(&self, region: &Region) -> StoreResult<Region>;
     async fn list_regions(&self) -> StoreResult<Vec<Region>>;
+
+    // ----- configuration ---------------------------------------------------
+
+    /// Rows of the `config` table, `(dotted.key, JSON value)`, by key: the
+    /// layer between the configuration file and the environment.
+    async fn config_entries(&self) -> StoreResult<Vec<(String, String)>>;
 
     // ----- users ---------------------------------------------------------
 

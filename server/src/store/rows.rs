@@ -111,8 +111,15 @@ pub(super) struct ReconcilePlan {
     pub(super) teardown: Vec<Uuid>,
     /// Reported SPAWNING boxes: their spawn was never confirmed; → DEAD.
     pub(super) unconfirmed_spawns: Vec<Uuid>,
-    /// Live boxes the host did not report, oldest first; → LOST.
+    /// Live boxes the host did not report, oldest first; → LOST. A SPAWNING box
+    /// is not among them: its spawn may have been sent after the host's Hello
+    /// (the sweep writes off spawns that never complete).
     pub(super) missing: Vec<Uuid>,
+}
+
+/// Live and not in flight.
+fn is_settled(mandelbox: &MandelboxRecord) -> bool {
+    mandelbox.state.is_live() && mandelbox.state != MandelboxState::Spawning
 }
 
 impl ReconcilePlan {
@@ -133,7 +140,7 @@ impl ReconcilePlan {
         }
         let reported: HashSet<&Uuid> = reported.iter().collect();
         let mut missing: Vec<&MandelboxRecord> =
-            known.iter().filter(|mandelbox| mandelbox.state.is_live() && !reported.contains(&mandelbox.id)).collect();
+            known.iter().filter(|mandelbox| is_settled(mandelbox) && !reported.contains(&mandelbox.id)).collect();
         missing.sort_by_key(|mandelbox| (mandelbox.created_at, mandelbox.id));
         plan.missing = missing.into_iter().map(|mandelbox| mandelbox.id).collect();
         plan

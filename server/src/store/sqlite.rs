@@ -473,6 +473,14 @@ impl Store for SqliteStore {
         Ok(rows.into_iter().map(Region::from).collect())
     }
 
+    // ----- configuration -------------------------------------------------
+
+    async fn config_entries(&self) -> StoreResult<Vec<(String, String)>> {
+        Ok(sqlx::query_as::<_, (String, String)>("SELECT key, value FROM config ORDER BY key")
+            .fetch_all(&self.reader)
+            .await?)
+    }
+
     // ----- users -------------------------------------------------------
 
     async fn ensure_user(&self, user_id: &str, email: Option<&str>) -> StoreResult<()> {
