@@ -35,6 +35,16 @@ const REGION_CACHE_TTL: Duration = Duration::from_secs(2);
 /// Events buffered per subscriber before it lags.
 const EVENT_BUFFER: usize = 4096;
 
+/// One span per call, named by its path (`/switchboard.v1.AllocationService/Allocate`).
+#[derive(Clone, Copy)]
+struct RpcSpan;
+
+impl<B> tower_http::trace::MakeSpan<B> for RpcSpan {
+    fn make_span(&mut self, request: &http::Request<B>) -> tracing::Span {
+        tracing::info_span!("rpc", path = %request.uri().path())
+    }
+}
+
 /// Everything `build` needs besides the configuration.
 #[derive(Default)]
 pub struct ApplicationOptions {
@@ -190,6 +200,11 @@ impl Application {
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
             .tcp_nodelay(true)
+            .layer(
+                tower_http::trace::TraceLayer::new_for_grpc()
+                    .make_span_with(RpcSpan)
+                    .on_failure(tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG)),
+            )
             .layer(cors)
             .layer(tonic_web::GrpcWebLayer::new())
             .layer(AuthLayer::new(verifier))
