@@ -31,6 +31,15 @@ pub trait CommandRouter: Send + Sync + 'static {
 
 pub type DynRouter = Arc<dyn CommandRouter>;
 
+/// A W3C trace context for a command, so the host's log lines for it can be
+/// joined with ours (the host records it in its command span).
+fn traceparent() -> String {
+    use rand::RngCore;
+    let mut ids = [0u8; 24];
+    rand::thread_rng().fill_bytes(&mut ids);
+    format!("00-{}-{}-01", hex::encode(&ids[..16]), hex::encode(&ids[16..]))
+}
+
 pub struct LocalRouter {
     registry: Arc<ConnectionRegistry>,
 }
@@ -47,7 +56,8 @@ impl CommandRouter for LocalRouter {
         let connection = self.registry.get(host_id).ok_or(RouteError::NotConnected)?;
         let (reply, answer) = oneshot::channel();
         let command =
-            Command { command_id: uuid::Uuid::new_v4().to_string(), kind: Some(kind), traceparent: String::new() };
+            Command { command_id: uuid::Uuid::new_v4().to_string(), kind: Some(kind), traceparent: traceparent() };
+        tracing::debug!(host_id, command_id = %command.command_id, traceparent = %command.traceparent, "sending command");
         let send = connection.commands.send(OutboundCommand { command, reply });
         // A full queue means a stuck host: that counts against the deadline too.
         let deadline = tokio::time::Instant::now() + timeout;
