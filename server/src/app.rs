@@ -179,13 +179,21 @@ impl Application {
         tokio::spawn(Dispatcher::new(allocator, core.events.clone(), interval).run(background.clone()));
         tokio::spawn(Sweeper::new(core.clone(), pending).run(background.clone()));
 
-        let http = routes.into_axum_router().route("/healthz", axum::routing::get(|| async { "ok" })).route(
-            "/.well-known/jwks.json",
-            axum::routing::get(move || {
-                let jwks = jwks.clone();
-                async move { axum::Json((*jwks).clone()) }
-            }),
-        );
+        // gRPC-web translation for the gRPC routes only: tonic-web refuses any
+        // other HTTP/1.1 request, and browsers reach the plain pages over HTTP/1.1.
+        let http = routes
+            .into_axum_router()
+            .layer(tonic_web::GrpcWebLayer::new())
+            .route("/fleet", crate::fleet_page::page())
+            .route("/fleet/api/hosts", crate::fleet_page::hosts_api(core.clone()))
+            .route("/healthz", axum::routing::get(|| async { "ok" }))
+            .route(
+                "/.well-known/jwks.json",
+                axum::routing::get(move || {
+                    let jwks = jwks.clone();
+                    async move { axum::Json((*jwks).clone()) }
+                }),
+            );
         let cors = tower_http::cors::CorsLayer::new()
             .allow_origin(tower_http::cors::Any)
             .allow_headers(tower_http::cors::Any)
@@ -206,7 +214,6 @@ impl Application {
                     .on_failure(tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG)),
             )
             .layer(cors)
-            .layer(tonic_web::GrpcWebLayer::new())
             .layer(AuthLayer::new(verifier))
             .add_routes(Routes::from(http));
 

@@ -134,7 +134,9 @@ fn print_banner(credentials: &DevCredentials, file: &std::path::Path, options: &
          \n  grpcurl -plaintext -H \"authorization: Bearer $(jq -r .user_token {file})\" \\\
          \n    -d '{{\"regions\":[\"{region}\"],\"app\":\"chrome\",\"client_version\":\"1.0.0\"}}' \\\
          \n    {address} switchboard.v1.AllocationService/Allocate\
-         \n\nSee the fleet:\n\
+         \n\nWatch the fleet in a browser:\n\
+         \n  {endpoint}/fleet#token={admin}\
+         \n\nList the hosts:\n\
          \n  grpcurl -plaintext -H \"authorization: Bearer $(jq -r .admin_token {file})\" \\\
          \n    {address} switchboard.v1.AdminService/ListHosts\n",
         endpoint = credentials.endpoint,

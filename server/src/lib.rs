@@ -13,6 +13,7 @@ pub mod dev;
 pub mod error;
 pub mod events;
 pub mod fleet;
+pub mod fleet_page;
 pub mod lifecycle;
 pub mod liveness;
 pub mod model;

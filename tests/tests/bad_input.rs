@@ -308,3 +308,44 @@ on_both_backends!(
     disconnect_tokens_are_checked_and_single_use,
     hosts_must_introduce_themselves_properly,
 );
+
+/// The fleet page's data needs an admin token, answered as plain HTTP.
+mod fleet_page {
+    use switchboard_tests::{Backend, TestApp, TestOptions};
+
+    async fn get(app: &TestApp, path: &str, token: Option<&str>) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+        let auth = token.map(|t| format!("authorization: Bearer {t}\r\n")).unwrap_or_default();
+        let request = format!("GET {path} HTTP/1.1\r\nhost: test\r\n{auth}connection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
+        (status, body)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fleet_data_needs_an_admin() {
+        let app = TestApp::spawn(Backend::Sqlite, TestOptions::default()).await.unwrap();
+        let (status, page) = get(&app, "/fleet", None).await;
+        assert_eq!(status, 200);
+        assert!(page.contains("Switchboard fleet"));
+        let (status, body) = get(&app, "/fleet/api/hosts", None).await;
+        assert_eq!(status, 401);
+        assert!(body.contains("UNAUTHENTICATED"), "{body}");
+        let (status, body) = get(&app, "/fleet/api/hosts", Some(&app.user_token("alice"))).await;
+        assert_eq!(status, 403);
+        assert!(body.contains("FORBIDDEN"), "{body}");
+        let (status, body) = get(&app, "/fleet/api/hosts", Some(&app.admin_token())).await;
+        assert_eq!(status, 200, "{body}");
+        let json = body.lines().find(|line| line.starts_with('{')).unwrap_or(&body).to_owned();
+        let fleet: serde_json::Value = serde_json::from_str(&json).unwrap_or_else(|_| panic!("not JSON: {body}"));
+        let hosts = fleet["hosts"].as_array().unwrap();
+        assert_eq!(hosts.len(), 1);
+        assert_eq!(hosts[0]["host_id"], "host-1");
+        assert_eq!(hosts[0]["warm"], 2);
+        assert_eq!(hosts[0]["connected"], true);
+    }
+}

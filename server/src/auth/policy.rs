@@ -8,7 +8,8 @@
 //! | `switchboard.v1.AdminService`        | a valid user token with scope `admin`  |
 //! | `switchboard.v1.HostService`         | the host credential, checked in Hello  |
 //! | `switchboard.v1.SessionEventsService`| the mandelbox token, checked in handler|
-//! | health, reflection, HTTP pages       | nothing                                |
+//! | `/fleet/api/` (HTTP, JSON)           | a valid user token with scope `admin`  |
+//! | health, reflection, other HTTP pages | nothing                                |
 //!
 //! Subscription checks (issue: identity and billing) plug in here too.
 
@@ -58,11 +59,16 @@ impl Principal {
 enum Requirement {
     User,
     Admin,
+    /// Admin, answered as plain HTTP (401/403 with a JSON reason), not gRPC.
+    AdminHttp,
     /// Checked by the handler with a credential of its own.
     Public,
 }
 
 fn requirement(path: &str) -> Requirement {
+    if path.starts_with("/fleet/api/") {
+        return Requirement::AdminHttp;
+    }
     let service = path.trim_start_matches('/').split('/').next().unwrap_or_default();
     match service {
         "switchboard.v1.AllocationService" | "switchboard.v1.AccountService" => Requirement::User,
@@ -115,7 +121,7 @@ impl<S> AuthService<S> {
             .ok_or_else(|| ApiError::Unauthenticated("authorization header is not a bearer token".into()))?;
         let claims = self.verifier.verify(token).map_err(|error| ApiError::Unauthenticated(error.to_string()))?;
         let principal = Principal { claims };
-        if requirement == Requirement::Admin && !principal.is_admin() {
+        if matches!(requirement, Requirement::Admin | Requirement::AdminHttp) && !principal.is_admin() {
             return Err(ApiError::Forbidden("this call needs scope admin".into()));
         }
         request.extensions_mut().insert(principal);
@@ -147,11 +153,28 @@ where
             }
             Err(error) => {
                 tracing::debug!(path = %request.uri().path(), reason = error.reason(), "call refused");
-                let response = Status::from(error).into_http();
+                let response = if requirement(request.uri().path()) == Requirement::AdminHttp {
+                    plain_http_refusal(&error)
+                } else {
+                    Status::from(error).into_http()
+                };
                 Box::pin(async move { Ok(response) })
             }
         }
     }
+}
+
+/// 401 or 403 with `{"reason": ..., "message": ...}`, for browser pages.
+fn plain_http_refusal(error: &ApiError) -> Response<tonic::body::Body> {
+    let status = match error {
+        ApiError::Forbidden(_) => http::StatusCode::FORBIDDEN,
+        _ => http::StatusCode::UNAUTHORIZED,
+    };
+    let body = serde_json::json!({ "reason": error.reason(), "message": error.to_string() }).to_string();
+    let mut response = Response::new(tonic::body::Body::new(axum::body::Body::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    response
 }
 
 #[cfg(test)]
@@ -165,5 +188,7 @@ mod tests {
         assert_eq!(requirement("/switchboard.v1.HostService/Connect"), Requirement::Public);
         assert_eq!(requirement("/grpc.health.v1.Health/Check"), Requirement::Public);
         assert_eq!(requirement("/.well-known/jwks.json"), Requirement::Public);
+        assert_eq!(requirement("/fleet"), Requirement::Public);
+        assert_eq!(requirement("/fleet/api/hosts"), Requirement::AdminHttp);
     }
 }
