@@ -196,8 +196,9 @@ impl Application {
             );
         let cors = tower_http::cors::CorsLayer::new()
             .allow_origin(tower_http::cors::Any)
-            .allow_headers(tower_http::cors::Any)
-            .allow_methods(tower_http::cors::Any)
+            // Named, not `*`: browsers never let a wildcard cover Authorization.
+            .allow_headers(tower_http::cors::AllowHeaders::mirror_request())
+            .allow_methods([http::Method::POST, http::Method::GET, http::Method::OPTIONS])
             .expose_headers([
                 http::HeaderName::from_static("grpc-status"),
                 http::HeaderName::from_static("grpc-message"),

@@ -42,6 +42,12 @@ const DEV_IMAGE: &str = "dev";
 const TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 
 pub async fn run(mut config: Config, options: DevOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if let Some(bad) = options.regions.iter().find(|region| !crate::allocation::is_valid_name(region)) {
+        anyhow::bail!("--regions: {bad:?} is not a region name (lower-case letters, digits, '-', '_', '.')");
+    }
+    if options.regions.is_empty() || options.hosts_per_region == 0 || options.capacity == 0 {
+        anyhow::bail!("dev needs at least one region, one host per region and a capacity of at least 1");
+    }
     let temp_dir = tempfile::Builder::new().prefix("switchboard-dev-").tempdir()?;
     let database_url = match &options.database_url {
         Some(url) => url.clone(),
@@ -58,10 +64,11 @@ pub async fn run(mut config: Config, options: DevOptions, shutdown: Cancellation
     }
     let listener = TcpListener::bind(options.listen).await.with_context(|| format!("binding {}", options.listen))?;
     let credentials = HostCredentials::new(config.hosts.credential_secret.clone());
+    let warm_pool = config.allocation.warm_pool;
     let app = Application::build_with_store(
         config,
         ApplicationOptions { user_token_keys: Some(issuer.jwks().clone()), listener: Some(listener) },
-        store,
+        store.clone(),
     )
     .await?;
     let endpoint = app.endpoint();
@@ -82,6 +89,11 @@ pub async fn run(mut config: Config, options: DevOptions, shutdown: Cancellation
     }
     for agent in &agents {
         agent.wait_connected(1, Duration::from_secs(10)).await?;
+    }
+    // "Ready" means an Allocate right now gets a warm box.
+    if warm_pool {
+        let slots = agents.len() * options.capacity as usize;
+        wait_until_warm(&store, slots, Duration::from_secs(30)).await?;
     }
 
     let dev_credentials = DevCredentials {
@@ -104,17 +116,44 @@ pub async fn run(mut config: Config, options: DevOptions, shutdown: Cancellation
     result.context("server task")?
 }
 
+async fn wait_until_warm(store: &DynStore, slots: usize, timeout: Duration) -> anyhow::Result<()> {
+    let filter =
+        crate::store::MandelboxFilter { state: Some(crate::model::MandelboxState::Waiting), ..Default::default() };
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let warm = store.list_mandelboxes(&filter).await?.len();
+        if warm >= slots {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("only {warm} of {slots} mandelboxes warmed up within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Writes the file whole (readers never see half of it) and private (mode
+/// 0600 from the start: it holds tokens).
 fn write_credentials(path: &PathBuf, credentials: &DevCredentials) -> anyhow::Result<()> {
+    use std::io::Write;
     if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)?;
     }
     let json = serde_json::to_string_pretty(credentials)?;
-    std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+    let partial = path.with_extension("json.partial");
+    // A leftover from a crashed run may have other permissions; start afresh.
+    let _ = std::fs::remove_file(&partial);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
     #[cfg(unix)]
     {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
     }
+    let mut file = options.open(&partial).with_context(|| format!("writing {}", partial.display()))?;
+    file.write_all(json.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&partial, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 

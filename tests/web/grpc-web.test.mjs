@@ -190,11 +190,6 @@ describe("gRPC-web client (connect-web)", { timeout: 60_000 }, () => {
 
   it(
     "CORS preflight lists authorization explicitly (the Fetch standard's `*` does not cover it)",
-    {
-      todo:
-        "server answers `access-control-allow-headers: *`; per the Fetch standard a wildcard never " +
-        "covers Authorization, so strict browsers reject the desktop app's authenticated gRPC-web calls",
-    },
     async () => {
       const res = await rawRequest(sb.endpoint, "/switchboard.v1.AllocationService/Allocate", {
         method: "OPTIONS",
