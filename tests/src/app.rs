@@ -268,6 +268,16 @@ pub async fn eventually(timeout: Duration, mut check: impl AsyncFnMut() -> anyho
     }
 }
 
+/// The plainest valid Allocate: chrome in us-east-1, client 1.0.0.
+pub fn chrome_in_us_east() -> switchboard_proto::v1::AllocateRequest {
+    switchboard_proto::v1::AllocateRequest {
+        regions: vec!["us-east-1".into()],
+        app: "chrome".into(),
+        client_version: "1.0.0".into(),
+        ..Default::default()
+    }
+}
+
 /// The stable reason of a status from the server.
 pub fn reason(status: &Status) -> &str {
     switchboard::error::reason_of(status).unwrap_or("<none>")

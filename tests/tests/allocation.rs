@@ -19,17 +19,15 @@ fn request(regions: &[&str]) -> AllocateRequest {
     }
 }
 
+async fn warm_ids(app: &TestApp, host_id: &str) -> HashSet<String> {
+    let warm = app.store.host_mandelboxes(host_id, &[MandelboxState::Waiting]).await.unwrap();
+    warm.into_iter().map(|m| m.id.to_string()).collect()
+}
+
 /// allocate → connect to the box → disconnect → teardown → a replacement warms.
 async fn whole_loop(backend: Backend) {
     let app = TestApp::spawn(backend, TestOptions::default()).await.unwrap();
-    let warm_before: HashSet<String> = app
-        .store
-        .host_mandelboxes("host-1", &[MandelboxState::Waiting])
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|m| m.id.to_string())
-        .collect();
+    let warm_before = warm_ids(&app, "host-1").await;
     assert_eq!(warm_before.len(), 2);
 
     let response = app.user_client("alice").allocate(request(&["us-east-1"])).await.unwrap().into_inner();
@@ -62,14 +60,7 @@ async fn whole_loop(backend: Backend) {
     .await
     .unwrap();
     app.wait_warm(2, Duration::from_secs(5)).await.unwrap();
-    let warm_after: HashSet<String> = app
-        .store
-        .host_mandelboxes("host-1", &[MandelboxState::Waiting])
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|m| m.id.to_string())
-        .collect();
+    let warm_after = warm_ids(&app, "host-1").await;
     assert!(!warm_after.contains(&response.mandelbox_id));
     assert_eq!(warm_after.difference(&warm_before).count(), 1, "exactly one replacement");
 

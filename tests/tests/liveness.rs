@@ -8,12 +8,7 @@ use switchboard_proto::v1::{AllocateRequest, SessionState as WireState};
 use switchboard_tests::{Backend, HostSpec, TestApp, TestOptions, app::eventually, on_both_backends};
 
 fn request() -> AllocateRequest {
-    AllocateRequest {
-        regions: vec!["us-east-1".into()],
-        app: "chrome".into(),
-        client_version: "1.0.0".into(),
-        ..Default::default()
-    }
+    switchboard_tests::app::chrome_in_us_east()
 }
 
 /// Heartbeats every 200 ms, 3 missed = unhealthy, 1 s reconnect grace: a dead

@@ -9,12 +9,7 @@ use switchboard_proto::v1::{AllocateRequest, SessionState as WireState};
 use switchboard_tests::{Backend, HostSpec, TestApp, TestOptions, app::eventually, app::reason, on_both_backends};
 
 fn request() -> AllocateRequest {
-    AllocateRequest {
-        regions: vec!["us-east-1".into()],
-        app: "chrome".into(),
-        client_version: "1.0.0".into(),
-        ..Default::default()
-    }
+    switchboard_tests::app::chrome_in_us_east()
 }
 
 /// Host "a" is claimed first but never confirms: the claim is released, the
