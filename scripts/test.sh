@@ -70,6 +70,15 @@ ensure_grpcurl() {
   command -v grpcurl >/dev/null || die "grpcurl was installed but is not on PATH"
 }
 
+ensure_moto() {
+  command -v moto_server >/dev/null && return
+  command -v pip >/dev/null || command -v pip3 >/dev/null || die "moto_server is missing and there is no pip to install it (pip install 'moto[server]')"
+  say "installing the EC2 emulator (PyPI moto[server])"
+  "$(command -v pip || command -v pip3)" install -q 'moto[server]'
+  hash -r
+  command -v moto_server >/dev/null || die "moto[server] was installed but moto_server is not on PATH"
+}
+
 ensure_node() {
   command -v node >/dev/null && command -v npm >/dev/null && return
   apt_install nodejs npm
@@ -81,6 +90,7 @@ if [ "${1:-}" = "--" ]; then shift; rust_filter=("$@"); fi
 ensure_postgres
 ensure_redis
 ensure_grpcurl
+ensure_moto
 ensure_node
 
 say "building (once, for every test below)"

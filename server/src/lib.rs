@@ -7,6 +7,7 @@ pub mod allocation;
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod cloud;
 pub mod config;
 pub mod core;
 pub mod dev;

@@ -4,6 +4,7 @@
 //! Tracing output is shown only with `TEST_LOG=1`.
 
 pub mod app;
+pub mod cloud;
 pub mod db;
 pub mod runtime;
 
