@@ -77,6 +77,21 @@ async fn local_hosts_connect_are_listed_and_go_when_terminated() -> anyhow::Resu
         states,
         [(doomed.as_str(), InstanceState::Terminated), (instances[1].instance_id.as_str(), InstanceState::Running)]
     );
+    // Refused instance types fall back to the next; all refused is a capacity error.
+    let mut fallback = request(&["local-3"], "t-2");
+    fallback.instance_types.insert(0, InstanceTypeConfig { name: "big".into(), capacity: 8 });
+    provider.set_refused(&["big"]);
+    let launched = provider.launch(fallback.clone()).await?;
+    assert_eq!(launched[0].instance_type, "local");
+    wait_host(&app, "local-3", &[HostState::Active]).await?;
+    provider.set_refused(&["big", "local"]);
+    fallback.host_ids = vec!["local-4".into()];
+    fallback.token = "t-3".into();
+    match provider.launch(fallback).await {
+        Err(CloudError::InsufficientCapacity { refused, .. }) => assert_eq!(refused.len(), 2),
+        other => bail!("expected insufficient capacity, got {other:?}"),
+    }
+
     // Again is fine; unknown ids are reported.
     provider.terminate("us-east-1", std::slice::from_ref(&doomed)).await?;
     match provider.terminate("us-east-1", &["i-nope".to_owned()]).await {

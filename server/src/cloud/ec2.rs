@@ -47,6 +47,8 @@ pub const HOSTAGENT_UNIT: &str = include_str!("../../../deploy/hostagent.service
 
 const CODE_TIMEOUT: &str = "Timeout";
 const CODE_TRANSPORT: &str = "Transport";
+/// EC2 takes at most 16 KiB of user data (before base64).
+const MAX_USER_DATA: usize = 16 * 1024;
 /// EC2 accepts at most 1,000 ids per TerminateInstances.
 const TERMINATE_BATCH: usize = 500;
 
@@ -186,6 +188,12 @@ pub fn render_user_data(template: &str, values: &UserDataValues<'_>) -> Result<S
         out = out.replace(&format!("{{{{{name}}}}}"), value);
     }
     out = out.replace("{{hostagent_unit}}", HOSTAGENT_UNIT.trim_end());
+    if out.len() > MAX_USER_DATA {
+        return Err(CloudError::Invalid(format!(
+            "user data is {} bytes, EC2 takes at most {MAX_USER_DATA}",
+            out.len()
+        )));
+    }
     if let Some(at) = out.find("{{") {
         let rest: String = out[at..].chars().take(40).collect();
         return Err(CloudError::Invalid(format!("user data template has an unknown placeholder near {rest:?}")));

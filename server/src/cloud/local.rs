@@ -15,7 +15,7 @@ use chrono::Utc;
 use hostagent_client::{AgentHandle, AgentOptions, Backoff, HostAgent, LocalRuntime, MandelboxRuntime};
 use tracing::info;
 
-use super::{CloudError, CloudProvider, Instance, InstanceState, LaunchRequest, validate_launch};
+use super::{CloudError, CloudProvider, Instance, InstanceState, LaunchRequest, TypeRefusal, validate_launch};
 use crate::auth::host_credential::HostCredentials;
 
 /// Makes the mandelbox runtime of each local host.
@@ -37,6 +37,8 @@ pub struct LocalProvider {
     /// Instance id → instance, in launch order (terminated ones stay listed, as on EC2).
     instances: Mutex<Vec<LocalInstance>>,
     next_id: Mutex<u64>,
+    /// Instance types "EC2" refuses, to exercise fallbacks and capacity errors.
+    refused: Mutex<Vec<String>>,
 }
 
 impl LocalProvider {
@@ -50,6 +52,7 @@ impl LocalProvider {
             runtime: Arc::new(|_: &str| -> Arc<dyn MandelboxRuntime> { Arc::new(LocalRuntime::new()) }),
             instances: Mutex::new(Vec::new()),
             next_id: Mutex::new(0),
+            refused: Mutex::new(Vec::new()),
         }
     }
 
@@ -75,6 +78,13 @@ impl LocalProvider {
         let mut next = self.next_id.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         *next += 1;
         format!("i-local{:010}", *next)
+    }
+
+    /// Makes launches refuse `instance_type` as EC2 does when it has no capacity
+    /// (`InsufficientInstanceCapacity`): the next type is used, or the launch fails.
+    pub fn set_refused(&self, instance_types: &[&str]) {
+        let mut refused = self.refused.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        *refused = instance_types.iter().map(|t| (*t).to_owned()).collect();
     }
 
     /// The agent handle of a live instance (tests use it to wait for the connection or inject faults).
@@ -104,10 +114,19 @@ impl CloudProvider for LocalProvider {
     async fn launch(&self, request: LaunchRequest) -> Result<Vec<Instance>, CloudError> {
         validate_launch(&request)?;
         let region = request.region.as_str();
-        let instance_type = request
-            .instance_types
-            .first()
-            .ok_or_else(|| CloudError::Invalid(format!("no instance types for {region}")))?;
+        let refused_types = self.refused.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        let Some(instance_type) = request.instance_types.iter().find(|t| !refused_types.contains(&t.name)) else {
+            let refused = request
+                .instance_types
+                .iter()
+                .map(|t| TypeRefusal {
+                    instance_type: t.name.clone(),
+                    code: "InsufficientInstanceCapacity".into(),
+                    message: "refused by the local provider".into(),
+                })
+                .collect();
+            return Err(CloudError::InsufficientCapacity { region: region.to_owned(), refused });
+        };
         let mut instances = self.lock();
         let mut result = Vec::with_capacity(request.host_ids.len());
         for host_id in &request.host_ids {

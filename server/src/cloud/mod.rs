@@ -199,6 +199,19 @@ pub trait CloudProvider: Send + Sync {
     async fn describe_by_tag(&self, region: &str, cluster: &str) -> Result<Vec<Instance>, CloudError>;
 }
 
+/// The provider the `[cloud]` section names. `endpoint` is the control-plane
+/// URL hosts connect to; `credentials` issue each host's credential.
+pub fn provider(
+    config: &CloudConfig,
+    endpoint: String,
+    credentials: crate::auth::host_credential::HostCredentials,
+) -> Result<std::sync::Arc<dyn CloudProvider>, CloudError> {
+    Ok(match config.provider {
+        ProviderKind::Local => std::sync::Arc::new(local::LocalProvider::new(endpoint, credentials)),
+        ProviderKind::Ec2 => std::sync::Arc::new(ec2::Ec2Provider::new(config, endpoint, credentials)?),
+    })
+}
+
 /// Checks what every provider requires of a launch request.
 pub(crate) fn validate_launch(request: &LaunchRequest) -> Result<(), CloudError> {
     if request.region.is_empty() {
@@ -255,6 +268,17 @@ mod tests {
         let mut r = request();
         r.token = "x".repeat(65);
         assert!(validate_launch(&r).is_err());
+    }
+
+    #[tokio::test]
+    async fn the_configured_provider_is_built() -> Result<(), CloudError> {
+        let credentials = crate::auth::host_credential::HostCredentials::new(crate::config::Secret::new("test-secret"));
+        let local = provider(&CloudConfig::default(), "http://127.0.0.1:1".into(), credentials.clone())?;
+        assert!(local.describe_by_tag("us-east-1", "switchboard-dev").await?.is_empty());
+        let mut config = CloudConfig { provider: ProviderKind::Ec2, ..Default::default() };
+        config.ec2.access_key_id = crate::config::Secret::new("only-one-half");
+        assert!(matches!(provider(&config, String::new(), credentials), Err(CloudError::Invalid(_))));
+        Ok(())
     }
 
     #[test]
