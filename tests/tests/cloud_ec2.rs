@@ -202,11 +202,17 @@ async fn terminate_moves_instances_out() -> anyhow::Result<()> {
     // Terminating again is fine; nothing at all is fine.
     provider.terminate("us-east-1", &doomed).await?;
     provider.terminate("us-east-1", &[]).await?;
-    // An instance that never existed is reported as such.
-    match provider.terminate("us-east-1", &["i-0000000000badbad0".to_owned()]).await {
-        Err(CloudError::NotFound { region, .. }) => assert_eq!(region, "us-east-1"),
+    // An instance that never existed is reported as such, after the others in the call are terminated.
+    let survivor = instances[2].instance_id.clone();
+    match provider.terminate("us-east-1", &["i-0000000000badbad0".to_owned(), survivor.clone()]).await {
+        Err(CloudError::NotFound { region, message }) => {
+            assert_eq!(region, "us-east-1");
+            assert!(message.contains("i-0000000000badbad0") && !message.contains(&survivor), "{message}");
+        }
         other => bail!("expected not found, got {other:?}"),
     }
+    let listed = provider.describe_by_tag("us-east-1", CLUSTER).await?;
+    assert!(listed.iter().all(|i| !i.state.is_live()), "{listed:?}");
     Ok(())
 }
 

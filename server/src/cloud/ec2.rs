@@ -449,11 +449,38 @@ impl CloudProvider for Ec2Provider {
     }
 
     async fn terminate(&self, region: &str, instance_ids: &[String]) -> Result<(), CloudError> {
+        let mut missing = Vec::new();
         for batch in instance_ids.chunks(TERMINATE_BATCH) {
-            self.with_retries(region, "terminate_instances", || self.api.terminate_instances(region, batch)).await?;
-            info!(region, count = batch.len(), instance_ids = ?batch, "instances terminated");
+            match self.with_retries(region, "terminate_instances", || self.api.terminate_instances(region, batch)).await
+            {
+                Ok(()) => info!(region, count = batch.len(), instance_ids = ?batch, "instances terminated"),
+                // EC2 refuses the whole call when one id is unknown: terminate the others one by one.
+                Err(CloudError::NotFound { .. }) if batch.len() > 1 => {
+                    for id in batch {
+                        let one = std::slice::from_ref(id);
+                        match self
+                            .with_retries(region, "terminate_instances", || self.api.terminate_instances(region, one))
+                            .await
+                        {
+                            Ok(()) => info!(region, instance_id = %id, "instance terminated"),
+                            Err(CloudError::NotFound { .. }) => missing.push(id.clone()),
+                            Err(error) => return Err(error),
+                        }
+                    }
+                }
+                Err(CloudError::NotFound { .. }) => missing.extend(batch.iter().cloned()),
+                Err(error) => return Err(error),
+            }
         }
-        Ok(())
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            warn!(region, instance_ids = ?missing, "instances to terminate do not exist");
+            Err(CloudError::NotFound {
+                region: region.to_owned(),
+                message: format!("instances {missing:?} do not exist"),
+            })
+        }
     }
 
     async fn describe_by_tag(&self, region: &str, cluster: &str) -> Result<Vec<Instance>, CloudError> {

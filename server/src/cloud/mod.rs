@@ -191,7 +191,9 @@ pub trait CloudProvider: Send + Sync {
     /// none could be launched.
     async fn launch(&self, request: LaunchRequest) -> Result<Vec<Instance>, CloudError>;
 
-    /// Terminates the given instances. Already terminated ones are fine.
+    /// Terminates the given instances. Already terminated ones are fine; ids
+    /// that do not exist (in this region) are reported as
+    /// [`CloudError::NotFound`] after every other one has been terminated.
     async fn terminate(&self, region: &str, instance_ids: &[String]) -> Result<(), CloudError>;
 
     /// Every instance in `region` tagged with `cluster`, in any state
