@@ -6,8 +6,9 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use anyhow::Context;
 use jsonwebtoken::jwk::JwkSet;
 use switchboard_proto::v1::{
-    admin_service_server::AdminServiceServer, allocation_service_server::AllocationServiceServer,
-    host_service_server::HostServiceServer, session_events_service_server::SessionEventsServiceServer,
+    account_service_server::AccountServiceServer, admin_service_server::AdminServiceServer,
+    allocation_service_server::AllocationServiceServer, host_service_server::HostServiceServer,
+    session_events_service_server::SessionEventsServiceServer,
 };
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -15,10 +16,18 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
 use crate::{
+    accounts::Accounts,
     admin::Admin,
     allocation::{Allocator, Dispatcher, PendingSessions},
+    api::account::AccountApi,
     api::{admin::AdminApi, allocation::AllocationApi, host::HostApi, session_events::SessionEventsApi},
-    auth::{AuthLayer, host_credential::HostCredentials, jwt::TokenVerifier},
+    auth::{AccessControl, AuthLayer, host_credential::HostCredentials, jwt::TokenVerifier},
+    billing::{
+        BillingProvider, DevBilling, Subscriptions,
+        cache::{InProcessCache, RedisCache, StatusCache},
+        stripe::StripeBilling,
+        webhook::{WebhookState, WebhookVerifier},
+    },
     config::Config,
     core::{Core, SharedCore},
     events::LocalEventBus,
@@ -61,6 +70,8 @@ pub struct Application {
     core: SharedCore,
     routes: Routes,
     verifier: Arc<TokenVerifier>,
+    access: Arc<AccessControl>,
+    webhook: WebhookState,
     allocator: Allocator,
     pending: PendingSessions,
     jwks: Arc<JwkSet>,
@@ -101,13 +112,30 @@ impl Application {
             tracing::info!(hosts = stale, "hosts from a previous run wait for their reconnect");
         }
 
-        let verifier =
-            Arc::new(TokenVerifier::new(&config.auth.issuer, &config.auth.audience, config.auth.leeway_secs));
+        let verifier = Arc::new(TokenVerifier::from_config(&config.auth)?);
         let jwks = options.user_token_keys.unwrap_or(JwkSet { keys: Vec::new() });
-        let usable = verifier.set_jwks(&jwks);
-        if usable == 0 {
-            tracing::warn!("no keys for user tokens are configured: every user call will be refused");
+        let mut usable = verifier.set_jwks(&jwks);
+        if !config.auth.jwks_url.is_empty() || config.auth.oidc_discovery {
+            // A tenant that is down at start-up is not fatal: the first token
+            // with an unknown key id fetches again.
+            match verifier.refresh().await {
+                Ok(count) => usable = count,
+                Err(error) => tracing::warn!(%error, "could not fetch the token signing keys at start-up"),
+            }
         }
+        if usable == 0 {
+            tracing::warn!("no keys for user tokens yet: user calls are refused until keys can be fetched");
+        }
+        let subscriptions = billing_from_config(&config)?;
+        tracing::info!(provider = subscriptions.provider().name(), "billing");
+        let webhook = WebhookState {
+            verifier: Arc::new(WebhookVerifier::new(
+                config.billing.webhook_secret.clone(),
+                config.billing.webhook_tolerance_secs,
+            )),
+            subscriptions: subscriptions.clone(),
+        };
+        let access = Arc::new(AccessControl::new(verifier.clone(), subscriptions.clone(), store.clone()));
 
         let registry = Arc::new(ConnectionRegistry::default());
         let credentials = HostCredentials::new(config.hosts.credential_secret.clone());
@@ -148,12 +176,26 @@ impl Application {
             .add_service(HostServiceServer::new(HostApi { fleet }))
             .add_service(SessionEventsServiceServer::new(SessionEventsApi { sessions }))
             .add_service(AdminServiceServer::new(AdminApi { admin: Admin::new(core.clone(), regions) }))
+            .add_service(AccountServiceServer::new(AccountApi {
+                accounts: Accounts::new(core.clone(), access.clone(), subscriptions),
+            }))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);
         let routes = builder.routes();
 
-        Ok(Application { listener, local_addr, core, routes, verifier, allocator, pending, jwks: Arc::new(jwks) })
+        Ok(Application {
+            listener,
+            local_addr,
+            core,
+            routes,
+            verifier,
+            access,
+            webhook,
+            allocator,
+            pending,
+            jwks: Arc::new(jwks),
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -173,11 +215,13 @@ impl Application {
     /// hosts to reconnect elsewhere, and gives in-flight calls
     /// `shutdown_grace_ms` to finish.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let Application { listener, local_addr, core, routes, verifier, allocator, pending, jwks } = self;
+        let Application { listener, local_addr, core, routes, verifier, access, webhook, allocator, pending, jwks } =
+            self;
         let background = CancellationToken::new();
         let interval = Duration::from_millis(core.config.hosts.maintenance_interval_ms);
         tokio::spawn(Dispatcher::new(allocator, core.events.clone(), interval).run(background.clone()));
         tokio::spawn(Sweeper::new(core.clone(), pending).run(background.clone()));
+        tokio::spawn(verifier.run_refresher(background.clone()));
 
         // gRPC-web translation for the gRPC routes only: tonic-web refuses any
         // other HTTP/1.1 request, and browsers reach the plain pages over HTTP/1.1.
@@ -187,6 +231,7 @@ impl Application {
             .route("/fleet", crate::fleet_page::page())
             .route("/fleet/api/hosts", crate::fleet_page::hosts_api(core.clone()))
             .route("/healthz", axum::routing::get(|| async { "ok" }))
+            .route("/stripe/webhook", axum::routing::post(crate::billing::webhook::handle).with_state(webhook))
             .route(
                 "/.well-known/jwks.json",
                 axum::routing::get(move || {
@@ -215,7 +260,7 @@ impl Application {
                     .on_failure(tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG)),
             )
             .layer(cors)
-            .layer(AuthLayer::new(verifier))
+            .layer(AuthLayer::new(access))
             .add_routes(Routes::from(http));
 
         tracing::info!(address = %local_addr, store = core.store.backend(), "switchboard listening");
@@ -241,4 +286,33 @@ impl Application {
         background.cancel();
         result
     }
+}
+
+/// The billing provider and status cache the configuration names.
+fn billing_from_config(config: &Config) -> anyhow::Result<Subscriptions> {
+    let billing = &config.billing;
+    let timeout = Duration::from_millis(billing.request_timeout_ms);
+    let provider: Arc<dyn BillingProvider> = match billing.provider.as_str() {
+        "dev" => Arc::new(DevBilling),
+        "stripe" => Arc::new(StripeBilling::new(
+            &billing.stripe_secret_key,
+            &billing.stripe_api_base,
+            &billing.price_id,
+            billing.trial_days,
+            timeout,
+        )?),
+        other => anyhow::bail!("billing.provider must be \"stripe\" or \"dev\", not {other:?}"),
+    };
+    let cache: Arc<dyn StatusCache> = if config.redis.url.is_empty() {
+        Arc::new(InProcessCache::default())
+    } else {
+        Arc::new(RedisCache::new(config.redis.url.expose(), billing.max_staleness_secs)?)
+    };
+    Ok(Subscriptions::new(
+        provider,
+        cache,
+        Duration::from_secs(billing.status_ttl_secs),
+        Duration::from_secs(billing.max_staleness_secs),
+        timeout,
+    ))
 }

@@ -54,6 +54,8 @@ pub struct Config {
     pub hosts: HostsConfig,
     pub allocation: AllocationConfig,
     pub log: LogConfig,
+    pub billing: BillingConfig,
+    pub redis: RedisConfig,
     /// Time allowed for in-flight work after SIGTERM.
     pub shutdown_grace_ms: u64,
 }
@@ -75,6 +77,19 @@ pub struct AuthConfig {
     pub audience: String,
     /// Clock skew allowed on `exp` and `nbf`.
     pub leeway_secs: u64,
+    /// The tenant's JWKS, e.g. `https://TENANT.auth0.com/.well-known/jwks.json`.
+    pub jwks_url: String,
+    /// With no `jwks_url`, find it in `{issuer}/.well-known/openid-configuration`.
+    pub oidc_discovery: bool,
+    /// Signing algorithms accepted (RS256, ES256).
+    pub algorithms: Vec<String>,
+    /// How long fetched keys are used before they are fetched again.
+    pub jwks_ttl_secs: u64,
+    /// An unknown key id triggers a fetch at most this often.
+    pub jwks_min_refresh_interval_ms: u64,
+    pub jwks_fetch_timeout_ms: u64,
+    /// Custom claim that carries the user's Stripe customer id.
+    pub stripe_customer_claim: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -119,6 +134,53 @@ pub struct AllocationConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+pub struct BillingConfig {
+    /// `stripe`, or `dev` (no Stripe; every user counts as a subscriber — only
+    /// for `switchboard dev` and tests).
+    pub provider: String,
+    pub stripe_secret_key: Secret,
+    /// Overrides Stripe's API URL (tests point it at an emulator).
+    pub stripe_api_base: String,
+    /// Price a Checkout session subscribes to.
+    pub price_id: String,
+    pub trial_days: u32,
+    /// Signing secret of the webhook endpoint (`whsec_…`); webhooks are refused without it.
+    pub webhook_secret: Secret,
+    pub webhook_tolerance_secs: u64,
+    /// A cached status is used without asking Stripe for this long...
+    pub status_ttl_secs: u64,
+    /// ...and, when Stripe is slow or down, up to this long.
+    pub max_staleness_secs: u64,
+    /// Deadline of one Stripe call.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for BillingConfig {
+    fn default() -> Self {
+        BillingConfig {
+            provider: "stripe".into(),
+            stripe_secret_key: Secret::default(),
+            stripe_api_base: String::new(),
+            price_id: String::new(),
+            trial_days: 14,
+            webhook_secret: Secret::default(),
+            webhook_tolerance_secs: 300,
+            status_ttl_secs: 300,
+            max_staleness_secs: 3_600,
+            request_timeout_ms: 2_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:6379`; empty means no Redis (caches stay in process).
+    pub url: Secret,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     /// `text` or `json`.
     pub format: String,
@@ -136,6 +198,8 @@ impl Default for Config {
             hosts: HostsConfig::default(),
             allocation: AllocationConfig::default(),
             log: LogConfig::default(),
+            billing: BillingConfig::default(),
+            redis: RedisConfig::default(),
             shutdown_grace_ms: 10_000,
         }
     }
@@ -149,7 +213,18 @@ impl Default for DatabaseConfig {
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        AuthConfig { issuer: "https://switchboard.dev.local/".into(), audience: "switchboard".into(), leeway_secs: 30 }
+        AuthConfig {
+            issuer: "https://switchboard.dev.local/".into(),
+            audience: "switchboard".into(),
+            leeway_secs: 30,
+            jwks_url: String::new(),
+            oidc_discovery: false,
+            algorithms: vec!["RS256".into(), "ES256".into()],
+            jwks_ttl_secs: 3600,
+            jwks_min_refresh_interval_ms: 30_000,
+            jwks_fetch_timeout_ms: 5_000,
+            stripe_customer_claim: "https://switchboard.dev/stripe_customer_id".into(),
+        }
     }
 }
 

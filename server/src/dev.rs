@@ -54,6 +54,8 @@ pub async fn run(mut config: Config, options: DevOptions, shutdown: Cancellation
         None => format!("sqlite://{}", temp_dir.path().join("switchboard.db").display()),
     };
     config.database.url = Secret::new(database_url);
+    // No Stripe account in dev: every dev user counts as a subscriber.
+    config.billing.provider = "dev".into();
     if config.hosts.credential_secret.is_empty() {
         config.hosts.credential_secret = Secret::new(mandelbox_token::generate());
     }

@@ -41,6 +41,12 @@ pub enum ApiError {
     Unauthenticated(String),
     #[error("{0}")]
     Forbidden(String),
+    #[error("streaming needs an active or trialing subscription (subscription is {0})")]
+    SubscriptionRequired(&'static str),
+    #[error("the subscription could not be checked: {0}")]
+    BillingUnavailable(String),
+    #[error("{0}")]
+    BillingNotConfigured(String),
     #[error("the first message on a host stream must be Hello")]
     HelloRequired,
     #[error("no Hello within {0} ms")]
@@ -77,6 +83,9 @@ impl ApiError {
             ApiError::MandelboxNotAssigned => "MANDELBOX_NOT_ASSIGNED",
             ApiError::Unauthenticated(_) => "UNAUTHENTICATED",
             ApiError::Forbidden(_) => "FORBIDDEN",
+            ApiError::SubscriptionRequired(_) => "SUBSCRIPTION_REQUIRED",
+            ApiError::BillingUnavailable(_) => "BILLING_UNAVAILABLE",
+            ApiError::BillingNotConfigured(_) => "BILLING_NOT_CONFIGURED",
             ApiError::HelloRequired => "HELLO_REQUIRED",
             ApiError::HelloTimeout(_) => "HELLO_TIMEOUT",
             ApiError::BadHostCredential(_) => "BAD_HOST_CREDENTIAL",
@@ -97,7 +106,11 @@ impl ApiError {
             ApiError::UserSessionLimit { .. } | ApiError::NoCapacity(_) => Code::ResourceExhausted,
             ApiError::AllocationTimeout | ApiError::HelloTimeout(_) => Code::DeadlineExceeded,
             ApiError::SessionNotFound | ApiError::HostNotFound(_) => Code::NotFound,
-            ApiError::BadMandelboxToken | ApiError::Forbidden(_) => Code::PermissionDenied,
+            ApiError::BadMandelboxToken | ApiError::Forbidden(_) | ApiError::SubscriptionRequired(_) => {
+                Code::PermissionDenied
+            }
+            ApiError::BillingNotConfigured(_) => Code::FailedPrecondition,
+            ApiError::BillingUnavailable(_) => Code::Unavailable,
             ApiError::Unauthenticated(_) | ApiError::BadHostCredential(_) => Code::Unauthenticated,
             ApiError::Superseded | ApiError::SessionEnded => Code::Aborted,
             ApiError::HeartbeatTimeout | ApiError::ShuttingDown | ApiError::StorageUnavailable => Code::Unavailable,
@@ -135,6 +148,15 @@ impl From<StoreError> for ApiError {
 /// The reason of a status produced by this server, if any.
 pub fn reason_of(status: &Status) -> Option<&str> {
     status.metadata().get(REASON_METADATA_KEY).and_then(|value| value.to_str().ok())
+}
+
+impl From<crate::billing::BillingError> for ApiError {
+    fn from(error: crate::billing::BillingError) -> ApiError {
+        match error {
+            crate::billing::BillingError::NotConfigured(what) => ApiError::BillingNotConfigured(what.to_owned()),
+            other => ApiError::BillingUnavailable(other.to_string()),
+        }
+    }
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;

@@ -115,6 +115,16 @@ pub struct Region {
     pub image: String,
 }
 
+/// A registered user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRecord {
+    pub id: String,
+    pub email: Option<String>,
+    /// The Stripe customer Switchboard created for this user, if any (a
+    /// customer id in the user's token takes precedence).
+    pub stripe_customer_id: Option<String>,
+}
+
 /// What a host says about itself in its Hello.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostHello {

@@ -399,6 +399,19 @@ mod contract {
         assert_eq!(store.mark_connected_hosts_disconnected(at).await.unwrap(), 0);
     }
 
+    pub(crate) async fn stripe_customer_is_remembered_once(_db: &TestDatabase, store: DynStore) {
+        assert_eq!(store.get_user("nobody").await.unwrap(), None);
+        assert_eq!(store.set_stripe_customer("nobody", "cus_1").await.unwrap(), None);
+        store.ensure_user("u1", Some("u1@example.com")).await.unwrap();
+        let user = store.get_user("u1").await.unwrap().unwrap();
+        assert_eq!(user.email.as_deref(), Some("u1@example.com"));
+        assert_eq!(user.stripe_customer_id, None);
+        assert_eq!(store.set_stripe_customer("u1", "cus_1").await.unwrap().as_deref(), Some("cus_1"));
+        // A second (racing) customer does not replace the first.
+        assert_eq!(store.set_stripe_customer("u1", "cus_2").await.unwrap().as_deref(), Some("cus_1"));
+        assert_eq!(store.get_user("u1").await.unwrap().unwrap().stripe_customer_id.as_deref(), Some("cus_1"));
+    }
+
     pub(crate) async fn config_entries_are_read_by_key(db: &TestDatabase, store: DynStore) {
         assert!(store.config_entries().await.unwrap().is_empty());
         db.execute(
@@ -1228,6 +1241,7 @@ macro_rules! store_contract_suite {
             hosts_disconnected_before_a_cutoff,
             mark_connected_hosts_disconnected_at_start_up,
             config_entries_are_read_by_key,
+            stripe_customer_is_remembered_once,
             reconcile_host_compares_reported_and_stored_boxes,
             reconcile_unknown_host_tears_everything_down,
             reserve_mandelbox_respects_capacity,

@@ -18,6 +18,7 @@ pub struct DevIssuer {
     kid: String,
     encoding_key: EncodingKey,
     jwks: JwkSet,
+    public_pem: String,
 }
 
 #[derive(Serialize)]
@@ -41,6 +42,10 @@ impl DevIssuer {
         let encoding_key = EncodingKey::from_rsa_pem(pem.as_bytes())?;
         let kid = format!("dev-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let public = key.to_public_key();
+        let public_pem = {
+            use rsa::pkcs8::EncodePublicKey;
+            public.to_public_key_pem(LineEnding::LF)?
+        };
         let jwks: JwkSet = serde_json::from_value(serde_json::json!({
             "keys": [{
                 "kty": "RSA",
@@ -51,11 +56,36 @@ impl DevIssuer {
                 "e": URL_SAFE_NO_PAD.encode(public.e().to_bytes_be()),
             }]
         }))?;
-        Ok(DevIssuer { issuer: issuer.to_owned(), audience: audience.to_owned(), kid, encoding_key, jwks })
+        Ok(DevIssuer { issuer: issuer.to_owned(), audience: audience.to_owned(), kid, encoding_key, jwks, public_pem })
     }
 
     pub fn jwks(&self) -> &JwkSet {
         &self.jwks
+    }
+
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    pub fn audience(&self) -> &str {
+        &self.audience
+    }
+
+    /// The public key as PEM (what an attacker knows: tests use it to forge
+    /// HS256 tokens with the public key as the secret).
+    pub fn public_key_pem(&self) -> &str {
+        &self.public_pem
+    }
+
+    /// Signs arbitrary claims with this issuer's key and key id (RS256).
+    pub fn sign(&self, claims: &serde_json::Value) -> anyhow::Result<String> {
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some(self.kid.clone());
+        Ok(jsonwebtoken::encode(&header, claims, &self.encoding_key)?)
     }
 
     /// A token for `subject` with `scopes`, valid for `ttl`.

@@ -1,25 +1,39 @@
 //! Bearer-token verification against the keys of a JWKS.
 //!
-//! The dev issuer and a production OIDC tenant go through this same code: only
-//! where the key set comes from differs.
+//! Keys come from the tenant's JWKS (a configured URL, or the `jwks_uri` of its
+//! OpenID discovery document) and are cached in memory: refreshed every
+//! `jwks_ttl_secs` by `run_refresher`, and once more when a token names a key
+//! id we do not know — at most once per `jwks_min_refresh_interval_ms`, so a
+//! flood of forged key ids cannot make us hammer the tenant. A failed fetch
+//! keeps the cached keys: the tenant being down breaks no token we can check.
+//! `switchboard dev` installs its issuer's keys directly; verification is the
+//! same code either way.
 
-use std::{collections::HashMap, sync::RwLock};
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use jsonwebtoken::{
     Algorithm, DecodingKey, Validation,
     jwk::{Jwk, JwkSet},
 };
-use serde::Deserialize;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
 
-/// Algorithms a token may be signed with. Everything else (`none`, HS256 with
-/// the public key as secret, ...) is refused before any key is touched.
-const ALLOWED_ALGORITHMS: [Algorithm; 2] = [Algorithm::RS256, Algorithm::ES256];
+use crate::config::AuthConfig;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserClaims {
     pub subject: String,
     pub email: Option<String>,
     pub scopes: Vec<String>,
+    /// From the configured custom claim (`auth.stripe_customer_claim`).
+    pub stripe_customer_id: Option<String>,
 }
 
 impl UserClaims {
@@ -52,39 +66,86 @@ pub enum TokenError {
     Invalid(String),
 }
 
-#[derive(Deserialize)]
-struct RawClaims {
-    sub: String,
-    #[serde(default)]
-    email: Option<String>,
-    /// Space-separated, as OAuth issues it.
-    #[serde(default)]
-    scope: Option<String>,
-    /// An array, as Auth0's RBAC issues it.
-    #[serde(default)]
-    permissions: Option<Vec<String>>,
-}
-
 struct VerificationKey {
     key: DecodingKey,
     algorithm: Algorithm,
+}
+
+/// Where keys come from when they are not installed directly.
+struct JwksSource {
+    client: reqwest::Client,
+    /// The JWKS URL, or None to discover it from the issuer.
+    url: Option<String>,
+    issuer: String,
+    discovered: tokio::sync::Mutex<Option<String>>,
 }
 
 pub struct TokenVerifier {
     issuer: String,
     audience: String,
     leeway_secs: u64,
+    algorithms: Vec<Algorithm>,
+    customer_claim: String,
     keys: RwLock<HashMap<String, VerificationKey>>,
+    source: Option<JwksSource>,
+    ttl: Duration,
+    min_refresh_interval: Duration,
+    /// Serialises fetches and remembers when the last one was tried.
+    last_fetch: tokio::sync::Mutex<Option<Instant>>,
+    fetches: AtomicU64,
+}
+
+/// Algorithms Switchboard can check; anything else (`none`, HS256 with the
+/// public key as secret, ...) is refused before a key is looked at.
+fn supported(name: &str) -> Option<Algorithm> {
+    match name {
+        "RS256" => Some(Algorithm::RS256),
+        "ES256" => Some(Algorithm::ES256),
+        _ => None,
+    }
 }
 
 impl TokenVerifier {
-    pub fn new(issuer: impl Into<String>, audience: impl Into<String>, leeway_secs: u64) -> Self {
-        TokenVerifier {
-            issuer: issuer.into(),
-            audience: audience.into(),
-            leeway_secs,
-            keys: RwLock::new(HashMap::new()),
+    /// A verifier with no keys yet; `config.jwks_url` or `config.oidc_discovery`
+    /// give it a source to fetch them from.
+    pub fn from_config(config: &AuthConfig) -> anyhow::Result<Self> {
+        let mut algorithms = Vec::new();
+        for name in &config.algorithms {
+            algorithms.push(
+                supported(name)
+                    .ok_or_else(|| anyhow::anyhow!("auth.algorithms: {name} is not supported (RS256, ES256)"))?,
+            );
         }
+        let source = if !config.jwks_url.is_empty() || config.oidc_discovery {
+            let client =
+                reqwest::Client::builder().timeout(Duration::from_millis(config.jwks_fetch_timeout_ms)).build()?;
+            Some(JwksSource {
+                client,
+                url: Some(config.jwks_url.clone()).filter(|url| !url.is_empty()),
+                issuer: config.issuer.clone(),
+                discovered: tokio::sync::Mutex::new(None),
+            })
+        } else {
+            None
+        };
+        Ok(TokenVerifier {
+            issuer: config.issuer.clone(),
+            audience: config.audience.clone(),
+            leeway_secs: config.leeway_secs,
+            algorithms,
+            customer_claim: config.stripe_customer_claim.clone(),
+            keys: RwLock::new(HashMap::new()),
+            source,
+            ttl: Duration::from_secs(config.jwks_ttl_secs),
+            min_refresh_interval: Duration::from_millis(config.jwks_min_refresh_interval_ms),
+            last_fetch: tokio::sync::Mutex::new(None),
+            fetches: AtomicU64::new(0),
+        })
+    }
+
+    /// How many times keys were fetched from the tenant.
+    pub fn fetches(&self) -> u64 {
+        self.fetches.load(Ordering::Relaxed)
     }
 
     /// Replaces the key set. Keys without a `kid`, or of a kind we do not accept,
@@ -93,10 +154,10 @@ impl TokenVerifier {
         let mut keys = HashMap::new();
         for jwk in &jwks.keys {
             match verification_key(jwk) {
-                Some((kid, key)) => {
+                Some((kid, key)) if self.algorithms.contains(&key.algorithm) => {
                     keys.insert(kid, key);
                 }
-                None => tracing::warn!(kid = ?jwk.common.key_id, "skipping unusable jwk"),
+                _ => tracing::warn!(kid = ?jwk.common.key_id, "skipping unusable jwk"),
             }
         }
         let usable = keys.len();
@@ -107,40 +168,136 @@ impl TokenVerifier {
         usable
     }
 
-    pub fn verify(&self, token: &str) -> Result<UserClaims, TokenError> {
+    fn has_key(&self, kid: &str) -> bool {
+        match self.keys.read() {
+            Ok(keys) => keys.contains_key(kid),
+            Err(poisoned) => poisoned.into_inner().contains_key(kid),
+        }
+    }
+
+    /// Fetches the key set now (start-up and the periodic refresh).
+    pub async fn refresh(&self) -> anyhow::Result<usize> {
+        let mut last = self.last_fetch.lock().await;
+        *last = Some(Instant::now());
+        self.fetch_and_install().await
+    }
+
+    async fn fetch_and_install(&self) -> anyhow::Result<usize> {
+        let Some(source) = &self.source else {
+            return Ok(0);
+        };
+        self.fetches.fetch_add(1, Ordering::Relaxed);
+        let url = match &source.url {
+            Some(url) => url.clone(),
+            None => source.jwks_uri().await?,
+        };
+        let jwks: JwkSet = source.client.get(&url).send().await?.error_for_status()?.json().await?;
+        let usable = self.set_jwks(&jwks);
+        tracing::info!(keys = usable, "fetched the token signing keys");
+        Ok(usable)
+    }
+
+    /// An unknown key id: maybe the tenant rotated its keys. Fetch once, unless a
+    /// fetch happened too recently (rate limit) or another caller just did it.
+    async fn refresh_for(&self, kid: &str) {
+        if self.source.is_none() {
+            return;
+        }
+        let mut last = self.last_fetch.lock().await;
+        if self.has_key(kid) {
+            return;
+        }
+        if last.is_some_and(|at| at.elapsed() < self.min_refresh_interval) {
+            return;
+        }
+        *last = Some(Instant::now());
+        if let Err(error) = self.fetch_and_install().await {
+            tracing::warn!(%error, "could not refresh the token signing keys; keeping the cached ones");
+        }
+    }
+
+    /// Refreshes the keys every TTL until `shutdown`.
+    pub async fn run_refresher(self: Arc<Self>, shutdown: CancellationToken) {
+        if self.source.is_none() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(self.ttl) => {}
+            }
+            if let Err(error) = self.refresh().await {
+                tracing::warn!(%error, "could not refresh the token signing keys; keeping the cached ones");
+            }
+        }
+    }
+
+    pub async fn verify(&self, token: &str) -> Result<UserClaims, TokenError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
-        if !ALLOWED_ALGORITHMS.contains(&header.alg) {
+        if !self.algorithms.contains(&header.alg) {
             return Err(TokenError::Algorithm(format!("{:?}", header.alg)));
         }
         let kid = header.kid.ok_or(TokenError::MissingKeyId)?;
-        let keys = match self.keys.read() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        let key = keys.get(&kid).ok_or(TokenError::UnknownKey)?;
-        // The key decides the algorithm: a token may not pick another one.
-        if key.algorithm != header.alg {
-            return Err(TokenError::Algorithm(format!("{:?}", header.alg)));
+        if !self.has_key(&kid) {
+            self.refresh_for(&kid).await;
         }
-        let mut validation = Validation::new(key.algorithm);
-        validation.set_issuer(&[&self.issuer]);
-        validation.set_audience(&[&self.audience]);
-        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-        validation.validate_nbf = true;
-        validation.leeway = self.leeway_secs;
-        let data = jsonwebtoken::decode::<RawClaims>(token, &key.key, &validation).map_err(classify)?;
-        let claims = data.claims;
-        let mut scopes: Vec<String> =
-            claims.scope.as_deref().unwrap_or_default().split_whitespace().map(str::to_owned).collect();
-        for permission in claims.permissions.unwrap_or_default() {
-            if !scopes.contains(&permission) {
-                scopes.push(permission);
+        let claims = {
+            let keys = match self.keys.read() {
+                Ok(guard) => guard,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            let key = keys.get(&kid).ok_or(TokenError::UnknownKey)?;
+            // The key decides the algorithm: a token may not pick another one.
+            if key.algorithm != header.alg {
+                return Err(TokenError::Algorithm(format!("{:?}", header.alg)));
+            }
+            let mut validation = Validation::new(key.algorithm);
+            validation.set_issuer(&[&self.issuer]);
+            validation.set_audience(&[&self.audience]);
+            validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+            validation.validate_nbf = true;
+            validation.leeway = self.leeway_secs;
+            jsonwebtoken::decode::<serde_json::Map<String, Value>>(token, &key.key, &validation)
+                .map_err(classify)?
+                .claims
+        };
+        self.user_claims(&claims)
+    }
+
+    fn user_claims(&self, claims: &serde_json::Map<String, Value>) -> Result<UserClaims, TokenError> {
+        let text = |name: &str| claims.get(name).and_then(Value::as_str).map(str::to_owned);
+        let subject =
+            text("sub").filter(|sub| !sub.is_empty()).ok_or_else(|| TokenError::Invalid("empty subject".into()))?;
+        // Space-separated `scope` as OAuth issues it, and Auth0's RBAC `permissions` array.
+        let mut scopes: Vec<String> = text("scope").unwrap_or_default().split_whitespace().map(str::to_owned).collect();
+        if let Some(Value::Array(permissions)) = claims.get("permissions") {
+            for permission in permissions.iter().filter_map(Value::as_str) {
+                if !scopes.iter().any(|scope| scope == permission) {
+                    scopes.push(permission.to_owned());
+                }
             }
         }
-        if claims.sub.is_empty() {
-            return Err(TokenError::Invalid("empty subject".into()));
+        let stripe_customer_id = text(&self.customer_claim).filter(|id| !id.is_empty());
+        Ok(UserClaims { subject, email: text("email"), scopes, stripe_customer_id })
+    }
+}
+
+impl JwksSource {
+    /// The `jwks_uri` of the issuer's OpenID discovery document, fetched once.
+    async fn jwks_uri(&self) -> anyhow::Result<String> {
+        let mut discovered = self.discovered.lock().await;
+        if let Some(uri) = discovered.as_ref() {
+            return Ok(uri.clone());
         }
-        Ok(UserClaims { subject: claims.sub, email: claims.email, scopes })
+        let url = format!("{}/.well-known/openid-configuration", self.issuer.trim_end_matches('/'));
+        let document: Value = self.client.get(&url).send().await?.error_for_status()?.json().await?;
+        let uri = document
+            .get("jwks_uri")
+            .and_then(Value::as_str)
+            .ok_or_else(|| anyhow::anyhow!("the discovery document at {url} has no jwks_uri"))?
+            .to_owned();
+        *discovered = Some(uri.clone());
+        Ok(uri)
     }
 }
 

@@ -9,4 +9,4 @@ pub mod jwt;
 pub mod mandelbox_token;
 pub mod policy;
 
-pub use policy::{AuthLayer, Principal};
+pub use policy::{AccessControl, AuthLayer, Principal};

@@ -4,19 +4,22 @@
 //!
 //! | path prefix                          | needs                                  |
 //! |--------------------------------------|----------------------------------------|
+//! | `AllocationService/Allocate`         | a user token + a subscription (admins exempt) |
 //! | `switchboard.v1.AllocationService`   | a valid user token                     |
+//! | `switchboard.v1.AccountService`      | a valid user token                     |
 //! | `switchboard.v1.AdminService`        | a valid user token with scope `admin`  |
 //! | `switchboard.v1.HostService`         | the host credential, checked in Hello  |
 //! | `switchboard.v1.SessionEventsService`| the mandelbox token, checked in handler|
 //! | `/fleet/api/` (HTTP, JSON)           | a valid user token with scope `admin`  |
 //! | health, reflection, other HTTP pages | nothing                                |
 //!
-//! Subscription checks (issue: identity and billing) plug in here too.
+//! Every authenticated call registers its user (once per process, then cached).
 
 use std::{
+    collections::HashSet,
     future::Future,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, Mutex},
     task::{Context, Poll},
 };
 
@@ -25,7 +28,7 @@ use tonic::Status;
 use tower::{Layer, Service};
 
 use super::jwt::{TokenVerifier, UserClaims};
-use crate::error::ApiError;
+use crate::{billing::Subscriptions, error::ApiError, store::DynStore};
 
 pub const ADMIN_SCOPE: &str = "admin";
 
@@ -58,6 +61,8 @@ impl Principal {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Requirement {
     User,
+    /// A user with an active or trialing subscription, or an admin.
+    Subscriber,
     Admin,
     /// Admin, answered as plain HTTP (401/403 with a JSON reason), not gRPC.
     AdminHttp,
@@ -69,6 +74,9 @@ fn requirement(path: &str) -> Requirement {
     if path.starts_with("/fleet/api/") {
         return Requirement::AdminHttp;
     }
+    if path == "/switchboard.v1.AllocationService/Allocate" {
+        return Requirement::Subscriber;
+    }
     let service = path.trim_start_matches('/').split('/').next().unwrap_or_default();
     match service {
         "switchboard.v1.AllocationService" | "switchboard.v1.AccountService" => Requirement::User,
@@ -77,39 +85,30 @@ fn requirement(path: &str) -> Requirement {
     }
 }
 
-#[derive(Clone)]
-pub struct AuthLayer {
+/// Users registered by this process; entries above this are forgotten (they
+/// are registered again, idempotently).
+const KNOWN_USERS_LIMIT: usize = 100_000;
+
+/// Everything the policy needs: token keys, billing, and the store for
+/// registration.
+pub struct AccessControl {
     verifier: Arc<TokenVerifier>,
+    subscriptions: Subscriptions,
+    store: DynStore,
+    known_users: Mutex<HashSet<String>>,
 }
 
-impl AuthLayer {
-    pub fn new(verifier: Arc<TokenVerifier>) -> Self {
-        AuthLayer { verifier }
+impl AccessControl {
+    pub fn new(verifier: Arc<TokenVerifier>, subscriptions: Subscriptions, store: DynStore) -> Self {
+        AccessControl { verifier, subscriptions, store, known_users: Mutex::new(HashSet::new()) }
     }
-}
 
-impl<S> Layer<S> for AuthLayer {
-    type Service = AuthService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        AuthService { inner, verifier: self.verifier.clone() }
-    }
-}
-
-#[derive(Clone)]
-pub struct AuthService<S> {
-    inner: S,
-    verifier: Arc<TokenVerifier>,
-}
-
-impl<S> AuthService<S> {
-    fn authorize<B>(&self, request: &mut Request<B>) -> Result<(), ApiError> {
-        let requirement = requirement(request.uri().path());
+    async fn authorize(&self, path: &str, headers: &http::HeaderMap) -> Result<Option<Principal>, ApiError> {
+        let requirement = requirement(path);
         if requirement == Requirement::Public {
-            return Ok(());
+            return Ok(None);
         }
-        let header = request
-            .headers()
+        let header = headers
             .get(http::header::AUTHORIZATION)
             .ok_or_else(|| ApiError::Unauthenticated("missing bearer token".into()))?;
         let token = header
@@ -119,14 +118,75 @@ impl<S> AuthService<S> {
             .map(str::trim)
             .filter(|token| !token.is_empty())
             .ok_or_else(|| ApiError::Unauthenticated("authorization header is not a bearer token".into()))?;
-        let claims = self.verifier.verify(token).map_err(|error| ApiError::Unauthenticated(error.to_string()))?;
+        let claims = self.verifier.verify(token).await.map_err(|error| ApiError::Unauthenticated(error.to_string()))?;
         let principal = Principal { claims };
-        if matches!(requirement, Requirement::Admin | Requirement::AdminHttp) && !principal.is_admin() {
-            return Err(ApiError::Forbidden("this call needs scope admin".into()));
+        self.register(&principal).await?;
+        match requirement {
+            Requirement::Admin | Requirement::AdminHttp if !principal.is_admin() => {
+                Err(ApiError::Forbidden("this call needs scope admin".into()))
+            }
+            Requirement::Subscriber if !principal.is_admin() => {
+                let customer = self.customer_of(&principal).await?;
+                let status = self.subscriptions.status(customer.as_deref()).await?;
+                if status.allows_streaming() {
+                    Ok(Some(principal))
+                } else {
+                    Err(ApiError::SubscriptionRequired(status.as_str()))
+                }
+            }
+            _ => Ok(Some(principal)),
         }
-        request.extensions_mut().insert(principal);
+    }
+
+    /// Registration: the user row exists from the first authenticated call on.
+    async fn register(&self, principal: &Principal) -> Result<(), ApiError> {
+        let known = self.known_users.lock().map(|users| users.contains(principal.user_id())).unwrap_or(false);
+        if known {
+            return Ok(());
+        }
+        self.store.ensure_user(principal.user_id(), principal.claims.email.as_deref()).await?;
+        if let Ok(mut users) = self.known_users.lock() {
+            if users.len() >= KNOWN_USERS_LIMIT {
+                users.clear();
+            }
+            users.insert(principal.user_id().to_owned());
+        }
         Ok(())
     }
+
+    /// The Stripe customer: from the token's claim, else the one Switchboard
+    /// created for the user.
+    pub async fn customer_of(&self, principal: &Principal) -> Result<Option<String>, ApiError> {
+        if let Some(customer) = &principal.claims.stripe_customer_id {
+            return Ok(Some(customer.clone()));
+        }
+        Ok(self.store.get_user(principal.user_id()).await?.and_then(|user| user.stripe_customer_id))
+    }
+}
+
+#[derive(Clone)]
+pub struct AuthLayer {
+    access: Arc<AccessControl>,
+}
+
+impl AuthLayer {
+    pub fn new(access: Arc<AccessControl>) -> Self {
+        AuthLayer { access }
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthService { inner, access: self.access.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct AuthService<S> {
+    inner: S,
+    access: Arc<AccessControl>,
 }
 
 impl<S, B> Service<Request<B>> for AuthService<S>
@@ -144,23 +204,29 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        match self.authorize(&mut request) {
-            Ok(()) => {
-                // Take the service that was driven to readiness; leave a clone behind.
-                let clone = self.inner.clone();
-                let mut inner = std::mem::replace(&mut self.inner, clone);
-                Box::pin(async move { inner.call(request).await })
+        // Take the service that was driven to readiness; leave a clone behind.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let access = self.access.clone();
+        Box::pin(async move {
+            let path = request.uri().path().to_owned();
+            match access.authorize(&path, request.headers()).await {
+                Ok(principal) => {
+                    if let Some(principal) = principal {
+                        request.extensions_mut().insert(principal);
+                    }
+                    inner.call(request).await
+                }
+                Err(error) => {
+                    tracing::debug!(%path, reason = error.reason(), "call refused");
+                    Ok(if requirement(&path) == Requirement::AdminHttp {
+                        plain_http_refusal(&error)
+                    } else {
+                        Status::from(error).into_http()
+                    })
+                }
             }
-            Err(error) => {
-                tracing::debug!(path = %request.uri().path(), reason = error.reason(), "call refused");
-                let response = if requirement(request.uri().path()) == Requirement::AdminHttp {
-                    plain_http_refusal(&error)
-                } else {
-                    Status::from(error).into_http()
-                };
-                Box::pin(async move { Ok(response) })
-            }
-        }
+        })
     }
 }
 
@@ -183,7 +249,9 @@ mod tests {
 
     #[test]
     fn policy_by_path() {
-        assert_eq!(requirement("/switchboard.v1.AllocationService/Allocate"), Requirement::User);
+        assert_eq!(requirement("/switchboard.v1.AllocationService/Allocate"), Requirement::Subscriber);
+        assert_eq!(requirement("/switchboard.v1.AllocationService/GetSession"), Requirement::User);
+        assert_eq!(requirement("/switchboard.v1.AccountService/GetAccount"), Requirement::User);
         assert_eq!(requirement("/switchboard.v1.AdminService/ListHosts"), Requirement::Admin);
         assert_eq!(requirement("/switchboard.v1.HostService/Connect"), Requirement::Public);
         assert_eq!(requirement("/grpc.health.v1.Health/Check"), Requirement::Public);

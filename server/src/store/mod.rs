@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 use crate::model::{
     EndReason, HostHello, HostRecord, HostSummary, MandelboxRecord, MandelboxState, PortSpec, Region, SessionRecord,
-    SessionState,
+    SessionState, UserRecord,
 };
 
 /// Shared handle to whichever store the process runs on.
@@ -189,6 +189,13 @@ pub trait Store: Send + Sync + 'static {
     /// Creates the user row if missing (registration); idempotent and safe under
     /// concurrent first calls. Updates the email when one is given.
     async fn ensure_user(&self, user_id: &str, email: Option<&str>) -> StoreResult<()>;
+
+    async fn get_user(&self, user_id: &str) -> StoreResult<Option<UserRecord>>;
+
+    /// Remembers the Stripe customer created for a user, unless one is already
+    /// remembered (two concurrent first calls must not make two customers
+    /// stick). Returns the customer id now on record; None if the user is unknown.
+    async fn set_stripe_customer(&self, user_id: &str, customer_id: &str) -> StoreResult<Option<String>>;
 
     // ----- hosts ---------------------------------------------------------
 

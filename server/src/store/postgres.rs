@@ -27,7 +27,7 @@ use super::{
 };
 use crate::model::{
     EndReason, HostHello, HostRecord, HostState, HostSummary, MandelboxRecord, MandelboxState, PortSpec, Region,
-    SessionRecord, SessionState,
+    SessionRecord, SessionState, UserRecord,
 };
 
 pub struct PgStore {
@@ -463,6 +463,29 @@ impl Store for PgStore {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    async fn get_user(&self, user_id: &str) -> StoreResult<Option<UserRecord>> {
+        let row = sqlx::query_as::<_, (String, Option<String>, Option<String>)>(
+            "SELECT id, email, stripe_customer_id FROM users WHERE id = $1",
+        )
+        .bind(user_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|(id, email, stripe_customer_id)| UserRecord { id, email, stripe_customer_id }))
+    }
+
+    async fn set_stripe_customer(&self, user_id: &str, customer_id: &str) -> StoreResult<Option<String>> {
+        // Keep the first customer remembered: COALESCE makes a second writer a no-op.
+        let row = sqlx::query_scalar::<_, Option<String>>(
+            "UPDATE users SET stripe_customer_id = COALESCE(stripe_customer_id, $2) WHERE id = $1 \
+             RETURNING stripe_customer_id",
+        )
+        .bind(user_id)
+        .bind(customer_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.flatten())
     }
 
     // ----- hosts -------------------------------------------------------

@@ -28,7 +28,7 @@ use super::{
 };
 use crate::model::{
     EndReason, HostHello, HostRecord, HostState, HostSummary, MandelboxRecord, MandelboxState, PortSpec, Region,
-    SessionRecord, SessionState,
+    SessionRecord, SessionState, UserRecord,
 };
 
 /// Connections that serve pure reads.
@@ -495,6 +495,29 @@ impl Store for SqliteStore {
         .execute(&self.writer)
         .await?;
         Ok(())
+    }
+
+    async fn get_user(&self, user_id: &str) -> StoreResult<Option<UserRecord>> {
+        let row = sqlx::query_as::<_, (String, Option<String>, Option<String>)>(
+            "SELECT id, email, stripe_customer_id FROM users WHERE id = ?1",
+        )
+        .bind(user_id)
+        .fetch_optional(&self.reader)
+        .await?;
+        Ok(row.map(|(id, email, stripe_customer_id)| UserRecord { id, email, stripe_customer_id }))
+    }
+
+    async fn set_stripe_customer(&self, user_id: &str, customer_id: &str) -> StoreResult<Option<String>> {
+        // Keep the first customer remembered: COALESCE makes a second writer a no-op.
+        let row = sqlx::query_scalar::<_, Option<String>>(
+            "UPDATE users SET stripe_customer_id = COALESCE(stripe_customer_id, ?2) WHERE id = ?1 \
+             RETURNING stripe_customer_id",
+        )
+        .bind(user_id)
+        .bind(customer_id)
+        .fetch_optional(&self.writer)
+        .await?;
+        Ok(row.flatten())
     }
 
     // ----- hosts -------------------------------------------------------
