@@ -2,11 +2,13 @@
 //! bidirectional stream to every host, and keeps each host's warm pool full.
 //! See ARCHITECTURE.md for the picture.
 
+pub mod accounts;
 pub mod admin;
 pub mod allocation;
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod billing;
 pub mod cloud;
 pub mod config;
 pub mod core;
