@@ -6,7 +6,9 @@
 pub mod app;
 pub mod cloud;
 pub mod db;
+pub mod jwks;
 pub mod runtime;
+pub mod stripe;
 
 pub use app::{HostSpec, TestApp, TestOptions};
 pub use db::Backend;

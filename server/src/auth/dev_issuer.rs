@@ -83,8 +83,13 @@ impl DevIssuer {
 
     /// Signs arbitrary claims with this issuer's key and key id (RS256).
     pub fn sign(&self, claims: &serde_json::Value) -> anyhow::Result<String> {
+        self.sign_with_kid(&self.kid, claims)
+    }
+
+    /// Signs with this issuer's key but names another key id in the header.
+    pub fn sign_with_kid(&self, kid: &str, claims: &serde_json::Value) -> anyhow::Result<String> {
         let mut header = Header::new(Algorithm::RS256);
-        header.kid = Some(self.kid.clone());
+        header.kid = Some(kid.to_owned());
         Ok(jsonwebtoken::encode(&header, claims, &self.encoding_key)?)
     }
 
