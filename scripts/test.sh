@@ -107,3 +107,6 @@ fi
 say "real clients: gRPC-web (Connect JS) and grpcurl against switchboard dev"
 export SWITCHBOARD_BIN="$PWD/target/debug/switchboard"
 (cd tests/web && npm ci --no-audit --no-fund --loglevel=error && node --test)
+
+say "load generator smoke run (every scenario at small sizes on PostgreSQL and SQLite; figures printed, nothing asserted)"
+target/debug/loadgen smoke --out target/loadgen/smoke

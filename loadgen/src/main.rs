@@ -1,0 +1,308 @@
+//! `loadgen`: drives a Switchboard control plane with simulated desktop
+//! clients and hosts, measures it against the limit of the machine, and writes
+//! a JSON and a Markdown report. See BENCHMARKS.md.
+//!
+//! ```text
+//! loadgen run   [options]   the full scenarios (release build)
+//! loadgen smoke [--out DIR] every scenario for a few seconds at small sizes
+//! loadgen serve …           (internal) the control plane in a child process
+//! loadgen hosts …           (internal) a process of lean simulated hosts
+//! ```
+
+mod lean;
+mod measure;
+mod report;
+mod runtime;
+mod scenarios;
+mod server;
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::{
+    measure::{Machine, Progress},
+    report::{BackendReport, RunReport},
+    scenarios::FleetSettings,
+    server::{Backend, ServerProcess, TempDb},
+};
+
+#[derive(Parser)]
+#[command(name = "loadgen", about = "Load generator and benchmarks for Switchboard")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Runs the scenarios.
+    Run(RunArgs),
+    /// Every scenario for a few seconds at small sizes; prints the figures, asserts nothing.
+    Smoke {
+        #[arg(long, default_value = "target/loadgen/smoke")]
+        out: PathBuf,
+        #[arg(long, env = "SWITCHBOARD_TEST_POSTGRES_URL", default_value = DEFAULT_POSTGRES)]
+        postgres_url: String,
+    },
+    /// (internal) The control plane under test, in this process, until stdin closes.
+    Serve(server::ServeArgs),
+    /// (internal) Lean simulated hosts, until stdin closes.
+    Hosts(lean::HostsArgs),
+}
+
+const DEFAULT_POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    Alloc,
+    Teardown,
+    Limit,
+    Fleet,
+    Failure,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct RunArgs {
+    #[arg(long, value_delimiter = ',', default_value = "postgres,sqlite")]
+    backends: Vec<Backend>,
+    #[arg(long, value_delimiter = ',', default_value = "alloc,teardown,limit,fleet,failure")]
+    scenarios: Vec<Scenario>,
+    /// Concurrent clients of each warm-allocation point (and of the limit).
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    clients: Vec<usize>,
+    #[arg(long, default_value_t = 2.0)]
+    warmup_s: f64,
+    /// Measured window of each allocation and limit point.
+    #[arg(long, default_value_t = 10.0)]
+    window_s: f64,
+    /// Hosts (real HostAgents, instant runtime) for allocation and teardown.
+    #[arg(long, default_value_t = 32)]
+    hosts: usize,
+    #[arg(long, default_value_t = 8)]
+    capacity: u32,
+    #[arg(long, default_value_t = 200)]
+    teardown_iterations: usize,
+    #[arg(long, default_value_t = 15_000)]
+    fleet_hosts: usize,
+    /// Hosts per `loadgen hosts` process (each host is one connection, one file).
+    #[arg(long, default_value_t = 5_000)]
+    fleet_per_process: usize,
+    #[arg(long, default_value_t = 5_000)]
+    fleet_heartbeat_ms: u64,
+    #[arg(long, default_value_t = 15.0)]
+    fleet_cpu_window_s: f64,
+    #[arg(long, default_value_t = 64)]
+    push_concurrency: usize,
+    /// DrainHost is sent to this many of the fleet's hosts (0: all). Each DrainHost lists every host
+    /// (see BENCHMARKS.md), so all 15,000 take long.
+    #[arg(long, default_value_t = 1_000)]
+    push_limit: usize,
+    #[arg(long, default_value_t = 5)]
+    failure_hosts: usize,
+    #[arg(long, default_value_t = 1_000)]
+    failure_heartbeat_ms: u64,
+    #[arg(long, env = "SWITCHBOARD_TEST_POSTGRES_URL", default_value = DEFAULT_POSTGRES)]
+    postgres_url: String,
+    #[arg(long, default_value = "target/loadgen")]
+    out: PathBuf,
+}
+
+impl RunArgs {
+    fn smoke(out: PathBuf, postgres_url: String) -> RunArgs {
+        RunArgs {
+            backends: vec![Backend::Postgres, Backend::Sqlite],
+            scenarios: vec![Scenario::Alloc, Scenario::Teardown, Scenario::Limit, Scenario::Fleet, Scenario::Failure],
+            clients: vec![4],
+            warmup_s: 0.3,
+            window_s: 1.5,
+            hosts: 4,
+            capacity: 4,
+            teardown_iterations: 10,
+            fleet_hosts: 100,
+            fleet_per_process: 100,
+            fleet_heartbeat_ms: 500,
+            fleet_cpu_window_s: 1.0,
+            push_concurrency: 16,
+            push_limit: 0,
+            failure_hosts: 2,
+            failure_heartbeat_ms: 200,
+            postgres_url,
+            out,
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Cmd::Run(args) => run(args, command_line()).await,
+            Cmd::Smoke { out, postgres_url } => run(RunArgs::smoke(out, postgres_url), command_line()).await,
+            Cmd::Serve(args) => server::serve(args).await,
+            Cmd::Hosts(args) => lean::run_hosts(args).await,
+        }
+    })
+}
+
+fn command_line() -> String {
+    let mut args: Vec<String> = std::env::args().collect();
+    if let Some(first) = args.first_mut() {
+        *first = "loadgen".into();
+    }
+    args.join(" ")
+}
+
+async fn run(args: RunArgs, command: String) -> anyhow::Result<()> {
+    let machine = Machine::detect();
+    if machine.profile == "debug" {
+        eprintln!(
+            "loadgen: a debug build; figures of a debug build are not comparable (cargo build --release -p loadgen)"
+        );
+    }
+    let mut report = RunReport {
+        started_at: chrono::Utc::now().format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+        command,
+        machine,
+        backends: Vec::new(),
+    };
+    let progress = Progress::start();
+    for backend in args.backends.clone() {
+        let mut backend_report = BackendReport::new(backend);
+        if let Err(error) = run_backend(&args, backend, &mut backend_report, &progress).await {
+            progress.finish_line();
+            eprintln!("loadgen: {backend}: {error:#}");
+            backend_report.errors.push(format!("{error:#}"));
+        }
+        backend_report.compute_ratios();
+        report.backends.push(backend_report);
+        write_reports(&args.out, &report)?;
+    }
+    let markdown = report::markdown(&report);
+    println!("{markdown}");
+    eprintln!("loadgen: reports in {}", args.out.display());
+    Ok(())
+}
+
+fn write_reports(out: &std::path::Path, report: &RunReport) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    std::fs::write(out.join("report.json"), serde_json::to_string_pretty(report)?)?;
+    std::fs::write(out.join("report.md"), report::markdown(report))?;
+    Ok(())
+}
+
+async fn run_backend(
+    args: &RunArgs,
+    backend: Backend,
+    report: &mut BackendReport,
+    progress: &Progress,
+) -> anyhow::Result<()> {
+    let secret = format!("loadgen-{}", uuid::Uuid::new_v4().simple());
+    let wants = |scenario| args.scenarios.contains(&scenario);
+    let max_clients = args.clients.iter().copied().max().unwrap_or(1).max(1);
+
+    if wants(Scenario::Alloc) || wants(Scenario::Teardown) || wants(Scenario::Limit) {
+        let db = TempDb::create(backend, &args.postgres_url).await?;
+        let outcome = allocation_scenarios(args, backend, &db, &secret, max_clients, report, progress).await;
+        db.drop_now().await;
+        outcome?;
+    }
+    if wants(Scenario::Fleet) {
+        let db = TempDb::create(backend, &args.postgres_url).await?;
+        let outcome = async {
+            let server = ServerProcess::start(db.url(), &secret, args.fleet_heartbeat_ms, 1).await?;
+            let settings = FleetSettings {
+                hosts: args.fleet_hosts,
+                per_process: args.fleet_per_process,
+                heartbeat_ms: args.fleet_heartbeat_ms,
+                cpu_window: Duration::from_secs_f64(args.fleet_cpu_window_s),
+                push_concurrency: args.push_concurrency,
+                push_limit: args.push_limit,
+            };
+            let fleet = scenarios::fleet(&server.info, &secret, &settings, progress).await;
+            server.stop().await;
+            report.fleet = Some(fleet?);
+            anyhow::Ok(())
+        }
+        .await;
+        db.drop_now().await;
+        outcome?;
+    }
+    if wants(Scenario::Failure) {
+        let db = TempDb::create(backend, &args.postgres_url).await?;
+        let outcome = async {
+            let server = ServerProcess::start(db.url(), &secret, args.failure_heartbeat_ms, 1).await?;
+            let failure = scenarios::failure_detection(
+                &server.info,
+                &secret,
+                args.failure_hosts,
+                args.failure_heartbeat_ms,
+                progress,
+            )
+            .await;
+            server.stop().await;
+            report.failure = Some(failure?);
+            anyhow::Ok(())
+        }
+        .await;
+        db.drop_now().await;
+        outcome?;
+    }
+    Ok(())
+}
+
+async fn allocation_scenarios(
+    args: &RunArgs,
+    backend: Backend,
+    db: &TempDb,
+    secret: &str,
+    max_clients: usize,
+    report: &mut BackendReport,
+    progress: &Progress,
+) -> anyhow::Result<()> {
+    let wants = |scenario| args.scenarios.contains(&scenario);
+    let server = ServerProcess::start(db.url(), secret, 5_000, max_clients).await?;
+    let observatory = runtime::Observatory::new();
+    let outcome = async {
+        let agents = scenarios::start_agents(&server.info, secret, args.hosts, args.capacity, &observatory).await?;
+        let boxes = args.hosts * args.capacity as usize;
+        report.pool = Some(format!(
+            "{} hosts (real HostAgents, instant runtime) × capacity {} = {boxes} warm boxes; server in a child process.",
+            args.hosts, args.capacity
+        ));
+        let mut admin = scenarios::admin_client(scenarios::channel(&server.info.endpoint).await?, &server.info)?;
+        let warm_timeout = Duration::from_secs(60);
+        scenarios::wait_warm(&mut admin, boxes, warm_timeout).await?;
+        let window = Duration::from_secs_f64(args.window_s);
+        let warmup = Duration::from_secs_f64(args.warmup_s);
+        if wants(Scenario::Alloc) {
+            for &clients in &args.clients {
+                scenarios::wait_warm(&mut admin, boxes, warm_timeout).await?;
+                let point =
+                    scenarios::warm_allocation(&server.info, &observatory, clients, warmup, window, progress).await?;
+                report.allocation.push(point);
+            }
+        }
+        if wants(Scenario::Teardown) {
+            scenarios::wait_warm(&mut admin, boxes, warm_timeout).await?;
+            report.teardown =
+                Some(scenarios::teardown(&server.info, &observatory, args.teardown_iterations, progress).await?);
+        }
+        if wants(Scenario::Limit) {
+            for &clients in &args.clients {
+                scenarios::wait_warm(&mut admin, boxes, warm_timeout).await?;
+                report.bare_claim.push(scenarios::bare_claim(backend, db.url(), clients, window, progress).await?);
+                report.bare_rpc.push(scenarios::bare_rpc(&server.info, clients, window, progress).await?);
+            }
+        }
+        for agent in &agents {
+            agent.kill();
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    server.stop().await;
+    outcome
+}

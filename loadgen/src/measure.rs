@@ -1,0 +1,176 @@
+//! Latency summaries, /proc readings and the progress line.
+
+use std::{
+    io::Write as _,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+
+/// Percentiles of a set of durations, in milliseconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct Percentiles {
+    pub(crate) count: usize,
+    pub(crate) mean_ms: f64,
+    pub(crate) p50_ms: f64,
+    pub(crate) p90_ms: f64,
+    pub(crate) p99_ms: f64,
+    pub(crate) max_ms: f64,
+}
+
+impl Percentiles {
+    pub(crate) fn of(samples: &mut [Duration]) -> Percentiles {
+        if samples.is_empty() {
+            return Percentiles::default();
+        }
+        samples.sort_unstable();
+        let at = |q: f64| {
+            let index = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;
+            ms(samples[index])
+        };
+        let total: Duration = samples.iter().sum();
+        Percentiles {
+            count: samples.len(),
+            mean_ms: ms(total) / samples.len() as f64,
+            p50_ms: at(0.50),
+            p90_ms: at(0.90),
+            p99_ms: at(0.99),
+            max_ms: at(1.0),
+        }
+    }
+}
+
+pub(crate) fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
+/// VmRSS of a process, in KiB.
+pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// User + system CPU time a process has used so far.
+pub(crate) fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start after ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 here.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // USER_HZ is 100 on Linux.
+    Some(Duration::from_millis(ticks * 10))
+}
+
+/// What the machine is.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Machine {
+    pub(crate) cpu_model: String,
+    pub(crate) cpus: usize,
+    pub(crate) memory_gib: f64,
+    pub(crate) kernel: String,
+    pub(crate) profile: &'static str,
+}
+
+impl Machine {
+    pub(crate) fn detect() -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu_model = cpuinfo
+            .lines()
+            .find(|line| line.starts_with("model name"))
+            .and_then(|line| line.split(':').nth(1))
+            .map(|model| model.trim().to_owned())
+            .unwrap_or_else(|| "unknown".into());
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let memory_kib: f64 = meminfo
+            .lines()
+            .find(|line| line.starts_with("MemTotal:"))
+            .and_then(|line| line.split_whitespace().nth(1))
+            .and_then(|value| value.parse().ok())
+            .unwrap_or(0.0);
+        Machine {
+            cpu_model,
+            cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            memory_gib: memory_kib / 1024.0 / 1024.0,
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned(),
+            profile: if cfg!(debug_assertions) { "debug" } else { "release" },
+        }
+    }
+}
+
+/// A single updating line on stderr: the phase, a counter and its rate.
+#[derive(Clone)]
+pub(crate) struct Progress {
+    inner: Arc<ProgressInner>,
+}
+
+struct ProgressInner {
+    phase: Mutex<(String, Instant)>,
+    done: AtomicU64,
+    errors: AtomicU64,
+}
+
+impl Progress {
+    pub(crate) fn start() -> Progress {
+        let progress = Progress {
+            inner: Arc::new(ProgressInner {
+                phase: Mutex::new((String::new(), Instant::now())),
+                done: AtomicU64::new(0),
+                errors: AtomicU64::new(0),
+            }),
+        };
+        let ticker = progress.clone();
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                interval.tick().await;
+                if Arc::strong_count(&ticker.inner) <= 1 {
+                    break;
+                }
+                ticker.draw();
+            }
+        });
+        progress
+    }
+
+    pub(crate) fn phase(&self, name: impl Into<String>) {
+        if let Ok(mut phase) = self.inner.phase.lock() {
+            *phase = (name.into(), Instant::now());
+        }
+        self.inner.done.store(0, Ordering::Relaxed);
+        self.inner.errors.store(0, Ordering::Relaxed);
+        self.draw();
+    }
+
+    pub(crate) fn add(&self, n: u64) {
+        self.inner.done.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn error(&self) {
+        self.inner.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn draw(&self) {
+        let Ok(phase) = self.inner.phase.lock() else {
+            return;
+        };
+        let elapsed = phase.1.elapsed().as_secs_f64();
+        let done = self.inner.done.load(Ordering::Relaxed);
+        let errors = self.inner.errors.load(Ordering::Relaxed);
+        let rate = if elapsed > 0.0 { done as f64 / elapsed } else { 0.0 };
+        let mut stderr = std::io::stderr().lock();
+        let _ = write!(stderr, "\r\x1b[2K[{}] {elapsed:6.1}s  done {done}  ({rate:.0}/s)  errors {errors}", phase.0);
+        let _ = stderr.flush();
+    }
+
+    /// Ends the line (the next output starts on a fresh one).
+    pub(crate) fn finish_line(&self) {
+        self.draw();
+        eprintln!();
+    }
+}

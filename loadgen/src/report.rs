@@ -1,0 +1,224 @@
+//! The run's report: JSON (everything) and Markdown (the tables of BENCHMARKS.md).
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::{
+    measure::{Machine, Percentiles},
+    scenarios::{AllocPoint, Failure, Fleet, LimitPoint, Teardown},
+    server::Backend,
+};
+
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct RunReport {
+    pub(crate) started_at: String,
+    pub(crate) command: String,
+    pub(crate) machine: Machine,
+    pub(crate) backends: Vec<BackendReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct BackendReport {
+    pub(crate) backend: Backend,
+    pub(crate) pool: Option<String>,
+    pub(crate) allocation: Vec<AllocPoint>,
+    pub(crate) teardown: Option<Teardown>,
+    pub(crate) bare_claim: Vec<LimitPoint>,
+    pub(crate) bare_rpc: Vec<LimitPoint>,
+    pub(crate) ratios: Vec<Ratio>,
+    pub(crate) fleet: Option<Fleet>,
+    pub(crate) failure: Option<Failure>,
+    pub(crate) errors: Vec<String>,
+}
+
+/// Allocate against the limit at one concurrency.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Ratio {
+    pub(crate) clients: usize,
+    /// Allocate p50 / (bare claim p50 + bare RPC p50).
+    pub(crate) latency_p50: f64,
+    /// Limit throughput / Allocate throughput, where the limit is 1 / (1/claims per s + 1/RPCs per s).
+    pub(crate) cost_per_allocation: f64,
+}
+
+impl BackendReport {
+    pub(crate) fn new(backend: Backend) -> Self {
+        BackendReport {
+            backend,
+            pool: None,
+            allocation: Vec::new(),
+            teardown: None,
+            bare_claim: Vec::new(),
+            bare_rpc: Vec::new(),
+            ratios: Vec::new(),
+            fleet: None,
+            failure: None,
+            errors: Vec::new(),
+        }
+    }
+
+    pub(crate) fn compute_ratios(&mut self) {
+        self.ratios.clear();
+        for point in &self.allocation {
+            let claim = self.bare_claim.iter().find(|limit| limit.clients == point.clients);
+            let rpc = self.bare_rpc.iter().find(|limit| limit.clients == point.clients);
+            let (Some(claim), Some(rpc)) = (claim, rpc) else { continue };
+            let floor = claim.latency.p50_ms + rpc.latency.p50_ms;
+            let limit_rate =
+                if claim.per_s > 0.0 && rpc.per_s > 0.0 { 1.0 / (1.0 / claim.per_s + 1.0 / rpc.per_s) } else { 0.0 };
+            self.ratios.push(Ratio {
+                clients: point.clients,
+                latency_p50: if floor > 0.0 { point.allocate.p50_ms / floor } else { 0.0 },
+                cost_per_allocation: if point.allocations_per_s > 0.0 {
+                    limit_rate / point.allocations_per_s
+                } else {
+                    0.0
+                },
+            });
+        }
+    }
+}
+
+fn p(percentiles: &Percentiles) -> String {
+    format!(
+        "{:.2} / {:.2} / {:.2} / {:.2}",
+        percentiles.p50_ms, percentiles.p90_ms, percentiles.p99_ms, percentiles.max_ms
+    )
+}
+
+pub(crate) fn markdown(report: &RunReport) -> String {
+    let mut out = String::new();
+    let m = &report.machine;
+    let _ = writeln!(out, "# loadgen run {}\n", report.started_at);
+    let _ = writeln!(out, "`{}`\n", report.command);
+    let _ = writeln!(
+        out,
+        "Machine: {} × {}, {:.1} GiB, Linux {}; loadgen built `{}`.\n",
+        m.cpus, m.cpu_model, m.memory_gib, m.kernel, m.profile
+    );
+    for backend in &report.backends {
+        let _ = writeln!(out, "## {}\n", backend.backend);
+        if let Some(pool) = &backend.pool {
+            let _ = writeln!(out, "{pool}\n");
+        }
+        if !backend.allocation.is_empty() {
+            let _ = writeln!(out, "### Warm allocation (Allocate, then ReportDisconnect returns the box)\n");
+            let _ = writeln!(
+                out,
+                "| clients | allocations/s | Allocate p50 / p90 / p99 / max (ms) | ReportDisconnect p50 / p90 / p99 / max (ms) | server CPU (cores) | errors |"
+            );
+            let _ = writeln!(out, "|---:|---:|---|---|---:|---|");
+            for point in &backend.allocation {
+                let _ = writeln!(
+                    out,
+                    "| {} | {:.0} | {} | {} | {:.2} | {} |",
+                    point.clients,
+                    point.allocations_per_s,
+                    p(&point.allocate),
+                    p(&point.report_disconnect),
+                    point.server_cpu_cores,
+                    if point.errors.is_empty() { "none".into() } else { format!("{:?}", point.errors) }
+                );
+            }
+            let _ = writeln!(out);
+        }
+        if !backend.bare_claim.is_empty() || !backend.bare_rpc.is_empty() {
+            let _ = writeln!(out, "### The limit (same machine, same run)\n");
+            let _ = writeln!(out, "| what | clients | per s | p50 / p90 / p99 / max (ms) | errors |");
+            let _ = writeln!(out, "|---|---:|---:|---|---:|");
+            for (name, points) in
+                [("bare claim transaction", &backend.bare_claim), ("bare tonic unary", &backend.bare_rpc)]
+            {
+                for point in points {
+                    let _ = writeln!(
+                        out,
+                        "| {name} | {} | {:.0} | {} | {} |",
+                        point.clients,
+                        point.per_s,
+                        p(&point.latency),
+                        point.errors
+                    );
+                }
+            }
+            let _ = writeln!(out);
+        }
+        if !backend.ratios.is_empty() {
+            let _ = writeln!(out, "### Allocate as a ratio to the limit (claim + RPC)\n");
+            let _ = writeln!(out, "| clients | p50 latency ratio | cost per allocation ratio |");
+            let _ = writeln!(out, "|---:|---:|---:|");
+            for ratio in &backend.ratios {
+                let _ = writeln!(
+                    out,
+                    "| {} | {:.2}× | {:.2}× |",
+                    ratio.clients, ratio.latency_p50, ratio.cost_per_allocation
+                );
+            }
+            let _ = writeln!(out);
+        }
+        if let Some(t) = &backend.teardown {
+            let _ = writeln!(out, "### Teardown ({} sessions one at a time, {} failed)\n", t.iterations, t.failures);
+            let _ = writeln!(out, "| from ReportDisconnect sent to | p50 / p90 / p99 / max (ms) |");
+            let _ = writeln!(out, "|---|---|");
+            let _ = writeln!(out, "| its reply (RPC) | {} |", p(&t.report_disconnect_rpc));
+            let _ = writeln!(out, "| teardown command at the host | {} |", p(&t.teardown_at_host));
+            let _ = writeln!(out, "| replacement spawn command at the host | {} |", p(&t.replacement_spawn_at_host));
+            let _ = writeln!(out, "| replacement WAITING in the store | {} |", p(&t.replacement_warm));
+            let _ = writeln!(out);
+        }
+        if let Some(f) = &backend.fleet {
+            let _ = writeln!(out, "### Fleet size\n");
+            let _ = writeln!(out, "| figure | value |");
+            let _ = writeln!(out, "|---|---|");
+            let _ = writeln!(
+                out,
+                "| hosts connected (own HTTP/2 connection each) | {} of {} in {} processes ({} failed) |",
+                f.connected, f.requested_hosts, f.processes, f.failed
+            );
+            if let Some(error) = &f.first_error {
+                let _ = writeln!(out, "| first connect error | {error} |");
+            }
+            let _ = writeln!(out, "| time to connect all | {:.1} s |", f.connect_all_s);
+            let _ = writeln!(
+                out,
+                "| server RSS before → after | {:.1} MiB → {:.1} MiB |",
+                f.server_rss_before_kib as f64 / 1024.0,
+                f.server_rss_after_kib as f64 / 1024.0
+            );
+            let _ = writeln!(out, "| server resident memory per host | {:.1} KiB |", f.server_kib_per_host);
+            let _ = writeln!(
+                out,
+                "| heartbeats ({} ms interval) | {:.0}/s; server CPU {:.3} cores over {:.0} s |",
+                f.heartbeat_interval_ms, f.heartbeats_per_s, f.heartbeat_server_cpu_cores, f.cpu_window_s
+            );
+            let _ = writeln!(
+                out,
+                "| DrainHost to {} hosts, all acked | {:.2} s ({} RPC errors, {} acks seen by the hosts) |",
+                f.pushed, f.push_all_s, f.push_rpc_errors, f.drain_acks
+            );
+            let _ = writeln!(
+                out,
+                "| load generator's host processes RSS | {:.1} MiB |",
+                f.host_processes_rss_kib as f64 / 1024.0
+            );
+            let _ = writeln!(out);
+        }
+        if let Some(f) = &backend.failure {
+            let _ = writeln!(
+                out,
+                "### Failure detection (heartbeat {} ms, {} missed, {} hosts each, {} timeouts)\n",
+                f.heartbeat_interval_ms, f.missed_heartbeats, f.hosts, f.timeouts
+            );
+            let _ = writeln!(out, "| from → to | p50 / p90 / p99 / max (ms) |");
+            let _ = writeln!(out, "|---|---|");
+            let _ = writeln!(out, "| connection killed → DISCONNECTED | {} |", p(&f.dropped_stream));
+            let _ = writeln!(out, "| last heartbeat → UNHEALTHY | {} |", p(&f.silent_since_last_heartbeat));
+            let _ = writeln!(out, "| heartbeats stop → UNHEALTHY | {} |", p(&f.silent_since_silence));
+            let _ = writeln!(out);
+        }
+        for error in &backend.errors {
+            let _ = writeln!(out, "- error: {error}");
+        }
+    }
+    out
+}

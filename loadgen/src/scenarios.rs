@@ -1,0 +1,858 @@
+//! The scenarios: warm allocation, teardown, the limit (bare claim, bare RPC),
+//! fleet size and failure detection.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    process::Stdio,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use futures::StreamExt as _;
+use hostagent_client::{AgentHandle, AgentOptions, HostAgent};
+use serde::Serialize;
+use sqlx::Row as _;
+use switchboard::{auth::host_credential::HostCredentials, config::Secret};
+use switchboard_proto::v1::{
+    AllocateRequest, DrainHostRequest, HostState, ListHostsRequest, ListMandelboxesRequest, MandelboxState,
+    ReportDisconnectRequest, admin_service_client::AdminServiceClient,
+    allocation_service_client::AllocationServiceClient, session_events_service_client::SessionEventsServiceClient,
+};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    process::Command,
+};
+use tonic::{Request, Status, metadata::MetadataValue, transport::Channel};
+
+use crate::{
+    lean::{self, HostCounters, HostsReport, LeanOptions},
+    measure::{Percentiles, Progress, cpu_time, rss_kib},
+    runtime::{EventKind, InstantRuntime, Observatory},
+    server::{Backend, REGION, ServerInfo},
+};
+
+pub(crate) async fn channel(endpoint: &str) -> anyhow::Result<Channel> {
+    Ok(tonic::transport::Endpoint::from_shared(endpoint.to_owned())?.connect().await?)
+}
+
+/// Adds `authorization: Bearer …` to every call.
+#[derive(Clone)]
+pub(crate) struct Bearer(MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        request.metadata_mut().insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+fn bearer(token: &str) -> anyhow::Result<Bearer> {
+    Ok(Bearer(format!("Bearer {token}").parse()?))
+}
+
+fn allocate_request() -> AllocateRequest {
+    AllocateRequest {
+        regions: vec![REGION.into()],
+        app: "chrome".into(),
+        client_version: "1.0.0".into(),
+        client_data_json: r#"{"timezone":"UTC"}"#.into(),
+        config_encryption_token: "loadgen-config-token".into(),
+    }
+}
+
+fn reason(status: &Status) -> String {
+    switchboard::error::reason_of(status).map(str::to_owned).unwrap_or_else(|| format!("{:?}", status.code()))
+}
+
+// ----- hosts with real agents ----------------------------------------------
+
+/// Real `HostAgent`s over real gRPC streams, each with an [`InstantRuntime`].
+pub(crate) async fn start_agents(
+    info: &ServerInfo,
+    secret: &str,
+    hosts: usize,
+    capacity: u32,
+    observatory: &Observatory,
+) -> anyhow::Result<Vec<AgentHandle>> {
+    let credentials = HostCredentials::new(Secret::new(secret.to_owned()));
+    let mut handles = Vec::new();
+    for index in 0..hosts {
+        let host_id = format!("agent-{index}");
+        let mut options =
+            AgentOptions::new(info.endpoint.clone(), host_id.clone(), REGION, credentials.issue(&host_id));
+        options.capacity = capacity;
+        let runtime = InstantRuntime::new(&host_id, observatory.clone());
+        handles.push(HostAgent::new(options, Arc::new(runtime)).spawn());
+    }
+    for handle in &handles {
+        handle.wait_connected(1, Duration::from_secs(30)).await?;
+    }
+    Ok(handles)
+}
+
+/// Waits until `count` boxes are WAITING (warm).
+pub(crate) async fn wait_warm(admin: &mut Admin, count: usize, timeout: Duration) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    loop {
+        let warm = admin
+            .list_hosts(ListHostsRequest { region: String::new() })
+            .await?
+            .into_inner()
+            .hosts
+            .iter()
+            .map(|host| host.warm_mandelboxes as usize)
+            .sum::<usize>();
+        if warm >= count {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > timeout {
+            anyhow::bail!("only {warm} of {count} boxes warm after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub(crate) type Admin = AdminServiceClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+
+pub(crate) fn admin_client(channel: Channel, info: &ServerInfo) -> anyhow::Result<Admin> {
+    Ok(AdminServiceClient::with_interceptor(channel, bearer(&info.admin_token)?))
+}
+
+// ----- 1. warm allocation ---------------------------------------------------
+
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct AllocPoint {
+    pub(crate) clients: usize,
+    pub(crate) seconds: f64,
+    pub(crate) allocations: usize,
+    pub(crate) allocations_per_s: f64,
+    pub(crate) allocate: Percentiles,
+    pub(crate) report_disconnect: Percentiles,
+    pub(crate) errors: BTreeMap<String, u64>,
+    /// CPU the server process used during the window, in cores (1.0 = one core busy).
+    pub(crate) server_cpu_cores: f64,
+}
+
+/// N clients, each: Allocate, then ReportDisconnect with the box's token (as
+/// the protocol server would), which returns the box; until the window ends.
+pub(crate) async fn warm_allocation(
+    info: &ServerInfo,
+    observatory: &Observatory,
+    clients: usize,
+    warmup: Duration,
+    window: Duration,
+    progress: &Progress,
+) -> anyhow::Result<AllocPoint> {
+    progress.phase(format!("allocate x{clients}"));
+    let start = Instant::now();
+    let measure_from = start + warmup;
+    let end = measure_from + window;
+    let mut tasks = Vec::new();
+    for index in 0..clients {
+        let token = info.user_tokens.get(index).context("more clients than user tokens")?.clone();
+        let channel = channel(&info.endpoint).await?;
+        let observatory = observatory.clone();
+        let progress = progress.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut allocation = AllocationServiceClient::with_interceptor(channel.clone(), bearer(&token)?);
+            let mut events = SessionEventsServiceClient::new(channel);
+            let mut allocate = Vec::new();
+            let mut disconnect = Vec::new();
+            let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+            while Instant::now() < end {
+                let started = Instant::now();
+                let result = allocation.allocate(allocate_request()).await;
+                let took = started.elapsed();
+                let counted = started >= measure_from;
+                let response = match result {
+                    Ok(response) => response.into_inner(),
+                    Err(status) => {
+                        progress.error();
+                        if counted {
+                            *errors.entry(reason(&status)).or_default() += 1;
+                        }
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        continue;
+                    }
+                };
+                if counted {
+                    allocate.push(took);
+                }
+                progress.add(1);
+                let Some(token) = observatory.token_of(&response.mandelbox_id) else {
+                    *errors.entry("NO_DISCONNECT_TOKEN".into()).or_default() += 1;
+                    continue;
+                };
+                let started = Instant::now();
+                let request = ReportDisconnectRequest { mandelbox_id: response.mandelbox_id, token };
+                match events.report_disconnect(request).await {
+                    Ok(_) if counted => disconnect.push(started.elapsed()),
+                    Ok(_) => {}
+                    Err(status) => *errors.entry(format!("disconnect {}", reason(&status))).or_default() += 1,
+                }
+            }
+            anyhow::Ok((allocate, disconnect, errors))
+        }));
+    }
+    let cpu_before = cpu_time(info.pid);
+    tokio::time::sleep_until(tokio::time::Instant::from_std(measure_from)).await;
+    let cpu_at_start = cpu_time(info.pid).or(cpu_before);
+    let mut allocate = Vec::new();
+    let mut disconnect = Vec::new();
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    let mut cpu_at_end = None;
+    for task in tasks {
+        let (a, d, e) = task.await??;
+        cpu_at_end.get_or_insert_with(|| cpu_time(info.pid));
+        allocate.extend(a);
+        disconnect.extend(d);
+        for (key, value) in e {
+            *errors.entry(key).or_default() += value;
+        }
+    }
+    let seconds = window.as_secs_f64();
+    let server_cpu_cores = match (cpu_at_start, cpu_at_end.flatten()) {
+        (Some(a), Some(b)) => b.saturating_sub(a).as_secs_f64() / seconds,
+        _ => 0.0,
+    };
+    progress.finish_line();
+    Ok(AllocPoint {
+        clients,
+        seconds,
+        allocations: allocate.len(),
+        allocations_per_s: allocate.len() as f64 / seconds,
+        allocate: Percentiles::of(&mut allocate),
+        report_disconnect: Percentiles::of(&mut disconnect),
+        errors,
+        server_cpu_cores,
+    })
+}
+
+// ----- 2. teardown ------------------------------------------------------------
+
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Teardown {
+    pub(crate) iterations: usize,
+    pub(crate) failures: usize,
+    /// ReportDisconnect RPC, as the protocol server sees it.
+    pub(crate) report_disconnect_rpc: Percentiles,
+    /// ReportDisconnect sent → the host's runtime is told to tear the box down.
+    pub(crate) teardown_at_host: Percentiles,
+    /// ReportDisconnect sent → the host is told to spawn the replacement.
+    pub(crate) replacement_spawn_at_host: Percentiles,
+    /// ReportDisconnect sent → the replacement is WAITING in the store (polled every 1 ms via the admin API).
+    pub(crate) replacement_warm: Percentiles,
+}
+
+/// One session at a time (an otherwise idle server): allocate, report the
+/// disconnect, and time what follows.
+pub(crate) async fn teardown(
+    info: &ServerInfo,
+    observatory: &Observatory,
+    iterations: usize,
+    progress: &Progress,
+) -> anyhow::Result<Teardown> {
+    progress.phase("teardown");
+    let channel = channel(&info.endpoint).await?;
+    let token = info.user_tokens.first().context("no user token")?;
+    let mut allocation = AllocationServiceClient::with_interceptor(channel.clone(), bearer(token)?);
+    let mut events = SessionEventsServiceClient::new(channel.clone());
+    let mut admin = admin_client(channel, info)?;
+    let (mut rpc, mut at_host, mut spawn, mut warm) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut failures = 0;
+    for _ in 0..iterations {
+        let outcome: anyhow::Result<()> = async {
+            let response = allocation.allocate(allocate_request()).await?.into_inner();
+            let token = observatory.token_of(&response.mandelbox_id).context("no disconnect token")?;
+            let mut receiver = observatory.subscribe();
+            let sent = Instant::now();
+            let request = ReportDisconnectRequest { mandelbox_id: response.mandelbox_id.clone(), token };
+            events.report_disconnect(request).await?;
+            rpc.push(sent.elapsed());
+            let deadline = Duration::from_secs(10);
+            let mut host = None;
+            let replacement = tokio::time::timeout(deadline, async {
+                loop {
+                    let event = receiver.recv().await?;
+                    match (event.kind, &host) {
+                        (EventKind::Teardown, None) if event.mandelbox_id == response.mandelbox_id => {
+                            at_host.push(event.at.duration_since(sent));
+                            host = Some(event.host_id);
+                        }
+                        (EventKind::Spawn, Some(host)) if *host == event.host_id => {
+                            spawn.push(event.at.duration_since(sent));
+                            return anyhow::Ok((event.host_id, event.mandelbox_id));
+                        }
+                        _ => {}
+                    }
+                }
+            })
+            .await
+            .context("no teardown/replacement within 10 s")??;
+            let (host_id, mandelbox_id) = replacement;
+            let filter =
+                ListMandelboxesRequest { host_id, state: MandelboxState::Waiting as i32, include_finished: false };
+            loop {
+                let boxes = admin.list_mandelboxes(filter.clone()).await?.into_inner().mandelboxes;
+                if boxes.iter().any(|mandelbox| mandelbox.mandelbox_id == mandelbox_id) {
+                    warm.push(sent.elapsed());
+                    break;
+                }
+                if sent.elapsed() > deadline {
+                    anyhow::bail!("replacement not warm within 10 s");
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Ok(())
+        }
+        .await;
+        match outcome {
+            Ok(()) => progress.add(1),
+            Err(_) => {
+                failures += 1;
+                progress.error();
+            }
+        }
+    }
+    progress.finish_line();
+    Ok(Teardown {
+        iterations,
+        failures,
+        report_disconnect_rpc: Percentiles::of(&mut rpc),
+        teardown_at_host: Percentiles::of(&mut at_host),
+        replacement_spawn_at_host: Percentiles::of(&mut spawn),
+        replacement_warm: Percentiles::of(&mut warm),
+    })
+}
+
+// ----- the limit ----------------------------------------------------------------
+
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct LimitPoint {
+    pub(crate) clients: usize,
+    pub(crate) operations: usize,
+    pub(crate) per_s: f64,
+    pub(crate) latency: Percentiles,
+    pub(crate) errors: u64,
+}
+
+/// The claim SQL of the PostgreSQL store (`claim_waiting`), verbatim.
+const PG_CLAIM: &str = "UPDATE mandelboxes SET state = 'ALLOCATED', session_id = $4, updated_at = $5 \
+     WHERE id = ( \
+         SELECT m.id FROM mandelboxes m \
+         JOIN hosts h ON h.id = m.host_id \
+         LEFT JOIN regions r ON r.name = m.region \
+         WHERE m.state = 'WAITING' AND m.app = $2 AND m.region = ANY($1) \
+           AND h.state = 'ACTIVE' \
+           AND (COALESCE(r.image, '') = '' OR h.image = r.image) \
+           AND h.id <> ALL($3) \
+         ORDER BY array_position($1::text[], m.region), \
+                  h.capacity - (SELECT count(*) FROM mandelboxes a \
+                                WHERE a.host_id = h.id AND a.state IN ('ALLOCATED', 'RUNNING')), \
+                  h.id, m.created_at, m.id \
+         LIMIT 1 \
+         FOR UPDATE OF m SKIP LOCKED) \
+     RETURNING id";
+const PG_RELEASE: &str = "UPDATE mandelboxes SET state = 'WAITING', session_id = NULL WHERE id = $1";
+
+/// The claim SQL of the SQLite store (`claim_waiting`), verbatim.
+const SQLITE_CLAIM: &str = "UPDATE mandelboxes SET state = 'ALLOCATED', session_id = ?4, updated_at = ?5 \
+     WHERE id = ( \
+         SELECT m.id FROM mandelboxes m \
+         JOIN (SELECT value, min(key) AS position FROM json_each(?1) GROUP BY value) wanted \
+           ON wanted.value = m.region \
+         JOIN hosts h ON h.id = m.host_id \
+         LEFT JOIN regions r ON r.name = m.region \
+         WHERE m.state = 'WAITING' AND m.app = ?2 \
+           AND h.state = 'ACTIVE' \
+           AND (COALESCE(r.image, '') = '' OR h.image = r.image) \
+           AND h.id NOT IN (SELECT value FROM json_each(?3)) \
+         ORDER BY wanted.position, \
+                  h.capacity - (SELECT count(*) FROM mandelboxes a \
+                                WHERE a.host_id = h.id AND a.state IN ('ALLOCATED', 'RUNNING')), \
+                  h.id, m.created_at, m.id \
+         LIMIT 1) \
+     RETURNING id";
+const SQLITE_RELEASE: &str = "UPDATE mandelboxes SET state = 'WAITING', session_id = NULL WHERE id = ?1";
+
+enum ClaimPool {
+    Postgres(sqlx::PgPool),
+    /// One writer connection, as the SQLite store has.
+    Sqlite(sqlx::SqlitePool),
+}
+
+impl ClaimPool {
+    async fn open(backend: Backend, url: &str, clients: usize) -> anyhow::Result<ClaimPool> {
+        Ok(match backend {
+            Backend::Postgres => ClaimPool::Postgres(
+                sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(u32::try_from(clients).unwrap_or(16).max(1))
+                    .connect(url)
+                    .await?,
+            ),
+            Backend::Sqlite => {
+                use std::str::FromStr as _;
+                let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)?
+                    .busy_timeout(Duration::from_secs(5))
+                    .foreign_keys(true)
+                    .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+                    .synchronous(sqlx::sqlite::SqliteSynchronous::Normal);
+                ClaimPool::Sqlite(
+                    sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect_with(options).await?,
+                )
+            }
+        })
+    }
+
+    /// One transaction: claim a WAITING box with the store's SQL, put it back
+    /// (so the pool never runs dry), commit. Ok(false) when no box matched.
+    async fn claim_once(&self) -> anyhow::Result<bool> {
+        let regions = vec![REGION.to_owned()];
+        let session = uuid::Uuid::new_v4();
+        let at = chrono::Utc::now();
+        match self {
+            ClaimPool::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                let row = sqlx::query(PG_CLAIM)
+                    .bind(&regions)
+                    .bind("chrome")
+                    .bind(Vec::<String>::new())
+                    .bind(session)
+                    .bind(at)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let Some(row) = row else { return Ok(false) };
+                let id: uuid::Uuid = row.try_get("id")?;
+                sqlx::query(PG_RELEASE).bind(id).execute(&mut *tx).await?;
+                tx.commit().await?;
+                Ok(true)
+            }
+            ClaimPool::Sqlite(pool) => {
+                let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                let row = sqlx::query(SQLITE_CLAIM)
+                    .bind(serde_json::to_string(&regions)?)
+                    .bind("chrome")
+                    .bind("[]")
+                    .bind(session.to_string())
+                    .bind(at.timestamp_micros())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let Some(row) = row else { return Ok(false) };
+                let id: String = row.try_get("id")?;
+                sqlx::query(SQLITE_RELEASE).bind(id).execute(&mut *tx).await?;
+                tx.commit().await?;
+                Ok(true)
+            }
+        }
+    }
+}
+
+/// The bare claim transaction on the server's own database, no gRPC.
+pub(crate) async fn bare_claim(
+    backend: Backend,
+    url: &str,
+    clients: usize,
+    window: Duration,
+    progress: &Progress,
+) -> anyhow::Result<LimitPoint> {
+    progress.phase(format!("bare claim x{clients}"));
+    let pool = Arc::new(ClaimPool::open(backend, url, clients).await?);
+    let end = Instant::now() + window;
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let pool = pool.clone();
+        let progress = progress.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut samples, mut errors) = (Vec::new(), 0_u64);
+            while Instant::now() < end {
+                let started = Instant::now();
+                match pool.claim_once().await {
+                    Ok(true) => {
+                        samples.push(started.elapsed());
+                        progress.add(1);
+                    }
+                    _ => {
+                        errors += 1;
+                        progress.error();
+                    }
+                }
+            }
+            (samples, errors)
+        }));
+    }
+    let point = collect_limit(tasks, clients, window).await?;
+    match Arc::try_unwrap(pool) {
+        Ok(ClaimPool::Postgres(pool)) => pool.close().await,
+        Ok(ClaimPool::Sqlite(pool)) => pool.close().await,
+        Err(_) => {}
+    }
+    progress.finish_line();
+    Ok(point)
+}
+
+/// The bare tonic unary round trip: the same Allocate messages to a trivial
+/// service in the server's process, no database, no authentication.
+pub(crate) async fn bare_rpc(
+    info: &ServerInfo,
+    clients: usize,
+    window: Duration,
+    progress: &Progress,
+) -> anyhow::Result<LimitPoint> {
+    progress.phase(format!("bare rpc x{clients}"));
+    let end = Instant::now() + window;
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let mut client = AllocationServiceClient::new(channel(&info.echo_endpoint).await?);
+        let progress = progress.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut samples, mut errors) = (Vec::new(), 0_u64);
+            while Instant::now() < end {
+                let started = Instant::now();
+                match client.allocate(allocate_request()).await {
+                    Ok(_) => {
+                        samples.push(started.elapsed());
+                        progress.add(1);
+                    }
+                    Err(_) => {
+                        errors += 1;
+                        progress.error();
+                    }
+                }
+            }
+            (samples, errors)
+        }));
+    }
+    let point = collect_limit(tasks, clients, window).await?;
+    progress.finish_line();
+    Ok(point)
+}
+
+async fn collect_limit(
+    tasks: Vec<tokio::task::JoinHandle<(Vec<Duration>, u64)>>,
+    clients: usize,
+    window: Duration,
+) -> anyhow::Result<LimitPoint> {
+    let (mut samples, mut errors) = (Vec::new(), 0);
+    for task in tasks {
+        let (s, e) = task.await?;
+        samples.extend(s);
+        errors += e;
+    }
+    Ok(LimitPoint {
+        clients,
+        operations: samples.len(),
+        per_s: samples.len() as f64 / window.as_secs_f64(),
+        latency: Percentiles::of(&mut samples),
+        errors,
+    })
+}
+
+// ----- 3. fleet size -----------------------------------------------------------------
+
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Fleet {
+    pub(crate) requested_hosts: usize,
+    pub(crate) processes: usize,
+    pub(crate) connected: usize,
+    pub(crate) failed: usize,
+    pub(crate) first_error: Option<String>,
+    pub(crate) connect_all_s: f64,
+    pub(crate) heartbeat_interval_ms: u64,
+    pub(crate) server_rss_before_kib: u64,
+    pub(crate) server_rss_after_kib: u64,
+    pub(crate) server_kib_per_host: f64,
+    pub(crate) cpu_window_s: f64,
+    /// Server CPU while the fleet only heartbeats, in cores.
+    pub(crate) heartbeat_server_cpu_cores: f64,
+    pub(crate) heartbeats_per_s: f64,
+    pub(crate) host_processes_rss_kib: u64,
+    /// One DrainHost per host through the admin API (each waits for the host's ack).
+    pub(crate) pushed: usize,
+    pub(crate) push_all_s: f64,
+    pub(crate) push_rpc_errors: usize,
+    pub(crate) drain_acks: u64,
+}
+
+pub(crate) struct FleetSettings {
+    pub(crate) hosts: usize,
+    pub(crate) per_process: usize,
+    pub(crate) heartbeat_ms: u64,
+    pub(crate) cpu_window: Duration,
+    pub(crate) push_concurrency: usize,
+    /// DrainHost goes to this many hosts (0: all).
+    pub(crate) push_limit: usize,
+}
+
+struct HostsChild {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    stdin: Option<tokio::process::ChildStdin>,
+}
+
+impl HostsChild {
+    async fn report(&mut self) -> anyhow::Result<HostsReport> {
+        if let Some(stdin) = &mut self.stdin {
+            stdin.write_all(b"report\n").await?;
+            stdin.flush().await?;
+        }
+        self.read().await
+    }
+
+    async fn read(&mut self) -> anyhow::Result<HostsReport> {
+        let line = tokio::time::timeout(Duration::from_secs(600), self.lines.next_line())
+            .await
+            .context("`loadgen hosts` did not answer")??
+            .context("`loadgen hosts` exited")?;
+        Ok(serde_json::from_str(&line)?)
+    }
+}
+
+pub(crate) async fn fleet(
+    info: &ServerInfo,
+    secret: &str,
+    settings: &FleetSettings,
+    progress: &Progress,
+) -> anyhow::Result<Fleet> {
+    progress.phase(format!("fleet: connecting {} hosts", settings.hosts));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let server_rss_before_kib = rss_kib(info.pid).unwrap_or(0);
+    let exe = std::env::current_exe()?;
+    let per_process = settings.per_process.max(1);
+    let processes = settings.hosts.div_ceil(per_process);
+    let started = Instant::now();
+    let mut children = Vec::new();
+    let mut remaining = settings.hosts;
+    for index in 0..processes {
+        let count = remaining.min(per_process);
+        remaining -= count;
+        let mut child = Command::new(&exe)
+            .args(["hosts", "--endpoint", &info.endpoint, "--prefix", &format!("fleet{index}-")])
+            .args(["--count", &count.to_string(), "--heartbeat-ms", &settings.heartbeat_ms.to_string()])
+            .env("LOADGEN_HOST_SECRET", secret)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let stdin = child.stdin.take();
+        children.push((count, HostsChild { child, lines: BufReader::new(stdout).lines(), stdin }));
+    }
+    let (mut connected, mut failed, mut first_error, mut ids) = (0, 0, None, Vec::new());
+    for (index, (count, child)) in children.iter_mut().enumerate() {
+        let report = child.read().await?;
+        connected += report.connected;
+        failed += report.failed;
+        progress.add(report.connected as u64);
+        if first_error.is_none() {
+            first_error = report.first_error.clone();
+        }
+        ids.extend((0..*count).map(|host| format!("fleet{index}-{host}")));
+    }
+    let connect_all_s = started.elapsed().as_secs_f64();
+    progress.finish_line();
+
+    progress.phase("fleet: heartbeating");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let server_rss_after_kib = rss_kib(info.pid).unwrap_or(0);
+    let beats_before: u64 = report_all(&mut children).await?.iter().map(|r| r.heartbeats).sum();
+    let cpu_before = cpu_time(info.pid);
+    let window_started = Instant::now();
+    tokio::time::sleep(settings.cpu_window).await;
+    let cpu_after = cpu_time(info.pid);
+    let cpu_window_s = window_started.elapsed().as_secs_f64();
+    let reports = report_all(&mut children).await?;
+    let beats_after: u64 = reports.iter().map(|r| r.heartbeats).sum();
+    let host_processes_rss_kib = reports.iter().map(|r| r.rss_kib).sum();
+    let heartbeat_server_cpu_cores = match (cpu_before, cpu_after) {
+        (Some(a), Some(b)) => b.saturating_sub(a).as_secs_f64() / cpu_window_s,
+        _ => 0.0,
+    };
+    progress.finish_line();
+
+    progress.phase("fleet: DrainHost to every host");
+    let admin = admin_client(channel(&info.endpoint).await?, info)?;
+    if settings.push_limit > 0 {
+        ids.truncate(settings.push_limit);
+    }
+    let pushed = ids.len();
+    let push_started = Instant::now();
+    let results: Vec<bool> = futures::stream::iter(ids)
+        .map(|host_id| {
+            let mut admin = admin.clone();
+            let progress = progress.clone();
+            async move {
+                let ok = admin.drain_host(DrainHostRequest { host_id }).await.is_ok();
+                progress.add(1);
+                ok
+            }
+        })
+        .buffer_unordered(settings.push_concurrency.max(1))
+        .collect()
+        .await;
+    let push_all_s = push_started.elapsed().as_secs_f64();
+    let push_rpc_errors = results.iter().filter(|ok| !**ok).count();
+    let drain_acks = report_all(&mut children).await?.iter().map(|r| r.drain_acks).sum();
+    progress.finish_line();
+
+    for (_, mut child) in children {
+        drop(child.stdin.take());
+        if tokio::time::timeout(Duration::from_secs(20), child.child.wait()).await.is_err() {
+            let _ = child.child.kill().await;
+        }
+    }
+    let per_host = if connected > 0 {
+        server_rss_after_kib.saturating_sub(server_rss_before_kib) as f64 / connected as f64
+    } else {
+        0.0
+    };
+    Ok(Fleet {
+        requested_hosts: settings.hosts,
+        processes,
+        connected,
+        failed,
+        first_error,
+        connect_all_s,
+        heartbeat_interval_ms: settings.heartbeat_ms,
+        server_rss_before_kib,
+        server_rss_after_kib,
+        server_kib_per_host: per_host,
+        cpu_window_s,
+        heartbeat_server_cpu_cores,
+        heartbeats_per_s: beats_after.saturating_sub(beats_before) as f64 / cpu_window_s,
+        host_processes_rss_kib,
+        pushed,
+        push_all_s,
+        push_rpc_errors,
+        drain_acks,
+    })
+}
+
+async fn report_all(children: &mut [(usize, HostsChild)]) -> anyhow::Result<Vec<HostsReport>> {
+    let mut reports = Vec::new();
+    for (_, child) in children.iter_mut() {
+        reports.push(child.report().await?);
+    }
+    Ok(reports)
+}
+
+// ----- 4. failure detection ---------------------------------------------------------
+
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Failure {
+    pub(crate) heartbeat_interval_ms: u64,
+    pub(crate) missed_heartbeats: u32,
+    pub(crate) hosts: usize,
+    /// Connection killed → host DISCONNECTED (admin ListHosts polled every 2 ms).
+    pub(crate) dropped_stream: Percentiles,
+    /// Host's last heartbeat → host UNHEALTHY.
+    pub(crate) silent_since_last_heartbeat: Percentiles,
+    /// Host stops heartbeating → host UNHEALTHY.
+    pub(crate) silent_since_silence: Percentiles,
+    pub(crate) timeouts: usize,
+}
+
+pub(crate) async fn failure_detection(
+    info: &ServerInfo,
+    secret: &str,
+    hosts: usize,
+    heartbeat_ms: u64,
+    progress: &Progress,
+) -> anyhow::Result<Failure> {
+    progress.phase("failure detection");
+    let credentials = HostCredentials::new(Secret::new(secret.to_owned()));
+    let counters = Arc::new(HostCounters::default());
+    let heartbeat = Duration::from_millis(heartbeat_ms);
+    let connect = |id: String| {
+        let options = LeanOptions {
+            endpoint: info.endpoint.clone(),
+            credential: credentials.issue(&id),
+            host_id: id,
+            region: REGION.into(),
+            capacity: 0,
+            heartbeat,
+            phase: Duration::ZERO,
+        };
+        lean::connect(options, counters.clone())
+    };
+    let mut admin = admin_client(channel(&info.endpoint).await?, info)?;
+    let mut timeouts = 0;
+    let limit = heartbeat * 10 + Duration::from_secs(5);
+
+    let mut dropped = Vec::new();
+    for index in 0..hosts {
+        let id = format!("drop-{index}");
+        let host = connect(id.clone()).await?;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let killed = Instant::now();
+        host.kill();
+        let states = wait_states(&mut admin, &[id], HostState::Disconnected, Duration::from_millis(2), limit).await?;
+        match states.values().next() {
+            Some(at) => dropped.push(at.duration_since(killed)),
+            None => timeouts += 1,
+        }
+        progress.add(1);
+    }
+
+    let mut silent_hosts = Vec::new();
+    for index in 0..hosts {
+        let id = format!("silent-{index}");
+        silent_hosts.push((id.clone(), connect(id).await?));
+    }
+    tokio::time::sleep(heartbeat + Duration::from_millis(100)).await;
+    let silenced = Instant::now();
+    let mut last_beats = HashMap::new();
+    for (id, host) in &silent_hosts {
+        host.silent.store(true, std::sync::atomic::Ordering::Relaxed);
+        let last = host.last_heartbeat.lock().map(|last| *last).unwrap_or(silenced);
+        last_beats.insert(id.clone(), last);
+    }
+    let ids: Vec<String> = silent_hosts.iter().map(|(id, _)| id.clone()).collect();
+    let states = wait_states(&mut admin, &ids, HostState::Unhealthy, Duration::from_millis(5), limit).await?;
+    let (mut since_beat, mut since_silence) = (Vec::new(), Vec::new());
+    for id in &ids {
+        match (states.get(id), last_beats.get(id)) {
+            (Some(at), Some(last)) => {
+                since_beat.push(at.duration_since(*last));
+                since_silence.push(at.duration_since(silenced));
+            }
+            _ => timeouts += 1,
+        }
+        progress.add(1);
+    }
+    drop(silent_hosts);
+    progress.finish_line();
+    Ok(Failure {
+        heartbeat_interval_ms: heartbeat_ms,
+        missed_heartbeats: 3,
+        hosts,
+        dropped_stream: Percentiles::of(&mut dropped),
+        silent_since_last_heartbeat: Percentiles::of(&mut since_beat),
+        silent_since_silence: Percentiles::of(&mut since_silence),
+        timeouts,
+    })
+}
+
+/// Polls ListHosts until each host is in `state`; returns when each got there.
+async fn wait_states(
+    admin: &mut Admin,
+    ids: &[String],
+    state: HostState,
+    every: Duration,
+    limit: Duration,
+) -> anyhow::Result<HashMap<String, Instant>> {
+    let started = Instant::now();
+    let mut seen = HashMap::new();
+    while seen.len() < ids.len() && started.elapsed() < limit {
+        let hosts = admin.list_hosts(ListHostsRequest { region: String::new() }).await?.into_inner().hosts;
+        let now = Instant::now();
+        for host in hosts {
+            if ids.contains(&host.host_id) && host.state == state as i32 {
+                seen.entry(host.host_id).or_insert(now);
+            }
+        }
+        tokio::time::sleep(every).await;
+    }
+    Ok(seen)
+}
