@@ -79,6 +79,15 @@ ensure_moto() {
   command -v moto_server >/dev/null || die "moto[server] was installed but moto_server is not on PATH"
 }
 
+ensure_localstripe() {
+  command -v localstripe >/dev/null && return
+  command -v pip >/dev/null || command -v pip3 >/dev/null || die "localstripe (the Stripe emulator) is missing and there is no pip to install it (pip install localstripe)"
+  say "installing the Stripe emulator (PyPI localstripe)"
+  "$(command -v pip || command -v pip3)" install -q localstripe
+  hash -r
+  command -v localstripe >/dev/null || die "localstripe was installed but is not on PATH"
+}
+
 ensure_node() {
   command -v node >/dev/null && command -v npm >/dev/null && return
   apt_install nodejs npm
@@ -90,6 +99,7 @@ if [ "${1:-}" = "--" ]; then shift; rust_filter=("$@"); fi
 ensure_postgres
 ensure_redis
 ensure_grpcurl
+ensure_localstripe
 ensure_moto
 ensure_node
 

@@ -88,6 +88,7 @@ impl Application {
         options: ApplicationOptions,
         store: DynStore,
     ) -> anyhow::Result<Application> {
+        crate::install_tls_provider();
         if config.hosts.credential_secret.is_empty() {
             anyhow::bail!("hosts.credential_secret must be set (SWITCHBOARD__HOSTS__CREDENTIAL_SECRET)");
         }

@@ -56,6 +56,8 @@ pub struct Config {
     pub log: LogConfig,
     pub billing: BillingConfig,
     pub redis: RedisConfig,
+    /// Where hosts come from (EC2, or local hostagents); see `cloud/`.
+    pub cloud: crate::cloud::CloudConfig,
     /// Time allowed for in-flight work after SIGTERM.
     pub shutdown_grace_ms: u64,
 }
@@ -200,6 +202,7 @@ impl Default for Config {
             log: LogConfig::default(),
             billing: BillingConfig::default(),
             redis: RedisConfig::default(),
+            cloud: crate::cloud::CloudConfig::default(),
             shutdown_grace_ms: 10_000,
         }
     }

@@ -28,3 +28,11 @@ pub mod store;
 pub mod telemetry;
 
 pub use app::{Application, ApplicationOptions};
+
+/// Stripe and JWKS fetching (ring) and the EC2 SDK (aws-lc-rs) both link rustls
+/// crypto providers, so rustls cannot pick one by itself: pick ring. Call it
+/// before making any TLS client; calling it again is harmless.
+pub fn install_tls_provider() {
+    // Err means a provider is installed already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

@@ -15,6 +15,7 @@ pub use db::Backend;
 
 /// Installs a test subscriber when `TEST_LOG` is set.
 pub fn init_test_log() {
+    switchboard::install_tls_provider();
     if std::env::var_os("TEST_LOG").is_some() {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))

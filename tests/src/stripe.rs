@@ -28,6 +28,7 @@ pub struct Localstripe {
 
 impl Localstripe {
     pub async fn start() -> anyhow::Result<Localstripe> {
+        crate::init_test_log();
         let port = {
             let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
             listener.local_addr()?.port()
@@ -159,12 +160,16 @@ impl Localstripe {
 pub struct RecordedStripe {
     pub addr: SocketAddr,
     pub requests: Arc<Mutex<Vec<(String, String)>>>,
+    subscriptions: Arc<Mutex<&'static str>>,
     task: tokio::task::JoinHandle<()>,
 }
 
+/// The same list endpoint for a customer with no subscription.
+pub const RECORDED_EMPTY_LIST: &str = r#"{"object":"list","url":"/v1/subscriptions","has_more":false,"data":[]}"#;
+
 /// `GET /v1/subscriptions?customer=cus_trial&status=all` in test mode, trimmed
 /// to the fields that matter (a real response has ~60 per subscription).
-const RECORDED_TRIALING_LIST: &str = r#"{"object":"list","url":"/v1/subscriptions","has_more":false,"data":[{"id":"sub_1QTrialRecorded","object":"subscription","customer":"cus_trial","status":"trialing","trial_start":1795300000,"trial_end":1796509600,"cancel_at_period_end":false,"collection_method":"charge_automatically","currency":"usd","livemode":false}]}"#;
+pub const RECORDED_TRIALING_LIST: &str = r#"{"object":"list","url":"/v1/subscriptions","has_more":false,"data":[{"id":"sub_1QTrialRecorded","object":"subscription","customer":"cus_trial","status":"trialing","trial_start":1795300000,"trial_end":1796509600,"cancel_at_period_end":false,"collection_method":"charge_automatically","currency":"usd","livemode":false}]}"#;
 const RECORDED_CHECKOUT_SESSION: &str = r#"{"id":"cs_test_a1RecordedCheckout","object":"checkout.session","mode":"subscription","status":"open","url":"https://checkout.stripe.com/c/pay/cs_test_a1RecordedCheckout","livemode":false}"#;
 const RECORDED_PORTAL_SESSION: &str = r#"{"id":"bps_1RecordedPortal","object":"billing_portal.session","url":"https://billing.stripe.com/p/session/test_RecordedPortal","livemode":false}"#;
 const RECORDED_CUSTOMER: &str = r#"{"id":"cus_recorded","object":"customer","email":null,"livemode":false}"#;
@@ -174,8 +179,16 @@ impl RecordedStripe {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let requests: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+        let subscriptions = Arc::new(Mutex::new(RECORDED_TRIALING_LIST));
+        let listed = subscriptions.clone();
         let app = Router::new()
-            .route("/v1/subscriptions", get(|| async { json(RECORDED_TRIALING_LIST) }))
+            .route(
+                "/v1/subscriptions",
+                get(move || {
+                    let body = listed.lock().map(|body| *body).unwrap_or(RECORDED_EMPTY_LIST);
+                    async move { json(body) }
+                }),
+            )
             .route("/v1/checkout/sessions", post(record_then(RECORDED_CHECKOUT_SESSION)))
             .route("/v1/billing_portal/sessions", post(record_then(RECORDED_PORTAL_SESSION)))
             .route("/v1/customers", post(record_then(RECORDED_CUSTOMER)))
@@ -183,7 +196,14 @@ impl RecordedStripe {
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Ok(RecordedStripe { addr, requests, task })
+        Ok(RecordedStripe { addr, requests, subscriptions, task })
+    }
+
+    /// What `GET /v1/subscriptions` answers from now on.
+    pub fn answer_subscriptions_with(&self, body: &'static str) {
+        if let Ok(mut current) = self.subscriptions.lock() {
+            *current = body;
+        }
     }
 
     pub fn base(&self) -> String {
