@@ -256,3 +256,42 @@ async fn stripe_down_uses_a_recent_status_or_fails_clearly() {
     let second = token_for(&app, "trial-user", Some("cus_trial"), false);
     assert!(allocate(&app, &second).await.is_ok(), "the cached trialing status still counts");
 }
+
+/// With Redis configured, replicas share cached statuses: a cancellation
+/// webhook received by one replica is seen by the other at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_statuses_through_redis() {
+    let stripe = Localstripe::start().await.unwrap();
+    let customer = stripe.customer_with_card().await.unwrap();
+    stripe.subscribe(&customer).await.unwrap();
+    let shared = |base: String| {
+        move |config: &mut Config| {
+            stripe_at(base, 3_600)(config);
+            config.redis.url = switchboard::config::Secret::new("redis://127.0.0.1:6379");
+        }
+    };
+    let first =
+        TestApp::spawn_with(Backend::Sqlite, TestOptions::default(), shared(stripe.base.clone())).await.unwrap();
+    let second =
+        TestApp::spawn_with(Backend::Sqlite, TestOptions::default(), shared(stripe.base.clone())).await.unwrap();
+    // Both replicas trust the same issuer keys in production; here each test app has its own issuer.
+    let on_first = token_for(&first, "payer", Some(&customer), false);
+    let on_second = token_for(&second, "payer", Some(&customer), false);
+    assert!(allocate(&first, &on_first).await.is_ok());
+    assert!(allocate(&second, &on_second).await.is_ok());
+
+    let now = chrono::Utc::now().timestamp();
+    let event = serde_json::json!({ "id": format!("evt_redis_{customer}"), "object": "event", "type": "customer.subscription.deleted",
+        "data": { "object": { "object": "subscription", "customer": customer, "status": "canceled" } } })
+    .to_string();
+    let response = reqwest::Client::new()
+        .post(format!("{}/stripe/webhook", first.endpoint))
+        .header("stripe-signature", sign_webhook(WEBHOOK_SECRET, now, &event))
+        .body(event)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let refused = allocate(&second, &on_second).await.unwrap_err();
+    assert_eq!(reason(&refused), "SUBSCRIPTION_REQUIRED", "the other replica saw the webhook through redis");
+}
