@@ -164,6 +164,7 @@ pub(crate) fn markdown(report: &RunReport) -> String {
             let _ = writeln!(out, "| teardown command at the host | {} |", p(&t.teardown_at_host));
             let _ = writeln!(out, "| replacement spawn command at the host | {} |", p(&t.replacement_spawn_at_host));
             let _ = writeln!(out, "| replacement WAITING in the store | {} |", p(&t.replacement_warm));
+            let _ = writeln!(out, "| (one poll: admin ListMandelboxes round trip) | {} |", p(&t.poll_rpc));
             let _ = writeln!(out);
         }
         if let Some(f) = &backend.fleet {

@@ -243,6 +243,8 @@ pub(crate) struct Teardown {
     pub(crate) replacement_spawn_at_host: Percentiles,
     /// ReportDisconnect sent → the replacement is WAITING in the store (polled every 1 ms via the admin API).
     pub(crate) replacement_warm: Percentiles,
+    /// One poll: the admin ListMandelboxes round trip (the resolution of the figure above).
+    pub(crate) poll_rpc: Percentiles,
 }
 
 /// One session at a time (an otherwise idle server): allocate, report the
@@ -260,6 +262,7 @@ pub(crate) async fn teardown(
     let mut events = SessionEventsServiceClient::new(channel.clone());
     let mut admin = admin_client(channel, info)?;
     let (mut rpc, mut at_host, mut spawn, mut warm) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut polls = Vec::new();
     let mut failures = 0;
     for _ in 0..iterations {
         let outcome: anyhow::Result<()> = async {
@@ -294,7 +297,9 @@ pub(crate) async fn teardown(
             let filter =
                 ListMandelboxesRequest { host_id, state: MandelboxState::Waiting as i32, include_finished: false };
             loop {
+                let poll_started = Instant::now();
                 let boxes = admin.list_mandelboxes(filter.clone()).await?.into_inner().mandelboxes;
+                polls.push(poll_started.elapsed());
                 if boxes.iter().any(|mandelbox| mandelbox.mandelbox_id == mandelbox_id) {
                     warm.push(sent.elapsed());
                     break;
@@ -323,6 +328,7 @@ pub(crate) async fn teardown(
         teardown_at_host: Percentiles::of(&mut at_host),
         replacement_spawn_at_host: Percentiles::of(&mut spawn),
         replacement_warm: Percentiles::of(&mut warm),
+        poll_rpc: Percentiles::of(&mut polls),
     })
 }
 
