@@ -76,7 +76,8 @@ impl Admin {
     /// sessions finish normally.
     pub async fn drain_host(&self, request: pb::DrainHostRequest) -> ApiResult<pb::HostInfo> {
         let host_id = request.host_id;
-        self.core.store.drain_host(&host_id).await?.ok_or_else(|| ApiError::HostNotFound(host_id.clone()))?;
+        let drained =
+            self.core.store.drain_host(&host_id).await?.ok_or_else(|| ApiError::HostNotFound(host_id.clone()))?;
         tracing::info!(%host_id, "draining host");
         let timeout = Duration::from_millis(self.core.config.hosts.command_timeout_ms);
         let drain = command::Kind::Drain(DrainHost { reason: "operator request".into() });
@@ -95,7 +96,7 @@ impl Admin {
         let summary = self
             .core
             .store
-            .list_hosts(None)
+            .list_hosts(Some(&drained.region))
             .await?
             .into_iter()
             .find(|summary| summary.host.id == host_id)

@@ -60,7 +60,7 @@ pub async fn run(mut config: Config, options: DevOptions, shutdown: Cancellation
         config.hosts.credential_secret = Secret::new(mandelbox_token::generate());
     }
     let issuer = DevIssuer::generate(&config.auth.issuer, &config.auth.audience)?;
-    let store: DynStore = store::connect(config.database.url.expose()).await?;
+    let store: DynStore = store::connect_with(config.database.url.expose(), config.database.max_connections).await?;
     for name in &options.regions {
         store.put_region(&Region { name: name.clone(), enabled: true, image: DEV_IMAGE.into() }).await?;
     }

@@ -65,7 +65,8 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve => {
             // The database's config table sits between the file and the environment.
-            let store = switchboard::store::connect(config.database.url.expose()).await?;
+            let store =
+                switchboard::store::connect_with(config.database.url.expose(), config.database.max_connections).await?;
             let database = store.config_entries().await?;
             config = ConfigSources { database, ..file_layers }.load()?;
             if cli.dump_config {

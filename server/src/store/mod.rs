@@ -347,9 +347,14 @@ pub async fn connect(url: &str) -> StoreResult<DynStore> {
     /// Pool size of one replica; PostgreSQL's default limit of 100 connections
     /// leaves room for several replicas and operators.
     const POSTGRES_MAX_CONNECTIONS: u32 = 10;
+    connect_with(url, POSTGRES_MAX_CONNECTIONS).await
+}
 
+/// Like `connect`, with the PostgreSQL pool size (`database.max_connections`).
+/// SQLite ignores it: it has one writer connection and a small reader pool.
+pub async fn connect_with(url: &str, postgres_max_connections: u32) -> StoreResult<DynStore> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let store = PgStore::connect(url, POSTGRES_MAX_CONNECTIONS).await?;
+        let store = PgStore::connect(url, postgres_max_connections.max(1)).await?;
         store.migrate().await?;
         Ok(Arc::new(store))
     } else if url.starts_with("sqlite:") {
