@@ -343,43 +343,12 @@ pub(crate) struct LimitPoint {
     pub(crate) errors: u64,
 }
 
-/// The claim SQL of the PostgreSQL store (`claim_waiting`), verbatim.
-const PG_CLAIM: &str = "UPDATE mandelboxes SET state = 'ALLOCATED', session_id = $4, updated_at = $5 \
-     WHERE id = ( \
-         SELECT m.id FROM mandelboxes m \
-         JOIN hosts h ON h.id = m.host_id \
-         LEFT JOIN regions r ON r.name = m.region \
-         WHERE m.state = 'WAITING' AND m.app = $2 AND m.region = ANY($1) \
-           AND h.state = 'ACTIVE' \
-           AND (COALESCE(r.image, '') = '' OR h.image = r.image) \
-           AND h.id <> ALL($3) \
-         ORDER BY array_position($1::text[], m.region), \
-                  h.capacity - (SELECT count(*) FROM mandelboxes a \
-                                WHERE a.host_id = h.id AND a.state IN ('ALLOCATED', 'RUNNING')), \
-                  h.id, m.created_at, m.id \
-         LIMIT 1 \
-         FOR UPDATE OF m SKIP LOCKED) \
-     RETURNING id";
+/// The PostgreSQL store's own claim statement (the same string the store runs).
+const PG_CLAIM: &str = switchboard::store::POSTGRES_CLAIM_SQL;
 const PG_RELEASE: &str = "UPDATE mandelboxes SET state = 'WAITING', session_id = NULL WHERE id = $1";
 
-/// The claim SQL of the SQLite store (`claim_waiting`), verbatim.
-const SQLITE_CLAIM: &str = "UPDATE mandelboxes SET state = 'ALLOCATED', session_id = ?4, updated_at = ?5 \
-     WHERE id = ( \
-         SELECT m.id FROM mandelboxes m \
-         JOIN (SELECT value, min(key) AS position FROM json_each(?1) GROUP BY value) wanted \
-           ON wanted.value = m.region \
-         JOIN hosts h ON h.id = m.host_id \
-         LEFT JOIN regions r ON r.name = m.region \
-         WHERE m.state = 'WAITING' AND m.app = ?2 \
-           AND h.state = 'ACTIVE' \
-           AND (COALESCE(r.image, '') = '' OR h.image = r.image) \
-           AND h.id NOT IN (SELECT value FROM json_each(?3)) \
-         ORDER BY wanted.position, \
-                  h.capacity - (SELECT count(*) FROM mandelboxes a \
-                                WHERE a.host_id = h.id AND a.state IN ('ALLOCATED', 'RUNNING')), \
-                  h.id, m.created_at, m.id \
-         LIMIT 1) \
-     RETURNING id";
+/// The SQLite store's own claim statement (the same string the store runs).
+const SQLITE_CLAIM: &str = switchboard::store::SQLITE_CLAIM_SQL;
 const SQLITE_RELEASE: &str = "UPDATE mandelboxes SET state = 'WAITING', session_id = NULL WHERE id = ?1";
 
 enum ClaimPool {

@@ -11,8 +11,8 @@ mod postgres;
 mod rows;
 mod sqlite;
 
-pub use postgres::PgStore;
-pub use sqlite::SqliteStore;
+pub use postgres::{CLAIM_WAITING_SQL as POSTGRES_CLAIM_SQL, PgStore};
+pub use sqlite::{CLAIM_WAITING_SQL as SQLITE_CLAIM_SQL, SqliteStore};
 
 use std::sync::Arc;
 

@@ -299,22 +299,10 @@ async fn end_sessions_on(
     Ok(ended)
 }
 
-/// Takes the best WAITING box for a session and marks it ALLOCATED to it.
-///
-/// Best = first region in `regions`, then the fullest host (fewest free
-/// slots, counting assigned boxes), then host id and box age for a stable
-/// order. `SKIP LOCKED` makes concurrent claimers pass over a box another
-/// transaction is taking instead of waiting for it; the locking happens before
-/// `LIMIT`, so a claimer only gets nothing when every match is taken.
-async fn claim_waiting(
-    conn: &mut PgConnection,
-    regions: &[String],
-    app: &str,
-    exclude_hosts: &[String],
-    session_id: Uuid,
-    at: DateTime<Utc>,
-) -> StoreResult<Option<MandelboxRecord>> {
-    sqlx::query_as::<_, MandelboxRow>(concat!(
+/// The claim statement up to its RETURNING clause. Loadgen's "bare claim"
+/// runs exactly this (`CLAIM_WAITING_SQL`) to measure the database's limit.
+macro_rules! pg_claim_waiting {
+    () => {
         "UPDATE mandelboxes SET state = 'ALLOCATED', session_id = $4, updated_at = $5 \
          WHERE id = ( \
              SELECT m.id FROM mandelboxes m \
@@ -330,18 +318,38 @@ async fn claim_waiting(
                       h.id, m.created_at, m.id \
              LIMIT 1 \
              FOR UPDATE OF m SKIP LOCKED) \
-         RETURNING ",
-        mandelbox_columns!()
-    ))
-    .bind(regions)
-    .bind(app)
-    .bind(exclude_hosts)
-    .bind(session_id)
-    .bind(at)
-    .fetch_optional(conn)
-    .await?
-    .map(MandelboxRow::into_record)
-    .transpose()
+         "
+    };
+}
+
+/// The claim as one statement returning only the id (for benchmarks).
+pub const CLAIM_WAITING_SQL: &str = concat!(pg_claim_waiting!(), " RETURNING id");
+
+/// Takes the best WAITING box for a session and marks it ALLOCATED to it.
+///
+/// Best = first region in `regions`, then the fullest host (fewest free
+/// slots, counting assigned boxes), then host id and box age for a stable
+/// order. `SKIP LOCKED` makes concurrent claimers pass over a box another
+/// transaction is taking instead of waiting for it; the locking happens before
+/// `LIMIT`, so a claimer only gets nothing when every match is taken.
+async fn claim_waiting(
+    conn: &mut PgConnection,
+    regions: &[String],
+    app: &str,
+    exclude_hosts: &[String],
+    session_id: Uuid,
+    at: DateTime<Utc>,
+) -> StoreResult<Option<MandelboxRecord>> {
+    sqlx::query_as::<_, MandelboxRow>(concat!(pg_claim_waiting!(), " RETURNING ", mandelbox_columns!()))
+        .bind(regions)
+        .bind(app)
+        .bind(exclude_hosts)
+        .bind(session_id)
+        .bind(at)
+        .fetch_optional(conn)
+        .await?
+        .map(MandelboxRow::into_record)
+        .transpose()
 }
 
 /// Puts a PENDING session onto a claimed box.

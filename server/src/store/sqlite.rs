@@ -334,20 +334,10 @@ async fn end_sessions_on(
     Ok(ended)
 }
 
-/// Takes the best WAITING box for a session and marks it ALLOCATED to it.
-///
-/// Best = first region in `regions` (position in the JSON array), then the
-/// fullest host (fewest free slots, counting assigned boxes), then host id and
-/// box age for a stable order. Same choice as the PostgreSQL store.
-async fn claim_waiting(
-    conn: &mut SqliteConnection,
-    regions: &[String],
-    app: &str,
-    exclude_hosts: &[String],
-    session_id: Uuid,
-    at: DateTime<Utc>,
-) -> StoreResult<Option<MandelboxRecord>> {
-    sqlx::query_as::<_, MandelboxRow>(concat!(
+/// The claim statement up to its RETURNING clause. Loadgen's "bare claim"
+/// runs exactly this (`CLAIM_WAITING_SQL`) to measure the database's limit.
+macro_rules! sqlite_claim_waiting {
+    () => {
         "UPDATE mandelboxes SET state = 'ALLOCATED', session_id = ?4, updated_at = ?5 \
          WHERE id = ( \
              SELECT m.id FROM mandelboxes m \
@@ -364,18 +354,36 @@ async fn claim_waiting(
                                     WHERE a.host_id = h.id AND a.state IN ('ALLOCATED', 'RUNNING')), \
                       h.id, m.created_at, m.id \
              LIMIT 1) \
-         RETURNING ",
-        mandelbox_columns!()
-    ))
-    .bind(json_list(regions)?)
-    .bind(app)
-    .bind(json_list(exclude_hosts)?)
-    .bind(session_id.to_string())
-    .bind(micros(at))
-    .fetch_optional(conn)
-    .await?
-    .map(MandelboxRow::into_record)
-    .transpose()
+         "
+    };
+}
+
+/// The claim as one statement returning only the id (for benchmarks).
+pub const CLAIM_WAITING_SQL: &str = concat!(sqlite_claim_waiting!(), " RETURNING id");
+
+/// Takes the best WAITING box for a session and marks it ALLOCATED to it.
+///
+/// Best = first region in `regions` (position in the JSON array), then the
+/// fullest host (fewest free slots, counting assigned boxes), then host id and
+/// box age for a stable order. Same choice as the PostgreSQL store.
+async fn claim_waiting(
+    conn: &mut SqliteConnection,
+    regions: &[String],
+    app: &str,
+    exclude_hosts: &[String],
+    session_id: Uuid,
+    at: DateTime<Utc>,
+) -> StoreResult<Option<MandelboxRecord>> {
+    sqlx::query_as::<_, MandelboxRow>(concat!(sqlite_claim_waiting!(), " RETURNING ", mandelbox_columns!()))
+        .bind(json_list(regions)?)
+        .bind(app)
+        .bind(json_list(exclude_hosts)?)
+        .bind(session_id.to_string())
+        .bind(micros(at))
+        .fetch_optional(conn)
+        .await?
+        .map(MandelboxRow::into_record)
+        .transpose()
 }
 
 /// Puts a PENDING session onto a claimed box.
