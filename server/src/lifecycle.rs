@@ -66,9 +66,14 @@ impl Core {
         });
     }
 
-    /// Publishes a session's current state to watchers.
+    /// Publishes a session's current state to watchers (looking up where it runs).
     pub async fn publish_session(&self, session: &SessionRecord) {
         let change = self.session_change(session).await;
+        self.publish_change(change);
+    }
+
+    /// Publishes a change whose address and ports the caller already knows.
+    pub fn publish_change(&self, change: SessionChange) {
         self.events.publish(Event::Session(Box::new(change)));
     }
 

@@ -126,7 +126,7 @@ impl Allocator {
             attempts += 1;
             match self.assign(&current, secrets).await {
                 Ok(assigned) => {
-                    self.core.publish_session(&assigned.session).await;
+                    self.core.publish_change(assigned.change());
                     return Ok(response(assigned));
                 }
                 Err(AssignError::Fatal(error)) => return Err(error),
@@ -283,7 +283,7 @@ impl Allocator {
                 self.pending.remove(session_id);
                 // The key waits for the owner's watcher, which this publish wakes.
                 self.pending.hand_over_key(session_id, assigned.session_key);
-                self.core.publish_session(&assigned.session).await;
+                self.core.publish_change(assigned.change());
                 Ok(true)
             }
             Err(AssignError::Retry) => Ok(false),
@@ -292,6 +292,17 @@ impl Allocator {
                 Ok(false)
             }
             Err(AssignError::Fatal(error)) => Err(error),
+        }
+    }
+}
+
+impl Assigned {
+    /// The event for watchers, from what the assignment already knows (no lookups).
+    fn change(&self) -> crate::events::SessionChange {
+        crate::events::SessionChange {
+            session: self.session.clone(),
+            host_address: Some(self.host_address.clone()),
+            ports: self.ports.clone(),
         }
     }
 }
