@@ -282,8 +282,9 @@ impl Allocator {
             Ok(assigned) => {
                 self.pending.remove(session_id);
                 // The key waits for the owner's watcher, which this publish wakes.
+                let change = assigned.change();
                 self.pending.hand_over_key(session_id, assigned.session_key);
-                self.core.publish_change(assigned.change());
+                self.core.publish_change(change);
                 Ok(true)
             }
             Err(AssignError::Retry) => Ok(false),
