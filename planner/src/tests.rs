@@ -1,0 +1,221 @@
+use super::*;
+
+const MINUTE: Millis = 60_000;
+
+fn settings(buffer: u32, min: u32, max: u32, capacity: u32) -> RegionSettings {
+    RegionSettings {
+        buffer,
+        min_instances: min,
+        max_instances: max,
+        instance_types: vec![InstanceType { name: "g4dn.2xlarge".into(), capacity }],
+        image: "ami-new".into(),
+    }
+}
+
+fn host(id: &str, phase: Phase, capacity: u32, assigned: u32) -> InstanceView {
+    InstanceView {
+        host_id: id.into(),
+        phase,
+        capacity,
+        assigned,
+        image: "ami-new".into(),
+        launched_at: 0,
+        managed: true,
+        in_rollout: false,
+    }
+}
+
+fn view(settings: RegionSettings, instances: Vec<InstanceView>, now: Millis) -> RegionView {
+    RegionView { settings, instances, now }
+}
+
+fn timings() -> Timings {
+    Timings {
+        launch_timeout: Duration::from_secs(600),
+        scale_down_delay: Duration::from_secs(120),
+        scale_down_cooldown: Duration::from_secs(300),
+    }
+}
+
+#[test]
+fn an_empty_region_launches_exactly_enough_for_its_buffer() {
+    let mut memory = ScalerMemory::default();
+    let plan = plan(&view(settings(5, 0, 10, 2), vec![], 0), &mut memory, &timings());
+    assert_eq!(plan.launch, 3, "ceil(5 / 2)");
+    assert_eq!(memory.last_launch, Some(0));
+}
+
+#[test]
+fn capacity_on_the_way_is_not_launched_twice() {
+    let mut memory = ScalerMemory::default();
+    let instances = vec![host("a", Phase::Launching, 2, 0), host("b", Phase::Launching, 2, 0)];
+    let plan = plan(&view(settings(5, 0, 10, 2), instances, MINUTE), &mut memory, &timings());
+    assert_eq!((plan.launch, plan.on_the_way, plan.available), (1, 4, 4));
+}
+
+#[test]
+fn assigned_slots_do_not_count_as_available() {
+    let mut memory = ScalerMemory::default();
+    let instances = vec![host("a", Phase::Active, 4, 3), host("b", Phase::Active, 4, 4)];
+    let plan = plan(&view(settings(4, 0, 10, 4), instances, MINUTE), &mut memory, &timings());
+    assert_eq!(plan.available, 1);
+    assert_eq!(plan.launch, 1);
+}
+
+#[test]
+fn never_above_max() {
+    let mut memory = ScalerMemory::default();
+    let instances = vec![host("a", Phase::Active, 2, 2), host("b", Phase::Draining, 2, 1)];
+    let plan = plan(&view(settings(10, 0, 3, 2), instances, MINUTE), &mut memory, &timings());
+    assert_eq!(plan.launch, 1, "two live (draining counts) + one = max 3");
+    assert!(plan.capped_by_max);
+}
+
+#[test]
+fn min_instances_are_kept_even_without_buffer() {
+    let mut memory = ScalerMemory::default();
+    let plan = plan(&view(settings(0, 2, 10, 4), vec![host("a", Phase::Active, 4, 0)], 0), &mut memory, &timings());
+    assert_eq!(plan.launch, 1);
+}
+
+#[test]
+fn a_fixed_fleet_region_is_never_scaled_but_lost_hosts_are_cleaned_up() {
+    let mut memory = ScalerMemory::default();
+    let mut fixed = settings(10, 2, 10, 2);
+    fixed.instance_types.clear();
+    let plan = plan(&view(fixed, vec![host("lost", Phase::Lost, 2, 0)], 0), &mut memory, &timings());
+    assert_eq!(plan.launch, 0);
+    assert!(plan.drain.is_empty());
+    assert_eq!(plan.terminate, vec![("lost".into(), TerminateReason::HostLost)]);
+}
+
+#[test]
+fn unmanaged_hosts_count_but_are_never_touched() {
+    let mut memory = ScalerMemory::default();
+    let mut static_host = host("static", Phase::Active, 8, 0);
+    static_host.managed = false;
+    let mut lost_static = host("static-lost", Phase::Lost, 8, 0);
+    lost_static.managed = false;
+    let region = view(settings(2, 0, 10, 2), vec![static_host, lost_static], 0);
+    for now in [0, 10 * MINUTE, 20 * MINUTE] {
+        let plan = plan(&RegionView { now, ..region.clone() }, &mut memory, &timings());
+        assert!(plan.is_empty(), "{plan:?}");
+    }
+}
+
+#[test]
+fn hosts_that_never_connect_lost_hosts_and_empty_draining_hosts_are_terminated() {
+    let mut memory = ScalerMemory::default();
+    let mut late = host("late", Phase::Launching, 2, 0);
+    late.launched_at = 0;
+    let mut fresh = host("fresh", Phase::Launching, 2, 0);
+    fresh.launched_at = 9 * MINUTE;
+    let instances = vec![
+        late,
+        fresh,
+        host("lost", Phase::Lost, 2, 0),
+        host("drained", Phase::Draining, 2, 0),
+        host("busy-draining", Phase::Draining, 2, 1),
+    ];
+    let plan = plan(&view(settings(2, 0, 10, 2), instances, 11 * MINUTE), &mut memory, &timings());
+    assert_eq!(
+        plan.terminate,
+        vec![
+            ("late".into(), TerminateReason::NeverConnected),
+            ("lost".into(), TerminateReason::HostLost),
+            ("drained".into(), TerminateReason::Drained),
+        ]
+    );
+    // The fresh launch still counts; the one that never connected does not.
+    assert_eq!(plan.on_the_way, 2);
+    assert_eq!(plan.launch, 0);
+}
+
+#[test]
+fn a_lost_host_is_replaced() {
+    let mut memory = ScalerMemory::default();
+    let instances = vec![host("a", Phase::Active, 2, 0), host("b", Phase::Lost, 2, 0)];
+    let plan = plan(&view(settings(4, 0, 10, 2), instances, MINUTE), &mut memory, &timings());
+    assert_eq!(plan.terminate, vec![("b".into(), TerminateReason::HostLost)]);
+    assert_eq!(plan.launch, 1);
+}
+
+#[test]
+fn old_image_hosts_drain_and_new_capacity_replaces_them() {
+    let mut memory = ScalerMemory::default();
+    let mut old = host("old", Phase::Active, 2, 1);
+    old.image = "ami-old".into();
+    let plan = plan(&view(settings(2, 0, 10, 2), vec![old], MINUTE), &mut memory, &timings());
+    assert_eq!(plan.drain, vec![("old".into(), DrainReason::OldImage)]);
+    assert_eq!(plan.launch, 1);
+}
+
+#[test]
+fn rollout_instances_are_neither_counted_nor_drained() {
+    let mut memory = ScalerMemory::default();
+    let mut surge = host("surge", Phase::Active, 4, 0);
+    surge.image = "ami-next".into();
+    surge.in_rollout = true;
+    let instances = vec![host("a", Phase::Active, 2, 0), surge];
+    let plan = plan(&view(settings(2, 0, 10, 2), instances, MINUTE), &mut memory, &timings());
+    assert!(plan.is_empty(), "{plan:?}");
+    assert_eq!(plan.available, 2);
+}
+
+#[test]
+fn excess_is_drained_only_after_it_lasted_and_the_cooldown_passed() {
+    let timings = timings();
+    let mut memory = ScalerMemory { excess_since: None, last_launch: Some(0) };
+    // Buffer 2; three empty hosts of 2 give 6 free: 4 too many = two hosts.
+    let instances = vec![host("a", Phase::Active, 2, 0), host("b", Phase::Active, 2, 0), host("c", Phase::Active, 2, 1)];
+    let region = view(settings(2, 0, 10, 2), instances, MINUTE);
+    let first = plan(&region, &mut memory, &timings);
+    assert!(first.drain.is_empty());
+    assert_eq!(memory.excess_since, Some(MINUTE));
+    // Lasted long enough, but a launch happened less than the cooldown ago.
+    let second = plan(&RegionView { now: 4 * MINUTE, ..region.clone() }, &mut memory, &timings);
+    assert!(second.drain.is_empty());
+    // Both passed: free 5, buffer 2, excess 3: "a" (free 2) goes, "b" (free 2)
+    // would leave too little, "c" (free 1) goes and ends when its session does.
+    let third = plan(&RegionView { now: 6 * MINUTE, ..region.clone() }, &mut memory, &timings);
+    assert_eq!(third.drain, vec![("a".into(), DrainReason::Excess), ("c".into(), DrainReason::Excess)]);
+    assert_eq!(memory.excess_since, None);
+}
+
+#[test]
+fn scale_down_prefers_hosts_with_fewest_sessions_and_keeps_the_buffer_and_min() {
+    let timings = timings();
+    let mut memory = ScalerMemory { excess_since: Some(0), last_launch: None };
+    let instances = vec![
+        host("two-sessions", Phase::Active, 4, 2),
+        host("one-session", Phase::Active, 4, 1),
+        host("empty", Phase::Active, 4, 0),
+    ];
+    // free = 2 + 3 + 4 = 9; buffer 3 → excess 6: "empty" (4) goes first, then
+    // "one-session" (3) would leave too little, "two-sessions" (2) fits.
+    let region = view(settings(3, 0, 10, 4), instances.clone(), 10 * MINUTE);
+    let result = plan(&region, &mut memory, &timings);
+    assert_eq!(result.drain, vec![("empty".into(), DrainReason::Excess), ("two-sessions".into(), DrainReason::Excess)]);
+    // Buffer 5: excess 4, only "empty" goes.
+    let mut memory = ScalerMemory { excess_since: Some(0), last_launch: None };
+    let result = plan(&view(settings(5, 0, 10, 4), instances.clone(), 10 * MINUTE), &mut memory, &timings);
+    assert_eq!(result.drain, vec![("empty".into(), DrainReason::Excess)]);
+    // With min 3 nothing may go.
+    let mut memory = ScalerMemory { excess_since: Some(0), last_launch: None };
+    let result = plan(&view(settings(3, 3, 10, 4), instances, 10 * MINUTE), &mut memory, &timings);
+    assert!(result.drain.is_empty());
+}
+
+#[test]
+fn a_short_dip_below_the_excess_restarts_the_delay() {
+    let timings = timings();
+    let mut memory = ScalerMemory::default();
+    let idle = vec![host("a", Phase::Active, 2, 0), host("b", Phase::Active, 2, 0)];
+    let busy = vec![host("a", Phase::Active, 2, 2), host("b", Phase::Active, 2, 1)];
+    plan(&view(settings(1, 0, 10, 2), idle.clone(), 0), &mut memory, &timings);
+    assert_eq!(memory.excess_since, Some(0));
+    plan(&view(settings(1, 0, 10, 2), busy, MINUTE), &mut memory, &timings);
+    assert_eq!(memory.excess_since, None);
+    let result = plan(&view(settings(1, 0, 10, 2), idle, 2 * MINUTE), &mut memory, &timings);
+    assert!(result.drain.is_empty());
+}
