@@ -28,7 +28,7 @@ const WARM_PER_HOST: usize = 4;
 /// A store with HOSTS active hosts, each with WARM_PER_HOST warm boxes.
 async fn seeded(url: &str) -> DynStore {
     let store = switchboard::store::connect(url).await.unwrap();
-    store.put_region(&Region { name: REGION.into(), enabled: true, image: String::new() }).await.unwrap();
+    store.put_region(&Region { name: REGION.into(), enabled: true, ..Default::default() }).await.unwrap();
     for host in 0..HOSTS {
         let hello = HostHello {
             host_id: format!("bench-{host}"),

@@ -59,7 +59,7 @@ pub(crate) struct ServeArgs {
 /// Child side: runs the control plane until stdin closes.
 pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let store = switchboard::store::connect(&args.db).await.context("opening the store")?;
-    store.put_region(&Region { name: REGION.into(), enabled: true, image: String::new() }).await?;
+    store.put_region(&Region { name: REGION.into(), enabled: true, ..Default::default() }).await?;
     let mut config = Config::default();
     config.hosts.credential_secret = Secret::new(args.secret.clone());
     config.hosts.heartbeat_interval_ms = args.heartbeat_ms;
@@ -74,7 +74,11 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let app = Application::build_with_store(
         config,
-        ApplicationOptions { user_token_keys: Some(issuer.jwks().clone()), listener: Some(listener) },
+        ApplicationOptions {
+            user_token_keys: Some(issuer.jwks().clone()),
+            listener: Some(listener),
+            ..Default::default()
+        },
         store,
     )
     .await?;

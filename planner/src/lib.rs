@@ -301,7 +301,8 @@ pub fn plan(view: &RegionView, memory: &mut ScalerMemory, timings: &Timings) -> 
         return result;
     }
     // Fewest sessions first, then the most free slots: those empty out first.
-    candidates.sort_by(|a, b| a.assigned.cmp(&b.assigned).then(b.free().cmp(&a.free())).then(a.host_id.cmp(&b.host_id)));
+    candidates
+        .sort_by(|a, b| a.assigned.cmp(&b.assigned).then(b.free().cmp(&a.free())).then(a.host_id.cmp(&b.host_id)));
     let mut excess = excess;
     let mut remaining = serving;
     for instance in candidates {

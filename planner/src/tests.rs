@@ -167,7 +167,8 @@ fn excess_is_drained_only_after_it_lasted_and_the_cooldown_passed() {
     let timings = timings();
     let mut memory = ScalerMemory { excess_since: None, last_launch: Some(0) };
     // Buffer 2; three empty hosts of 2 give 6 free: 4 too many = two hosts.
-    let instances = vec![host("a", Phase::Active, 2, 0), host("b", Phase::Active, 2, 0), host("c", Phase::Active, 2, 1)];
+    let instances =
+        vec![host("a", Phase::Active, 2, 0), host("b", Phase::Active, 2, 0), host("c", Phase::Active, 2, 1)];
     let region = view(settings(2, 0, 10, 2), instances, MINUTE);
     let first = plan(&region, &mut memory, &timings);
     assert!(first.drain.is_empty());

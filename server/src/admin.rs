@@ -2,15 +2,17 @@
 
 use std::time::Duration;
 
-use switchboard_proto::v1::{self as pb, DrainHost, command};
+use switchboard_proto::v1::{self as pb};
+use uuid::Uuid;
 
 use crate::{
     allocation::is_valid_name,
     api::convert,
     core::SharedCore,
     error::{ApiError, ApiResult},
-    model::{EndReason, MandelboxState, Region},
+    model::{InstanceType, OperationState, Region, RegionScaling},
     regions::RegionCache,
+    scaling::rollout,
     store::{MandelboxFilter, SessionFilter},
 };
 
@@ -76,23 +78,11 @@ impl Admin {
     /// sessions finish normally.
     pub async fn drain_host(&self, request: pb::DrainHostRequest) -> ApiResult<pb::HostInfo> {
         let host_id = request.host_id;
-        let drained =
-            self.core.store.drain_host(&host_id).await?.ok_or_else(|| ApiError::HostNotFound(host_id.clone()))?;
-        tracing::info!(%host_id, "draining host");
-        let timeout = Duration::from_millis(self.core.config.hosts.command_timeout_ms);
-        let drain = command::Kind::Drain(DrainHost { reason: "operator request".into() });
-        if let Err(error) = self.core.router.send(&host_id, drain, timeout).await {
-            tracing::warn!(%host_id, %error, "host did not confirm drain");
-        }
-        let idle =
-            self.core.store.host_mandelboxes(&host_id, &[MandelboxState::Waiting, MandelboxState::Spawning]).await?;
-        for mandelbox in idle {
-            if let Some((before, _)) =
-                self.core.store.mandelbox_finished(mandelbox.id, MandelboxState::Dead, EndReason::HostDrained).await?
-            {
-                self.core.spawn_teardown(before, "host draining");
-            }
-        }
+        let drained = self
+            .core
+            .drain_host(&host_id, "operator request")
+            .await?
+            .ok_or_else(|| ApiError::HostNotFound(host_id.clone()))?;
         let summary = self
             .core
             .store
@@ -106,20 +96,145 @@ impl Admin {
 
     pub async fn list_regions(&self) -> ApiResult<pb::ListRegionsResponse> {
         let regions = self.core.store.list_regions().await?;
-        Ok(pb::ListRegionsResponse { regions: regions.iter().map(convert::region).collect() })
+        Ok(pb::ListRegionsResponse {
+            regions: regions
+                .iter()
+                .map(|region| convert::region(region, self.core.scaling.status(&region.name).as_ref()))
+                .collect(),
+        })
     }
 
     pub async fn put_region(&self, request: pb::RegionInfo) -> ApiResult<pb::RegionInfo> {
-        if !is_valid_name(&request.name) {
-            return Err(ApiError::InvalidRequest(format!("region name {:?} is not valid", request.name)));
-        }
-        if request.image.len() > 256 {
-            return Err(ApiError::InvalidRequest("image is longer than 256 characters".into()));
-        }
-        let region = Region { name: request.name, enabled: request.enabled, image: request.image };
+        let region = validate_region(request)?;
         let stored = self.core.store.put_region(&region).await?;
         self.regions.invalidate();
-        tracing::info!(region = %stored.name, enabled = stored.enabled, image = %stored.image, "region updated");
-        Ok(convert::region(&stored))
+        self.core.scaling.wake(&stored.name);
+        tracing::info!(
+            region = %stored.name,
+            enabled = stored.enabled,
+            image = %stored.image,
+            buffer = stored.scaling.buffer,
+            min_instances = stored.scaling.min_instances,
+            max_instances = stored.scaling.max_instances,
+            instance_types = stored.scaling.instance_types.len(),
+            "region updated"
+        );
+        Ok(convert::region(&stored, self.core.scaling.status(&stored.name).as_ref()))
     }
+
+    pub async fn list_instances(&self, request: pb::ListInstancesRequest) -> ApiResult<pb::ListInstancesResponse> {
+        let region = Some(request.region.as_str()).filter(|region| !region.is_empty());
+        let instances = self.core.store.list_instances(region, request.include_terminated).await?;
+        Ok(pb::ListInstancesResponse { instances: instances.iter().map(convert::instance).collect() })
+    }
+
+    pub async fn start_rollout(&self, request: pb::StartRolloutRequest) -> ApiResult<pb::Operation> {
+        let timeout = Some(Duration::from_secs(u64::from(request.timeout_secs))).filter(|t| !t.is_zero());
+        let operation = rollout::start_rollout(&self.core, &self.core.scaling, &request.image, timeout).await?;
+        Ok(convert::operation(&operation))
+    }
+
+    pub async fn get_operation(&self, request: pb::GetOperationRequest) -> ApiResult<pb::Operation> {
+        let record = self.operation(&request.id).await?;
+        Ok(convert::operation(&record))
+    }
+
+    async fn operation(&self, id: &str) -> ApiResult<crate::model::OperationRecord> {
+        let id =
+            Uuid::parse_str(id).map_err(|_| ApiError::InvalidRequest(format!("operation id {id:?} is not a UUID")))?;
+        self.core.store.get_operation(id).await?.ok_or(ApiError::OperationNotFound)
+    }
+
+    pub async fn list_operations(&self, request: pb::ListOperationsRequest) -> ApiResult<pb::ListOperationsResponse> {
+        let operations = self.core.store.list_operations(request.running_only, request.limit).await?;
+        Ok(pb::ListOperationsResponse { operations: operations.iter().map(convert::operation).collect() })
+    }
+
+    /// The operation now, then at every change (polled: operations change at
+    /// most a few times a second), until it finishes or the client goes.
+    pub async fn watch_operation(
+        &self,
+        request: pb::GetOperationRequest,
+    ) -> ApiResult<tokio_stream::wrappers::ReceiverStream<Result<pb::Operation, tonic::Status>>> {
+        let first = self.operation(&request.id).await?;
+        let (sender, receiver) = tokio::sync::mpsc::channel(8);
+        let store = self.core.store.clone();
+        tokio::spawn(async move {
+            let mut last = first;
+            if sender.send(Ok(convert::operation(&last))).await.is_err() {
+                return;
+            }
+            while last.state == OperationState::Running {
+                tokio::select! {
+                    _ = sender.closed() => return,
+                    _ = tokio::time::sleep(WATCH_POLL) => {}
+                }
+                let current = match store.get_operation(last.id).await {
+                    Ok(Some(current)) => current,
+                    Ok(None) => return,
+                    Err(error) => {
+                        let _ = sender.send(Err(ApiError::from(error).into())).await;
+                        return;
+                    }
+                };
+                if current != last {
+                    if sender.send(Ok(convert::operation(&current))).await.is_err() {
+                        return;
+                    }
+                    last = current;
+                }
+            }
+        });
+        Ok(tokio_stream::wrappers::ReceiverStream::new(receiver))
+    }
+}
+
+const WATCH_POLL: Duration = Duration::from_millis(250);
+const MAX_INSTANCES: u32 = 10_000;
+
+/// A PutRegion request as a region, or why not.
+fn validate_region(request: pb::RegionInfo) -> ApiResult<Region> {
+    let invalid = |message: String| Err(ApiError::InvalidRequest(message));
+    if !is_valid_name(&request.name) {
+        return invalid(format!("region name {:?} is not valid", request.name));
+    }
+    if request.image.len() > 256 || !request.image.chars().all(|c| c.is_ascii_graphic()) {
+        return invalid("image must be at most 256 printable ASCII characters".into());
+    }
+    if request.max_instances > MAX_INSTANCES {
+        return invalid(format!("max_instances must be at most {MAX_INSTANCES}"));
+    }
+    if request.min_instances > request.max_instances && !request.instance_types.is_empty() {
+        return invalid(format!(
+            "min_instances ({}) is above max_instances ({})",
+            request.min_instances, request.max_instances
+        ));
+    }
+    if request.instance_types.len() > 8 {
+        return invalid("at most 8 instance types".into());
+    }
+    let mut instance_types = Vec::with_capacity(request.instance_types.len());
+    for instance_type in request.instance_types {
+        let name_ok = !instance_type.name.is_empty()
+            && instance_type.name.len() <= 64
+            && instance_type.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !name_ok {
+            return invalid(format!("instance type {:?} is not a valid name", instance_type.name));
+        }
+        if instance_type.capacity == 0 || instance_type.capacity > 1024 {
+            return invalid(format!("instance type {}: capacity must be 1 to 1024", instance_type.name));
+        }
+        instance_types.push(InstanceType { name: instance_type.name, capacity: instance_type.capacity });
+    }
+    Ok(Region {
+        name: request.name,
+        enabled: request.enabled,
+        image: request.image,
+        scaling: RegionScaling {
+            buffer: request.buffer,
+            min_instances: request.min_instances,
+            max_instances: request.max_instances,
+            instance_types,
+        },
+    })
 }

@@ -34,7 +34,7 @@ use crate::{
     fleet::{ConnectionRegistry, LocalRouter, connection::Fleet, registry::StopReason},
     liveness::Sweeper,
     regions::RegionCache,
-    scaling::FixedFleet,
+    scaling::{FleetScaler, ScalerHandle, ScalerOptions, ScalingPlanner},
     sessions::Sessions,
     store::{self, DynStore},
 };
@@ -62,6 +62,8 @@ pub struct ApplicationOptions {
     /// A listener already bound (tests bind port 0 themselves); otherwise
     /// `config.listen` is bound.
     pub listener: Option<TcpListener>,
+    /// Where the scaler launches hosts; otherwise the one `[cloud]` names.
+    pub cloud_provider: Option<Arc<dyn crate::cloud::CloudProvider>>,
 }
 
 pub struct Application {
@@ -75,6 +77,7 @@ pub struct Application {
     allocator: Allocator,
     pending: PendingSessions,
     jwks: Arc<JwkSet>,
+    scaler: Option<FleetScaler>,
 }
 
 impl Application {
@@ -142,6 +145,12 @@ impl Application {
 
         let registry = Arc::new(ConnectionRegistry::default());
         let credentials = HostCredentials::new(config.hosts.credential_secret.clone());
+        let provider = match options.cloud_provider {
+            Some(provider) => provider,
+            None => crate::cloud::provider(&config.cloud, public_endpoint.clone(), credentials.clone())
+                .context("setting up the cloud provider")?,
+        };
+        let scaling = ScalerHandle::default();
         let core: SharedCore = Arc::new(Core {
             router: Arc::new(LocalRouter::new(registry.clone())),
             events: Arc::new(LocalEventBus::new(EVENT_BUFFER)),
@@ -149,11 +158,25 @@ impl Application {
             config: Arc::new(config),
             public_endpoint,
             store: store.clone(),
+            scaling: scaling.clone(),
+            replica_id: uuid::Uuid::new_v4().to_string(),
+        });
+        let scaler = core.config.scaling.enabled.then(|| {
+            let options = ScalerOptions {
+                config: core.config.scaling.clone(),
+                cluster: core.config.cloud.cluster.clone(),
+                holder: core.replica_id.clone(),
+            };
+            FleetScaler::new(core.clone(), provider, options, scaling.clone())
         });
         let regions = RegionCache::new(store.clone(), REGION_CACHE_TTL);
         let pending = PendingSessions::default();
-        let allocator =
-            Allocator::new(core.clone(), regions.clone(), pending.clone(), Arc::new(FixedFleet::new(store)))?;
+        let allocator = Allocator::new(
+            core.clone(),
+            regions.clone(),
+            pending.clone(),
+            Arc::new(ScalingPlanner::new(store, scaling.clone())),
+        )?;
         let sessions = Sessions::new(core.clone(), pending.clone());
         let fleet = Fleet::new(core.clone(), credentials, regions.clone(), CancellationToken::new());
 
@@ -198,6 +221,7 @@ impl Application {
             allocator,
             pending,
             jwks: Arc::new(jwks),
+            scaler,
         })
     }
 
@@ -218,13 +242,25 @@ impl Application {
     /// hosts to reconnect elsewhere, and gives in-flight calls
     /// `shutdown_grace_ms` to finish.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let Application { listener, local_addr, core, routes, verifier, access, webhook, allocator, pending, jwks } =
-            self;
+        let Application {
+            listener,
+            local_addr,
+            core,
+            routes,
+            verifier,
+            access,
+            webhook,
+            allocator,
+            pending,
+            jwks,
+            scaler,
+        } = self;
         let background = CancellationToken::new();
         let interval = Duration::from_millis(core.config.hosts.maintenance_interval_ms);
         tokio::spawn(Dispatcher::new(allocator, core.events.clone(), interval).run(background.clone()));
         tokio::spawn(Sweeper::new(core.clone(), pending).run(background.clone()));
         tokio::spawn(verifier.run_refresher(background.clone()));
+        let scaler_task = scaler.map(|scaler| tokio::spawn(scaler.run(background.clone())));
 
         // gRPC-web translation for the gRPC routes only: tonic-web refuses any
         // other HTTP/1.1 request, and browsers reach the plain pages over HTTP/1.1.
@@ -296,6 +332,10 @@ impl Application {
             }
         };
         background.cancel();
+        if let Some(task) = scaler_task {
+            // Leases are given up so that another replica scales at once.
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
         result
     }
 }

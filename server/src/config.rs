@@ -58,6 +58,8 @@ pub struct Config {
     pub redis: RedisConfig,
     /// Where hosts come from (EC2, or local hostagents); see `cloud/`.
     pub cloud: crate::cloud::CloudConfig,
+    /// The scaler's timings; per-region settings live in the database.
+    pub scaling: crate::scaling::ScalingConfig,
     /// Time allowed for in-flight work after SIGTERM.
     pub shutdown_grace_ms: u64,
 }
@@ -203,6 +205,7 @@ impl Default for Config {
             billing: BillingConfig::default(),
             redis: RedisConfig::default(),
             cloud: crate::cloud::CloudConfig::default(),
+            scaling: crate::scaling::ScalingConfig::default(),
             shutdown_grace_ms: 10_000,
         }
     }

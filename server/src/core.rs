@@ -7,6 +7,7 @@ use crate::{
     config::Config,
     events::DynEventBus,
     fleet::{ConnectionRegistry, DynRouter},
+    scaling::ScalerHandle,
     store::DynStore,
 };
 
@@ -18,6 +19,10 @@ pub struct Core {
     pub config: Arc<Config>,
     /// URL mandelboxes call ReportDisconnect on.
     pub public_endpoint: String,
+    /// Wakes region scalers when allocations and teardowns change a region.
+    pub scaling: ScalerHandle,
+    /// This process's identity as a lease holder (unique per start).
+    pub replica_id: String,
 }
 
 pub type SharedCore = Arc<Core>;

@@ -5,7 +5,6 @@
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use hostagent_client::{AgentHandle, AgentOptions, HostAgent, runtime::local::LocalRuntime};
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -13,8 +12,9 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     Application, ApplicationOptions,
     auth::{dev_issuer::DevIssuer, host_credential::HostCredentials, mandelbox_token},
+    cloud::local::LocalProvider,
     config::{Config, Secret},
-    model::Region,
+    model::{InstanceType, Region, RegionScaling},
     store::{self, DynStore},
 };
 
@@ -22,8 +22,13 @@ use crate::{
 pub struct DevOptions {
     pub listen: SocketAddr,
     pub credentials_file: Option<PathBuf>,
+    /// The scaler keeps at least this many hosts per region.
     pub hosts_per_region: u32,
     pub capacity: u32,
+    /// Idle mandelboxes the scaler keeps ready per region.
+    pub buffer: u32,
+    /// The scaler never runs more hosts than this per region.
+    pub max_hosts_per_region: u32,
     pub regions: Vec<String>,
     /// Defaults to a fresh SQLite file in a temporary directory.
     pub database_url: Option<String>,
@@ -61,15 +66,32 @@ pub async fn run(mut config: Config, options: DevOptions, shutdown: Cancellation
     }
     let issuer = DevIssuer::generate(&config.auth.issuer, &config.auth.audience)?;
     let store: DynStore = store::connect_with(config.database.url.expose(), config.database.max_connections).await?;
+    // Hosts come and go with demand: the scaler launches local hosts (the same
+    // code that launches EC2 instances in production) to keep the buffer warm.
+    let scaling = RegionScaling {
+        buffer: options.buffer,
+        min_instances: options.hosts_per_region,
+        max_instances: options.max_hosts_per_region.max(options.hosts_per_region),
+        instance_types: vec![InstanceType { name: "local".into(), capacity: options.capacity }],
+    };
     for name in &options.regions {
-        store.put_region(&Region { name: name.clone(), enabled: true, image: DEV_IMAGE.into() }).await?;
+        let region = Region { name: name.clone(), enabled: true, image: DEV_IMAGE.into(), scaling: scaling.clone() };
+        store.put_region(&region).await?;
     }
+    dev_scaling_timings(&mut config);
     let listener = TcpListener::bind(options.listen).await.with_context(|| format!("binding {}", options.listen))?;
+    let address = listener.local_addr()?;
+    let host = if address.ip().is_unspecified() { "127.0.0.1".to_owned() } else { address.ip().to_string() };
     let credentials = HostCredentials::new(config.hosts.credential_secret.clone());
+    let provider = Arc::new(LocalProvider::new(format!("http://{host}:{}", address.port()), credentials));
     let warm_pool = config.allocation.warm_pool;
     let app = Application::build_with_store(
         config,
-        ApplicationOptions { user_token_keys: Some(issuer.jwks().clone()), listener: Some(listener) },
+        ApplicationOptions {
+            user_token_keys: Some(issuer.jwks().clone()),
+            listener: Some(listener),
+            cloud_provider: Some(provider.clone()),
+        },
         store.clone(),
     )
     .await?;
@@ -78,25 +100,10 @@ pub async fn run(mut config: Config, options: DevOptions, shutdown: Cancellation
     let server_stop = CancellationToken::new();
     let server = tokio::spawn(app.run_until_stopped(server_stop.clone()));
 
-    let mut agents: Vec<AgentHandle> = Vec::new();
-    for region in &options.regions {
-        for index in 1..=options.hosts_per_region {
-            let host_id = format!("dev-{region}-{index}");
-            let mut agent =
-                AgentOptions::new(endpoint.clone(), host_id.clone(), region.clone(), credentials.issue(&host_id));
-            agent.capacity = options.capacity;
-            agent.image = DEV_IMAGE.into();
-            agents.push(HostAgent::new(agent, Arc::new(LocalRuntime::new())).spawn());
-        }
-    }
-    for agent in &agents {
-        agent.wait_connected(1, Duration::from_secs(10)).await?;
-    }
-    // "Ready" means an Allocate right now gets a warm box.
-    if warm_pool {
-        let slots = agents.len() * options.capacity as usize;
-        wait_until_warm(&store, slots, Duration::from_secs(30)).await?;
-    }
+    // "Ready" means the minimum hosts are up and an Allocate right now gets a warm box.
+    let hosts = options.regions.len() * options.hosts_per_region as usize;
+    let slots = if warm_pool { hosts * options.capacity as usize } else { 0 };
+    wait_until_ready(&store, hosts, slots, Duration::from_secs(30)).await?;
 
     let dev_credentials = DevCredentials {
         endpoint: endpoint.clone(),
@@ -109,26 +116,46 @@ pub async fn run(mut config: Config, options: DevOptions, shutdown: Cancellation
     print_banner(&dev_credentials, &credentials_file, &options);
 
     shutdown.cancelled().await;
-    for agent in &agents {
-        agent.shutdown().await;
-    }
+    provider.shutdown_all().await;
     server_stop.cancel();
     let result = server.await;
     drop(temp_dir);
     result.context("server task")?
 }
 
-async fn wait_until_warm(store: &DynStore, slots: usize, timeout: Duration) -> anyhow::Result<()> {
+/// Timings that make scaling visible within a minute on a laptop: hosts
+/// appear within a second of the buffer running low and go 20 s after demand drops.
+fn dev_scaling_timings(config: &mut Config) {
+    let scaling = &mut config.scaling;
+    scaling.interval_ms = 1_000;
+    scaling.reconcile_interval_ms = 10_000;
+    scaling.leak_grace_ms = 10_000;
+    scaling.launch_timeout_ms = 30_000;
+    scaling.scale_down_delay_ms = 20_000;
+    scaling.scale_down_cooldown_ms = 20_000;
+    scaling.launch_backoff_ms = 1_000;
+    scaling.host_name_prefix = "dev".into();
+}
+
+async fn wait_until_ready(store: &DynStore, hosts: usize, slots: usize, timeout: Duration) -> anyhow::Result<()> {
     let filter =
         crate::store::MandelboxFilter { state: Some(crate::model::MandelboxState::Waiting), ..Default::default() };
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
+        let connected = store
+            .list_hosts(None)
+            .await?
+            .iter()
+            .filter(|summary| summary.host.state == crate::model::HostState::Active)
+            .count();
         let warm = store.list_mandelboxes(&filter).await?.len();
-        if warm >= slots {
+        if connected >= hosts && warm >= slots {
             return Ok(());
         }
         if tokio::time::Instant::now() >= deadline {
-            anyhow::bail!("only {warm} of {slots} mandelboxes warmed up within {timeout:?}");
+            anyhow::bail!(
+                "only {connected} of {hosts} hosts and {warm} of {slots} mandelboxes were ready within {timeout:?}"
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -166,7 +193,7 @@ fn print_banner(credentials: &DevCredentials, file: &std::path::Path, options: &
     println!(
         "\nswitchboard dev is ready\n\
          \n  endpoint     {endpoint}\
-         \n  hosts        {hosts} per region × capacity {capacity} in {regions}\
+         \n  hosts        scaled per region: at least {hosts}, at most {max}, capacity {capacity} each, {buffer} kept warm; in {regions}\
          \n  billing      dev (no Stripe: every dev user counts as a subscriber)\
          \n  credentials  {file}  (keys: endpoint, user_token, admin_token)\
          \n\n  user token   {user}\
@@ -182,6 +209,8 @@ fn print_banner(credentials: &DevCredentials, file: &std::path::Path, options: &
          \n    {address} switchboard.v1.AdminService/ListHosts\n",
         endpoint = credentials.endpoint,
         hosts = options.hosts_per_region,
+        max = options.max_hosts_per_region.max(options.hosts_per_region),
+        buffer = options.buffer,
         capacity = options.capacity,
         regions = options.regions.join(", "),
         file = file.display(),

@@ -59,6 +59,14 @@ pub enum ApiError {
     HeartbeatTimeout,
     #[error("the control plane is shutting down")]
     ShuttingDown,
+    #[error("an image rollout is already running")]
+    RolloutInProgress,
+    #[error("no enabled region has instance types to roll out to")]
+    NoScaledRegions,
+    #[error("operation not found")]
+    OperationNotFound,
+    #[error("this host's instance was terminated")]
+    HostTerminated,
     #[error("database unavailable")]
     StorageUnavailable,
     #[error("internal error")]
@@ -92,6 +100,10 @@ impl ApiError {
             ApiError::Superseded => "SUPERSEDED",
             ApiError::HeartbeatTimeout => "HEARTBEAT_TIMEOUT",
             ApiError::ShuttingDown => "SHUTTING_DOWN",
+            ApiError::RolloutInProgress => "ROLLOUT_IN_PROGRESS",
+            ApiError::NoScaledRegions => "NO_SCALED_REGIONS",
+            ApiError::OperationNotFound => "OPERATION_NOT_FOUND",
+            ApiError::HostTerminated => "HOST_TERMINATED",
             ApiError::StorageUnavailable => "STORAGE_UNAVAILABLE",
             ApiError::Internal(_) => "INTERNAL",
         }
@@ -105,11 +117,14 @@ impl ApiError {
             }
             ApiError::UserSessionLimit { .. } | ApiError::NoCapacity(_) => Code::ResourceExhausted,
             ApiError::AllocationTimeout | ApiError::HelloTimeout(_) => Code::DeadlineExceeded,
-            ApiError::SessionNotFound | ApiError::HostNotFound(_) => Code::NotFound,
+            ApiError::SessionNotFound | ApiError::HostNotFound(_) | ApiError::OperationNotFound => Code::NotFound,
             ApiError::BadMandelboxToken | ApiError::Forbidden(_) | ApiError::SubscriptionRequired(_) => {
                 Code::PermissionDenied
             }
-            ApiError::BillingNotConfigured(_) => Code::FailedPrecondition,
+            ApiError::BillingNotConfigured(_)
+            | ApiError::RolloutInProgress
+            | ApiError::NoScaledRegions
+            | ApiError::HostTerminated => Code::FailedPrecondition,
             ApiError::BillingUnavailable(_) => Code::Unavailable,
             ApiError::Unauthenticated(_) | ApiError::BadHostCredential(_) => Code::Unauthenticated,
             ApiError::Superseded | ApiError::SessionEnded => Code::Aborted,

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use switchboard_proto::v1::{TeardownMandelbox, command};
+use switchboard_proto::v1::{DrainHost, TeardownMandelbox, command};
 use uuid::Uuid;
 
 use crate::{
@@ -12,11 +12,34 @@ use crate::{
     error::ApiResult,
     events::{Event, SessionChange},
     fleet::RouteError,
-    model::{EndReason, MandelboxRecord, MandelboxState, SessionRecord},
+    model::{EndReason, HostRecord, MandelboxRecord, MandelboxState, SessionRecord},
     store::EndedSession,
 };
 
 impl Core {
+    /// Stops new sessions on a host: DRAINING, told so, its idle boxes torn
+    /// down; running sessions finish normally. None if the host is unknown.
+    pub async fn drain_host(&self, host_id: &str, reason: &str) -> ApiResult<Option<HostRecord>> {
+        let Some(drained) = self.store.drain_host(host_id).await? else {
+            return Ok(None);
+        };
+        tracing::info!(%host_id, reason, "draining host");
+        let timeout = Duration::from_millis(self.config.hosts.command_timeout_ms);
+        let drain = command::Kind::Drain(DrainHost { reason: reason.to_owned() });
+        if let Err(error) = self.router.send(host_id, drain, timeout).await {
+            tracing::warn!(%host_id, %error, "host did not confirm drain");
+        }
+        let idle = self.store.host_mandelboxes(host_id, &[MandelboxState::Waiting, MandelboxState::Spawning]).await?;
+        for mandelbox in idle {
+            if let Some((before, _)) =
+                self.store.mandelbox_finished(mandelbox.id, MandelboxState::Dead, EndReason::HostDrained).await?
+            {
+                self.spawn_teardown(before, "host draining");
+            }
+        }
+        Ok(Some(drained))
+    }
+
     /// Ends a live session; its box is torn down in the background and a
     /// replacement warmed once the host confirms.
     pub async fn end_session(&self, session_id: Uuid, reason: EndReason) -> ApiResult<Option<EndedSession>> {
@@ -26,6 +49,9 @@ impl Core {
         if ended.changed {
             tracing::info!(session_id = %session_id, reason = %reason, "session ended");
             self.publish_session(&ended.session).await;
+            if let Some(region) = &ended.session.region {
+                self.scaling.wake(region);
+            }
         }
         if let Some(mandelbox) = &ended.teardown {
             self.spawn_teardown(mandelbox.clone(), reason.as_str());

@@ -107,12 +107,116 @@ pub struct PortSpec {
 }
 
 /// A region and its settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Region {
     pub name: String,
     pub enabled: bool,
-    /// Image a host must run to receive sessions here; empty means any.
+    /// The current image: a host must run it to receive sessions here; empty
+    /// means any. Image rollouts switch it.
     pub image: String,
+    pub scaling: RegionScaling,
+}
+
+/// How the scaler sizes a region. No instance types: a fixed fleet, never
+/// scaled (hosts that connect on their own still serve).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionScaling {
+    /// Desired idle (warm) mandelboxes.
+    pub buffer: u32,
+    pub min_instances: u32,
+    pub max_instances: u32,
+    /// In preference order: the next one is tried when the cloud refuses one.
+    pub instance_types: Vec<InstanceType>,
+}
+
+/// An instance type and how many mandelboxes one instance of it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceType {
+    pub name: String,
+    pub capacity: u32,
+}
+
+string_enum! {
+    /// Life of a cloud instance the scaler launched.
+    InstanceState {
+        Launching => "LAUNCHING",
+        Running => "RUNNING",
+        Draining => "DRAINING",
+        Terminating => "TERMINATING",
+        Terminated => "TERMINATED",
+    }
+}
+
+/// A cloud instance the scaler launched, keyed by the host id it connects as.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceRecord {
+    pub host_id: String,
+    pub region: String,
+    /// The provider's id; None while the launch call is in flight.
+    pub instance_id: Option<String>,
+    pub instance_type: String,
+    pub capacity: u32,
+    pub image: String,
+    pub state: InstanceState,
+    /// Idempotency token of the launch.
+    pub launch_token: String,
+    /// The rollout that launched it, while that rollout runs.
+    pub rollout_id: Option<Uuid>,
+    /// Why it was drained or terminated.
+    pub reason: Option<String>,
+    pub launched_at: DateTime<Utc>,
+    pub connected_at: Option<DateTime<Utc>>,
+    pub terminated_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// An instance to record before it is launched.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewInstance {
+    pub host_id: String,
+    pub region: String,
+    pub instance_type: String,
+    pub capacity: u32,
+    pub image: String,
+    pub launch_token: String,
+    pub rollout_id: Option<Uuid>,
+}
+
+/// A lease held on a singleton job. Writes made under it are refused once
+/// another holder has taken it (its epoch moved on).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub name: String,
+    pub holder: String,
+    pub epoch: u64,
+    pub expires_at: DateTime<Utc>,
+}
+
+string_enum! {
+    /// Life of a long-running admin operation.
+    OperationState {
+        Running => "RUNNING",
+        Succeeded => "SUCCEEDED",
+        Failed => "FAILED",
+        RolledBack => "ROLLED_BACK",
+    }
+}
+
+/// A long-running admin operation (an image rollout), durable and pollable.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OperationRecord {
+    pub id: Uuid,
+    pub kind: String,
+    pub state: OperationState,
+    /// What was asked, a JSON object.
+    pub request: serde_json::Value,
+    /// How far it got, a JSON object.
+    pub progress: serde_json::Value,
+    pub error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
 }
 
 /// A registered user.
@@ -149,6 +253,8 @@ pub struct HostRecord {
     pub generation: u64,
     pub last_heartbeat_at: Option<DateTime<Utc>>,
     pub disconnected_at: Option<DateTime<Utc>>,
+    /// Set once its instance was terminated: the host is gone for good.
+    pub terminated_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }

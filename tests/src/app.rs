@@ -8,6 +8,7 @@ use hostagent_client::{AgentHandle, AgentOptions, HostAgent};
 use switchboard::{
     Application, ApplicationOptions,
     auth::{dev_issuer::DevIssuer, host_credential::HostCredentials},
+    cloud::{CloudConfig, CloudProvider, ec2::Ec2Provider, local::LocalProvider},
     config::{Config, Secret},
     model::{HostState, MandelboxState, Region, SessionRecord, SessionState},
     store::{DynStore, MandelboxFilter},
@@ -49,6 +50,18 @@ pub struct TestOptions {
     pub hosts: Vec<HostSpec>,
     /// Wait until every host has filled its warm pool.
     pub wait_warm: bool,
+    /// Where the scaler launches hosts.
+    pub cloud: TestCloud,
+}
+
+/// The scaler's cloud provider in a test.
+#[derive(Default)]
+pub enum TestCloud {
+    /// Hostagents in this process (`LocalProvider`, fast reconnects), kept in `TestApp::local`.
+    #[default]
+    Local,
+    /// The EC2 provider with this `[cloud]` section (an emulator's endpoint).
+    Ec2(CloudConfig),
 }
 
 impl Default for TestOptions {
@@ -57,6 +70,7 @@ impl Default for TestOptions {
             regions: vec![("us-east-1".into(), true)],
             hosts: vec![HostSpec::new("host-1", "us-east-1", 2)],
             wait_warm: true,
+            cloud: TestCloud::default(),
         }
     }
 }
@@ -90,6 +104,10 @@ pub struct TestApp {
     pub channel: Channel,
     pub shutdown: CancellationToken,
     pub hosts: Vec<(HostSpec, AgentHandle, ObservedRuntime)>,
+    /// The local provider the scaler launches through (with `TestCloud::Local`).
+    pub local: Option<Arc<LocalProvider>>,
+    /// The server task; finishes once the server has stopped.
+    pub server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
 #[derive(Clone)]
@@ -127,26 +145,52 @@ impl TestApp {
         let db = db::fresh(backend).await?;
         let store = db::open_store(&db).await?;
         for (name, enabled) in &options.regions {
-            store.put_region(&Region { name: name.clone(), enabled: *enabled, image: String::new() }).await?;
+            store.put_region(&Region { name: name.clone(), enabled: *enabled, ..Default::default() }).await?;
         }
         let mut config = test_config();
         configure(&mut config);
         let issuer = Arc::new(DevIssuer::generate(&config.auth.issuer, &config.auth.audience)?);
         let credentials = HostCredentials::new(config.hosts.credential_secret.clone());
         let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let bound = format!("http://{}", listener.local_addr()?);
+        let (provider, local): (Arc<dyn CloudProvider>, _) = match options.cloud {
+            TestCloud::Local => {
+                let local = Arc::new(
+                    LocalProvider::new(bound, credentials.clone())
+                        .with_backoff(Duration::from_millis(20), Duration::from_millis(200)),
+                );
+                (local.clone(), Some(local))
+            }
+            TestCloud::Ec2(cloud) => (Arc::new(Ec2Provider::new(&cloud, bound, credentials.clone())?), None),
+        };
         let app = Application::build_with_store(
             config,
-            ApplicationOptions { user_token_keys: Some(issuer.jwks().clone()), listener: Some(listener) },
+            ApplicationOptions {
+                user_token_keys: Some(issuer.jwks().clone()),
+                listener: Some(listener),
+                cloud_provider: Some(provider),
+            },
             store.clone(),
         )
         .await?;
         let addr = app.local_addr();
         let endpoint = app.endpoint();
         let shutdown = CancellationToken::new();
-        tokio::spawn(app.run_until_stopped(shutdown.clone()));
+        let server = tokio::spawn(app.run_until_stopped(shutdown.clone()));
         let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())?.connect().await?;
-        let mut test_app =
-            TestApp { db, store, addr, endpoint, issuer, credentials, channel, shutdown, hosts: Vec::new() };
+        let mut test_app = TestApp {
+            db,
+            store,
+            addr,
+            endpoint,
+            issuer,
+            credentials,
+            channel,
+            shutdown,
+            hosts: Vec::new(),
+            local,
+            server: Some(server),
+        };
         let mut expected_warm = 0;
         for spec in options.hosts {
             expected_warm += spec.capacity as usize;
@@ -253,6 +297,9 @@ impl Drop for TestApp {
     fn drop(&mut self) {
         for (_, handle, _) in &self.hosts {
             handle.kill();
+        }
+        if let Some(local) = &self.local {
+            local.kill_all();
         }
         self.shutdown.cancel();
     }

@@ -176,6 +176,7 @@ async fn first_region_with_a_warm_box_wins(backend: Backend) {
         regions: vec![("us-east-1".into(), true), ("eu-west-1".into(), true), ("ap-south-1".into(), false)],
         hosts: vec![HostSpec::new("east", "us-east-1", 1), HostSpec::new("west", "eu-west-1", 1)],
         wait_warm: true,
+        ..Default::default()
     };
     let app = TestApp::spawn(backend, options).await.unwrap();
     let first = app.user_client("u1").allocate(request(&["ap-south-1", "eu-west-1", "us-east-1"])).await.unwrap();

@@ -40,7 +40,10 @@ async fn host(store: &DynStore, host_id: &str, region: &str, image: &str, capaci
 }
 
 async fn region(store: &DynStore, name: &str, image: &str) {
-    store.put_region(&Region { name: name.to_owned(), enabled: true, image: image.to_owned() }).await.unwrap();
+    store
+        .put_region(&Region { name: name.to_owned(), enabled: true, image: image.to_owned(), ..Default::default() })
+        .await
+        .unwrap();
 }
 
 fn ports() -> Vec<PortSpec> {
@@ -142,8 +145,9 @@ mod contract {
 
     pub(crate) async fn regions_are_upserted_and_listed_by_name(_db: &TestDatabase, store: DynStore) {
         assert!(store.list_regions().await.unwrap().is_empty());
-        let west = Region { name: "us-west-1".to_owned(), enabled: true, image: "img-1".to_owned() };
-        let east = Region { name: "us-east-1".to_owned(), enabled: false, image: String::new() };
+        let west =
+            Region { name: "us-west-1".to_owned(), enabled: true, image: "img-1".to_owned(), ..Default::default() };
+        let east = Region { name: "us-east-1".to_owned(), enabled: false, ..Default::default() };
         assert_eq!(store.put_region(&west).await.unwrap(), west);
         assert_eq!(store.put_region(&east).await.unwrap(), east);
         assert_eq!(store.list_regions().await.unwrap(), vec![east.clone(), west.clone()]);
@@ -1359,7 +1363,7 @@ mod sqlite {
     #[tokio::test]
     async fn in_memory_database_reads_its_writes() {
         let store = switchboard::store::connect("sqlite::memory:").await.unwrap();
-        let region = switchboard::model::Region { name: "r1".to_owned(), enabled: true, image: String::new() };
+        let region = switchboard::model::Region { name: "r1".to_owned(), enabled: true, ..Default::default() };
         store.put_region(&region).await.unwrap();
         assert_eq!(store.list_regions().await.unwrap(), vec![region]);
     }

@@ -1,6 +1,7 @@
 //! `switchboard.v1.AdminService`; needs scope `admin` (checked by the policy layer).
 
 use switchboard_proto::v1::{self as pb, admin_service_server::AdminService};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::admin::Admin;
@@ -45,5 +46,42 @@ impl AdminService for AdminApi {
 
     async fn put_region(&self, request: Request<pb::RegionInfo>) -> Result<Response<pb::RegionInfo>, Status> {
         Ok(Response::new(self.admin.put_region(request.into_inner()).await?))
+    }
+
+    async fn list_instances(
+        &self,
+        request: Request<pb::ListInstancesRequest>,
+    ) -> Result<Response<pb::ListInstancesResponse>, Status> {
+        Ok(Response::new(self.admin.list_instances(request.into_inner()).await?))
+    }
+
+    async fn start_rollout(
+        &self,
+        request: Request<pb::StartRolloutRequest>,
+    ) -> Result<Response<pb::Operation>, Status> {
+        Ok(Response::new(self.admin.start_rollout(request.into_inner()).await?))
+    }
+
+    async fn get_operation(
+        &self,
+        request: Request<pb::GetOperationRequest>,
+    ) -> Result<Response<pb::Operation>, Status> {
+        Ok(Response::new(self.admin.get_operation(request.into_inner()).await?))
+    }
+
+    async fn list_operations(
+        &self,
+        request: Request<pb::ListOperationsRequest>,
+    ) -> Result<Response<pb::ListOperationsResponse>, Status> {
+        Ok(Response::new(self.admin.list_operations(request.into_inner()).await?))
+    }
+
+    type WatchOperationStream = ReceiverStream<Result<pb::Operation, Status>>;
+
+    async fn watch_operation(
+        &self,
+        request: Request<pb::GetOperationRequest>,
+    ) -> Result<Response<Self::WatchOperationStream>, Status> {
+        Ok(Response::new(self.admin.watch_operation(request.into_inner()).await?))
     }
 }

@@ -5,7 +5,11 @@ use switchboard_proto::v1 as pb;
 
 use crate::{
     events::SessionChange,
-    model::{EndReason, HostState, HostSummary, MandelboxRecord, MandelboxState, PortSpec, Region, SessionState},
+    model::{
+        EndReason, HostState, HostSummary, InstanceRecord, InstanceState, MandelboxRecord, MandelboxState,
+        OperationRecord, OperationState, PortSpec, Region, SessionState,
+    },
+    scaling::{RegionStatus, rollout::RolloutProgress},
 };
 
 pub fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
@@ -126,6 +130,95 @@ pub fn mandelbox(record: &MandelboxRecord) -> pb::MandelboxInfo {
     }
 }
 
-pub fn region(region: &Region) -> pb::RegionInfo {
-    pb::RegionInfo { name: region.name.clone(), enabled: region.enabled, image: region.image.clone() }
+pub fn region(region: &Region, status: Option<&RegionStatus>) -> pb::RegionInfo {
+    let scaling = &region.scaling;
+    pb::RegionInfo {
+        name: region.name.clone(),
+        enabled: region.enabled,
+        image: region.image.clone(),
+        buffer: scaling.buffer,
+        min_instances: scaling.min_instances,
+        max_instances: scaling.max_instances,
+        instance_types: scaling
+            .instance_types
+            .iter()
+            .map(|t| pb::InstanceType { name: t.name.clone(), capacity: t.capacity })
+            .collect(),
+        status: status.map(|status| pb::RegionScalingStatus {
+            available_mandelboxes: status.available,
+            launching_mandelboxes: status.launching,
+            live_instances: status.live_instances,
+            last_error: status.last_error.clone().unwrap_or_default(),
+            last_error_at: status.last_error_at.map(timestamp),
+            updated_at: status.updated_at.map(timestamp),
+        }),
+    }
+}
+
+pub fn instance_state(state: InstanceState) -> pb::InstanceState {
+    match state {
+        InstanceState::Launching => pb::InstanceState::Launching,
+        InstanceState::Running => pb::InstanceState::Running,
+        InstanceState::Draining => pb::InstanceState::Draining,
+        InstanceState::Terminating => pb::InstanceState::Terminating,
+        InstanceState::Terminated => pb::InstanceState::Terminated,
+    }
+}
+
+pub fn instance(record: &InstanceRecord) -> pb::InstanceInfo {
+    pb::InstanceInfo {
+        host_id: record.host_id.clone(),
+        region: record.region.clone(),
+        instance_id: record.instance_id.clone().unwrap_or_default(),
+        instance_type: record.instance_type.clone(),
+        capacity: record.capacity,
+        image: record.image.clone(),
+        state: instance_state(record.state).into(),
+        reason: record.reason.clone().unwrap_or_default(),
+        rollout_id: record.rollout_id.map(|id| id.to_string()).unwrap_or_default(),
+        launched_at: Some(timestamp(record.launched_at)),
+        connected_at: record.connected_at.map(timestamp),
+        terminated_at: record.terminated_at.map(timestamp),
+    }
+}
+
+pub fn operation_state(state: OperationState) -> pb::OperationState {
+    match state {
+        OperationState::Running => pb::OperationState::Running,
+        OperationState::Succeeded => pb::OperationState::Succeeded,
+        OperationState::Failed => pb::OperationState::Failed,
+        OperationState::RolledBack => pb::OperationState::RolledBack,
+    }
+}
+
+pub fn operation(record: &OperationRecord) -> pb::Operation {
+    let rollout = RolloutProgress::parse(record).ok().map(|progress| pb::RolloutProgress {
+        image: progress.image,
+        phase: progress.phase.as_str().into(),
+        deadline: Some(timestamp(progress.deadline)),
+        regions: progress
+            .regions
+            .into_iter()
+            .map(|r| pb::RegionRolloutProgress {
+                region: r.region,
+                previous_image: r.previous_image,
+                wanted_mandelboxes: r.wanted_mandelboxes,
+                launched_instances: r.launched_instances,
+                connected_instances: r.connected_instances,
+                warm_mandelboxes: r.warm_mandelboxes,
+                ready: r.ready,
+                error: r.error.unwrap_or_default(),
+            })
+            .collect(),
+    });
+    pb::Operation {
+        id: record.id.to_string(),
+        kind: record.kind.clone(),
+        state: operation_state(record.state).into(),
+        error: record.error.clone().unwrap_or_default(),
+        created_at: Some(timestamp(record.created_at)),
+        updated_at: Some(timestamp(record.updated_at)),
+        finished_at: record.finished_at.map(timestamp),
+        rollout,
+    }
 }

@@ -35,12 +35,18 @@ enum Command {
         /// Where to write {endpoint, user_token, admin_token} as JSON.
         #[arg(long)]
         credentials_file: Option<PathBuf>,
-        /// Local hosts per region.
+        /// Local hosts per region the scaler keeps at least.
         #[arg(long, default_value_t = 2)]
         hosts: u32,
+        /// Local hosts per region the scaler runs at most.
+        #[arg(long, default_value_t = 6)]
+        max_hosts: u32,
         /// Mandelboxes per host.
         #[arg(long, default_value_t = 4)]
         capacity: u32,
+        /// Idle mandelboxes the scaler keeps ready per region.
+        #[arg(long, default_value_t = 4)]
+        buffer: u32,
         /// Comma-separated regions.
         #[arg(long, value_delimiter = ',', default_value = "us-east-1,eu-west-1")]
         regions: Vec<String>,
@@ -77,7 +83,7 @@ async fn main() -> anyhow::Result<()> {
             let app = Application::build_with_store(config, ApplicationOptions::default(), store).await?;
             app.run_until_stopped(shutdown).await
         }
-        Command::Dev { listen, credentials_file, hosts, capacity, regions, database } => {
+        Command::Dev { listen, credentials_file, hosts, max_hosts, capacity, buffer, regions, database } => {
             if cli.dump_config {
                 print!("{}", config.dump());
                 return Ok(());
@@ -86,7 +92,9 @@ async fn main() -> anyhow::Result<()> {
                 listen,
                 credentials_file,
                 hosts_per_region: hosts,
+                max_hosts_per_region: max_hosts,
                 capacity,
+                buffer,
                 regions,
                 database_url: database,
             };

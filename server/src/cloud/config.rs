@@ -74,12 +74,7 @@ pub struct RegionCloudConfig {
 }
 
 /// An instance type and how many mandelboxes one instance of it runs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InstanceTypeConfig {
-    pub name: String,
-    pub capacity: u32,
-}
+pub use crate::model::InstanceType as InstanceTypeConfig;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

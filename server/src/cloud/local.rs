@@ -92,7 +92,23 @@ impl LocalProvider {
         self.lock().iter().find(|i| i.instance.instance_id == instance_id).and_then(|i| i.handle.clone())
     }
 
-    /// Kills every host (no goodbye), e.g. when `switchboard dev` stops.
+    /// Stops every host with a goodbye (a clean shutdown, e.g. when
+    /// `switchboard dev` stops): the control plane sees them leave, not fail.
+    pub async fn shutdown_all(&self) {
+        let handles: Vec<AgentHandle> = self
+            .lock()
+            .iter_mut()
+            .filter_map(|local| {
+                local.instance.state = InstanceState::Terminated;
+                local.handle.take()
+            })
+            .collect();
+        for handle in handles {
+            handle.shutdown().await;
+        }
+    }
+
+    /// Kills every host (no goodbye).
     pub fn kill_all(&self) {
         for local in self.lock().iter_mut() {
             if let Some(handle) = local.handle.take() {

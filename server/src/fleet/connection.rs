@@ -77,6 +77,11 @@ impl Fleet {
         if !self.regions.exists(&host.region).await? {
             return Err(ApiError::UnknownRegion(host.region));
         }
+        // A terminated host is gone for good; one that still calls is a zombie
+        // (reconciliation terminates its instance) and must not take sessions.
+        if self.core.store.get_host(&host.host_id).await?.is_some_and(|h| h.terminated_at.is_some()) {
+            return Err(ApiError::HostTerminated);
+        }
         let record = self.core.store.host_connected(&host).await?;
         let generation = record.generation;
         tracing::info!(host_id = %host.host_id, generation, region = %host.region, capacity = host.capacity, "host connected");

@@ -8,10 +8,13 @@
 //! its single writer connection.
 
 mod postgres;
+mod postgres_fleet;
 mod rows;
 mod sqlite;
+mod sqlite_fleet;
 
 pub use postgres::{CLAIM_WAITING_SQL as POSTGRES_CLAIM_SQL, PgStore};
+pub(crate) use rows::now;
 pub use sqlite::{CLAIM_WAITING_SQL as SQLITE_CLAIM_SQL, SqliteStore};
 
 use std::sync::Arc;
@@ -21,8 +24,8 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::model::{
-    EndReason, HostHello, HostRecord, HostSummary, MandelboxRecord, MandelboxState, PortSpec, Region, SessionRecord,
-    SessionState, UserRecord,
+    EndReason, HostHello, HostRecord, HostSummary, InstanceRecord, InstanceState, Lease, MandelboxRecord,
+    MandelboxState, NewInstance, OperationRecord, PortSpec, Region, SessionRecord, SessionState, UserRecord,
 };
 
 /// Shared handle to whichever store the process runs on.
@@ -45,6 +48,13 @@ pub enum StoreError {
     Corrupt(String),
     #[error("migration failed: {0}")]
     Migration(#[from] sqlx::migrate::MigrateError),
+    /// A write made under a lease that its holder no longer holds (another
+    /// replica took it over): refused, nothing changed.
+    #[error("lease {lease:?} is no longer held by this holder at epoch {epoch}")]
+    Fenced { lease: String, epoch: u64 },
+    /// The write conflicts with the current state (e.g. a rollout already runs).
+    #[error("conflict: {0}")]
+    Conflict(String),
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -174,9 +184,80 @@ pub trait Store: Send + Sync + 'static {
 
     // ----- regions -------------------------------------------------------
 
-    /// Inserts or replaces a region's settings.
+    /// Inserts or replaces a region's settings (scaling settings included).
     async fn put_region(&self, region: &Region) -> StoreResult<Region>;
     async fn list_regions(&self) -> StoreResult<Vec<Region>>;
+
+    // ----- leases (singleton jobs across replicas) -----------------------
+
+    /// Takes or renews the lease `name` for `holder` until now + `ttl`. Taken
+    /// when free, expired, or already held by `holder`; the epoch grows every
+    /// time the lease was not `holder`'s unexpired lease. None when another
+    /// holder's lease is still valid.
+    async fn acquire_lease(&self, name: &str, holder: &str, ttl: std::time::Duration) -> StoreResult<Option<Lease>>;
+
+    /// Gives the lease up (expires it now) if `lease` is still current.
+    async fn release_lease(&self, lease: &Lease) -> StoreResult<()>;
+
+    // ----- instances (what the scaler launched) ---------------------------
+
+    /// Records instances about to be launched (state LAUNCHING), under
+    /// `lease`: `Fenced` if it is no longer current, and then nothing is written.
+    async fn record_launch(&self, lease: &Lease, instances: &[NewInstance]) -> StoreResult<Vec<InstanceRecord>>;
+
+    /// The provider launched the instance for `host_id`: its id, actual type
+    /// and capacity. A fact, not fenced: a stale leader's launch is still a
+    /// real instance that must be known (and then terminated by the scaler).
+    async fn instance_launched(
+        &self,
+        host_id: &str,
+        instance_id: &str,
+        instance_type: &str,
+        capacity: u32,
+    ) -> StoreResult<Option<InstanceRecord>>;
+
+    /// Moves an instance to `state` (DRAINING, TERMINATING, TERMINATED) with
+    /// `reason`, under `lease` (`Fenced` otherwise). TERMINATED also sets
+    /// `terminated_at` on the instance and on its host row. None if unknown or
+    /// already TERMINATED.
+    async fn set_instance_state(
+        &self,
+        lease: &Lease,
+        host_id: &str,
+        state: InstanceState,
+        reason: &str,
+    ) -> StoreResult<Option<InstanceRecord>>;
+
+    /// Instances (optionally of one region), by host id; TERMINATED ones only
+    /// with `include_terminated`.
+    async fn list_instances(&self, region: Option<&str>, include_terminated: bool) -> StoreResult<Vec<InstanceRecord>>;
+
+    /// How many instances were ever recorded in `region` (names new hosts).
+    async fn count_instances(&self, region: &str) -> StoreResult<u64>;
+
+    // ----- operations (durable admin work) -------------------------------
+
+    /// Stores a new operation; `Conflict` if one of the same kind is RUNNING.
+    async fn create_operation(&self, operation: &OperationRecord) -> StoreResult<()>;
+
+    /// Writes an operation's state, progress and error, under `lease` when
+    /// given (`Fenced` otherwise).
+    async fn update_operation(&self, lease: Option<&Lease>, operation: &OperationRecord) -> StoreResult<()>;
+
+    async fn get_operation(&self, id: Uuid) -> StoreResult<Option<OperationRecord>>;
+
+    /// Newest first, at most `limit` (0 means 100); only RUNNING ones with `running_only`.
+    async fn list_operations(&self, running_only: bool, limit: u32) -> StoreResult<Vec<OperationRecord>>;
+
+    /// The end of a successful rollout, in one transaction under `lease`: every
+    /// region in `images` switches to its new image, the rollout's instances
+    /// become ordinary ones (rollout id cleared), and `operation` is written.
+    async fn complete_rollout(
+        &self,
+        lease: &Lease,
+        operation: &OperationRecord,
+        images: &[(String, String)],
+    ) -> StoreResult<()>;
 
     // ----- configuration ---------------------------------------------------
 

@@ -20,14 +20,15 @@ use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 use sqlx::types::Json;
 use uuid::Uuid;
 
+use super::postgres_fleet as fleet;
 use super::rows::{self, host_columns, live_box_states, mandelbox_columns, now, session_columns};
 use super::{
     Claim, ClaimOutcome, EndedSession, MandelboxAuth, MandelboxFilter, NewMandelbox, NewSession, Reconciliation,
     ReportedMandelbox, SessionFilter, Store, StoreError, StoreResult, SweepOutcome,
 };
 use crate::model::{
-    EndReason, HostHello, HostRecord, HostState, HostSummary, MandelboxRecord, MandelboxState, PortSpec, Region,
-    SessionRecord, SessionState, UserRecord,
+    EndReason, HostHello, HostRecord, HostState, HostSummary, InstanceRecord, InstanceState, Lease, MandelboxRecord,
+    MandelboxState, NewInstance, OperationRecord, PortSpec, Region, SessionRecord, SessionState, UserRecord,
 };
 
 pub struct PgStore {
@@ -59,19 +60,6 @@ impl PgStore {
 // ----- rows ---------------------------------------------------------------
 
 #[derive(sqlx::FromRow)]
-struct RegionRow {
-    name: String,
-    enabled: bool,
-    image: String,
-}
-
-impl From<RegionRow> for Region {
-    fn from(row: RegionRow) -> Self {
-        Region { name: row.name, enabled: row.enabled, image: row.image }
-    }
-}
-
-#[derive(sqlx::FromRow)]
 struct HostRow {
     id: String,
     region: String,
@@ -83,6 +71,7 @@ struct HostRow {
     generation: i64,
     last_heartbeat_at: Option<DateTime<Utc>>,
     disconnected_at: Option<DateTime<Utc>>,
+    terminated_at: Option<DateTime<Utc>>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 }
@@ -100,6 +89,7 @@ impl HostRow {
             address: self.address,
             last_heartbeat_at: self.last_heartbeat_at,
             disconnected_at: self.disconnected_at,
+            terminated_at: self.terminated_at,
             created_at: self.created_at,
             updated_at: self.updated_at,
         })
@@ -426,27 +416,78 @@ impl Store for PgStore {
     // ----- regions -----------------------------------------------------
 
     async fn put_region(&self, region: &Region) -> StoreResult<Region> {
-        let row = sqlx::query_as::<_, RegionRow>(
-            "INSERT INTO regions (name, enabled, image, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $4) \
-             ON CONFLICT (name) DO UPDATE SET enabled = excluded.enabled, image = excluded.image, \
-             updated_at = excluded.updated_at \
-             RETURNING name, enabled, image",
-        )
-        .bind(&region.name)
-        .bind(region.enabled)
-        .bind(&region.image)
-        .bind(now())
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(row.into())
+        fleet::put_region(&self.pool, region).await
     }
 
     async fn list_regions(&self) -> StoreResult<Vec<Region>> {
-        let rows = sqlx::query_as::<_, RegionRow>("SELECT name, enabled, image FROM regions ORDER BY name")
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows.into_iter().map(Region::from).collect())
+        fleet::list_regions(&self.pool).await
+    }
+
+    // ----- leases, instances, operations ---------------------------------
+
+    async fn acquire_lease(&self, name: &str, holder: &str, ttl: Duration) -> StoreResult<Option<Lease>> {
+        fleet::acquire_lease(&self.pool, name, holder, ttl).await
+    }
+
+    async fn release_lease(&self, lease: &Lease) -> StoreResult<()> {
+        fleet::release_lease(&self.pool, lease).await
+    }
+
+    async fn record_launch(&self, lease: &Lease, instances: &[NewInstance]) -> StoreResult<Vec<InstanceRecord>> {
+        fleet::record_launch(&self.pool, lease, instances).await
+    }
+
+    async fn instance_launched(
+        &self,
+        host_id: &str,
+        instance_id: &str,
+        instance_type: &str,
+        capacity: u32,
+    ) -> StoreResult<Option<InstanceRecord>> {
+        fleet::instance_launched(&self.pool, host_id, instance_id, instance_type, capacity).await
+    }
+
+    async fn set_instance_state(
+        &self,
+        lease: &Lease,
+        host_id: &str,
+        state: InstanceState,
+        reason: &str,
+    ) -> StoreResult<Option<InstanceRecord>> {
+        fleet::set_instance_state(&self.pool, lease, host_id, state, reason).await
+    }
+
+    async fn list_instances(&self, region: Option<&str>, include_terminated: bool) -> StoreResult<Vec<InstanceRecord>> {
+        fleet::list_instances(&self.pool, region, include_terminated).await
+    }
+
+    async fn count_instances(&self, region: &str) -> StoreResult<u64> {
+        fleet::count_instances(&self.pool, region).await
+    }
+
+    async fn create_operation(&self, operation: &OperationRecord) -> StoreResult<()> {
+        fleet::create_operation(&self.pool, operation).await
+    }
+
+    async fn update_operation(&self, lease: Option<&Lease>, operation: &OperationRecord) -> StoreResult<()> {
+        fleet::update_operation(&self.pool, lease, operation).await
+    }
+
+    async fn get_operation(&self, id: Uuid) -> StoreResult<Option<OperationRecord>> {
+        fleet::get_operation(&self.pool, id).await
+    }
+
+    async fn list_operations(&self, running_only: bool, limit: u32) -> StoreResult<Vec<OperationRecord>> {
+        fleet::list_operations(&self.pool, running_only, limit).await
+    }
+
+    async fn complete_rollout(
+        &self,
+        lease: &Lease,
+        operation: &OperationRecord,
+        images: &[(String, String)],
+    ) -> StoreResult<()> {
+        fleet::complete_rollout(&self.pool, lease, operation, images).await
     }
 
     // ----- configuration -------------------------------------------------
@@ -499,7 +540,9 @@ impl Store for PgStore {
     // ----- hosts -------------------------------------------------------
 
     async fn host_connected(&self, hello: &HostHello) -> StoreResult<HostRecord> {
-        sqlx::query_as::<_, HostRow>(concat!(
+        let at = now();
+        let mut tx = self.pool.begin().await?;
+        let record = sqlx::query_as::<_, HostRow>(concat!(
             "INSERT INTO hosts (id, region, state, draining, image, agent_version, address, capacity, \
              generation, last_heartbeat_at, disconnected_at, created_at, updated_at) \
              VALUES ($1, $2, 'ACTIVE', FALSE, $3, $4, $5, $6, 1, $7, NULL, $7, $7) \
@@ -518,10 +561,13 @@ impl Store for PgStore {
         .bind(&hello.agent_version)
         .bind(&hello.address)
         .bind(i64::from(hello.capacity))
-        .bind(now())
-        .fetch_one(&self.pool)
+        .bind(at)
+        .fetch_one(&mut *tx)
         .await?
-        .into_record()
+        .into_record()?;
+        fleet::instance_connected(&mut tx, &hello.host_id, at).await?;
+        tx.commit().await?;
+        Ok(record)
     }
 
     async fn host_disconnected(&self, host_id: &str, generation: u64) -> StoreResult<bool> {
@@ -616,7 +662,7 @@ impl Store for PgStore {
     async fn list_hosts(&self, region: Option<&str>) -> StoreResult<Vec<HostSummary>> {
         let rows = sqlx::query_as::<_, HostSummaryRow>(concat!(
             "SELECT h.id, h.region, h.state, h.image, h.agent_version, h.address, h.capacity, \
-             h.generation, h.last_heartbeat_at, h.disconnected_at, h.created_at, h.updated_at, \
+             h.generation, h.last_heartbeat_at, h.disconnected_at, h.terminated_at, h.created_at, h.updated_at, \
              (SELECT count(*) FROM mandelboxes m WHERE m.host_id = h.id \
                 AND m.state IN ('SPAWNING', 'WAITING')) AS warm, \
              (SELECT count(*) FROM mandelboxes m WHERE m.host_id = h.id \
@@ -625,7 +671,7 @@ impl Store for PgStore {
                 AND m.state IN ",
             live_box_states!(),
             ") AS live \
-             FROM hosts h WHERE ($1::text IS NULL OR h.region = $1) ORDER BY h.id"
+             FROM hosts h WHERE ($1::text IS NULL OR h.region = $1) AND h.terminated_at IS NULL ORDER BY h.id"
         ))
         .bind(region)
         .fetch_all(&self.pool)

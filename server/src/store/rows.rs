@@ -12,7 +12,7 @@ use crate::model::{MandelboxRecord, MandelboxState, PortSpec, SessionRecord, Ses
 
 /// The current time at the precision both databases store (microseconds), so
 /// that a record built from bound values equals the one read back.
-pub(super) fn now() -> DateTime<Utc> {
+pub(crate) fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
 }
 
@@ -160,7 +160,7 @@ impl ReconcilePlan {
 macro_rules! host_columns {
     () => {
         "id, region, state, image, agent_version, address, capacity, generation, \
-         last_heartbeat_at, disconnected_at, created_at, updated_at"
+         last_heartbeat_at, disconnected_at, terminated_at, created_at, updated_at"
     };
 }
 
@@ -184,4 +184,53 @@ macro_rules! live_box_states {
     };
 }
 
-pub(super) use {host_columns, live_box_states, mandelbox_columns, session_columns};
+macro_rules! instance_columns {
+    () => {
+        "host_id, region, instance_id, instance_type, capacity, image, state, launch_token, rollout_id, \
+         reason, launched_at, connected_at, terminated_at, updated_at"
+    };
+}
+
+macro_rules! operation_columns {
+    () => {
+        "id, kind, state, request, progress, error, created_at, updated_at, finished_at"
+    };
+}
+
+macro_rules! region_columns {
+    () => {
+        "name, enabled, image, buffer, min_instances, max_instances, instance_types"
+    };
+}
+
+pub(super) use {
+    host_columns, instance_columns, live_box_states, mandelbox_columns, operation_columns, region_columns,
+    session_columns,
+};
+
+/// A lease epoch as a database parameter (epochs start at 1 and grow by one,
+/// so they never come near `i64::MAX`; saturating keeps a corrupt one harmless).
+pub(super) fn epoch_param(epoch: u64) -> i64 {
+    i64::try_from(epoch).unwrap_or(i64::MAX)
+}
+
+/// A std duration as a chrono one (a lease TTL).
+pub(super) fn chrono_duration(duration: std::time::Duration) -> StoreResult<chrono::Duration> {
+    chrono::Duration::from_std(duration).map_err(|error| StoreError::Corrupt(format!("duration {duration:?}: {error}")))
+}
+
+/// Maps a unique-constraint violation to `Conflict(what)`, anything else as usual.
+pub(super) fn conflict_on_unique(what: &'static str) -> impl Fn(sqlx::Error) -> StoreError {
+    move |error| match &error {
+        sqlx::Error::Database(database) if database.is_unique_violation() => StoreError::Conflict(what.to_owned()),
+        _ => StoreError::from(error),
+    }
+}
+
+/// A list limit: 0 means 100, at most 1000.
+pub(super) fn list_limit(limit: u32) -> u32 {
+    match limit {
+        0 => 100,
+        limit => limit.min(1000),
+    }
+}

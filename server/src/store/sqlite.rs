@@ -22,13 +22,14 @@ use sqlx::sqlite::{
 use uuid::Uuid;
 
 use super::rows::{self, host_columns, live_box_states, mandelbox_columns, now, session_columns};
+use super::sqlite_fleet as fleet;
 use super::{
     Claim, ClaimOutcome, EndedSession, MandelboxAuth, MandelboxFilter, NewMandelbox, NewSession, Reconciliation,
     ReportedMandelbox, SessionFilter, Store, StoreError, StoreResult, SweepOutcome,
 };
 use crate::model::{
-    EndReason, HostHello, HostRecord, HostState, HostSummary, MandelboxRecord, MandelboxState, PortSpec, Region,
-    SessionRecord, SessionState, UserRecord,
+    EndReason, HostHello, HostRecord, HostState, HostSummary, InstanceRecord, InstanceState, Lease, MandelboxRecord,
+    MandelboxState, NewInstance, OperationRecord, PortSpec, Region, SessionRecord, SessionState, UserRecord,
 };
 
 /// Connections that serve pure reads.
@@ -91,24 +92,24 @@ fn is_in_memory(url: &str) -> bool {
 
 // ----- representations -------------------------------------------------------
 
-fn micros(at: DateTime<Utc>) -> i64 {
+pub(super) fn micros(at: DateTime<Utc>) -> i64 {
     at.timestamp_micros()
 }
 
-fn time(column: &str, micros: i64) -> StoreResult<DateTime<Utc>> {
+pub(super) fn time(column: &str, micros: i64) -> StoreResult<DateTime<Utc>> {
     DateTime::from_timestamp_micros(micros)
         .ok_or_else(|| StoreError::Corrupt(format!("{column}: timestamp {micros} out of range")))
 }
 
-fn optional_time(column: &str, micros: Option<i64>) -> StoreResult<Option<DateTime<Utc>>> {
+pub(super) fn optional_time(column: &str, micros: Option<i64>) -> StoreResult<Option<DateTime<Utc>>> {
     micros.map(|micros| time(column, micros)).transpose()
 }
 
-fn uuid(column: &str, text: &str) -> StoreResult<Uuid> {
+pub(super) fn uuid(column: &str, text: &str) -> StoreResult<Uuid> {
     Uuid::parse_str(text).map_err(|error| StoreError::Corrupt(format!("{column}: {text:?}: {error}")))
 }
 
-fn optional_uuid(column: &str, text: Option<&str>) -> StoreResult<Option<Uuid>> {
+pub(super) fn optional_uuid(column: &str, text: Option<&str>) -> StoreResult<Option<Uuid>> {
     text.map(|text| uuid(column, text)).transpose()
 }
 
@@ -119,19 +120,6 @@ fn json_list<T: ToString>(items: &[T]) -> StoreResult<String> {
 }
 
 // ----- rows ------------------------------------------------------------------
-
-#[derive(sqlx::FromRow)]
-struct RegionRow {
-    name: String,
-    enabled: bool,
-    image: String,
-}
-
-impl From<RegionRow> for Region {
-    fn from(row: RegionRow) -> Self {
-        Region { name: row.name, enabled: row.enabled, image: row.image }
-    }
-}
 
 #[derive(sqlx::FromRow)]
 struct HostRow {
@@ -145,6 +133,7 @@ struct HostRow {
     generation: i64,
     last_heartbeat_at: Option<i64>,
     disconnected_at: Option<i64>,
+    terminated_at: Option<i64>,
     created_at: i64,
     updated_at: i64,
 }
@@ -157,6 +146,7 @@ impl HostRow {
             generation: rows::to_u64("hosts.generation", self.generation)?,
             last_heartbeat_at: optional_time("hosts.last_heartbeat_at", self.last_heartbeat_at)?,
             disconnected_at: optional_time("hosts.disconnected_at", self.disconnected_at)?,
+            terminated_at: optional_time("hosts.terminated_at", self.terminated_at)?,
             created_at: time("hosts.created_at", self.created_at)?,
             updated_at: time("hosts.updated_at", self.updated_at)?,
             id: self.id,
@@ -458,27 +448,78 @@ impl Store for SqliteStore {
     // ----- regions -----------------------------------------------------
 
     async fn put_region(&self, region: &Region) -> StoreResult<Region> {
-        let row = sqlx::query_as::<_, RegionRow>(
-            "INSERT INTO regions (name, enabled, image, created_at, updated_at) \
-             VALUES (?1, ?2, ?3, ?4, ?4) \
-             ON CONFLICT (name) DO UPDATE SET enabled = excluded.enabled, image = excluded.image, \
-             updated_at = excluded.updated_at \
-             RETURNING name, enabled, image",
-        )
-        .bind(&region.name)
-        .bind(region.enabled)
-        .bind(&region.image)
-        .bind(micros(now()))
-        .fetch_one(&self.writer)
-        .await?;
-        Ok(row.into())
+        fleet::put_region(&self.writer, region).await
     }
 
     async fn list_regions(&self) -> StoreResult<Vec<Region>> {
-        let rows = sqlx::query_as::<_, RegionRow>("SELECT name, enabled, image FROM regions ORDER BY name")
-            .fetch_all(&self.reader)
-            .await?;
-        Ok(rows.into_iter().map(Region::from).collect())
+        fleet::list_regions(&self.reader).await
+    }
+
+    // ----- leases, instances, operations ---------------------------------
+
+    async fn acquire_lease(&self, name: &str, holder: &str, ttl: Duration) -> StoreResult<Option<Lease>> {
+        fleet::acquire_lease(&self.writer, name, holder, ttl).await
+    }
+
+    async fn release_lease(&self, lease: &Lease) -> StoreResult<()> {
+        fleet::release_lease(&self.writer, lease).await
+    }
+
+    async fn record_launch(&self, lease: &Lease, instances: &[NewInstance]) -> StoreResult<Vec<InstanceRecord>> {
+        fleet::record_launch(&self.writer, lease, instances).await
+    }
+
+    async fn instance_launched(
+        &self,
+        host_id: &str,
+        instance_id: &str,
+        instance_type: &str,
+        capacity: u32,
+    ) -> StoreResult<Option<InstanceRecord>> {
+        fleet::instance_launched(&self.writer, host_id, instance_id, instance_type, capacity).await
+    }
+
+    async fn set_instance_state(
+        &self,
+        lease: &Lease,
+        host_id: &str,
+        state: InstanceState,
+        reason: &str,
+    ) -> StoreResult<Option<InstanceRecord>> {
+        fleet::set_instance_state(&self.writer, lease, host_id, state, reason).await
+    }
+
+    async fn list_instances(&self, region: Option<&str>, include_terminated: bool) -> StoreResult<Vec<InstanceRecord>> {
+        fleet::list_instances(&self.reader, region, include_terminated).await
+    }
+
+    async fn count_instances(&self, region: &str) -> StoreResult<u64> {
+        fleet::count_instances(&self.reader, region).await
+    }
+
+    async fn create_operation(&self, operation: &OperationRecord) -> StoreResult<()> {
+        fleet::create_operation(&self.writer, operation).await
+    }
+
+    async fn update_operation(&self, lease: Option<&Lease>, operation: &OperationRecord) -> StoreResult<()> {
+        fleet::update_operation(&self.writer, lease, operation).await
+    }
+
+    async fn get_operation(&self, id: Uuid) -> StoreResult<Option<OperationRecord>> {
+        fleet::get_operation(&self.reader, id).await
+    }
+
+    async fn list_operations(&self, running_only: bool, limit: u32) -> StoreResult<Vec<OperationRecord>> {
+        fleet::list_operations(&self.reader, running_only, limit).await
+    }
+
+    async fn complete_rollout(
+        &self,
+        lease: &Lease,
+        operation: &OperationRecord,
+        images: &[(String, String)],
+    ) -> StoreResult<()> {
+        fleet::complete_rollout(&self.writer, lease, operation, images).await
     }
 
     // ----- configuration -------------------------------------------------
@@ -531,7 +572,7 @@ impl Store for SqliteStore {
     // ----- hosts -------------------------------------------------------
 
     async fn host_connected(&self, hello: &HostHello) -> StoreResult<HostRecord> {
-        sqlx::query_as::<_, HostRow>(concat!(
+        let record = sqlx::query_as::<_, HostRow>(concat!(
             "INSERT INTO hosts (id, region, state, draining, image, agent_version, address, capacity, \
              generation, last_heartbeat_at, disconnected_at, created_at, updated_at) \
              VALUES (?1, ?2, 'ACTIVE', 0, ?3, ?4, ?5, ?6, 1, ?7, NULL, ?7, ?7) \
@@ -553,7 +594,9 @@ impl Store for SqliteStore {
         .bind(micros(now()))
         .fetch_one(&self.writer)
         .await?
-        .into_record()
+        .into_record()?;
+        fleet::instance_connected(&self.writer, &hello.host_id).await?;
+        Ok(record)
     }
 
     async fn host_disconnected(&self, host_id: &str, generation: u64) -> StoreResult<bool> {
@@ -641,7 +684,7 @@ impl Store for SqliteStore {
     async fn list_hosts(&self, region: Option<&str>) -> StoreResult<Vec<HostSummary>> {
         let rows = sqlx::query_as::<_, HostSummaryRow>(concat!(
             "SELECT h.id, h.region, h.state, h.image, h.agent_version, h.address, h.capacity, \
-             h.generation, h.last_heartbeat_at, h.disconnected_at, h.created_at, h.updated_at, \
+             h.generation, h.last_heartbeat_at, h.disconnected_at, h.terminated_at, h.created_at, h.updated_at, \
              (SELECT count(*) FROM mandelboxes m WHERE m.host_id = h.id \
                 AND m.state IN ('SPAWNING', 'WAITING')) AS warm, \
              (SELECT count(*) FROM mandelboxes m WHERE m.host_id = h.id \
@@ -650,7 +693,7 @@ impl Store for SqliteStore {
                 AND m.state IN ",
             live_box_states!(),
             ") AS live \
-             FROM hosts h WHERE (?1 IS NULL OR h.region = ?1) ORDER BY h.id"
+             FROM hosts h WHERE (?1 IS NULL OR h.region = ?1) AND h.terminated_at IS NULL ORDER BY h.id"
         ))
         .bind(region)
         .fetch_all(&self.reader)
