@@ -138,8 +138,12 @@ fn ids(boxes: &[MandelboxRecord]) -> Vec<Uuid> {
 
 // ----- the contract -----------------------------------------------------------
 
+#[path = "store_contract/fleet.rs"]
+mod fleet_contract;
+
 mod contract {
     use super::*;
+    pub(crate) use crate::fleet_contract::*;
 
     // ----- regions ------------------------------------------------------
 
@@ -1273,6 +1277,13 @@ macro_rules! store_contract_suite {
             list_sessions_filters_newest_first,
             sweep_expires_old_pending_sessions_and_spawns,
             sweep_keeps_the_session_of_an_expired_spawn_pending,
+            regions_keep_their_scaling_settings,
+            leases_are_exclusive_renewed_and_handed_over,
+            a_stale_leaders_writes_are_refused,
+            concurrent_lease_claims_have_one_winner,
+            instances_follow_their_lifecycle,
+            operations_are_durable_and_one_rollout_runs_at_a_time,
+            complete_rollout_switches_every_region_at_once,
         );
     };
     (@tests $backend:expr; $($test:ident),+ $(,)?) => {
