@@ -10,7 +10,8 @@ use switchboard::{
     auth::{dev_issuer::DevIssuer, host_credential::HostCredentials},
     cloud::{CloudConfig, CloudProvider, ec2::Ec2Provider, local::LocalProvider},
     config::{Config, Secret},
-    model::{HostState, MandelboxState, Region, SessionRecord, SessionState},
+    core::SharedCore,
+    model::{HostState, InstanceType, MandelboxState, Region, RegionScaling, SessionRecord, SessionState},
     store::{DynStore, MandelboxFilter},
 };
 use switchboard_proto::v1::{
@@ -60,8 +61,51 @@ pub enum TestCloud {
     /// Hostagents in this process (`LocalProvider`, fast reconnects), kept in `TestApp::local`.
     #[default]
     Local,
+    /// Local hosts that present these credentials (wrong ones: hosts that never connect).
+    LocalWithCredentials(HostCredentials),
     /// The EC2 provider with this `[cloud]` section (an emulator's endpoint).
     Ec2(CloudConfig),
+}
+
+/// Scaler timings for tests: looks every 100 ms, scales down after 300 ms of
+/// excess, terminates hosts that have not connected after 2 s.
+pub fn fast_scaling(config: &mut Config) {
+    let scaling = &mut config.scaling;
+    scaling.interval_ms = 100;
+    scaling.min_interval_ms = 20;
+    scaling.reconcile_interval_ms = 300;
+    scaling.leak_grace_ms = 500;
+    scaling.lease_ttl_ms = 1_500;
+    scaling.launch_timeout_ms = 2_000;
+    scaling.scale_down_delay_ms = 300;
+    scaling.scale_down_cooldown_ms = 300;
+    scaling.launch_backoff_ms = 100;
+    scaling.max_launch_backoff_ms = 500;
+    scaling.host_name_prefix = "test".into();
+}
+
+/// A scaled region: `buffer` warm boxes, between `min` and `max` instances of
+/// one type with `capacity` slots ("local" for the local provider).
+pub fn scaled_region(
+    name: &str,
+    image: &str,
+    buffer: u32,
+    min: u32,
+    max: u32,
+    instance_type: &str,
+    capacity: u32,
+) -> Region {
+    Region {
+        name: name.to_owned(),
+        enabled: true,
+        image: image.to_owned(),
+        scaling: RegionScaling {
+            buffer,
+            min_instances: min,
+            max_instances: max,
+            instance_types: vec![InstanceType { name: instance_type.to_owned(), capacity }],
+        },
+    }
 }
 
 impl Default for TestOptions {
@@ -108,6 +152,8 @@ pub struct TestApp {
     pub local: Option<Arc<LocalProvider>>,
     /// The server task; finishes once the server has stopped.
     pub server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// The server's shared components (a second scaler can be built on them).
+    pub core: SharedCore,
 }
 
 #[derive(Clone)]
@@ -154,9 +200,13 @@ impl TestApp {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let bound = format!("http://{}", listener.local_addr()?);
         let (provider, local): (Arc<dyn CloudProvider>, _) = match options.cloud {
-            TestCloud::Local => {
+            TestCloud::Local | TestCloud::LocalWithCredentials(_) => {
+                let host_credentials = match options.cloud {
+                    TestCloud::LocalWithCredentials(other) => other,
+                    _ => credentials.clone(),
+                };
                 let local = Arc::new(
-                    LocalProvider::new(bound, credentials.clone())
+                    LocalProvider::new(bound, host_credentials)
                         .with_backoff(Duration::from_millis(20), Duration::from_millis(200)),
                 );
                 (local.clone(), Some(local))
@@ -175,6 +225,7 @@ impl TestApp {
         .await?;
         let addr = app.local_addr();
         let endpoint = app.endpoint();
+        let core = app.core();
         let shutdown = CancellationToken::new();
         let server = tokio::spawn(app.run_until_stopped(shutdown.clone()));
         let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())?.connect().await?;
@@ -190,6 +241,7 @@ impl TestApp {
             hosts: Vec::new(),
             local,
             server: Some(server),
+            core,
         };
         let mut expected_warm = 0;
         for spec in options.hosts {

@@ -137,10 +137,8 @@ pub(crate) async fn concurrent_lease_claims_have_one_winner(_db: &TestDatabase, 
 
 pub(crate) async fn instances_follow_their_lifecycle(db: &TestDatabase, store: DynStore) {
     let lease = lease(&store, "scaler:r1", "replica-a").await;
-    let recorded = store
-        .record_launch(&lease, &[new_instance("h-1", "r1", None), new_instance("h-2", "r1", None)])
-        .await
-        .unwrap();
+    let recorded =
+        store.record_launch(&lease, &[new_instance("h-1", "r1", None), new_instance("h-2", "r1", None)]).await.unwrap();
     assert_eq!(recorded.len(), 2);
     assert!(recorded.iter().all(|i| i.state == InstanceState::Launching && i.instance_id.is_none()));
     // A host id is launched once.
@@ -216,10 +214,7 @@ pub(crate) async fn complete_rollout_switches_every_region_at_once(_db: &TestDat
     let mut operation = rollout(now());
     store.create_operation(&operation).await.unwrap();
     store
-        .record_launch(
-            &scaler,
-            &[new_instance("new-1", "r1", Some(operation.id)), new_instance("old-1", "r1", None)],
-        )
+        .record_launch(&scaler, &[new_instance("new-1", "r1", Some(operation.id)), new_instance("old-1", "r1", None)])
         .await
         .unwrap();
 
