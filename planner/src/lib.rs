@@ -87,8 +87,12 @@ pub enum Phase {
     Disconnected,
     /// Its host is gone (missed heartbeats, or did not come back in time).
     Lost,
-    /// Takes no new session; terminated once its sessions have ended.
+    /// Drained by the scaler: takes no new session; terminated once its
+    /// sessions have ended.
     Draining,
+    /// Drained by an operator: takes no new session and is kept (counted as a
+    /// live instance) until the operator decides; the scaler never terminates it.
+    Cordoned,
     /// Termination requested; waiting for the cloud to confirm.
     Terminating,
 }

@@ -220,3 +220,12 @@ fn a_short_dip_below_the_excess_restarts_the_delay() {
     let result = plan(&view(settings(1, 0, 10, 2), idle, 2 * MINUTE), &mut memory, &timings);
     assert!(result.drain.is_empty());
 }
+
+#[test]
+fn an_operator_drained_host_is_kept_but_not_counted() {
+    let mut memory = ScalerMemory::default();
+    let instances = vec![host("cordoned", Phase::Cordoned, 2, 0), host("a", Phase::Active, 2, 0)];
+    let plan = plan(&view(settings(4, 0, 3, 2), instances, MINUTE), &mut memory, &timings());
+    assert!(plan.terminate.is_empty() && plan.drain.is_empty(), "{plan:?}");
+    assert_eq!((plan.available, plan.live_instances, plan.launch), (2, 2, 1));
+}

@@ -29,6 +29,8 @@ pub struct DevOptions {
     pub buffer: u32,
     /// The scaler never runs more hosts than this per region.
     pub max_hosts_per_region: u32,
+    /// Excess capacity drains a host after this long (and this long after a launch).
+    pub scale_down_after: Duration,
     pub regions: Vec<String>,
     /// Defaults to a fresh SQLite file in a temporary directory.
     pub database_url: Option<String>,
@@ -78,7 +80,7 @@ pub async fn run(mut config: Config, options: DevOptions, shutdown: Cancellation
         let region = Region { name: name.clone(), enabled: true, image: DEV_IMAGE.into(), scaling: scaling.clone() };
         store.put_region(&region).await?;
     }
-    dev_scaling_timings(&mut config);
+    dev_scaling_timings(&mut config, options.scale_down_after);
     let listener = TcpListener::bind(options.listen).await.with_context(|| format!("binding {}", options.listen))?;
     let address = listener.local_addr()?;
     let host = if address.ip().is_unspecified() { "127.0.0.1".to_owned() } else { address.ip().to_string() };
@@ -124,15 +126,17 @@ pub async fn run(mut config: Config, options: DevOptions, shutdown: Cancellation
 }
 
 /// Timings that make scaling visible within a minute on a laptop: hosts
-/// appear within a second of the buffer running low and go 20 s after demand drops.
-fn dev_scaling_timings(config: &mut Config) {
+/// appear within a second of the buffer running low and go `scale_down_after`
+/// (20 s by default) after demand drops.
+fn dev_scaling_timings(config: &mut Config, scale_down_after: Duration) {
+    let scale_down_ms = u64::try_from(scale_down_after.as_millis()).unwrap_or(u64::MAX);
     let scaling = &mut config.scaling;
     scaling.interval_ms = 1_000;
     scaling.reconcile_interval_ms = 10_000;
     scaling.leak_grace_ms = 10_000;
     scaling.launch_timeout_ms = 30_000;
-    scaling.scale_down_delay_ms = 20_000;
-    scaling.scale_down_cooldown_ms = 20_000;
+    scaling.scale_down_delay_ms = scale_down_ms;
+    scaling.scale_down_cooldown_ms = scale_down_ms;
     scaling.launch_backoff_ms = 1_000;
     scaling.host_name_prefix = "dev".into();
 }

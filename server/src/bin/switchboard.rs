@@ -47,6 +47,9 @@ enum Command {
         /// Idle mandelboxes the scaler keeps ready per region.
         #[arg(long, default_value_t = 4)]
         buffer: u32,
+        /// Seconds of excess capacity (and since the last launch) before a host is drained.
+        #[arg(long, default_value_t = 20)]
+        scale_down_after: u64,
         /// Comma-separated regions.
         #[arg(long, value_delimiter = ',', default_value = "us-east-1,eu-west-1")]
         regions: Vec<String>,
@@ -83,7 +86,17 @@ async fn main() -> anyhow::Result<()> {
             let app = Application::build_with_store(config, ApplicationOptions::default(), store).await?;
             app.run_until_stopped(shutdown).await
         }
-        Command::Dev { listen, credentials_file, hosts, max_hosts, capacity, buffer, regions, database } => {
+        Command::Dev {
+            listen,
+            credentials_file,
+            hosts,
+            max_hosts,
+            capacity,
+            buffer,
+            scale_down_after,
+            regions,
+            database,
+        } => {
             if cli.dump_config {
                 print!("{}", config.dump());
                 return Ok(());
@@ -93,6 +106,7 @@ async fn main() -> anyhow::Result<()> {
                 credentials_file,
                 hosts_per_region: hosts,
                 max_hosts_per_region: max_hosts,
+                scale_down_after: std::time::Duration::from_secs(scale_down_after),
                 capacity,
                 buffer,
                 regions,

@@ -54,6 +54,8 @@ pub(super) fn region_view(
             (InstanceState::Terminating, _) => Phase::Terminating,
             (_, Some(host)) if host.host.state == HostState::Unhealthy => Phase::Lost,
             (InstanceState::Draining, _) => Phase::Draining,
+            // Drained by an operator, not by the scaler: kept until they decide.
+            (_, Some(host)) if host.host.state == HostState::Draining => Phase::Cordoned,
             (_, Some(host)) => host_phase(host.host.state),
             (_, None) => Phase::Launching,
         };
