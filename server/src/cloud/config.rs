@@ -5,9 +5,11 @@
 //! provider = "ec2"
 //! cluster = "switchboard-prod"
 //!
+//! # Where hosts go in each region; what they run (image, instance types) and how
+//! # many (buffer, min, max) are region settings in the database (AdminService.PutRegion).
 //! [cloud.regions.us-east-1]
-//! image = "ami-0123456789abcdef0"
-//! instance_types = [{ name = "g4dn.2xlarge", capacity = 2 }, { name = "g4dn.4xlarge", capacity = 2 }]
+//! subnet_id = "subnet-0abc"
+//! security_group_ids = ["sg-0abc"]
 //!
 //! [cloud.ec2]
 //! # endpoint_url = "http://127.0.0.1:5000"   # an EC2 emulator (moto) in tests
@@ -37,7 +39,7 @@ pub struct CloudConfig {
     /// Value of the `switchboard:cluster` tag on every instance this deployment
     /// launches; reconciliation owns every instance carrying it.
     pub cluster: String,
-    /// Per region: instance types and image.
+    /// Per region: network placement and instance profile of the hosts.
     pub regions: BTreeMap<String, RegionCloudConfig>,
     pub ec2: Ec2Config,
 }
@@ -62,10 +64,6 @@ impl CloudConfig {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RegionCloudConfig {
-    /// Instance types in preference order: the next is tried when EC2 refuses one.
-    pub instance_types: Vec<InstanceTypeConfig>,
-    /// AMI id hosts in this region boot.
-    pub image: String,
     /// Subnet to launch into; empty = the default VPC's.
     pub subnet_id: String,
     pub security_group_ids: Vec<String>,
@@ -130,8 +128,8 @@ mod tests {
             provider = "ec2"
             cluster = "prod"
             [regions.us-east-1]
-            image = "ami-1"
-            instance_types = [{ name = "g4dn.2xlarge", capacity = 2 }, { name = "g4dn.4xlarge", capacity = 2 }]
+            subnet_id = "subnet-1"
+            security_group_ids = ["sg-1", "sg-2"]
             [ec2]
             endpoint_url = "http://127.0.0.1:5000"
             access_key_id = "AKIDEXAMPLE"
@@ -146,7 +144,7 @@ mod tests {
                 Err(e) => panic!("{e}"),
             };
         assert_eq!(config.provider, ProviderKind::Ec2);
-        let region = config.region("us-east-1").map(|r| r.instance_types.len());
+        let region = config.region("us-east-1").map(|r| r.security_group_ids.len());
         assert_eq!(region, Some(2));
         assert_eq!(config.ec2.max_attempts, 5);
         let debug = format!("{config:?}");
