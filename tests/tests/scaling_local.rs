@@ -248,7 +248,58 @@ async fn two_scalers_racing_for_one_region_act_once(backend: Backend) {
     assert_eq!(live_instances(&app).await.len(), 4);
 }
 
+/// EC2 out of the first type: the next configured type is launched (with its
+/// capacity). Out of every type: the error is reported on the region, launches
+/// back off and resume once capacity returns.
+async fn capacity_errors_fall_back_are_reported_and_retried(backend: Backend) {
+    let app = spawn(backend, TestCloud::Local, true).await;
+    let local = app.local.clone().unwrap();
+    local.set_refused(&["local-small"]);
+    let mut region = scaled_region(REGION, "", 3, 0, 4, "local-small", 2);
+    region.scaling.instance_types.push(switchboard::model::InstanceType { name: "local-large".into(), capacity: 4 });
+    app.store.put_region(&region).await.unwrap();
+    let first = wait_instances(&app, "a fallback-type host", |i| count(i, InstanceState::Running) == 1).await.unwrap();
+    assert_eq!((first[0].instance_type.as_str(), first[0].capacity), ("local-large", 4), "{first:?}");
+    app.wait_warm(4, WAIT).await.unwrap();
+
+    // Every type refused: two sessions leave 2 warm < 3; the launch fails and says why.
+    local.set_refused(&["local-small", "local-large"]);
+    for user in ["u1", "u2"] {
+        app.user_client(user).allocate(chrome_in_us_east()).await.unwrap();
+    }
+    let admin_token = app.admin_token();
+    let mut admin = app.admin_client(Some(&admin_token));
+    let mut last_error = String::new();
+    eventually(WAIT, async || {
+        let regions = admin.list_regions(switchboard_proto::v1::ListRegionsRequest {}).await?.into_inner().regions;
+        last_error = regions[0].status.as_ref().map(|s| s.last_error.clone()).unwrap_or_default();
+        Ok(!last_error.is_empty())
+    })
+    .await
+    .unwrap();
+    assert!(last_error.contains("insufficient capacity") && last_error.contains("local-large"), "{last_error}");
+    let refused = instances(&app).await;
+    assert!(
+        refused.iter().any(|i| i.state == InstanceState::Terminated
+            && i.reason.as_deref().is_some_and(|r| r.starts_with("launch failed"))),
+        "{refused:?}"
+    );
+
+    // Capacity is back: the next retry launches and the error clears.
+    local.set_refused(&[]);
+    wait_instances(&app, "a second host after capacity returned", |i| count(i, InstanceState::Running) == 2)
+        .await
+        .unwrap();
+    eventually(WAIT, async || {
+        let regions = admin.list_regions(switchboard_proto::v1::ListRegionsRequest {}).await?.into_inner().regions;
+        Ok(regions[0].status.as_ref().is_some_and(|s| s.last_error.is_empty()))
+    })
+    .await
+    .unwrap();
+}
+
 on_both_backends!(
+    capacity_errors_fall_back_are_reported_and_retried,
     the_buffer_follows_sessions_up_and_down,
     a_killed_host_is_replaced_and_terminated,
     a_host_that_never_connects_is_terminated,

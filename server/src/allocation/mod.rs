@@ -97,7 +97,11 @@ impl Allocator {
         };
         let outcome = self.core.store.create_session_and_claim(&new, config.max_sessions_per_user).await?;
         let (session, claim) = match outcome {
-            ClaimOutcome::Claimed(claim) => (claim.session.clone(), Some(claim)),
+            ClaimOutcome::Claimed(claim) => {
+                // A warm box fewer: the region's scaler tops the buffer up.
+                self.core.scaling.wake(&claim.host.region);
+                (claim.session.clone(), Some(claim))
+            }
             ClaimOutcome::Pending(session) => (session, None),
         };
         self.fulfil(session, claim, &secrets).await

@@ -55,10 +55,21 @@ for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"]) {
  * Runs `switchboard dev --listen 127.0.0.1:0 --credentials-file <tmp>` and
  * resolves once the credentials file holds {endpoint, user_token, admin_token}.
  *
- * @param {{hosts?: number, capacity?: number, regions?: string[], timeoutMs?: number}} [options]
+ * Options left out are not passed, so the server's defaults apply (`--hosts 2 --max-hosts 6
+ * --capacity 4 --buffer 4 --scale-down-after 20`, regions us-east-1 and eu-west-1).
+ *
+ * @param {{
+ *   hosts?: number,          // --hosts: local hosts per region the scaler keeps at least
+ *   maxHosts?: number,       // --max-hosts: local hosts per region the scaler runs at most
+ *   capacity?: number,       // --capacity: mandelboxes per host
+ *   buffer?: number,         // --buffer: warm mandelboxes the scaler keeps per region
+ *   scaleDownAfter?: number, // --scale-down-after: seconds of excess (and since a launch) before a drain
+ *   regions?: string[],
+ *   timeoutMs?: number,
+ * }} [options]
  */
 export async function startSwitchboard(options = {}) {
-  const { hosts, capacity, regions, timeoutMs = 30_000 } = options;
+  const { hosts, maxHosts, capacity, buffer, scaleDownAfter, regions, timeoutMs = 30_000 } = options;
   const bin = switchboardBin();
   if (!existsSync(bin)) {
     throw new Error(
@@ -71,7 +82,10 @@ export async function startSwitchboard(options = {}) {
   const credentialsFile = path.join(dir, "credentials.json");
   const args = ["dev", "--listen", "127.0.0.1:0", "--credentials-file", credentialsFile];
   if (hosts !== undefined) args.push("--hosts", String(hosts));
+  if (maxHosts !== undefined) args.push("--max-hosts", String(maxHosts));
   if (capacity !== undefined) args.push("--capacity", String(capacity));
+  if (buffer !== undefined) args.push("--buffer", String(buffer));
+  if (scaleDownAfter !== undefined) args.push("--scale-down-after", String(scaleDownAfter));
   if (regions !== undefined) args.push("--regions", regions.join(","));
 
   // Hermetic: no configuration file or overrides from the caller's environment.
