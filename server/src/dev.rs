@@ -132,6 +132,7 @@ fn dev_scaling_timings(config: &mut Config, scale_down_after: Duration) {
     let scale_down_ms = u64::try_from(scale_down_after.as_millis()).unwrap_or(u64::MAX);
     let scaling = &mut config.scaling;
     scaling.interval_ms = 1_000;
+    scaling.min_interval_ms = 200;
     scaling.reconcile_interval_ms = 10_000;
     scaling.leak_grace_ms = 10_000;
     scaling.launch_timeout_ms = 30_000;

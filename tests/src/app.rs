@@ -68,7 +68,7 @@ pub enum TestCloud {
 }
 
 /// Scaler timings for tests: looks every 100 ms, scales down after 300 ms of
-/// excess, terminates hosts that have not connected after 2 s.
+/// excess, terminates hosts that have not connected after 4 s.
 pub fn fast_scaling(config: &mut Config) {
     let scaling = &mut config.scaling;
     scaling.interval_ms = 100;
@@ -76,7 +76,7 @@ pub fn fast_scaling(config: &mut Config) {
     scaling.reconcile_interval_ms = 300;
     scaling.leak_grace_ms = 500;
     scaling.lease_ttl_ms = 1_500;
-    scaling.launch_timeout_ms = 2_000;
+    scaling.launch_timeout_ms = 4_000;
     scaling.scale_down_delay_ms = 300;
     scaling.scale_down_cooldown_ms = 300;
     scaling.launch_backoff_ms = 100;

@@ -49,7 +49,7 @@ impl Default for ScalingConfig {
         ScalingConfig {
             enabled: true,
             interval_ms: 10_000,
-            min_interval_ms: 250,
+            min_interval_ms: 1_000,
             reconcile_interval_ms: 60_000,
             leak_grace_ms: 300_000,
             lease_ttl_ms: 15_000,
