@@ -10,6 +10,7 @@ use crate::{
     api::convert,
     core::SharedCore,
     error::{ApiError, ApiResult},
+    maintenance::MaintenanceState,
     model::{InstanceType, OperationState, Region, RegionScaling},
     regions::RegionCache,
     scaling::rollout,
@@ -186,6 +187,50 @@ impl Admin {
             }
         });
         Ok(tokio_stream::wrappers::ReceiverStream::new(receiver))
+    }
+}
+
+impl Admin {
+    pub async fn set_maintenance(
+        &self,
+        admin: &str,
+        request: pb::SetMaintenanceRequest,
+    ) -> ApiResult<pb::MaintenanceStatus> {
+        let state = if request.enabled {
+            if request.reason.len() > 512 {
+                return Err(ApiError::InvalidRequest("reason is longer than 512 characters".into()));
+            }
+            if request.retry_after_secs > 24 * 3600 {
+                return Err(ApiError::InvalidRequest("retry_after_secs is more than a day".into()));
+            }
+            Some(MaintenanceState {
+                reason: if request.reason.is_empty() { "maintenance".into() } else { request.reason },
+                retry_after_secs: if request.retry_after_secs == 0 { 60 } else { request.retry_after_secs },
+                since: chrono::Utc::now(),
+                set_by: admin.to_owned(),
+            })
+        } else {
+            None
+        };
+        let state = self.core.maintenance.set(state).await?;
+        Ok(maintenance_status(state.as_ref()))
+    }
+
+    pub fn get_maintenance(&self) -> pb::MaintenanceStatus {
+        maintenance_status(self.core.maintenance.current().as_ref())
+    }
+}
+
+fn maintenance_status(state: Option<&MaintenanceState>) -> pb::MaintenanceStatus {
+    match state {
+        Some(state) => pb::MaintenanceStatus {
+            enabled: true,
+            reason: state.reason.clone(),
+            retry_after_secs: state.retry_after_secs,
+            since: Some(convert::timestamp(state.since)),
+            set_by: state.set_by.clone(),
+        },
+        None => pb::MaintenanceStatus::default(),
     }
 }
 

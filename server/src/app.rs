@@ -151,6 +151,15 @@ impl Application {
                 .context("setting up the cloud provider")?,
         };
         let scaling = ScalerHandle::default();
+        let flag: Arc<dyn crate::maintenance::MaintenanceFlag> = if config.redis.url.is_empty() {
+            Arc::new(crate::maintenance::LocalFlag::default())
+        } else {
+            Arc::new(crate::maintenance::RedisFlag::new(config.redis.url.expose(), &config.redis.namespace)?)
+        };
+        let maintenance = crate::maintenance::Maintenance::new(flag);
+        // Start in the state the other replicas are in (a replica that starts
+        // during a deploy must not take allocations).
+        maintenance.refresh().await;
         let core: SharedCore = Arc::new(Core {
             router: Arc::new(LocalRouter::new(registry.clone())),
             events: Arc::new(LocalEventBus::new(EVENT_BUFFER)),
@@ -160,6 +169,7 @@ impl Application {
             store: store.clone(),
             scaling: scaling.clone(),
             replica_id: uuid::Uuid::new_v4().to_string(),
+            maintenance,
         });
         let scaler = core.config.scaling.enabled.then(|| {
             let options = ScalerOptions {
@@ -260,6 +270,7 @@ impl Application {
         tokio::spawn(Dispatcher::new(allocator, core.events.clone(), interval).run(background.clone()));
         tokio::spawn(Sweeper::new(core.clone(), pending).run(background.clone()));
         tokio::spawn(verifier.run_refresher(background.clone()));
+        tokio::spawn(core.maintenance.clone().run_watcher(background.clone()));
         let scaler_task = scaler.map(|scaler| tokio::spawn(scaler.run(background.clone())));
 
         // gRPC-web translation for the gRPC routes only: tonic-web refuses any

@@ -176,11 +176,20 @@ impl Default for BillingConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://host:6379`; empty means no Redis (caches stay in process).
+    /// `redis://host:6379`; empty means no Redis (caches and the maintenance
+    /// flag stay in process).
     pub url: Secret,
+    /// Prefix of the keys this deployment uses (several deployments may share a Redis).
+    pub namespace: String,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig { url: Secret::default(), namespace: "switchboard".into() }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

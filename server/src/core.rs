@@ -7,6 +7,7 @@ use crate::{
     config::Config,
     events::DynEventBus,
     fleet::{ConnectionRegistry, DynRouter},
+    maintenance::Maintenance,
     scaling::ScalerHandle,
     store::DynStore,
 };
@@ -23,6 +24,8 @@ pub struct Core {
     pub scaling: ScalerHandle,
     /// This process's identity as a lease holder (unique per start).
     pub replica_id: String,
+    /// Maintenance mode, shared by every replica.
+    pub maintenance: Maintenance,
 }
 
 pub type SharedCore = Arc<Core>;

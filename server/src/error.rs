@@ -10,6 +10,8 @@ use crate::store::StoreError;
 
 /// Metadata key that carries the stable reason of an error.
 pub const REASON_METADATA_KEY: &str = "x-switchboard-reason";
+/// Metadata key with the seconds after which a refused call may be retried.
+pub const RETRY_AFTER_METADATA_KEY: &str = "x-switchboard-retry-after-secs";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -67,6 +69,10 @@ pub enum ApiError {
     OperationNotFound,
     #[error("this host's instance was terminated")]
     HostTerminated,
+    #[error("allocations are paused for maintenance ({reason}); retry in {retry_after_secs} s")]
+    Maintenance { reason: String, retry_after_secs: u32 },
+    #[error("{0}")]
+    RedisUnavailable(String),
     #[error("database unavailable")]
     StorageUnavailable,
     #[error("internal error")]
@@ -104,6 +110,8 @@ impl ApiError {
             ApiError::NoScaledRegions => "NO_SCALED_REGIONS",
             ApiError::OperationNotFound => "OPERATION_NOT_FOUND",
             ApiError::HostTerminated => "HOST_TERMINATED",
+            ApiError::Maintenance { .. } => "MAINTENANCE",
+            ApiError::RedisUnavailable(_) => "REDIS_UNAVAILABLE",
             ApiError::StorageUnavailable => "STORAGE_UNAVAILABLE",
             ApiError::Internal(_) => "INTERNAL",
         }
@@ -128,7 +136,11 @@ impl ApiError {
             ApiError::BillingUnavailable(_) => Code::Unavailable,
             ApiError::Unauthenticated(_) | ApiError::BadHostCredential(_) => Code::Unauthenticated,
             ApiError::Superseded | ApiError::SessionEnded => Code::Aborted,
-            ApiError::HeartbeatTimeout | ApiError::ShuttingDown | ApiError::StorageUnavailable => Code::Unavailable,
+            ApiError::HeartbeatTimeout
+            | ApiError::ShuttingDown
+            | ApiError::StorageUnavailable
+            | ApiError::Maintenance { .. }
+            | ApiError::RedisUnavailable(_) => Code::Unavailable,
             ApiError::Internal(_) => Code::Internal,
         }
     }
@@ -143,6 +155,12 @@ impl From<ApiError> for Status {
         let reason = error.reason();
         let mut status = Status::new(error.code(), format!("{reason}: {error}"));
         status.metadata_mut().insert(REASON_METADATA_KEY, MetadataValue::from_static(reason));
+        if let ApiError::Maintenance { retry_after_secs, .. } = &error {
+            // A hint for people and scripts, and gRPC's own retry pushback for clients that retry.
+            status.metadata_mut().insert(RETRY_AFTER_METADATA_KEY, MetadataValue::from(*retry_after_secs));
+            let pushback_ms = u64::from(*retry_after_secs) * 1000;
+            status.metadata_mut().insert("grpc-retry-pushback-ms", MetadataValue::from(pushback_ms));
+        }
         status
     }
 }

@@ -19,6 +19,7 @@ pub mod fleet;
 pub mod fleet_page;
 pub mod lifecycle;
 pub mod liveness;
+pub mod maintenance;
 pub mod model;
 pub mod regions;
 pub mod scaling;

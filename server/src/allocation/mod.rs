@@ -73,6 +73,7 @@ impl Allocator {
         principal: &Principal,
         request: switchboard_proto::v1::AllocateRequest,
     ) -> ApiResult<AllocateResponse> {
+        self.core.maintenance.refuse_if_on()?;
         let config = &self.core.config.allocation;
         let input = validate_request(request, config)?;
         if input.client_version < *self.minimum_version {

@@ -4,7 +4,7 @@ use switchboard_proto::v1::{self as pb, admin_service_server::AdminService};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::admin::Admin;
+use crate::{admin::Admin, auth::Principal};
 
 pub struct AdminApi {
     pub admin: Admin,
@@ -74,6 +74,21 @@ impl AdminService for AdminApi {
         request: Request<pb::ListOperationsRequest>,
     ) -> Result<Response<pb::ListOperationsResponse>, Status> {
         Ok(Response::new(self.admin.list_operations(request.into_inner()).await?))
+    }
+
+    async fn set_maintenance(
+        &self,
+        request: Request<pb::SetMaintenanceRequest>,
+    ) -> Result<Response<pb::MaintenanceStatus>, Status> {
+        let admin = request.extensions().get::<Principal>().map(|p| p.user_id().to_owned()).unwrap_or_default();
+        Ok(Response::new(self.admin.set_maintenance(&admin, request.into_inner()).await?))
+    }
+
+    async fn get_maintenance(
+        &self,
+        _request: Request<pb::GetMaintenanceRequest>,
+    ) -> Result<Response<pb::MaintenanceStatus>, Status> {
+        Ok(Response::new(self.admin.get_maintenance()))
     }
 
     type WatchOperationStream = ReceiverStream<Result<pb::Operation, Status>>;
