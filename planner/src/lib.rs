@@ -21,10 +21,13 @@
 //!    launched but not yet connected. Launch exactly enough instances of the
 //!    first instance type to cover `buffer - available`, and enough to reach
 //!    `min_instances`; never more than `max_instances` live instances.
-//! 4. **Scale down** when `available - buffer` exceeds a host's free slots and
-//!    has done so for `scale_down_delay`, and no launch happened in the last
-//!    `scale_down_cooldown`: drain hosts with the fewest sessions first (so that
-//!    hosts empty out), never below `min_instances`.
+//! 4. **Scale down** when `available - buffer` is at least an empty host's
+//!    slots and has been for `scale_down_delay`, and no launch happened in the
+//!    last `scale_down_cooldown`: drain *empty* hosts (allocation packs the
+//!    fullest host first, so hosts empty out), never below `min_instances`. A
+//!    host with sessions is never drained for excess: it would hold its free
+//!    slots hostage (and count towards `max_instances`) until its last session
+//!    ends, while new users could need them.
 
 use std::time::Duration;
 
@@ -304,7 +307,8 @@ pub fn plan(view: &RegionView, memory: &mut ScalerMemory, timings: &Timings) -> 
                 && !i.in_rollout
                 && i.phase == Phase::Active
                 && is_current(i)
-                && i.free() > 0
+                && i.assigned == 0
+                && i.capacity > 0
                 && !draining_now(i, &result.drain)
         })
         .collect();
@@ -318,9 +322,8 @@ pub fn plan(view: &RegionView, memory: &mut ScalerMemory, timings: &Timings) -> 
     if elapsed(since) < timings.scale_down_delay || !cooled {
         return result;
     }
-    // Fewest sessions first, then the most free slots: those empty out first.
-    candidates
-        .sort_by(|a, b| a.assigned.cmp(&b.assigned).then(b.free().cmp(&a.free())).then(a.host_id.cmp(&b.host_id)));
+    // The biggest empty hosts first: fewest instances for the same slots.
+    candidates.sort_by(|a, b| b.free().cmp(&a.free()).then(a.host_id.cmp(&b.host_id)));
     let mut excess = excess;
     let mut remaining = serving;
     for instance in candidates {

@@ -176,35 +176,38 @@ fn excess_is_drained_only_after_it_lasted_and_the_cooldown_passed() {
     // Lasted long enough, but a launch happened less than the cooldown ago.
     let second = plan(&RegionView { now: 4 * MINUTE, ..region.clone() }, &mut memory, &timings);
     assert!(second.drain.is_empty());
-    // Both passed: free 5, buffer 2, excess 3: "a" (free 2) goes, "b" (free 2)
-    // would leave too little, "c" (free 1) goes and ends when its session does.
+    // Both passed: "a" (free 2) goes; "b" would leave too little; "c" has a
+    // session, so it is never drained for excess.
     let third = plan(&RegionView { now: 6 * MINUTE, ..region.clone() }, &mut memory, &timings);
-    assert_eq!(third.drain, vec![("a".into(), DrainReason::Excess), ("c".into(), DrainReason::Excess)]);
+    assert_eq!(third.drain, vec![("a".into(), DrainReason::Excess)]);
     assert_eq!(memory.excess_since, None);
 }
 
 #[test]
-fn scale_down_prefers_hosts_with_fewest_sessions_and_keeps_the_buffer_and_min() {
+fn scale_down_drains_only_empty_hosts_and_keeps_the_buffer_and_min() {
     let timings = timings();
-    let mut memory = ScalerMemory { excess_since: Some(0), last_launch: None };
     let instances = vec![
         host("two-sessions", Phase::Active, 4, 2),
         host("one-session", Phase::Active, 4, 1),
         host("empty", Phase::Active, 4, 0),
+        host("empty-too", Phase::Active, 4, 0),
     ];
-    // free = 2 + 3 + 4 = 9; buffer 3 → excess 6: "empty" (4) goes first, then
-    // "one-session" (3) would leave too little, "two-sessions" (2) fits.
-    let region = view(settings(3, 0, 10, 4), instances.clone(), 10 * MINUTE);
-    let result = plan(&region, &mut memory, &timings);
-    assert_eq!(result.drain, vec![("empty".into(), DrainReason::Excess), ("two-sessions".into(), DrainReason::Excess)]);
-    // Buffer 5: excess 4, only "empty" goes.
-    let mut memory = ScalerMemory { excess_since: Some(0), last_launch: None };
-    let result = plan(&view(settings(5, 0, 10, 4), instances.clone(), 10 * MINUTE), &mut memory, &timings);
-    assert_eq!(result.drain, vec![("empty".into(), DrainReason::Excess)]);
-    // With min 3 nothing may go.
-    let mut memory = ScalerMemory { excess_since: Some(0), last_launch: None };
-    let result = plan(&view(settings(3, 3, 10, 4), instances, 10 * MINUTE), &mut memory, &timings);
-    assert!(result.drain.is_empty());
+    let drains = |buffer: u32, min: u32| {
+        let mut memory = ScalerMemory { excess_since: Some(0), last_launch: None };
+        let result = plan(&view(settings(buffer, min, 10, 4), instances.clone(), 10 * MINUTE), &mut memory, &timings);
+        result.drain.into_iter().map(|(id, _)| id).collect::<Vec<String>>()
+    };
+    // free = 2 + 3 + 4 + 4 = 13. Buffer 3 → excess 10: both empty hosts go,
+    // the ones with sessions stay however much excess is left.
+    assert_eq!(drains(3, 0), vec!["empty".to_owned(), "empty-too".to_owned()]);
+    // Buffer 7 → excess 6: one empty host. Buffer 9 → excess 4, exactly one
+    // host's slots: it goes, leaving exactly the buffer. Buffer 10: none.
+    assert_eq!(drains(7, 0), vec!["empty".to_owned()]);
+    assert_eq!(drains(9, 0), vec!["empty".to_owned()]);
+    assert!(drains(10, 0).is_empty());
+    // Never below min_instances.
+    assert!(drains(3, 4).is_empty());
+    assert_eq!(drains(3, 3).len(), 1);
 }
 
 #[test]
@@ -213,6 +216,10 @@ fn a_short_dip_below_the_excess_restarts_the_delay() {
     let mut memory = ScalerMemory::default();
     let idle = vec![host("a", Phase::Active, 2, 0), host("b", Phase::Active, 2, 0)];
     let busy = vec![host("a", Phase::Active, 2, 2), host("b", Phase::Active, 2, 1)];
+    // A host with a session is never drained for excess, whatever the excess.
+    let mut spare = ScalerMemory { excess_since: Some(0), last_launch: None };
+    let partly = vec![host("a", Phase::Active, 8, 1), host("b", Phase::Active, 8, 1)];
+    assert!(plan(&view(settings(1, 0, 10, 8), partly, 10 * MINUTE), &mut spare, &timings).drain.is_empty());
     plan(&view(settings(1, 0, 10, 2), idle.clone(), 0), &mut memory, &timings);
     assert_eq!(memory.excess_since, Some(0));
     plan(&view(settings(1, 0, 10, 2), busy, MINUTE), &mut memory, &timings);

@@ -37,6 +37,7 @@ struct RegionView {
     available: Option<u32>,
     launching: Option<u32>,
     last_error: Option<String>,
+    at_max_instances: bool,
 }
 
 #[derive(Serialize)]
@@ -96,6 +97,7 @@ async fn hosts(State(core): State<SharedCore>) -> Result<Json<FleetView>, (http:
             RegionView {
                 available: status.as_ref().map(|s| s.available),
                 launching: status.as_ref().map(|s| s.launching),
+                at_max_instances: status.as_ref().is_some_and(|s| s.at_max_instances),
                 last_error: status.and_then(|s| s.last_error),
                 instance_types: region
                     .scaling

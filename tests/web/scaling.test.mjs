@@ -179,6 +179,8 @@ describe("grpcurl: fleet scaling and image rollouts", { timeout: 90_000 }, () =>
       warm: serving.reduce((sum, h) => sum + (h.warmMandelboxes ?? 0), 0),
     };
   };
+  const fleetPage = (token) =>
+    fetch(`${sb.endpoint}/fleet/api/hosts`, token ? { headers: { authorization: `Bearer ${token}` } } : {});
   const brief = (f) =>
     JSON.stringify({
       instances: f.instances.map((i) => [i.hostId, i.image, i.state, i.reason ?? ""]),
@@ -207,7 +209,7 @@ describe("grpcurl: fleet scaling and image rollouts", { timeout: 90_000 }, () =>
     await sb?.stop();
   });
 
-  it("ListRegions shows the scaling settings and, once the scaler looked, its status; ListInstances 1 RUNNING", async () => {
+  it("ListRegions shows the scaling settings and the scaler's status; ListInstances 1 RUNNING", async () => {
     // The status is the scaler's view at its latest pass (every second); the credentials file
     // appears once the first host is connected and warm, so a pass from now on has seen that.
     const since = Date.now();
@@ -359,11 +361,11 @@ describe("grpcurl: fleet scaling and image rollouts", { timeout: 90_000 }, () =>
   });
 
   it("the fleet page's JSON lists the region's scaling settings and the instances", async () => {
-    const url = `${sb.endpoint}/fleet/api/hosts`;
-    assert.equal((await fetch(url)).status, 401, "no token");
-    assert.equal((await fetch(url, { headers: { authorization: `Bearer ${sb.userToken}` } })).status, 403, "user token");
+    // It needs an admin token, like AdminService.
+    assert.equal((await fleetPage()).status, 401, "no token");
+    assert.equal((await fleetPage(sb.userToken)).status, 403, "user token");
 
-    const res = await fetch(url, { headers: { authorization: `Bearer ${sb.adminToken}` } });
+    const res = await fleetPage(sb.adminToken);
     assert.equal(res.status, 200);
     const view = await res.json();
     assert.deepEqual(
@@ -397,23 +399,18 @@ describe("grpcurl: fleet scaling and image rollouts", { timeout: 90_000 }, () =>
 
     // The same instances as ListInstances: every one terminated less than a minute ago is still there.
     const { instances } = await admin("ListInstances", { include_terminated: true });
-    const row = (hostId, instanceId, type, capacity, image, state, reason) => [
-      hostId,
-      instanceId,
-      type,
-      capacity,
-      image,
-      state,
-      reason,
-    ];
     assert.deepEqual(
-      view.instances
-        .map((i) => row(i.host_id, i.instance_id, i.instance_type, i.capacity, i.image, i.state, i.reason))
-        .sort(),
+      view.instances.map((i) => [i.host_id, i.instance_id, i.instance_type, i.capacity, i.image, i.state, i.reason]).sort(),
       instances
-        .map((i) =>
-          row(i.hostId, i.instanceId, i.instanceType, i.capacity, i.image, i.state.replace(/^INSTANCE_STATE_/, ""), i.reason ?? null),
-        )
+        .map((i) => [
+          i.hostId,
+          i.instanceId,
+          i.instanceType,
+          i.capacity,
+          i.image,
+          i.state.replace(/^INSTANCE_STATE_/, ""),
+          i.reason ?? null,
+        ])
         .sort(),
     );
     assert.equal(view.instances.length, MAX, JSON.stringify(view.instances));
@@ -453,7 +450,7 @@ describe("grpcurl: fleet scaling and image rollouts", { timeout: 90_000 }, () =>
     };
 
     // PutRegion replaces the whole record; sending it back unchanged changes nothing.
-    const { status, ...put } = await admin("PutRegion", region);
+    const { status: _, ...put } = await admin("PutRegion", region);
     assert.deepEqual(put, SETTINGS);
 
     const inverted = await refused(
@@ -489,18 +486,13 @@ describe("grpcurl: fleet scaling and image rollouts", { timeout: 90_000 }, () =>
     await refused("GetOperation", { id: randomUUID() }, EXIT_NOT_FOUND, "NotFound", "OPERATION_NOT_FOUND");
     await refused("WatchOperation", { id: "not-a-uuid" }, EXIT_INVALID_ARGUMENT, "InvalidArgument", "INVALID_REQUEST");
     await refused("WatchOperation", { id: randomUUID() }, EXIT_NOT_FOUND, "NotFound", "OPERATION_NOT_FOUND");
-    await refused("StartRollout", { image: "", timeout_secs: 60 }, EXIT_INVALID_ARGUMENT, "InvalidArgument", "INVALID_REQUEST");
-    await refused(
-      "StartRollout",
-      { image: "has space", timeout_secs: 60 },
-      EXIT_INVALID_ARGUMENT,
-      "InvalidArgument",
-      "INVALID_REQUEST",
-    );
+    for (const image of ["", "has space"]) {
+      await refused("StartRollout", { image, timeout_secs: 60 }, EXIT_INVALID_ARGUMENT, "InvalidArgument", "INVALID_REQUEST");
+    }
     assert.deepEqual(await admin("ListOperations"), {}, "a refused StartRollout stores no operation");
   });
 
-  it("StartRollout returns a RUNNING rollout; a second one meanwhile is FAILED_PRECONDITION/ROLLOUT_IN_PROGRESS", async () => {
+  it("StartRollout returns a RUNNING rollout; a second one meanwhile is ROLLOUT_IN_PROGRESS", async () => {
     // Two sessions on the only host keep it busy through the rollout, so that its drain for
     // "old_image" lasts until they end (an idle old host is terminated within a second).
     const ready = await poll(async () => {
@@ -520,18 +512,15 @@ describe("grpcurl: fleet scaling and image rollouts", { timeout: 90_000 }, () =>
     let last;
     const buffered = await poll(async () => {
       const f = (last = await snapshot());
-      return f.consistent && f.live.length === 2 && f.live.every((i) => i.state === "INSTANCE_STATE_RUNNING") && f.warm >= BUFFER
-        ? f
-        : null;
+      const settled = f.live.length === 2 && f.live.every((i) => i.state === "INSTANCE_STATE_RUNNING");
+      return f.consistent && settled && f.warm >= BUFFER ? f : null;
     }, SETTLE);
     assert.ok(buffered, `a second "dev" host keeps the buffer warm: ${brief(last)}`);
 
     rollout = await admin("StartRollout", { image: "dev-2", timeout_secs: 60 });
     // Follow it at once: the rollout needs about a scaler pass, and the watch should see it run.
-    watching = grpcurl(
-      ["-plaintext", ...adminAuth, "-d", JSON.stringify({ id: rollout.id }), addr, "switchboard.v1.AdminService/WatchOperation"],
-      { timeoutMs: 45_000 },
-    );
+    const watchArgs = ["-d", JSON.stringify({ id: rollout.id }), addr, "switchboard.v1.AdminService/WatchOperation"];
+    watching = grpcurl(["-plaintext", ...adminAuth, ...watchArgs], { timeoutMs: 45_000 });
     const second = await grpcurl([
       "-plaintext",
       "-v",
@@ -564,9 +553,8 @@ describe("grpcurl: fleet scaling and image rollouts", { timeout: 90_000 }, () =>
     const res = await watching;
     assert.equal(res.code, 0, `WatchOperation exited ${res.code} (signal ${res.signal}):\n${res.output}`);
     const messages = parseJsonStream(res.stdout);
-    t.diagnostic(
-      `WatchOperation: ${messages.map((m) => `${m.state.replace(/^OPERATION_STATE_/, "")}/${m.rollout?.phase}`).join(" → ")}`,
-    );
+    const states = messages.map((m) => `${m.state.replace(/^OPERATION_STATE_/, "")}/${m.rollout?.phase}`);
+    t.diagnostic(`WatchOperation: ${states.join(" → ")}`);
     // Progress was visible: at least one message while it ran, before the final one.
     assert.ok(messages.length >= 2, `more than the final message:\n${res.stdout}`);
     for (const m of messages) assert.equal(m.id, rollout.id);
@@ -594,7 +582,7 @@ describe("grpcurl: fleet scaling and image rollouts", { timeout: 90_000 }, () =>
     );
   });
 
-  it('old-image hosts drain ("old_image") and end TERMINATED/"drained"; new sessions and the buffer are on dev-2', async () => {
+  it('old-image hosts drain ("old_image"), then end TERMINATED/"drained"; dev-2 takes over', async () => {
     assert.ok(oldHost, "the rollout test ran");
     // The busy old host drains and keeps its sessions; the idle one is terminated; a new host
     // on dev-2 holds the buffer.
@@ -619,7 +607,7 @@ describe("grpcurl: fleet scaling and image rollouts", { timeout: 90_000 }, () =>
     );
     const fresh = draining.live.filter((i) => i.image === "dev-2");
     assert.ok(fresh.length >= 1, brief(draining));
-    for (const i of fresh) assert.equal(i.rolloutId, undefined, `an ordinary instance once switched: ${JSON.stringify(i)}`);
+    for (const i of fresh) assert.equal(i.rolloutId, undefined, `ordinary once switched: ${JSON.stringify(i)}`);
     // Draining lets sessions finish.
     for (const s of sessions) assert.equal((await getSession(s)).state, "SESSION_STATE_RUNNING");
 
@@ -629,7 +617,8 @@ describe("grpcurl: fleet scaling and image rollouts", { timeout: 90_000 }, () =>
     sessions.push({ sessionId: session.sessionId, auth: userAuth });
     const got = await getSession(sessions.at(-1));
     const { hosts } = await admin("ListHosts");
-    assert.equal(hosts.find((h) => h.hostId === got.hostId)?.image, "dev-2", `session on ${got.hostId}: ${JSON.stringify(hosts)}`);
+    const on = hosts.find((h) => h.hostId === got.hostId);
+    assert.equal(on?.image, "dev-2", `session on ${got.hostId}: ${JSON.stringify(hosts)}`);
 
     // Once its sessions end, the old host is terminated; dev-2 keeps the buffer warm.
     await endSessions();
@@ -645,7 +634,7 @@ describe("grpcurl: fleet scaling and image rollouts", { timeout: 90_000 }, () =>
     }, SETTLE);
     assert.ok(done, `every "dev" instance is terminated and dev-2 is warm: ${brief(last)}`);
     const onDev = done.instances.filter((i) => i.image === "dev");
-    assert.equal(onDev.length, 4, `the 3 hosts of the first tests and the rollout's busy neighbour: ${brief(done)}`);
+    assert.equal(onDev.length, 4, `the 3 hosts of the first tests and the idle one added before the rollout: ${brief(done)}`);
     for (const i of onDev) {
       assert.equal(i.reason, "drained", `${i.hostId}: ${JSON.stringify(i)}`);
     }
@@ -681,7 +670,7 @@ describe("grpcurl: fleet scaling and image rollouts", { timeout: 90_000 }, () =>
     assert.deepEqual(parseJsonStream(res.stdout), [got]);
 
     // The fleet page lists running operations only.
-    const view = await (await fetch(`${sb.endpoint}/fleet/api/hosts`, { headers: { authorization: `Bearer ${sb.adminToken}` } })).json();
+    const view = await (await fleetPage(sb.adminToken)).json();
     assert.deepEqual(view.operations, []);
     assert.deepEqual(
       view.regions.map((r) => [r.name, r.image]),

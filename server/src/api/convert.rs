@@ -151,6 +151,7 @@ pub fn region(region: &Region, status: Option<&RegionStatus>) -> pb::RegionInfo 
             last_error: status.last_error.clone().unwrap_or_default(),
             last_error_at: status.last_error_at.map(timestamp),
             updated_at: status.updated_at.map(timestamp),
+            at_max_instances: status.at_max_instances,
         }),
     }
 }

@@ -92,6 +92,8 @@ pub struct RegionStatus {
     pub last_error: Option<String>,
     pub last_error_at: Option<DateTime<Utc>>,
     pub updated_at: Option<DateTime<Utc>>,
+    /// The buffer wants more instances than `max_instances` allows.
+    pub at_max_instances: bool,
     /// Whether this replica holds the region's lease.
     pub leader: bool,
 }

@@ -135,8 +135,13 @@ impl RegionScaler {
         let now = Utc::now();
         let view = snapshot::region_view(&region, &instances, &hosts, now);
         let plan = planner::plan(&view, &mut self.memory, &self.options.config.timings());
+        let was_capped = self.handle.status(&self.region).is_some_and(|s| s.at_max_instances);
+        if plan.capped_by_max && !was_capped {
+            warn!(region = %self.region, max = region.scaling.max_instances, available = plan.available, buffer = region.scaling.buffer, "the buffer wants more instances than max_instances allows");
+        }
         self.handle.update_status(&self.region, |status| {
             status.leader = true;
+            status.at_max_instances = plan.capped_by_max;
             status.available = plan.available;
             status.launching = plan.on_the_way;
             status.live_instances = plan.live_instances;
@@ -173,9 +178,6 @@ impl RegionScaler {
             self.drain(lease, host_id, *reason).await?;
         }
         if plan.launch > 0 {
-            if plan.capped_by_max {
-                warn!(region = %self.region, max = region.scaling.max_instances, "buffer wants more instances than max_instances allows");
-            }
             if Instant::now() < self.launch_not_before {
                 debug!(region = %self.region, "launch waits for its backoff after a failure");
             } else {
