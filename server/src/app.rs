@@ -30,8 +30,9 @@ use crate::{
     },
     config::Config,
     core::{Core, SharedCore},
+    events::DynEventBus,
     events::LocalEventBus,
-    fleet::{ConnectionRegistry, LocalRouter, connection::Fleet, registry::StopReason},
+    fleet::{ConnectionRegistry, DynRouter, LocalRouter, connection::Fleet, registry::StopReason},
     liveness::Sweeper,
     regions::RegionCache,
     scaling::{FleetScaler, ScalerHandle, ScalerOptions, ScalingPlanner},
@@ -112,10 +113,13 @@ impl Application {
 
         // A single control plane owns every host stream, so any host the
         // database shows as connected belongs to a previous run: it gets the
-        // reconnect grace period from now.
-        let stale = store.mark_connected_hosts_disconnected(chrono::Utc::now()).await?;
-        if stale > 0 {
-            tracing::info!(hosts = stale, "hosts from a previous run wait for their reconnect");
+        // reconnect grace period from now. With Redis, other replicas may hold
+        // those streams; the sweeper finds hosts whose owner is gone instead.
+        if config.redis.url.is_empty() {
+            let stale = store.mark_connected_hosts_disconnected(chrono::Utc::now()).await?;
+            if stale > 0 {
+                tracing::info!(hosts = stale, "hosts from a previous run wait for their reconnect");
+            }
         }
 
         let verifier = Arc::new(TokenVerifier::from_config(&config.auth)?);
@@ -150,6 +154,22 @@ impl Application {
             None => crate::cloud::provider(&config.cloud, public_endpoint.clone(), credentials.clone())
                 .context("setting up the cloud provider")?,
         };
+        let replica_id = uuid::Uuid::new_v4().to_string();
+        let cluster = if config.redis.url.is_empty() {
+            None
+        } else {
+            let options = crate::cluster::ClusterOptions {
+                url: config.redis.url.expose().to_owned(),
+                namespace: config.redis.namespace.clone(),
+                replica_id: replica_id.clone(),
+                ownership_ttl: Duration::from_millis(config.hosts.reconnect_grace_ms.max(1_000)),
+            };
+            Some(crate::cluster::RedisCluster::new(options, registry.clone(), EVENT_BUFFER)?)
+        };
+        let (router, events): (DynRouter, DynEventBus) = match &cluster {
+            Some(cluster) => (Arc::new(cluster.clone()), Arc::new(cluster.clone())),
+            None => (Arc::new(LocalRouter::new(registry.clone())), Arc::new(LocalEventBus::new(EVENT_BUFFER))),
+        };
         let scaling = ScalerHandle::default();
         let flag: Arc<dyn crate::maintenance::MaintenanceFlag> = if config.redis.url.is_empty() {
             Arc::new(crate::maintenance::LocalFlag::default())
@@ -161,14 +181,15 @@ impl Application {
         // during a deploy must not take allocations).
         maintenance.refresh().await;
         let core: SharedCore = Arc::new(Core {
-            router: Arc::new(LocalRouter::new(registry.clone())),
-            events: Arc::new(LocalEventBus::new(EVENT_BUFFER)),
+            router,
+            events,
+            cluster,
             registry,
             config: Arc::new(config),
             public_endpoint,
             store: store.clone(),
             scaling: scaling.clone(),
-            replica_id: uuid::Uuid::new_v4().to_string(),
+            replica_id,
             maintenance,
         });
         let scaler = core.config.scaling.enabled.then(|| {
@@ -271,6 +292,7 @@ impl Application {
         tokio::spawn(Sweeper::new(core.clone(), pending).run(background.clone()));
         tokio::spawn(verifier.run_refresher(background.clone()));
         tokio::spawn(core.maintenance.clone().run_watcher(background.clone()));
+        let cluster_task = core.cluster.clone().map(|cluster| tokio::spawn(cluster.run(background.clone())));
         let scaler_task = scaler.map(|scaler| tokio::spawn(scaler.run(background.clone())));
 
         // gRPC-web translation for the gRPC routes only: tonic-web refuses any
@@ -345,6 +367,10 @@ impl Application {
         background.cancel();
         if let Some(task) = scaler_task {
             // Leases are given up so that another replica scales at once.
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
+        if let Some(task) = cluster_task {
+            // Ownership is released so that commands for our hosts fail at once.
             let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
         }
         result

@@ -26,6 +26,8 @@ pub struct Core {
     pub replica_id: String,
     /// Maintenance mode, shared by every replica.
     pub maintenance: Maintenance,
+    /// The Redis link to the other replicas (router and event bus), when configured.
+    pub cluster: Option<crate::cluster::RedisCluster>,
 }
 
 pub type SharedCore = Arc<Core>;

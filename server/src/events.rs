@@ -5,11 +5,12 @@
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::model::{PortSpec, SessionRecord};
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Event {
     /// A session changed state.
     Session(Box<SessionChange>),
@@ -17,7 +18,7 @@ pub enum Event {
     MandelboxWarm { region: String },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SessionChange {
     pub session: SessionRecord,
     pub host_address: Option<String>,

@@ -10,6 +10,7 @@ pub mod app;
 pub mod auth;
 pub mod billing;
 pub mod cloud;
+pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod dev;

@@ -14,11 +14,44 @@ use crate::{allocation::PendingSessions, core::SharedCore};
 pub struct Sweeper {
     core: SharedCore,
     pending: PendingSessions,
+    passes: std::sync::atomic::AtomicU64,
 }
+
+/// With several replicas, hosts whose replica is gone are looked for every
+/// this many passes (it reads every connected host's ownership).
+const ORPHAN_CHECK_EVERY: u64 = 3;
+/// A host that said Hello this recently may not have its ownership written yet.
+const ORPHAN_MIN_AGE: chrono::Duration = chrono::Duration::seconds(5);
 
 impl Sweeper {
     pub fn new(core: SharedCore, pending: PendingSessions) -> Self {
-        Sweeper { core, pending }
+        Sweeper { core, pending, passes: std::sync::atomic::AtomicU64::new(0) }
+    }
+
+    /// Hosts the database shows connected whose replica is gone (killed):
+    /// DISCONNECTED from now, so they get the whole grace period to reconnect
+    /// to another replica before their sessions are given up.
+    async fn orphans(&self, cluster: &crate::cluster::RedisCluster) -> anyhow::Result<()> {
+        let core = &self.core;
+        let cutoff = chrono::Utc::now() - ORPHAN_MIN_AGE;
+        let candidates: Vec<(String, u64)> = core
+            .store
+            .list_hosts(None)
+            .await?
+            .into_iter()
+            .map(|summary| summary.host)
+            .filter(|host| matches!(host.state, crate::model::HostState::Active | crate::model::HostState::Draining))
+            .filter(|host| host.updated_at < cutoff && !core.registry.is_connected(&host.id))
+            .map(|host| (host.id, host.generation))
+            .collect();
+        let ids: Vec<String> = candidates.iter().map(|(id, _)| id.clone()).collect();
+        let orphans = cluster.unowned(&ids).await?;
+        for (host_id, generation) in candidates.into_iter().filter(|(id, _)| orphans.contains(id)) {
+            if core.store.host_disconnected(&host_id, generation).await? {
+                tracing::warn!(%host_id, generation, "the replica holding this host is gone; waiting for it to reconnect elsewhere");
+            }
+        }
+        Ok(())
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
@@ -38,6 +71,13 @@ impl Sweeper {
 
     pub async fn sweep_once(&self) -> anyhow::Result<()> {
         let core = &self.core;
+        let pass = self.passes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(cluster) = &core.cluster
+            && pass.is_multiple_of(ORPHAN_CHECK_EVERY)
+            && let Err(error) = self.orphans(cluster).await
+        {
+            tracing::debug!(%error, "could not look for hosts whose replica is gone");
+        }
         let now = chrono::Utc::now();
         let grace = chrono::Duration::milliseconds(i64::try_from(core.config.hosts.reconnect_grace_ms)?);
         for host in core.store.hosts_disconnected_before(now - grace).await? {

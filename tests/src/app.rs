@@ -139,7 +139,8 @@ pub fn test_config() -> Config {
 }
 
 pub struct TestApp {
-    pub db: TestDatabase,
+    /// Shared by every replica spawned from this app.
+    pub db: Arc<TestDatabase>,
     pub store: DynStore,
     pub addr: SocketAddr,
     pub endpoint: String,
@@ -188,14 +189,34 @@ impl TestApp {
         configure: impl FnOnce(&mut Config),
     ) -> anyhow::Result<TestApp> {
         crate::init_test_log();
-        let db = db::fresh(backend).await?;
+        let db = Arc::new(db::fresh(backend).await?);
+        Self::spawn_on(db, None, options, configure).await
+    }
+
+    /// Another replica of this app: the same database and token issuer, its
+    /// own server and hosts (point both at one Redis in `configure` to make
+    /// them a cluster).
+    pub async fn spawn_replica(&self, configure: impl FnOnce(&mut Config)) -> anyhow::Result<TestApp> {
+        let options = TestOptions { regions: vec![], hosts: vec![], wait_warm: false, ..Default::default() };
+        Self::spawn_on(self.db.clone(), Some(self.issuer.clone()), options, configure).await
+    }
+
+    async fn spawn_on(
+        db: Arc<TestDatabase>,
+        issuer: Option<Arc<DevIssuer>>,
+        options: TestOptions,
+        configure: impl FnOnce(&mut Config),
+    ) -> anyhow::Result<TestApp> {
         let store = db::open_store(&db).await?;
         for (name, enabled) in &options.regions {
             store.put_region(&Region { name: name.clone(), enabled: *enabled, ..Default::default() }).await?;
         }
         let mut config = test_config();
         configure(&mut config);
-        let issuer = Arc::new(DevIssuer::generate(&config.auth.issuer, &config.auth.audience)?);
+        let issuer = match issuer {
+            Some(issuer) => issuer,
+            None => Arc::new(DevIssuer::generate(&config.auth.issuer, &config.auth.audience)?),
+        };
         let credentials = HostCredentials::new(config.hosts.credential_secret.clone());
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let bound = format!("http://{}", listener.local_addr()?);

@@ -189,7 +189,9 @@ impl Allocator {
                 // late or refused may, so it is told to tear it down.
                 let box_state = match error {
                     RouteError::NotConnected | RouteError::Gone => MandelboxState::Lost,
-                    RouteError::Timeout(_) | RouteError::Refused(_) => MandelboxState::Dying,
+                    RouteError::Timeout(_) | RouteError::Refused(_) | RouteError::Unavailable(_) => {
+                        MandelboxState::Dying
+                    }
                 };
                 core.store
                     .release_claim(claim.session.id, claim.mandelbox.id, box_state)

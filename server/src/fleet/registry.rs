@@ -103,6 +103,11 @@ impl ConnectionRegistry {
         self.lock().contains_key(host_id)
     }
 
+    /// Every connected host with its connection generation.
+    pub fn generations(&self) -> Vec<(String, u64)> {
+        self.lock().iter().map(|(host_id, connection)| (host_id.clone(), connection.generation)).collect()
+    }
+
     pub fn len(&self) -> usize {
         self.lock().len()
     }

@@ -20,6 +20,9 @@ pub enum RouteError {
     Timeout(Duration),
     #[error("host refused the command: {0}")]
     Refused(String),
+    /// The host's replica cannot be reached (Redis down): the command was not sent.
+    #[error("command routing unavailable: {0}")]
+    Unavailable(String),
 }
 
 #[async_trait]
