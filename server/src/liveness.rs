@@ -20,6 +20,8 @@ pub struct Sweeper {
 /// With several replicas, hosts whose replica is gone are looked for every
 /// this many passes (it reads every connected host's ownership).
 const ORPHAN_CHECK_EVERY: u64 = 3;
+/// How long the sweeping replica's lease lasts without renewal.
+const SWEEPER_LEASE: std::time::Duration = std::time::Duration::from_secs(5);
 /// A host that said Hello this recently may not have its ownership written yet.
 const ORPHAN_MIN_AGE: chrono::Duration = chrono::Duration::seconds(5);
 
@@ -71,6 +73,13 @@ impl Sweeper {
 
     pub async fn sweep_once(&self) -> anyhow::Result<()> {
         let core = &self.core;
+        // With several replicas one sweeps at a time (lease `sweeper`); another
+        // takes over within SWEEPER_LEASE of its holder dying.
+        if core.cluster.is_some()
+            && core.store.acquire_lease("sweeper", &core.replica_id, SWEEPER_LEASE).await?.is_none()
+        {
+            return Ok(());
+        }
         let pass = self.passes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(cluster) = &core.cluster
             && pass.is_multiple_of(ORPHAN_CHECK_EVERY)
