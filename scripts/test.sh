@@ -98,6 +98,9 @@ else
 fi
 [ ${#rust_filter[@]} -eq 0 ] || exit 0
 
+say "deployment artifacts (manifest schemas, compose file, image build steps)"
+deploy/check.sh
+
 say "real clients: gRPC-web (Connect JS) and grpcurl against switchboard dev"
 export SWITCHBOARD_BIN="$PWD/target/debug/switchboard"
 (cd tests/web && npm ci --no-audit --no-fund --loglevel=error && node --test)
