@@ -5,6 +5,7 @@
 
 pub mod app;
 pub mod cloud;
+pub mod cluster;
 pub mod db;
 pub mod jwks;
 pub mod runtime;
