@@ -201,6 +201,16 @@ impl TestApp {
         Self::spawn_on(self.db.clone(), Some(self.issuer.clone()), options, configure).await
     }
 
+    /// A server on a database the test provides (e.g. a private PostgreSQL it stops and starts).
+    pub async fn spawn_on_database(
+        db: Arc<TestDatabase>,
+        options: TestOptions,
+        configure: impl FnOnce(&mut Config),
+    ) -> anyhow::Result<TestApp> {
+        crate::init_test_log();
+        Self::spawn_on(db, None, options, configure).await
+    }
+
     async fn spawn_on(
         db: Arc<TestDatabase>,
         issuer: Option<Arc<DevIssuer>>,

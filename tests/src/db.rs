@@ -29,6 +29,8 @@ pub struct TestDatabase {
 }
 
 enum Cleanup {
+    /// Someone else's database (a private server the test stops and starts).
+    None,
     /// Dropped through the admin connection; a database cannot drop itself.
     Postgres { admin_url: String, name: String },
     /// Removing the directory removes the file and its WAL companions.
@@ -36,6 +38,11 @@ enum Cleanup {
 }
 
 impl TestDatabase {
+    /// A PostgreSQL database this value does not own (nothing is dropped).
+    pub fn external_postgres(url: &str) -> TestDatabase {
+        TestDatabase { url: url.to_owned(), backend: Backend::Postgres, cleanup: Cleanup::None }
+    }
+
     pub fn url(&self) -> &str {
         &self.url
     }
@@ -182,5 +189,90 @@ mod tests {
             Some("postgres://u:p@db/x?sslmode=disable".to_owned())
         );
         assert_eq!(database_url("postgres://db:5432", "x").ok(), Some("postgres://db:5432/x".to_owned()));
+    }
+}
+
+/// A PostgreSQL server of the test's own (initdb in a temporary directory,
+/// trust auth, on `port`), so that it can be stopped and started without
+/// disturbing the other tests' shared server.
+pub struct PrivatePostgres {
+    dir: TempDir,
+    pub port: u16,
+}
+
+impl PrivatePostgres {
+    fn bin(tool: &str) -> anyhow::Result<std::path::PathBuf> {
+        let root = std::path::Path::new("/usr/lib/postgresql");
+        let mut versions: Vec<_> = std::fs::read_dir(root)
+            .with_context(|| format!("no PostgreSQL server binaries under {}", root.display()))?
+            .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+            .collect();
+        versions.sort();
+        let path = versions.last().context("no PostgreSQL version installed")?.join("bin").join(tool);
+        anyhow::ensure!(path.exists(), "{} not found", path.display());
+        Ok(path)
+    }
+
+    /// Runs a server tool as `postgres` when this process is root (the server
+    /// refuses to run as root), as this user otherwise.
+    fn run(tool: &str, args: &[&str]) -> anyhow::Result<()> {
+        let bin = Self::bin(tool)?;
+        let is_root = std::process::Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
+        let mut command = if is_root {
+            let mut command = std::process::Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(&bin);
+            command
+        } else {
+            std::process::Command::new(&bin)
+        };
+        let output = command.args(args).output().with_context(|| format!("running {tool}"))?;
+        anyhow::ensure!(output.status.success(), "{tool} failed: {}", String::from_utf8_lossy(&output.stderr));
+        Ok(())
+    }
+
+    pub fn start_new(port: u16) -> anyhow::Result<PrivatePostgres> {
+        let dir = tempfile::Builder::new().prefix("switchboard-pg-").tempdir()?;
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data)?;
+        let is_root = std::process::Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
+        if is_root {
+            let owner =
+                std::process::Command::new("chown").arg("-R").arg("postgres:postgres").arg(dir.path()).status()?;
+            anyhow::ensure!(owner.success(), "chown of {} failed", dir.path().display());
+        }
+        let data_dir = data.to_string_lossy().into_owned();
+        Self::run("initdb", &["-D", &data_dir, "-A", "trust", "-U", "postgres", "--no-sync"])?;
+        let server = PrivatePostgres { dir, port };
+        server.start()?;
+        Ok(server)
+    }
+
+    fn data_dir(&self) -> String {
+        self.dir.path().join("data").to_string_lossy().into_owned()
+    }
+
+    /// Starts (again) on the same data: nothing written before is lost.
+    pub fn start(&self) -> anyhow::Result<()> {
+        let options =
+            format!("-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off", self.port, self.dir.path().display());
+        Self::run(
+            "pg_ctl",
+            &["-D", &self.data_dir(), "-o", &options, "-w", "-l", &format!("{}/log", self.data_dir()), "start"],
+        )
+    }
+
+    /// Stops at once, as a crash would (connections are cut, no checkpoint).
+    pub fn stop(&self) -> anyhow::Result<()> {
+        Self::run("pg_ctl", &["-D", &self.data_dir(), "-m", "immediate", "-w", "stop"])
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = self.stop();
     }
 }

@@ -39,7 +39,9 @@ impl PgStore {
     pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Self> {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(10))
+            // A database that cannot hand out a connection within this is
+            // unavailable: callers get UNAVAILABLE instead of hanging.
+            .acquire_timeout(Duration::from_secs(3))
             .connect(url)
             .await?;
         Ok(Self { pool })
