@@ -174,24 +174,6 @@ fn database_url(admin_url: &str, name: &str) -> anyhow::Result<String> {
     Ok(url)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::database_url;
-
-    #[test]
-    fn database_url_replaces_the_path_only() {
-        assert_eq!(
-            database_url("postgres://postgres@127.0.0.1:5432/postgres", "sb_test_1").ok(),
-            Some("postgres://postgres@127.0.0.1:5432/sb_test_1".to_owned())
-        );
-        assert_eq!(
-            database_url("postgres://u:p@db/admin?sslmode=disable", "x").ok(),
-            Some("postgres://u:p@db/x?sslmode=disable".to_owned())
-        );
-        assert_eq!(database_url("postgres://db:5432", "x").ok(), Some("postgres://db:5432/x".to_owned()));
-    }
-}
-
 /// A PostgreSQL server of the test's own (initdb in a temporary directory,
 /// trust auth, on `port`), so that it can be stopped and started without
 /// disturbing the other tests' shared server.
@@ -274,5 +256,23 @@ impl PrivatePostgres {
 impl Drop for PrivatePostgres {
     fn drop(&mut self) {
         let _ = self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::database_url;
+
+    #[test]
+    fn database_url_replaces_the_path_only() {
+        assert_eq!(
+            database_url("postgres://postgres@127.0.0.1:5432/postgres", "sb_test_1").ok(),
+            Some("postgres://postgres@127.0.0.1:5432/sb_test_1".to_owned())
+        );
+        assert_eq!(
+            database_url("postgres://u:p@db/admin?sslmode=disable", "x").ok(),
+            Some("postgres://u:p@db/x?sslmode=disable".to_owned())
+        );
+        assert_eq!(database_url("postgres://db:5432", "x").ok(), Some("postgres://db:5432/x".to_owned()));
     }
 }
