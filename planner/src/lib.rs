@@ -70,25 +70,27 @@ pub struct Timings {
 }
 
 impl Default for Timings {
-    /// Chosen with the fleet simulator (simulator/REPORT.md, "Recommended
-    /// defaults"), on a simulated day of 2-slot hosts booting in 90–240 s:
-    /// - `launch_timeout` 600 s: any value from 240 s up costs the same on a
-    ///   normal day; shorter ones kill healthy slow boots. A shorter timeout
+    /// Checked with the fleet simulator (simulator/REPORT.md, "Recommended
+    /// defaults") on a simulated day of 2-slot hosts booting in 90–240 s,
+    /// against this `plan()` (excess drains take empty hosts only):
+    /// - `launch_timeout` 600 s: every value from 240 s up costs the same on
+    ///   a normal day; shorter ones kill healthy slow boots. A shorter one
     ///   helps only on a day of broken images, and is safe only once the
     ///   real boot tail is measured.
-    /// - `scale_down_delay` 600 s (was 300 s): the same instance-hours
-    ///   (within 0.4%, from 1 to 60 arrivals/min at their peak) for 11–23%
-    ///   fewer launches and drains, and no more allocations without a warm
-    ///   box; 900 s and up cost more for little further gain.
-    /// - `scale_down_cooldown` 600 s (was 300 s): a launch already restarts
-    ///   the delay, so the cooldown only binds above `scale_down_delay`;
-    ///   equal to it, it keeps the same floor when a region's delay is set
-    ///   lower.
+    /// - `scale_down_delay` 300 s: the end of the flat part of the cost
+    ///   curve. From 60 s to 300 s instance-hours stay within 0.7% (same
+    ///   buffer) while launches fall by a quarter; beyond it they rise about
+    ///   0.8% per further 5 min, for fewer misses that a bigger buffer buys
+    ///   cheaper (buffer 13 at 300 s beats buffer 12 at 600 s on both). 600 s
+    ///   was better only while scale-down also drained hosts with sessions.
+    /// - `scale_down_cooldown` 300 s: a launch already restarts the delay,
+    ///   so the cooldown binds only when it is longer than the delay; equal
+    ///   to it, it keeps that floor if a region's delay is set lower.
     fn default() -> Self {
         Timings {
             launch_timeout: Duration::from_secs(600),
-            scale_down_delay: Duration::from_secs(600),
-            scale_down_cooldown: Duration::from_secs(600),
+            scale_down_delay: Duration::from_secs(300),
+            scale_down_cooldown: Duration::from_secs(300),
         }
     }
 }

@@ -14,7 +14,7 @@ use crate::{
 };
 
 /// The buffer the report recommends (see REPORT.md, "Recommended defaults").
-pub const RECOMMENDED_BUFFER: u32 = 8;
+pub const RECOMMENDED_BUFFER: u32 = 12;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SimConfig {
@@ -50,18 +50,20 @@ pub struct SimConfig {
     pub what_if: WhatIf,
 }
 
-/// Changes to what the scaler is *told*, to measure a proposed change to
+/// Changes to what the scaler is told, to measure a proposed change to
 /// `planner::plan` without making it: the simulator raises the buffer it puts
-/// in the `RegionView`. Both off: the scaler exactly as it is.
+/// in the `RegionView`. All off: the scaler exactly as it is.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct WhatIf {
     /// Users waiting without a box count as missing buffer (the server knows
     /// them: their sessions are PENDING; the view does not carry them).
     pub pending_in_buffer: bool,
-    /// A buffer that follows demand: at least the arrivals of the last 10
-    /// minutes' rate over this lead time (the time a launch takes to become a
-    /// warm box).
-    pub rate_buffer_lead: Option<Duration>,
+    /// A buffer that follows demand: at least `⌈2·√(2·λ·L)⌉`, λ the arrival
+    /// rate of the last 10 minutes and L this lead time (from a launch to a
+    /// warm box). Over L, arrivals and departures are each about Poisson(λL),
+    /// so their difference, what the buffer must absorb, has a standard
+    /// deviation of √(2λL); two of them cover 98% of lead times.
+    pub demand_buffer_lead: Option<Duration>,
 }
 
 impl Default for SimConfig {

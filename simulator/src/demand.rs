@@ -7,7 +7,7 @@
 use std::{fmt, path::Path, time::Duration};
 
 use anyhow::{Context as _, bail, ensure};
-use rand::Rng;
+use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::Serialize;
 
 use planner::Millis;
@@ -15,6 +15,7 @@ use planner::Millis;
 use crate::dist;
 
 const MINUTE: Millis = 60_000;
+const LENGTH_STREAM: u64 = 0x5bd1_e995_0000_0003;
 
 /// Expected arrivals per minute, minute by minute; a run longer than the
 /// curve wraps around (a day curve repeats the next day).
@@ -210,7 +211,13 @@ impl Demand {
     /// measures for `duration`, in order of time. The clock's 0 is the start
     /// of the lead-in, which ends on the curve's `start_minute`; `ends_at`
     /// counts from there too.
-    pub(crate) fn arrivals(&self, lead_in_minutes: u64, duration: Millis, rng: &mut impl Rng) -> Vec<Arrival> {
+    ///
+    /// Times and lengths come from two generators: a longer run, or one whose
+    /// demand ends earlier, has the same users as a shorter one up to where
+    /// they differ.
+    pub(crate) fn arrivals(&self, lead_in_minutes: u64, duration: Millis, seed: u64) -> Vec<Arrival> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut lengths = StdRng::seed_from_u64(seed ^ LENGTH_STREAM);
         let lead_in = lead_in_minutes * MINUTE;
         let end = lead_in + self.ends_at.map_or(duration, |at| dist::millis(at).min(duration));
         let curve_minutes = self.curve.minutes() as u64;
@@ -228,7 +235,7 @@ impl Demand {
                 Replay::Poisson => {
                     for second in 0..60 {
                         let at = minute_start + second * 1000;
-                        for _ in 0..dist::poisson(rng, rate / 60.0) {
+                        for _ in 0..dist::poisson(&mut rng, rate / 60.0) {
                             arrivals.push(Arrival { at, session: 0 });
                         }
                     }
@@ -243,10 +250,8 @@ impl Demand {
             minute += 1;
         }
         arrivals.retain(|arrival| arrival.at < end);
-        // Lengths are drawn after the times so that the same curve with other
-        // session lengths keeps the same arrival times.
         for arrival in &mut arrivals {
-            arrival.session = self.sessions.sample(rng);
+            arrival.session = self.sessions.sample(&mut lengths);
         }
         arrivals
     }
@@ -254,8 +259,6 @@ impl Demand {
 
 #[cfg(test)]
 mod tests {
-    use rand::{SeedableRng, rngs::StdRng};
-
     use super::*;
 
     #[test]
@@ -304,11 +307,7 @@ mod tests {
 
     #[test]
     fn poisson_arrivals_follow_the_rate() {
-        let arrivals = demand(DemandCurve::constant(6.0), Replay::Poisson).arrivals(
-            0,
-            10 * 60 * MINUTE,
-            &mut StdRng::seed_from_u64(7),
-        );
+        let arrivals = demand(DemandCurve::constant(6.0), Replay::Poisson).arrivals(0, 10 * 60 * MINUTE, 7);
         let n = arrivals.len() as f64;
         assert!((n - 3600.0).abs() < 200.0, "{n} arrivals in 10 h at 6/min");
         assert!(arrivals.windows(2).all(|pair| pair[0].at <= pair[1].at));
@@ -319,7 +318,7 @@ mod tests {
     #[test]
     fn exact_replay_places_each_minutes_count_in_it() -> anyhow::Result<()> {
         let curve = DemandCurve::from_rates(vec![3.0, 0.0, 2.0], "test")?;
-        let arrivals = demand(curve, Replay::Exact).arrivals(0, 3 * MINUTE, &mut StdRng::seed_from_u64(7));
+        let arrivals = demand(curve, Replay::Exact).arrivals(0, 3 * MINUTE, 7);
         let per_minute: Vec<usize> = (0..3).map(|m| arrivals.iter().filter(|a| a.at / MINUTE == m).count()).collect();
         assert_eq!(per_minute, [3, 0, 2]);
         Ok(())
@@ -332,17 +331,26 @@ mod tests {
         let rates: Vec<f64> = (0..120).map(|minute| if minute < 60 { 30.0 } else { 0.0 }).collect();
         let mut demand = demand(DemandCurve::from_rates(rates, "test")?, Replay::Exact);
         demand.start_minute = 60;
-        let arrivals = demand.arrivals(60, 60 * MINUTE, &mut StdRng::seed_from_u64(7));
+        let arrivals = demand.arrivals(60, 60 * MINUTE, 7);
         assert_eq!(arrivals.len(), 60 * 30);
         assert!(arrivals.iter().all(|a| a.at < 60 * MINUTE));
         Ok(())
     }
 
     #[test]
+    fn a_longer_run_has_the_same_users_first() {
+        let demand = demand(DemandCurve::diurnal(5.0), Replay::Poisson);
+        let short = demand.arrivals(60, 2 * 60 * MINUTE, 3);
+        let long = demand.arrivals(60, 5 * 60 * MINUTE, 3);
+        assert!(long.len() > short.len());
+        assert_eq!(short, long[..short.len()]);
+    }
+
+    #[test]
     fn demand_can_end_before_the_run_does() {
         let mut demand = demand(DemandCurve::constant(6.0), Replay::Poisson);
         demand.ends_at = Some(Duration::from_secs(3600));
-        let arrivals = demand.arrivals(0, 2 * 60 * MINUTE, &mut StdRng::seed_from_u64(7));
+        let arrivals = demand.arrivals(0, 2 * 60 * MINUTE, 7);
         assert!(!arrivals.is_empty());
         assert!(arrivals.iter().all(|a| a.at < 60 * MINUTE));
     }

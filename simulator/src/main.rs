@@ -7,7 +7,7 @@
 //! fleet-sim smoke              a few simulated hours at a small scale (CI)
 //! ```
 
-use std::{path::PathBuf, time::Duration};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, ensure};
 use clap::{Args, Parser, Subcommand};
@@ -55,10 +55,10 @@ struct SweepArgs {
     model: ModelArgs,
     #[command(flatten)]
     output: Output,
-    /// Buffers to try [default: 0,1,2,4,8,16].
+    /// Buffers to try [default: 0,1,2,4,8,12,16].
     #[arg(long, value_delimiter = ',')]
     buffers: Vec<u32>,
-    /// Scale-down delays to try, in seconds [default: 60,300,900].
+    /// Scale-down delays to try, in seconds [default: 60,120,300,600,900,1800].
     #[arg(long, value_delimiter = ',')]
     scale_down_delays_s: Vec<u64>,
     /// Scale-down cooldowns to try, in seconds [default: 300,900].
@@ -92,6 +92,7 @@ struct Output {
 /// (`SimConfig::default()`, printed at the top of every report).
 #[derive(Args)]
 struct ModelArgs {
+    /// Seed of every random draw (demand, provider, hosts).
     #[arg(long)]
     seed: Option<u64>,
     /// Simulated hours (measured).
@@ -173,9 +174,9 @@ struct ModelArgs {
     /// What-if: tell the scaler the buffer plus the users waiting without a box.
     #[arg(long)]
     what_if_pending_in_buffer: bool,
-    /// What-if: a buffer of at least the recent arrival rate times this lead time.
+    /// What-if: a buffer of at least 2·√(2·λ·LEAD), λ the last 10 minutes' arrival rate.
     #[arg(long)]
-    what_if_rate_buffer_lead_s: Option<u64>,
+    what_if_demand_buffer_lead_s: Option<u64>,
 }
 
 impl ModelArgs {
@@ -302,14 +303,25 @@ impl ModelArgs {
             hosts.loss_per_host_hour = r;
         }
         config.what_if.pending_in_buffer |= self.what_if_pending_in_buffer;
-        if let Some(s) = self.what_if_rate_buffer_lead_s {
-            config.what_if.rate_buffer_lead = Some(secs(s));
+        if let Some(s) = self.what_if_demand_buffer_lead_s {
+            config.what_if.demand_buffer_lead = Some(secs(s));
         }
         Ok(config)
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
+    // The error's chain on one line, not a `Debug` dump with a backtrace.
+    match try_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("fleet-sim: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn try_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         None => run(&cli.run.model.config(SimConfig::default())?, &cli.run.output),

@@ -40,7 +40,7 @@ pub struct Scenario {
     pub session_range_min: (f64, f64),
     pub patience_s: f64,
     pub what_if_pending_in_buffer: bool,
-    pub what_if_rate_buffer_lead_s: Option<f64>,
+    pub what_if_demand_buffer_lead_s: Option<f64>,
 }
 
 impl Scenario {
@@ -80,8 +80,20 @@ impl Scenario {
             session_range_min: (secs(demand.sessions.min) / 60.0, secs(demand.sessions.max) / 60.0),
             patience_s: secs(config.patience),
             what_if_pending_in_buffer: config.what_if.pending_in_buffer,
-            what_if_rate_buffer_lead_s: config.what_if.rate_buffer_lead.map(secs),
+            what_if_demand_buffer_lead_s: config.what_if.demand_buffer_lead.map(secs),
         }
+    }
+
+    /// One line naming the what-ifs in force, if any.
+    pub fn what_if_markdown(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        if self.what_if_pending_in_buffer {
+            parts.push("users waiting without a box are added to the buffer".to_owned());
+        }
+        if let Some(lead) = self.what_if_demand_buffer_lead_s {
+            parts.push(format!("buffer at least ⌈2·√(2·λ·L)⌉ with L = {lead} s"));
+        }
+        (!parts.is_empty()).then(|| format!("**What-if (not the planner as it is):** {}.", parts.join("; ")))
     }
 
     /// The model's assumptions, for a report's reader.
@@ -131,6 +143,11 @@ pub struct Totals {
     pub draining_hours: f64,
     pub lost_hours: f64,
     pub terminating_hours: f64,
+    /// What a scaler without hysteresis would have run: `⌈(sessions +
+    /// buffer) / capacity⌉` (at least `min_instances`), integrated. The
+    /// difference to `instance_hours` is what booting, draining and slack
+    /// cost.
+    pub needed_instance_hours: f64,
     /// Warm boxes holding no user, integrated over time.
     pub idle_warm_box_hours: f64,
     pub session_hours: f64,
@@ -219,6 +236,8 @@ pub struct HourRow {
     pub avg_warm: f64,
     pub avg_sessions: f64,
     pub max_sessions: u32,
+    /// `⌈(sessions + buffer) / capacity⌉`, at least `min_instances`.
+    pub avg_needed: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -251,13 +270,8 @@ impl Report {
             s.warmup_hours,
             s.seed
         );
-        if s.what_if_pending_in_buffer || s.what_if_rate_buffer_lead_s.is_some() {
-            let _ = writeln!(
-                out,
-                "**What-if (not the planner as it is):** pending users in buffer: {}; demand-following buffer lead: {}.\n",
-                s.what_if_pending_in_buffer,
-                s.what_if_rate_buffer_lead_s.map_or("off".to_owned(), |lead| format!("{lead} s"))
-            );
+        if let Some(line) = s.what_if_markdown() {
+            let _ = writeln!(out, "{line}\n");
         }
         let pct = |part: u64, whole: u64| if whole == 0 { 0.0 } else { 100.0 * part as f64 / whole as f64 };
         let rows: Vec<(&str, String)> = vec![
@@ -271,6 +285,18 @@ impl Report {
                     t.draining_hours,
                     t.lost_hours,
                     t.terminating_hours
+                ),
+            ),
+            (
+                "Needed instance-hours (sessions + buffer, no hysteresis)",
+                format!(
+                    "{:.1} (actual is {:+.1}%)",
+                    t.needed_instance_hours,
+                    if t.needed_instance_hours > 0.0 {
+                        100.0 * (t.instance_hours / t.needed_instance_hours - 1.0)
+                    } else {
+                        0.0
+                    }
                 ),
             ),
             ("Idle warm-box-hours", format!("{:.1}", t.idle_warm_box_hours)),
@@ -344,13 +370,14 @@ impl Report {
             e.instances, e.live, e.sessions, e.warm, e.queued, e.arrivals_last_hour, e.needed, e.floor
         );
         out.push_str(
-            "| Hour | Clock | Arrivals | No warm box | Gave up | Launches | Drains | Instances avg / max | Warm avg | Sessions avg / max |\n\
-             |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+            "| Hour | Clock | Arrivals | No warm box | Gave up | Launches | Drains | Instances avg / max | Needed avg \
+             | Warm avg | Sessions avg / max |\n\
+             |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         );
         for h in &self.hours {
             let _ = writeln!(
                 out,
-                "| {} | {:02}:00 | {} | {} | {} | {} | {} | {:.1} / {} | {:.1} | {:.1} / {} |",
+                "| {} | {:02}:00 | {} | {} | {} | {} | {} | {:.1} / {} | {:.1} | {:.1} | {:.1} / {} |",
                 h.hour,
                 h.clock,
                 h.arrivals,
@@ -360,6 +387,7 @@ impl Report {
                 h.drains,
                 h.avg_instances,
                 h.max_instances,
+                h.avg_needed,
                 h.avg_warm,
                 h.avg_sessions,
                 h.max_sessions

@@ -1,11 +1,8 @@
 //! The simulated clock: one region, step by step, the fleet living its life,
 //! users arriving and waiting, and the real `planner::plan` deciding.
 
-use std::collections::VecDeque;
-
-use rand::{SeedableRng, rngs::StdRng};
-
 use planner::{Millis, Plan, ScalerMemory, TerminateReason};
+use std::collections::VecDeque;
 
 use crate::{
     config::SimConfig,
@@ -41,8 +38,7 @@ pub fn run(config: &SimConfig, mut on_hour: impl FnMut(&HourRow)) -> Report {
     let step = millis(config.step).max(1);
     let interval = millis(config.scaler_interval).max(1);
     let patience = millis(config.patience);
-    let arrivals =
-        config.demand.arrivals(lead_in_minutes, millis(config.duration), &mut StdRng::seed_from_u64(config.seed));
+    let arrivals = config.demand.arrivals(lead_in_minutes, millis(config.duration), config.seed);
     let mut provider = Provider::new(config.provider.clone(), config.seed ^ PROVIDER_STREAM);
     let mut fleet = Fleet::new(config.settings.clone(), config.hosts.clone(), config.seed ^ HOST_STREAM);
     let mut memory = ScalerMemory::default();
@@ -144,7 +140,9 @@ pub fn run(config: &SimConfig, mut on_hour: impl FnMut(&HourRow)) -> Report {
             figures.planned(now, &plan, &applied, &before);
         }
 
-        figures.sample(fleet.counts(), queue.len(), step);
+        let counts = fleet.counts();
+        let needed = ideal_instances(config, counts.busy);
+        figures.sample(counts, needed, queue.len(), step);
         now += step;
         if measuring && ((now - measured_from).is_multiple_of(HOUR) || now >= end_of_run) {
             on_hour(&figures.close_hour());
@@ -161,11 +159,17 @@ pub fn run(config: &SimConfig, mut on_hour: impl FnMut(&HourRow)) -> Report {
         warm: counts.warm,
         queued: queue.len() as u32,
         arrivals_last_hour: figures.hours.last().map_or(0, |hour| hour.arrivals),
-        needed: (counts.busy + config.settings.buffer).div_ceil(capacity).max(min),
+        needed: ideal_instances(config, counts.busy),
         floor: config.settings.buffer.div_ceil(capacity).max(min),
     };
     figures.totals.still_waiting_at_end = queue.len() as u64;
     Report { scenario: Scenario::of(config), totals: figures.finish(config), end, hours: figures.hours }
+}
+
+/// What a scaler without hysteresis, whose sessions could move, would run:
+/// enough instances for the sessions and the buffer, at least the minimum.
+fn ideal_instances(config: &SimConfig, sessions: u32) -> u32 {
+    (sessions + config.settings.buffer).div_ceil(config.capacity().max(1)).max(config.settings.min_instances)
 }
 
 /// The buffer put in the scaler's view: the setting, raised by a what-if.
@@ -174,9 +178,9 @@ fn told_buffer(config: &SimConfig, queued: usize, recent_arrivals: usize) -> u32
     if config.what_if.pending_in_buffer {
         buffer += queued as u32;
     }
-    if let Some(lead) = config.what_if.rate_buffer_lead {
-        let per_ms = recent_arrivals as f64 / RATE_WINDOW as f64;
-        buffer = buffer.max((per_ms * millis(lead) as f64).ceil() as u32);
+    if let Some(lead) = config.what_if.demand_buffer_lead {
+        let expected = recent_arrivals as f64 / RATE_WINDOW as f64 * millis(lead) as f64;
+        buffer = buffer.max((2.0 * (2.0 * expected).sqrt()).ceil() as u32);
     }
     buffer
 }
@@ -192,6 +196,7 @@ struct Figures {
     hour_instances: f64,
     hour_warm: f64,
     hour_sessions: f64,
+    hour_needed: f64,
     hour_length: Millis,
     last_excess_drain: Option<Millis>,
     /// Billed milliseconds by phase, and other integrals.
@@ -204,6 +209,7 @@ struct Figures {
     sessions: f64,
     draining_free: f64,
     waiting: f64,
+    needed: f64,
     start_minute: usize,
 }
 
@@ -219,6 +225,7 @@ impl Figures {
             hour_instances: 0.0,
             hour_warm: 0.0,
             hour_sessions: 0.0,
+            hour_needed: 0.0,
             hour_length: 0,
             last_excess_drain: None,
             booting: 0.0,
@@ -230,6 +237,7 @@ impl Figures {
             sessions: 0.0,
             draining_free: 0.0,
             waiting: 0.0,
+            needed: 0.0,
             start_minute,
         }
     }
@@ -268,8 +276,10 @@ impl Figures {
     }
 
     /// The fleet as it stands for the step `[now, now + step)`.
-    fn sample(&mut self, counts: Counts, queued: usize, step: Millis) {
+    fn sample(&mut self, counts: Counts, needed: u32, queued: usize, step: Millis) {
         let dt = step as f64;
+        self.needed += f64::from(needed) * dt;
+        self.hour_needed += f64::from(needed) * dt;
         self.booting += f64::from(counts.launching) * dt;
         self.serving += f64::from(counts.active) * dt;
         self.draining += f64::from(counts.draining) * dt;
@@ -296,6 +306,7 @@ impl Figures {
         self.hour.avg_instances = self.hour_instances / length;
         self.hour.avg_warm = self.hour_warm / length;
         self.hour.avg_sessions = self.hour_sessions / length;
+        self.hour.avg_needed = self.hour_needed / length;
         let index = self.hours.len() as u32 + 1;
         let next = HourRow {
             hour: index,
@@ -303,7 +314,8 @@ impl Figures {
             ..HourRow::default()
         };
         let closed = std::mem::replace(&mut self.hour, next);
-        (self.hour_instances, self.hour_warm, self.hour_sessions, self.hour_length) = (0.0, 0.0, 0.0, 0);
+        (self.hour_instances, self.hour_warm, self.hour_sessions, self.hour_needed) = (0.0, 0.0, 0.0, 0.0);
+        self.hour_length = 0;
         self.hours.push(closed.clone());
         closed
     }
@@ -321,6 +333,7 @@ impl Figures {
         t.session_hours = hours(self.sessions);
         t.draining_free_slot_hours = hours(self.draining_free);
         t.user_wait_hours = hours(self.waiting);
+        t.needed_instance_hours = hours(self.needed);
         let slot_hours = t.instance_hours * f64::from(config.capacity());
         t.slot_utilization_pct = if slot_hours > 0.0 { 100.0 * t.session_hours / slot_hours } else { 0.0 };
         let pct = |part: u64| if t.allocations == 0 { 0.0 } else { 100.0 * part as f64 / t.allocations as f64 };

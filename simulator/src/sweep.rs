@@ -23,11 +23,13 @@ pub struct Grid {
 }
 
 impl Grid {
-    /// The issue's buffers and the timings around the planner's defaults.
+    /// The issue's buffers (and 12, the recommended one) and timings around
+    /// the planner's defaults; cooldowns below and above most delays, as a
+    /// cooldown only binds above the delay.
     pub fn standard(base: &SimConfig) -> Self {
         Grid {
-            buffers: vec![0, 1, 2, 4, 8, 16],
-            scale_down_delays: [60, 300, 900].map(Duration::from_secs).to_vec(),
+            buffers: vec![0, 1, 2, 4, 8, 12, 16],
+            scale_down_delays: [60, 120, 300, 600, 900, 1800].map(Duration::from_secs).to_vec(),
             scale_down_cooldowns: [300, 900].map(Duration::from_secs).to_vec(),
             launch_timeouts: vec![base.timings.launch_timeout],
             seeds: vec![base.seed, base.seed + 1, base.seed + 2],
@@ -59,6 +61,7 @@ pub struct SweepRow {
     pub launches_soon_after_drain: f64,
     pub never_connected: f64,
     pub slow_boots_terminated: f64,
+    pub draining_hours: f64,
     pub slot_utilization_pct: f64,
     pub end_live: f64,
 }
@@ -84,6 +87,7 @@ impl SweepRow {
             launches_soon_after_drain: mean(&|r| r.totals.launches_soon_after_drain as f64),
             never_connected: mean(&|r| r.totals.never_connected as f64),
             slow_boots_terminated: mean(&|r| r.totals.slow_boots_terminated as f64),
+            draining_hours: mean(&|r| r.totals.draining_hours),
             slot_utilization_pct: mean(&|r| r.totals.slot_utilization_pct),
             end_live: mean(&|r| f64::from(r.end.live)),
         }
@@ -153,7 +157,11 @@ pub fn sweep(
 impl SweepReport {
     pub fn markdown(&self) -> String {
         let mut out = String::new();
-        let _ = writeln!(out, "Each row is the mean of seeds {:?} (the same users in every row).\n", self.seeds);
+        let _ = writeln!(out, "Each row is the mean of seeds {:?} (the same users in every row).", self.seeds);
+        if let Some(line) = self.base.what_if_markdown() {
+            let _ = writeln!(out, "{line}");
+        }
+        out.push('\n');
         out.push_str(
             "| Buffer | Scale-down delay s | Cooldown s | Launch timeout s | Instance-h | Idle warm-box-h | No warm box % \
              | Gave up (%) | Wait p99 / max s | Launches | Drains | Relaunch ≤10 min | Never conn. (slow) | Slot use % \

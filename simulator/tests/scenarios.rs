@@ -71,7 +71,7 @@ fn with_no_demand_after_noon_the_region_returns_to_its_floor() {
         let report = run(&config);
         let end = &report.end;
         assert_eq!(end.floor, floor);
-        assert!(report.totals.peak_live > 10 * floor, "the day did scale up: peak {}", report.totals.peak_live);
+        assert!(report.totals.peak_live > 5 * floor, "the day did scale up: peak {}", report.totals.peak_live);
         assert_eq!((end.sessions, end.queued), (0, 0));
         assert_eq!((end.live, end.instances), (floor, floor), "buffer {buffer}: nothing left running beyond the floor");
         let last = report.hours.last().map(|hour| (hour.avg_instances, hour.launches));
@@ -159,4 +159,21 @@ fn a_bigger_buffer_costs_more_and_starves_less() {
     assert!(none.no_warm_box_pct > 5.0 * eight.no_warm_box_pct.max(0.1), "{none:?} vs {eight:?}");
     assert!(none.instance_hours < eight.instance_hours);
     assert!(report.cheapest_within_target.as_ref().is_some_and(|row| row.buffer == 8));
+}
+
+#[test]
+fn a_region_without_buffer_grows_only_if_waiting_users_count_as_missing_buffer() {
+    // Pins REPORT.md's first finding: the planner launches only to restore
+    // the buffer, and users waiting for a box are not part of its view.
+    let mut config = small(3.0, 3);
+    config.demand.start_minute = 18 * 60;
+    config.settings.buffer = 0;
+    let as_is = run(&config);
+    assert_eq!(as_is.totals.peak_live, config.settings.min_instances, "never grows");
+    assert!(as_is.totals.gave_up_pct > 50.0);
+
+    config.what_if.pending_in_buffer = true;
+    let counted = run(&config);
+    assert!(counted.totals.peak_live > 20, "grows to {}", counted.totals.peak_live);
+    assert!(counted.totals.gave_up_pct < 2.0, "{}% gave up", counted.totals.gave_up_pct);
 }
