@@ -19,8 +19,9 @@
 //! 3. **Scale up**: `available` = free slots on connected hosts of the current
 //!    image (warm boxes and slots about to be warmed) + the slots of instances
 //!    launched but not yet connected. Launch exactly enough instances of the
-//!    first instance type to cover `buffer - available`, and enough to reach
-//!    `min_instances`; never more than `max_instances` live instances.
+//!    first instance type to cover `buffer + waiting - available` (`waiting`:
+//!    users with no box yet), and enough to reach `min_instances`; never more
+//!    than `max_instances` live instances.
 //! 4. **Scale down** when `available - buffer` is at least an empty host's
 //!    slots and has been for `scale_down_delay`, and no launch happened in the
 //!    last `scale_down_cooldown`: drain *empty* hosts (allocation packs the
@@ -146,6 +147,10 @@ impl InstanceView {
 pub struct RegionView {
     pub settings: RegionSettings,
     pub instances: Vec<InstanceView>,
+    /// Users waiting for a box here (PENDING sessions): demand on top of the
+    /// buffer, each about to take one of the available slots. Without them a
+    /// region with a buffer of 0 would never grow past `min_instances`.
+    pub waiting: u32,
     pub now: Millis,
 }
 
@@ -286,7 +291,8 @@ pub fn plan(view: &RegionView, memory: &mut ScalerMemory, timings: &Timings) -> 
     result.live_instances = live;
 
     let capacity = launch_type.capacity.max(1);
-    let missing = settings.buffer.saturating_sub(result.available);
+    let wanted_free = settings.buffer.saturating_add(view.waiting);
+    let missing = wanted_free.saturating_sub(result.available);
     let for_buffer = missing.div_ceil(capacity);
     let for_minimum = settings.min_instances.saturating_sub(serving);
     let wanted = for_buffer.max(for_minimum);
@@ -300,7 +306,7 @@ pub fn plan(view: &RegionView, memory: &mut ScalerMemory, timings: &Timings) -> 
     }
 
     // 4. Scale down, slowly: only a lasting excess, not right after a launch.
-    let excess = result.available.saturating_sub(settings.buffer);
+    let excess = result.available.saturating_sub(wanted_free);
     let mut candidates: Vec<&InstanceView> = view
         .instances
         .iter()

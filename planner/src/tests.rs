@@ -26,7 +26,7 @@ fn host(id: &str, phase: Phase, capacity: u32, assigned: u32) -> InstanceView {
 }
 
 fn view(settings: RegionSettings, instances: Vec<InstanceView>, now: Millis) -> RegionView {
-    RegionView { settings, instances, now }
+    RegionView { settings, instances, waiting: 0, now }
 }
 
 fn timings() -> Timings {
@@ -43,6 +43,21 @@ fn an_empty_region_launches_exactly_enough_for_its_buffer() {
     let plan = plan(&view(settings(5, 0, 10, 2), vec![], 0), &mut memory, &timings());
     assert_eq!(plan.launch, 3, "ceil(5 / 2)");
     assert_eq!(memory.last_launch, Some(0));
+}
+
+#[test]
+fn waiting_users_are_demand_even_without_a_buffer() {
+    let mut memory = ScalerMemory::default();
+    let waiting = RegionView { waiting: 3, ..view(settings(0, 0, 10, 2), vec![], 0) };
+    assert_eq!(plan(&waiting, &mut memory, &timings()).launch, 2, "ceil(3 / 2)");
+    // Slots already coming cover them; the buffer comes on top.
+    let coming = RegionView { waiting: 3, ..view(settings(2, 0, 10, 2), vec![host("a", Phase::Launching, 4, 0)], 0) };
+    assert_eq!(plan(&coming, &mut memory, &timings()).launch, 1, "3 waiting + 2 buffer - 4 coming");
+    // And no host is drained while users wait for its slots.
+    let mut memory = ScalerMemory { excess_since: Some(0), last_launch: None };
+    let busy =
+        RegionView { waiting: 2, ..view(settings(0, 0, 10, 2), vec![host("a", Phase::Active, 2, 0)], 10 * MINUTE) };
+    assert!(plan(&busy, &mut memory, &timings()).drain.is_empty());
 }
 
 #[test]

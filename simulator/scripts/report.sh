@@ -36,10 +36,9 @@ run timeout sweep --seeds 8 --buffers 12 --scale-down-delays-s 300 --cooldowns-s
 run timeout-bad-image sweep --seeds 8 --buffers 12 --scale-down-delays-s 300 --cooldowns-s 300 \
   --never-connect-rate 0.3 --launch-timeouts-s 300,450,600,900,1200
 # 7. What-ifs: proposed planner changes, emulated.
-run what-if-pending sweep --seeds 10 --buffers 0,2,4,8,12 --scale-down-delays-s 300 --cooldowns-s 300 \
-  --what-if-pending-in-buffer
+run waiting-users sweep --seeds 10 --buffers 0,2,4,8,12 --scale-down-delays-s 300 --cooldowns-s 300
 for peak in 1 2 6 20 60; do
   run "what-if-demand-buffer-$peak" sweep --seeds 6 --peak-per-minute "$peak" --max-instances 5000 \
-    --buffers 2 --scale-down-delays-s 300 --cooldowns-s 300 --what-if-pending-in-buffer --what-if-demand-buffer-lead-s 300
+    --buffers 2 --scale-down-delays-s 300 --cooldowns-s 300 --what-if-demand-buffer-lead-s 300
 done
 echo "written to $OUT"

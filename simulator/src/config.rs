@@ -55,9 +55,6 @@ pub struct SimConfig {
 /// in the `RegionView`. All off: the scaler exactly as it is.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct WhatIf {
-    /// Users waiting without a box count as missing buffer (the server knows
-    /// them: their sessions are PENDING; the view does not carry them).
-    pub pending_in_buffer: bool,
     /// A buffer that follows demand: at least `⌈2·√(2·λ·L)⌉`, λ the arrival
     /// rate of the last 10 minutes and L this lead time (from a launch to a
     /// warm box). Over L, arrivals and departures are each about Poisson(λL),

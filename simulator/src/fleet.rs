@@ -270,8 +270,9 @@ impl Fleet {
             .map(|(index, _)| index)
     }
 
-    /// The region as the scaler sees it, with `buffer` as the region's setting.
-    pub(crate) fn view(&self, now: Millis, buffer: u32) -> RegionView {
+    /// The region as the scaler sees it, with `buffer` as the region's setting
+    /// and `waiting` users queued for a box (PENDING sessions in the server).
+    pub(crate) fn view(&self, now: Millis, buffer: u32, waiting: u32) -> RegionView {
         let instances = self
             .hosts
             .iter()
@@ -286,7 +287,7 @@ impl Fleet {
                 in_rollout: false,
             })
             .collect();
-        RegionView { settings: RegionSettings { buffer, ..self.settings.clone() }, instances, now }
+        RegionView { settings: RegionSettings { buffer, ..self.settings.clone() }, instances, waiting, now }
     }
 
     /// Carries out a plan: terminations first (nothing is left running on
@@ -452,7 +453,7 @@ mod tests {
         assert!(!fleet.claim_warm(4000, 60_000));
         assert_eq!(fleet.reserve_starting(4000, 60_000), Some(7000));
         assert_eq!(fleet.reserve_starting(4000, 60_000), None, "nothing else is starting");
-        assert_eq!(fleet.view(4000, 0).instances[0].assigned, 1, "the planner sees the reservation");
+        assert_eq!(fleet.view(4000, 0, 0).instances[0].assigned, 1, "the planner sees the reservation");
     }
 
     #[test]
@@ -465,6 +466,6 @@ mod tests {
         fleet.hosts[0].slots = vec![Slot::Busy { ends_at: 50_000 }, Slot::Warm];
         let advance = fleet.advance(10_000, 1000);
         assert_eq!((advance.hosts_lost, advance.cut.as_slice()), (1, [40_000].as_slice()));
-        assert_eq!(fleet.view(10_000, 0).instances[0].phase, Phase::Lost);
+        assert_eq!(fleet.view(10_000, 0, 0).instances[0].phase, Phase::Lost);
     }
 }

@@ -171,9 +171,6 @@ struct ModelArgs {
     #[arg(long)]
     host_loss_per_hour: Option<f64>,
 
-    /// What-if: tell the scaler the buffer plus the users waiting without a box.
-    #[arg(long)]
-    what_if_pending_in_buffer: bool,
     /// What-if: a buffer of at least 2·√(2·λ·LEAD), λ the last 10 minutes' arrival rate.
     #[arg(long)]
     what_if_demand_buffer_lead_s: Option<u64>,
@@ -302,7 +299,6 @@ impl ModelArgs {
             ensure!(r.is_finite() && r >= 0.0, "--host-loss-per-hour must be ≥ 0, not {r}");
             hosts.loss_per_host_hour = r;
         }
-        config.what_if.pending_in_buffer |= self.what_if_pending_in_buffer;
         if let Some(s) = self.what_if_demand_buffer_lead_s {
             config.what_if.demand_buffer_lead = Some(secs(s));
         }

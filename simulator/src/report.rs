@@ -39,7 +39,6 @@ pub struct Scenario {
     pub session_sigma: f64,
     pub session_range_min: (f64, f64),
     pub patience_s: f64,
-    pub what_if_pending_in_buffer: bool,
     pub what_if_demand_buffer_lead_s: Option<f64>,
 }
 
@@ -79,7 +78,6 @@ impl Scenario {
             session_sigma: demand.sessions.sigma,
             session_range_min: (secs(demand.sessions.min) / 60.0, secs(demand.sessions.max) / 60.0),
             patience_s: secs(config.patience),
-            what_if_pending_in_buffer: config.what_if.pending_in_buffer,
             what_if_demand_buffer_lead_s: config.what_if.demand_buffer_lead.map(secs),
         }
     }
@@ -87,9 +85,6 @@ impl Scenario {
     /// One line naming the what-ifs in force, if any.
     pub fn what_if_markdown(&self) -> Option<String> {
         let mut parts = Vec::new();
-        if self.what_if_pending_in_buffer {
-            parts.push("users waiting without a box are added to the buffer".to_owned());
-        }
         if let Some(lead) = self.what_if_demand_buffer_lead_s {
             parts.push(format!("buffer at least ⌈2·√(2·λ·L)⌉ with L = {lead} s"));
         }

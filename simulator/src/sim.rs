@@ -116,8 +116,8 @@ pub fn run(config: &SimConfig, mut on_hour: impl FnMut(&HourRow)) -> Report {
             if tick {
                 next_tick += interval;
             }
-            let buffer = told_buffer(config, queue.len(), recent.len());
-            let view = fleet.view(now, buffer);
+            let buffer = told_buffer(config, recent.len());
+            let view = fleet.view(now, buffer, u32::try_from(queue.len()).unwrap_or(u32::MAX));
             let mut plan = planner::plan(&view, &mut memory, &config.timings);
             // The server's launch backoff holds launches (not the rest of
             // the plan) back; the planner has recorded a launch regardless.
@@ -173,11 +173,8 @@ fn ideal_instances(config: &SimConfig, sessions: u32) -> u32 {
 }
 
 /// The buffer put in the scaler's view: the setting, raised by a what-if.
-fn told_buffer(config: &SimConfig, queued: usize, recent_arrivals: usize) -> u32 {
+fn told_buffer(config: &SimConfig, recent_arrivals: usize) -> u32 {
     let mut buffer = config.settings.buffer;
-    if config.what_if.pending_in_buffer {
-        buffer += queued as u32;
-    }
     if let Some(lead) = config.what_if.demand_buffer_lead {
         let expected = recent_arrivals as f64 / RATE_WINDOW as f64 * millis(lead) as f64;
         buffer = buffer.max((2.0 * (2.0 * expected).sqrt()).ceil() as u32);

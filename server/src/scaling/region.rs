@@ -19,6 +19,10 @@ use crate::{
     store::StoreError,
 };
 
+/// Pending sessions read per look (the oldest); more waiting than this all at
+/// once means the region is far behind anyway.
+const MAX_WAITING_COUNTED: u32 = 1_000;
+
 /// The lease name of a region's scaler.
 pub(super) fn lease_name(region: &str) -> String {
     format!("scaler:{region}")
@@ -132,8 +136,16 @@ impl RegionScaler {
         let instances = store.list_instances(Some(&self.region), false).await?;
         self.finish_terminations(&lease, &instances).await?;
         let hosts = store.list_hosts(Some(&self.region)).await?;
+        // Users waiting for a box whose first choice is this region.
+        let waiting = store
+            .pending_sessions(MAX_WAITING_COUNTED)
+            .await?
+            .iter()
+            .filter(|session| session.requested_regions.first() == Some(&self.region))
+            .count();
+        let waiting = u32::try_from(waiting).unwrap_or(u32::MAX);
         let now = Utc::now();
-        let view = snapshot::region_view(&region, &instances, &hosts, now);
+        let view = snapshot::region_view(&region, &instances, &hosts, waiting, now);
         let plan = planner::plan(&view, &mut self.memory, &self.options.config.timings());
         let was_capped = self.handle.status(&self.region).is_some_and(|s| s.at_max_instances);
         if plan.capped_by_max && !was_capped {

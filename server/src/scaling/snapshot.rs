@@ -44,6 +44,7 @@ pub(super) fn region_view(
     region: &Region,
     instances: &[InstanceRecord],
     hosts: &[HostSummary],
+    waiting: u32,
     now: DateTime<Utc>,
 ) -> RegionView {
     let hosts_by_id: HashMap<&str, &HostSummary> = hosts.iter().map(|h| (h.host.id.as_str(), h)).collect();
@@ -83,5 +84,5 @@ pub(super) fn region_view(
             in_rollout: false,
         });
     }
-    RegionView { settings: settings(region), instances: views, now: millis(now) }
+    RegionView { settings: settings(region), instances: views, waiting, now: millis(now) }
 }
