@@ -107,3 +107,6 @@ export SWITCHBOARD_BIN="$PWD/target/debug/switchboard"
 
 say "load generator smoke run (every scenario at small sizes on PostgreSQL and SQLite; figures printed, nothing asserted)"
 target/debug/loadgen smoke --out target/loadgen/smoke
+
+say "fleet simulator smoke run (a few simulated hours against the scaler's planner; figures printed, nothing asserted)"
+target/debug/fleet-sim smoke
