@@ -202,6 +202,9 @@ impl Application {
         });
         let regions = RegionCache::new(store.clone(), REGION_CACHE_TTL);
         let pending = PendingSessions::default();
+        if let Some(cluster) = &core.cluster {
+            cluster.serve_session_keys(pending.clone());
+        }
         let allocator = Allocator::new(
             core.clone(),
             regions.clone(),

@@ -9,7 +9,11 @@
 //!   command for a host whose owner is gone fails at once (`NotConnected`),
 //!   not after its deadline;
 //! * **events**: published on `{ns}:events` and re-broadcast on every other
-//!   replica, so WatchSession and the dispatcher see changes made anywhere.
+//!   replica, so WatchSession and the dispatcher see changes made anywhere;
+//! * **session keys** of fulfilled pending sessions, which live in the memory
+//!   of the replica that took the Allocate: a watcher elsewhere asks on
+//!   `{ns}:key-request` and the holder answers it alone (the key crosses Redis
+//!   in flight, once, and is never stored there).
 //!
 //! [`RedisCluster`] is both the [`CommandRouter`] and the [`EventBus`]; the
 //! in-process `LocalRouter` / `LocalEventBus` are the embedded default.
@@ -74,7 +78,16 @@ struct RoutedCommand {
 }
 
 #[derive(Serialize, Deserialize)]
+struct KeyRequest {
+    request_id: String,
+    reply_to: String,
+    session_id: uuid::Uuid,
+}
+
+#[derive(Serialize, Deserialize)]
 enum Outcome {
+    /// A session key handed over to the replica whose watcher asked.
+    Key(String),
     /// A prost-encoded `CommandResult`.
     Ok(String),
     NotConnected,
@@ -105,6 +118,8 @@ struct Inner {
     events: broadcast::Sender<Event>,
     outgoing: mpsc::Sender<Event>,
     outgoing_rx: Mutex<Option<mpsc::Receiver<Event>>>,
+    /// This replica's pending sessions, whose keys other replicas' watchers ask for.
+    session_keys: std::sync::OnceLock<crate::allocation::PendingSessions>,
 }
 
 /// The Redis router and event bus of one replica; cheap to clone.
@@ -138,9 +153,50 @@ impl RedisCluster {
                 events: broadcast::channel(event_buffer).0,
                 outgoing,
                 outgoing_rx: Mutex::new(Some(outgoing_rx)),
+                session_keys: std::sync::OnceLock::new(),
                 options,
             }),
         })
+    }
+
+    /// Lets other replicas' watchers take the keys of sessions this one fulfils.
+    pub fn serve_session_keys(&self, pending: crate::allocation::PendingSessions) {
+        let _ = self.inner.session_keys.set(pending);
+    }
+
+    /// Takes the key of a fulfilled pending session from whichever replica
+    /// holds it (once); None if no replica answers within `wait`.
+    pub async fn take_session_key(&self, session_id: uuid::Uuid, wait: Duration) -> Option<String> {
+        let request_id = uuid::Uuid::new_v4().to_string();
+        let request = KeyRequest { request_id: request_id.clone(), reply_to: self.me().to_owned(), session_id };
+        let payload = serde_json::to_vec(&request).ok()?;
+        let (waiter, answer) = oneshot::channel();
+        self.pending().insert(request_id.clone(), waiter);
+        let published = match self.connection().await {
+            Ok(mut connection) => connection.publish::<_, _, i64>(self.key("key-request"), payload).await.is_ok(),
+            Err(_) => false,
+        };
+        let outcome = if published { tokio::time::timeout(wait, answer).await.ok().and_then(Result::ok) } else { None };
+        self.pending().remove(&request_id);
+        match outcome {
+            Some(Outcome::Key(key)) => Some(key),
+            _ => None,
+        }
+    }
+
+    async fn answer_key_request(&self, request: KeyRequest) {
+        let Some(key) = self.inner.session_keys.get().and_then(|pending| pending.take_key(request.session_id)) else {
+            return;
+        };
+        let reply = RoutedReply { request_id: request.request_id, outcome: Outcome::Key(key) };
+        let Ok(payload) = serde_json::to_vec(&reply) else { return };
+        if let Ok(mut connection) = self.connection().await {
+            let sent: Result<i64, _> =
+                connection.publish(self.key(&format!("reply:{}", request.reply_to)), payload).await;
+            if let Err(error) = sent {
+                warn!(%error, session_id = %request.session_id, "could not hand a session key over");
+            }
+        }
     }
 
     fn key(&self, suffix: &str) -> String {
@@ -174,8 +230,12 @@ impl RedisCluster {
     }
 
     async fn subscribe_loop(self, shutdown: CancellationToken) {
-        let channels =
-            [self.key(&format!("cmd:{}", self.me())), self.key(&format!("reply:{}", self.me())), self.key("events")];
+        let channels = [
+            self.key(&format!("cmd:{}", self.me())),
+            self.key(&format!("reply:{}", self.me())),
+            self.key("events"),
+            self.key("key-request"),
+        ];
         let mut backoff = Duration::from_millis(100);
         loop {
             match self.inner.client.get_async_pubsub().await {
@@ -222,6 +282,15 @@ impl RedisCluster {
                 }
                 Ok(_) => {}
                 Err(error) => warn!(%error, "unreadable cluster event"),
+            }
+        } else if channel.ends_with(":key-request") {
+            match serde_json::from_slice::<KeyRequest>(payload) {
+                Ok(request) if request.reply_to != self.me() => {
+                    let cluster = self.clone();
+                    tokio::spawn(async move { cluster.answer_key_request(request).await });
+                }
+                Ok(_) => {}
+                Err(error) => warn!(%error, "unreadable session key request"),
             }
         } else if channel.contains(":reply:") {
             match serde_json::from_slice::<RoutedReply>(payload) {
@@ -463,6 +532,7 @@ impl CommandRouter for RedisCluster {
             Ok(Ok(Outcome::Gone)) => Err(RouteError::Gone),
             Ok(Ok(Outcome::Timeout)) => Err(RouteError::Timeout(timeout)),
             Ok(Ok(Outcome::Refused(error))) => Err(RouteError::Refused(error)),
+            Ok(Ok(Outcome::Key(_))) => Err(RouteError::Refused("unexpected reply".into())),
         }
     }
 }

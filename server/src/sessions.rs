@@ -69,7 +69,13 @@ impl Sessions {
         let id = session.id;
         let stream = async_stream(move |sender| async move {
             let mut last_state = first.session.state;
-            let first_key = session_key(&first, owner, &pending);
+            // A session that is already running may have been fulfilled just
+            // now on another replica: ask briefly (a running session allocated
+            // at once has no key waiting anywhere, so the wait is short).
+            let mut first_key = session_key(&first, owner, &pending);
+            if first_key.is_empty() {
+                first_key = remote_key(&core, &first, owner, FIRST_KEY_WAIT).await;
+            }
             if sender.send(Ok(update(&first, first_key))).await.is_err() || last_state == SessionState::Ended {
                 return;
             }
@@ -83,7 +89,10 @@ impl Sessions {
                     },
                     Err(RecvError::Closed) => return,
                 };
-                let key = session_key(&change, owner, &pending);
+                let mut key = session_key(&change, owner, &pending);
+                if key.is_empty() && last_state != SessionState::Running {
+                    key = remote_key(&core, &change, owner, KEY_WAIT).await;
+                }
                 if change.session.state == last_state && key.is_empty() {
                     continue;
                 }
@@ -118,6 +127,26 @@ impl Sessions {
         let session_id = auth.mandelbox.session_id.ok_or(ApiError::MandelboxNotAssigned)?;
         self.core.end_session(session_id, EndReason::ClientDisconnected).await?;
         Ok(session_id)
+    }
+}
+
+/// How long a watcher on another replica waits for a just-fulfilled session's key.
+const KEY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// The same, for a session already running when the watch starts.
+const FIRST_KEY_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// The key of a session fulfilled by another replica (several replicas only).
+async fn remote_key(
+    core: &crate::core::Core,
+    change: &SessionChange,
+    owner: bool,
+    wait: std::time::Duration,
+) -> String {
+    match &core.cluster {
+        Some(cluster) if owner && change.session.state == SessionState::Running => {
+            cluster.take_session_key(change.session.id, wait).await.unwrap_or_default()
+        }
+        _ => String::new(),
     }
 }
 

@@ -134,3 +134,64 @@ async fn commands_for_hosts_of_a_gone_replica_fail_fast() {
     .await
     .unwrap();
 }
+
+/// A pending session taken on A and watched on B: when A fulfils it, B's
+/// watcher gets the session key, once (the key lives in A's memory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pending_session_watched_on_the_other_replica_gets_its_key() {
+    let namespace = namespace();
+    let options =
+        TestOptions { hosts: vec![switchboard_tests::HostSpec::new("host-1", "us-east-1", 1)], ..Default::default() };
+    let a = TestApp::spawn_with(Backend::Postgres, options, clustered(namespace.clone())).await.unwrap();
+    let b = a.spawn_replica(clustered(namespace)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // The only slot is re-warming slowly: a new session has to wait for it.
+    let first = a.user_client("first").allocate(chrome_in_us_east()).await.unwrap().into_inner();
+    a.host("host-1").unwrap().2.set_spawn_delay(Duration::from_millis(1_500));
+    a.user_client("first").end_session(EndSessionRequest { session_id: first.session_id }).await.unwrap();
+    let mut pending = None;
+    eventually(WAIT, async || {
+        let response = a.user_client("waiter").allocate(chrome_in_us_east()).await;
+        match response {
+            Ok(response) => {
+                pending = Some(response.into_inner());
+                Ok(true)
+            }
+            // Until the teardown is confirmed the slot is not on its way yet.
+            Err(status) if status.code() == tonic::Code::ResourceExhausted => Ok(false),
+            Err(status) => Err(status.into()),
+        }
+    })
+    .await
+    .unwrap();
+    let pending = pending.unwrap();
+    assert_eq!(pending.state, switchboard_proto::v1::SessionState::Pending as i32, "{pending:?}");
+    assert!(pending.session_key.is_empty());
+
+    let mut watch = b
+        .user_client("waiter")
+        .watch_session(WatchSessionRequest { session_id: pending.session_id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut key = String::new();
+    while key.is_empty() {
+        let update = tokio::time::timeout(WAIT, watch.next()).await.unwrap().unwrap().unwrap();
+        let state = update.session.as_ref().map(|s| s.state);
+        key = update.session_key;
+        if state == Some(switchboard_proto::v1::SessionState::Ended as i32) {
+            panic!("the session ended without a key");
+        }
+    }
+    let stored = b.session(&pending.session_id).await.unwrap();
+    assert_eq!(stored.state, SessionState::Running);
+    // Handed over once: a second watcher does not get it again.
+    let mut again = b
+        .user_client("waiter")
+        .watch_session(WatchSessionRequest { session_id: pending.session_id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    let update = tokio::time::timeout(WAIT, again.next()).await.unwrap().unwrap().unwrap();
+    assert!(update.session_key.is_empty());
+}
