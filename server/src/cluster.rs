@@ -58,6 +58,18 @@ const CLAIM_SCRIPT: &str = "local cur = redis.call('GET', KEYS[1]) \
 const RELEASE_SCRIPT: &str =
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
 
+/// A Redis pool whose waits, connects and recycles all give up after
+/// `timeout`, so that a Redis outage turns into errors, not hung calls.
+pub(crate) fn bounded_pool(url: &str, timeout: Duration) -> anyhow::Result<deadpool_redis::Pool> {
+    let mut config = deadpool_redis::Config::from_url(url);
+    let mut pool = deadpool_redis::PoolConfig::default();
+    pool.timeouts.wait = Some(timeout);
+    pool.timeouts.create = Some(timeout);
+    pool.timeouts.recycle = Some(timeout);
+    config.pool = Some(pool);
+    Ok(config.create_pool(Some(deadpool_redis::Runtime::Tokio1))?)
+}
+
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
     pub url: String,
@@ -134,13 +146,7 @@ impl RedisCluster {
         registry: Arc<ConnectionRegistry>,
         event_buffer: usize,
     ) -> anyhow::Result<Self> {
-        let mut config = deadpool_redis::Config::from_url(&options.url);
-        let mut pool = deadpool_redis::PoolConfig::default();
-        pool.timeouts.wait = Some(REDIS_TIMEOUT);
-        pool.timeouts.create = Some(REDIS_TIMEOUT);
-        pool.timeouts.recycle = Some(REDIS_TIMEOUT);
-        config.pool = Some(pool);
-        let pool = config.create_pool(Some(deadpool_redis::Runtime::Tokio1))?;
+        let pool = bounded_pool(&options.url, REDIS_TIMEOUT)?;
         let client = redis::Client::open(options.url.as_str())?;
         let (outgoing, outgoing_rx) = mpsc::channel(EVENT_QUEUE);
         Ok(RedisCluster {

