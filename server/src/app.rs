@@ -159,7 +159,7 @@ impl Application {
             None
         } else {
             let options = crate::cluster::ClusterOptions {
-                url: config.redis.url.expose().to_owned(),
+                url: config.redis.url.clone(),
                 namespace: config.redis.namespace.clone(),
                 replica_id: replica_id.clone(),
                 ownership_ttl: Duration::from_millis(config.hosts.reconnect_grace_ms.max(1_000)),

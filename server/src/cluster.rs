@@ -72,7 +72,8 @@ pub(crate) fn bounded_pool(url: &str, timeout: Duration) -> anyhow::Result<deadp
 
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
-    pub url: String,
+    /// May carry a password: a `Secret`, so it never prints.
+    pub url: crate::config::Secret,
     pub namespace: String,
     pub replica_id: String,
     /// How long a host stays owned by a replica that stopped refreshing.
@@ -146,8 +147,8 @@ impl RedisCluster {
         registry: Arc<ConnectionRegistry>,
         event_buffer: usize,
     ) -> anyhow::Result<Self> {
-        let pool = bounded_pool(&options.url, REDIS_TIMEOUT)?;
-        let client = redis::Client::open(options.url.as_str())?;
+        let pool = bounded_pool(options.url.expose(), REDIS_TIMEOUT)?;
+        let client = redis::Client::open(options.url.expose())?;
         let (outgoing, outgoing_rx) = mpsc::channel(EVENT_QUEUE);
         Ok(RedisCluster {
             inner: Arc::new(Inner {

@@ -51,7 +51,7 @@ async fn redis() -> Pair {
     let stop = CancellationToken::new();
     let cluster = |replica: &str, registry: Arc<ConnectionRegistry>| {
         let options = ClusterOptions {
-            url: "redis://127.0.0.1:6379".into(),
+            url: switchboard::config::Secret::new("redis://127.0.0.1:6379"),
             namespace: namespace.clone(),
             replica_id: replica.into(),
             ownership_ttl: Duration::from_secs(10),
