@@ -228,8 +228,9 @@ pub trait Store: Send + Sync + 'static {
         reason: &str,
     ) -> StoreResult<Option<InstanceRecord>>;
 
-    /// Instances (optionally of one region), by host id; TERMINATED ones only
-    /// with `include_terminated`.
+    /// Instances (optionally of one region), by host id; with
+    /// `include_terminated` also the 500 most recently TERMINATED ones (the
+    /// history grows without bound; every live one is always listed).
     async fn list_instances(&self, region: Option<&str>, include_terminated: bool) -> StoreResult<Vec<InstanceRecord>>;
 
     /// How many instances were ever recorded in `region` (names new hosts).

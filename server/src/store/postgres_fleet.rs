@@ -293,8 +293,9 @@ pub(super) async fn list_instances(
     sqlx::query_as::<_, InstanceRow>(concat!(
         "SELECT ",
         instance_columns!(),
-        " FROM instances WHERE ($1::text IS NULL OR region = $1) AND ($2 OR state <> 'TERMINATED') \
-         ORDER BY host_id"
+        " FROM instances WHERE ($1::text IS NULL OR region = $1) AND (state <> 'TERMINATED' OR ($2 AND host_id IN \
+         (SELECT host_id FROM instances WHERE state = 'TERMINATED' AND ($1::text IS NULL OR region = $1) \
+          ORDER BY terminated_at DESC, host_id LIMIT 500))) ORDER BY host_id"
     ))
     .bind(region)
     .bind(include_terminated)
