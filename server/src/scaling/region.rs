@@ -146,6 +146,7 @@ impl RegionScaler {
         let waiting = u32::try_from(waiting).unwrap_or(u32::MAX);
         let now = Utc::now();
         let view = snapshot::region_view(&region, &instances, &hosts, waiting, now);
+        let last_launch = self.memory.last_launch;
         let plan = planner::plan(&view, &mut self.memory, &self.options.config.timings());
         let was_capped = self.handle.status(&self.region).is_some_and(|s| s.at_max_instances);
         if plan.capped_by_max && !was_capped {
@@ -162,7 +163,7 @@ impl RegionScaler {
         if !plan.is_empty() {
             debug!(region = %self.region, ?plan, "scaler plan");
         }
-        self.carry_out(&lease, &region, &instances, &plan).await?;
+        self.carry_out(&lease, &region, &instances, &plan, last_launch).await?;
 
         if Instant::now() >= self.next_reconcile {
             self.next_reconcile = Instant::now() + Duration::from_millis(self.options.config.reconcile_interval_ms);
@@ -177,6 +178,7 @@ impl RegionScaler {
         region: &Region,
         instances: &[InstanceRecord],
         plan: &Plan,
+        last_launch: Option<planner::Millis>,
     ) -> anyhow::Result<()> {
         for (host_id, reason) in &plan.terminate {
             if let Some(instance) = instances.iter().find(|i| &i.host_id == host_id) {
@@ -190,10 +192,13 @@ impl RegionScaler {
             self.drain(lease, host_id, *reason).await?;
         }
         if plan.launch > 0 {
+            // A launch held back or refused did not happen: the scale-down
+            // cooldown must not count from it.
             if Instant::now() < self.launch_not_before {
                 debug!(region = %self.region, "launch waits for its backoff after a failure");
-            } else {
-                self.launch(lease, region, plan.launch).await?;
+                self.memory.last_launch = last_launch;
+            } else if !self.launch(lease, region, plan.launch).await? {
+                self.memory.last_launch = last_launch;
             }
         }
         Ok(())
@@ -225,7 +230,8 @@ impl RegionScaler {
 
     /// Launches `count` instances of the region's types on its current image;
     /// a failure is reported in the region's status and backs further launches off.
-    async fn launch(&mut self, lease: &Lease, region: &Region, count: u32) -> anyhow::Result<()> {
+    /// Returns whether anything was launched.
+    async fn launch(&mut self, lease: &Lease, region: &Region, count: u32) -> anyhow::Result<bool> {
         let image = region.image.as_str();
         let outcome =
             launch_instances(&self.core, self.provider.as_ref(), &self.options, lease, region, count, image, None)
@@ -236,6 +242,7 @@ impl RegionScaler {
                 self.launch_backoff = Duration::ZERO;
                 self.handle.update_status(&self.region, |status| status.last_error = None);
                 info!(region = %self.region, count = launched, image, "scaling up: instances launched");
+                Ok(launched > 0)
             }
             Err(error) => {
                 let config = &self.options.config;
@@ -251,9 +258,9 @@ impl RegionScaler {
                     status.last_error = Some(message);
                     status.last_error_at = Some(now);
                 });
+                Ok(false)
             }
         }
-        Ok(())
     }
 }
 
