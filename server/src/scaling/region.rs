@@ -133,9 +133,16 @@ impl RegionScaler {
         }
         self.lease = Some(lease.clone());
 
+        // Instances before the region: a rollout switches the region's image
+        // and clears its instances' rollout ids in one transaction, so reading
+        // in this order never sees the new image with the new hosts not yet
+        // marked as ordinary, which would drain them as old-image hosts.
         let instances = store.list_instances(Some(&self.region), false).await?;
         self.finish_terminations(&lease, &instances).await?;
         let hosts = store.list_hosts(Some(&self.region)).await?;
+        let Some(region) = store.list_regions().await?.into_iter().find(|r| r.name == self.region) else {
+            return Ok(());
+        };
         // Users waiting for a box whose first choice is this region.
         let waiting = store
             .pending_sessions(MAX_WAITING_COUNTED)
