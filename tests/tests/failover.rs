@@ -57,7 +57,8 @@ async fn cluster() -> Cluster {
     let env: Vec<(String, String)> = [
         ("SWITCHBOARD__DATABASE__URL", db.url().to_owned()),
         ("SWITCHBOARD__HOSTS__CREDENTIAL_SECRET", SECRET.into()),
-        ("SWITCHBOARD__HOSTS__HEARTBEAT_INTERVAL_MS", "500".into()),
+        // Three missed heartbeats (3 s) is far from what a busy CI machine can stall.
+        ("SWITCHBOARD__HOSTS__HEARTBEAT_INTERVAL_MS", "1000".into()),
         ("SWITCHBOARD__HOSTS__RECONNECT_GRACE_MS", "10000".into()),
         ("SWITCHBOARD__HOSTS__COMMAND_TIMEOUT_MS", "3000".into()),
         ("SWITCHBOARD__ALLOCATION__ASSIGN_TIMEOUT_MS", "2000".into()),
@@ -139,10 +140,13 @@ fn request() -> AllocateRequest {
     }
 }
 
-/// A refusal a client can act on: a gRPC code with our stable reason, or the
-/// transport's UNAVAILABLE when the replica it was talking to died.
-fn is_clear(status: &tonic::Status) -> bool {
-    reason_of(status).is_some() || status.code() == Code::Unavailable
+/// A refusal a client can act on: a gRPC code with our stable reason, or,
+/// for a call to the replica that was killed, the transport's own failure
+/// (the connection went away mid-call: nobody was left to give a reason).
+fn is_clear(status: &tonic::Status, to_killed_replica: bool) -> bool {
+    reason_of(status).is_some()
+        || (to_killed_replica
+            && matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Internal))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -163,15 +167,16 @@ async fn a_replica_killed_under_load_loses_no_session() {
     let load = {
         let cluster = cluster.clone();
         tokio::spawn(async move {
-            let mut outcomes: Vec<Result<String, tonic::Status>> = Vec::new();
+            let mut outcomes: Vec<(bool, Result<String, tonic::Status>)> = Vec::new();
             let mut ended = HashSet::new();
             for n in 0..60 {
                 let user = format!("load-{}", n % 8);
-                let mut client = {
+                let (mut client, to_killed) = {
                     let cluster = cluster.lock().await;
                     // Both replicas while both live, then the survivor.
-                    let replica = if cluster.replicas.len() == 2 { n % 2 } else { 0 };
-                    cluster.client(replica, &user).await
+                    let both = cluster.replicas.len() == 2;
+                    let replica = if both { n % 2 } else { 0 };
+                    (cluster.client(replica, &user).await, both && replica == 0)
                 };
                 let result = client.allocate(request()).await.map(|r| r.into_inner().session_id);
                 // Most leave at once (a steady stream of disconnects); every
@@ -182,7 +187,7 @@ async fn a_replica_killed_under_load_loses_no_session() {
                 {
                     ended.insert(session_id.clone());
                 }
-                outcomes.push(result);
+                outcomes.push((to_killed, result));
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             (outcomes, ended)
@@ -220,8 +225,12 @@ async fn a_replica_killed_under_load_loses_no_session() {
         assert_eq!(session.state, SessionState::Running, "{session_id}: {session:?}");
     }
     // Every allocation succeeded or got a clear error; most succeeded.
-    let failed: Vec<&tonic::Status> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
-    assert!(failed.iter().all(|status| is_clear(status)), "unclear errors: {failed:?}");
+    let unclear: Vec<&tonic::Status> = outcomes
+        .iter()
+        .filter_map(|(to_killed, o)| o.as_ref().err().filter(|status| !is_clear(status, *to_killed)))
+        .collect();
+    assert!(unclear.is_empty(), "unclear errors: {unclear:?}");
+    let failed: Vec<&tonic::Status> = outcomes.iter().filter_map(|(_, o)| o.as_ref().err()).collect();
     let succeeded = outcomes.len() - failed.len();
     let first_failures: Vec<_> = failed.iter().take(3).map(|s| (s.code(), s.message().to_owned())).collect();
     assert!(
@@ -233,7 +242,7 @@ async fn a_replica_killed_under_load_loses_no_session() {
         "{succeeded} of {} allocations succeeded across the kill; first failures {first_failures:?}",
         outcomes.len()
     );
-    for session_id in outcomes.iter().filter_map(|o| o.as_ref().ok()).filter(|id| !ended.contains(*id)) {
+    for session_id in outcomes.iter().filter_map(|(_, o)| o.as_ref().ok()).filter(|id| !ended.contains(*id)) {
         let session = store.get_session(uuid::Uuid::parse_str(session_id).unwrap()).await.unwrap().unwrap();
         assert!(matches!(session.state, SessionState::Running | SessionState::Ended), "{session:?}");
     }

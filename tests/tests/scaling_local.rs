@@ -255,16 +255,19 @@ async fn capacity_errors_fall_back_are_reported_and_retried(backend: Backend) {
     let app = spawn(backend, TestCloud::Local, true).await;
     let local = app.local.clone().unwrap();
     local.set_refused(&["local-small"]);
-    let mut region = scaled_region(REGION, "", 3, 0, 4, "local-small", 2);
-    region.scaling.instance_types.push(switchboard::model::InstanceType { name: "local-large".into(), capacity: 4 });
+    // Buffer 4 = one host of the first type; the fallback type is bigger (the
+    // launch is sized for the first type, the capacity recorded is the real one).
+    let mut region = scaled_region(REGION, "", 4, 0, 4, "local-small", 4);
+    region.scaling.instance_types.push(switchboard::model::InstanceType { name: "local-large".into(), capacity: 6 });
     app.store.put_region(&region).await.unwrap();
     let first = wait_instances(&app, "a fallback-type host", |i| count(i, InstanceState::Running) == 1).await.unwrap();
-    assert_eq!((first[0].instance_type.as_str(), first[0].capacity), ("local-large", 4), "{first:?}");
-    app.wait_warm(4, WAIT).await.unwrap();
+    assert_eq!((first[0].instance_type.as_str(), first[0].capacity), ("local-large", 6), "{first:?}");
+    app.wait_warm(6, WAIT).await.unwrap();
+    assert_eq!(instances(&app).await.len(), 1, "one launch covered the buffer");
 
-    // Every type refused: two sessions leave 2 warm < 3; the launch fails and says why.
+    // Every type refused: three sessions leave 3 free < 4; the launch fails and says why.
     local.set_refused(&["local-small", "local-large"]);
-    for user in ["u1", "u2"] {
+    for user in ["u1", "u2", "u3"] {
         app.user_client(user).allocate(chrome_in_us_east()).await.unwrap();
     }
     let admin_token = app.admin_token();
