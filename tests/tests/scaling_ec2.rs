@@ -332,8 +332,18 @@ async fn a_rollout_switches_every_region_and_old_hosts_go() {
 
     // New sessions land on the new image; the old hosts drain and are terminated in EC2.
     let session = app.user_client("u1").allocate(chrome_in_us_east()).await.unwrap().into_inner();
-    let host = app.session(&session.session_id).await.unwrap().host_id.unwrap();
-    assert!(!old_hosts.contains(&host));
+    let mut stored = None;
+    eventually(WAIT, async || {
+        let current = app.session(&session.session_id).await?;
+        let running = current.state == switchboard::model::SessionState::Running;
+        stored = Some(current);
+        Ok(running)
+    })
+    .await
+    .with_context(|| format!("the first session after the switch never ran: {stored:?}"))
+    .unwrap();
+    let host = stored.and_then(|s| s.host_id).unwrap();
+    assert!(!old_hosts.contains(&host), "{host} is an old-image host");
     for region in ["eu-west-1", "us-east-1"] {
         eventually(WAIT, async || {
             Ok(running_in_ec2(&moto, region).await.iter().all(|i| i.image_id() == Some(NEW_AMI)))
