@@ -111,6 +111,9 @@ pub struct HostsConfig {
     pub command_timeout_ms: u64,
     /// How often hosts are checked against the warm target and the sweeps run.
     pub maintenance_interval_ms: u64,
+    /// How often the heartbeat times of this replica's hosts are written, in
+    /// one batch (liveness itself is decided in memory).
+    pub heartbeat_write_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -253,6 +256,7 @@ impl Default for HostsConfig {
             hello_timeout_ms: 5_000,
             command_timeout_ms: 5_000,
             maintenance_interval_ms: 1_000,
+            heartbeat_write_interval_ms: 15_000,
         }
     }
 }

@@ -92,9 +92,15 @@ impl Core {
         });
     }
 
-    /// Publishes a session's current state to watchers (looking up where it runs).
+    /// Publishes a session's current state to watchers (looking up where it
+    /// runs, unless it has ended: where it ran is of no use to a watcher, and
+    /// the lookups would cost two reads on every session's end).
     pub async fn publish_session(&self, session: &SessionRecord) {
-        let change = self.session_change(session).await;
+        let change = if session.state == crate::model::SessionState::Ended {
+            SessionChange { session: session.clone(), host_address: None, ports: Vec::new() }
+        } else {
+            self.session_change(session).await
+        };
         self.publish_change(change);
     }
 

@@ -112,7 +112,34 @@ async fn draining_host_takes_no_new_sessions(backend: Backend) {
     assert!(app.host("a").unwrap().1.status().borrow().draining, "the host was told to drain");
 }
 
+/// Heartbeat times reach the database in the replica's batches: a host that
+/// keeps beating gets a newer stored time with each batch, one that stops
+/// keeps the time of its last batch.
+async fn heartbeat_times_are_written_in_batches(backend: Backend) {
+    let hosts = vec![HostSpec::new("beating", "us-east-1", 1), HostSpec::new("quiet", "us-east-1", 1)];
+    let app = TestApp::spawn_with(backend, TestOptions { hosts, ..Default::default() }, |config| {
+        config.hosts.heartbeat_write_interval_ms = 300;
+        // Long enough that the quiet host is not declared lost during the test.
+        config.hosts.missed_heartbeats = 50;
+    })
+    .await
+    .unwrap();
+    let stored = async |host_id: &str| app.store.get_host(host_id).await.unwrap().unwrap().last_heartbeat_at;
+    let (_, quiet, _) = app.host("quiet").unwrap();
+    quiet.pause_heartbeats(true);
+    let quiet_before = stored("quiet").await;
+    let first = stored("beating").await;
+    eventually(Duration::from_secs(3), async || Ok(stored("beating").await > first)).await.unwrap();
+    let second = stored("beating").await;
+    eventually(Duration::from_secs(3), async || Ok(stored("beating").await > second)).await.unwrap();
+    // The quiet host may have been in the first batch (a beat before the pause), never later.
+    let quiet_after = stored("quiet").await;
+    assert!(quiet_after <= second, "no batch after its pause wrote the quiet host");
+    assert!(quiet_after >= quiet_before);
+}
+
 on_both_backends!(
+    heartbeat_times_are_written_in_batches,
     killed_host_loses_its_sessions,
     reconnecting_host_keeps_its_sessions,
     silent_host_is_declared_unhealthy,

@@ -12,8 +12,8 @@ use switchboard::model::{
     SessionState,
 };
 use switchboard::store::{
-    Claim, ClaimOutcome, DynStore, MandelboxFilter, NewMandelbox, NewSession, ReportedMandelbox, SessionFilter,
-    StoreError,
+    Claim, ClaimOutcome, DynStore, HeartbeatMark, MandelboxFilter, NewMandelbox, NewSession, ReportedMandelbox,
+    SessionFilter, StoreError,
 };
 use switchboard_tests::db::TestDatabase;
 use uuid::Uuid;
@@ -280,6 +280,29 @@ mod contract {
         store.record_heartbeat("unknown", 1, stale).await.unwrap();
     }
 
+    pub(crate) async fn record_heartbeats_writes_a_batch_of_current_generations(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h1", "r1", "img", 4).await;
+        host(&store, "h2", "r1", "img", 4).await;
+        host(&store, "h2", "r1", "img", 4).await;
+        host(&store, "h3", "r1", "img", 4).await;
+        let before = store.get_host("h3").await.unwrap().unwrap().last_heartbeat_at;
+        let at = DateTime::from_timestamp_micros(1_900_000_000_654_321).unwrap();
+        let mark = |host_id: &str, generation| HeartbeatMark { host_id: host_id.to_owned(), generation };
+        // h2's generation 1 is stale; "ghost" does not exist; h3 is not in the batch.
+        let batch = [mark("h1", 1), mark("h2", 1), mark("ghost", 1)];
+        store.record_heartbeats(&batch, at).await.unwrap();
+        assert_eq!(store.get_host("h1").await.unwrap().unwrap().last_heartbeat_at, Some(at));
+        assert_ne!(store.get_host("h2").await.unwrap().unwrap().last_heartbeat_at, Some(at));
+        assert_eq!(store.get_host("h3").await.unwrap().unwrap().last_heartbeat_at, before);
+        store.record_heartbeats(&[mark("h2", 2), mark("h3", 1)], at).await.unwrap();
+        assert_eq!(store.get_host("h2").await.unwrap().unwrap().last_heartbeat_at, Some(at));
+        assert_eq!(store.get_host("h3").await.unwrap().unwrap().last_heartbeat_at, Some(at));
+        store.record_heartbeats(&[], at).await.unwrap();
+        // A generation beyond what the database can hold is ignored, not an error.
+        store.record_heartbeats(&[mark("h1", u64::MAX)], at + chrono::Duration::seconds(1)).await.unwrap();
+        assert_eq!(store.get_host("h1").await.unwrap().unwrap().last_heartbeat_at, Some(at));
+    }
+
     pub(crate) async fn drain_host_moves_only_active_hosts(_db: &TestDatabase, store: DynStore) {
         assert_eq!(store.drain_host("unknown").await.unwrap(), None);
         host(&store, "h1", "r1", "img", 4).await;
@@ -538,6 +561,26 @@ mod contract {
         host(&store, "h3", "r1", "img", 2).await;
         store.host_disconnected("h3", 1).await.unwrap();
         assert_eq!(store.reserve_mandelbox("h3", &new_box(APP, None)).await.unwrap(), None);
+    }
+
+    pub(crate) async fn reserve_mandelboxes_takes_what_fits_in_order(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h1", "r1", "img", 3).await;
+        spawning_box(&store, "h1", APP).await;
+        let news: Vec<_> = (0..4).map(|_| new_box(APP, None)).collect();
+        let reserved = store.reserve_mandelboxes("h1", &news).await.unwrap();
+        let ids: Vec<Uuid> = reserved.iter().map(|mandelbox| mandelbox.id).collect();
+        assert_eq!(ids, vec![news[0].id, news[1].id], "two free slots, filled from the front");
+        assert!(reserved.iter().all(|mandelbox| mandelbox.state == MandelboxState::Spawning));
+        for mandelbox in &reserved {
+            let auth = store.mandelbox_auth(mandelbox.id).await.unwrap().unwrap();
+            let new = news.iter().find(|new| new.id == mandelbox.id).unwrap();
+            assert_eq!(auth.token_hash, new.token_hash);
+        }
+        assert!(store.reserve_mandelboxes("h1", &[new_box(APP, None)]).await.unwrap().is_empty());
+        assert!(store.reserve_mandelboxes("h1", &[]).await.unwrap().is_empty());
+        assert!(store.reserve_mandelboxes("unknown", &news).await.unwrap().is_empty());
+        let live = store.host_mandelboxes("h1", &[MandelboxState::Spawning]).await.unwrap();
+        assert_eq!(live.len(), 3);
     }
 
     pub(crate) async fn mandelbox_token_hash_is_stored_for_auth(_db: &TestDatabase, store: DynStore) {
@@ -1242,6 +1285,7 @@ macro_rules! store_contract_suite {
             host_connected_keeps_a_host_draining,
             host_disconnected_honours_the_generation,
             record_heartbeat_ignores_other_generations,
+            record_heartbeats_writes_a_batch_of_current_generations,
             drain_host_moves_only_active_hosts,
             mark_host_lost_loses_boxes_and_ends_their_sessions,
             mark_host_lost_honours_the_generation,
@@ -1253,6 +1297,7 @@ macro_rules! store_contract_suite {
             reconcile_host_compares_reported_and_stored_boxes,
             reconcile_unknown_host_tears_everything_down,
             reserve_mandelbox_respects_capacity,
+            reserve_mandelboxes_takes_what_fits_in_order,
             mandelbox_token_hash_is_stored_for_auth,
             reserve_in_regions_picks_first_region_then_fullest_host,
             concurrent_reservations_respect_capacity,

@@ -25,6 +25,7 @@ use jsonwebtoken::{
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use super::token_cache::{self, VerifiedTokens};
 use crate::config::AuthConfig;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,6 +94,8 @@ pub struct TokenVerifier {
     /// Serialises fetches and remembers when the last one was tried.
     last_fetch: tokio::sync::Mutex<Option<Instant>>,
     fetches: AtomicU64,
+    /// Tokens whose signature was checked already (see `token_cache`).
+    verified: VerifiedTokens,
 }
 
 /// Algorithms Switchboard can check; anything else (`none`, HS256 with the
@@ -140,6 +143,7 @@ impl TokenVerifier {
             min_refresh_interval: Duration::from_millis(config.jwks_min_refresh_interval_ms),
             last_fetch: tokio::sync::Mutex::new(None),
             fetches: AtomicU64::new(0),
+            verified: VerifiedTokens::default(),
         })
     }
 
@@ -165,6 +169,8 @@ impl TokenVerifier {
             Ok(mut guard) => *guard = keys,
             Err(poisoned) => *poisoned.into_inner() = keys,
         }
+        // A key replaced under the same id must not vouch for old tokens.
+        self.verified.clear();
         usable
     }
 
@@ -233,6 +239,11 @@ impl TokenVerifier {
     }
 
     pub async fn verify(&self, token: &str) -> Result<UserClaims, TokenError> {
+        let digest = token_cache::digest(token);
+        let now_unix = chrono::Utc::now().timestamp();
+        if let Some(claims) = self.verified.get(&digest, now_unix, |kid| self.has_key(kid)) {
+            return Ok(claims);
+        }
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
         if !self.algorithms.contains(&header.alg) {
             return Err(TokenError::Algorithm(format!("{:?}", header.alg)));
@@ -261,7 +272,13 @@ impl TokenVerifier {
                 .map_err(classify)?
                 .claims
         };
-        self.user_claims(&claims)
+        let user = self.user_claims(&claims)?;
+        // `exp` is a required claim, so a verified token has one.
+        if let Some(exp) = claims.get("exp").and_then(Value::as_i64) {
+            let leeway = i64::try_from(self.leeway_secs).unwrap_or(i64::MAX);
+            self.verified.put(digest, user.clone(), kid, exp.saturating_add(leeway));
+        }
+        Ok(user)
     }
 
     fn user_claims(&self, claims: &serde_json::Map<String, Value>) -> Result<UserClaims, TokenError> {

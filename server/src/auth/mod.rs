@@ -8,5 +8,6 @@ pub mod host_credential;
 pub mod jwt;
 pub mod mandelbox_token;
 pub mod policy;
+mod token_cache;
 
 pub use policy::{AccessControl, AuthLayer, Principal};

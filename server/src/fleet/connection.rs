@@ -32,8 +32,6 @@ use crate::{
 const OUTBOUND_BUFFER: usize = 64;
 /// Commands queued per host before senders wait.
 const COMMAND_BUFFER: usize = 256;
-/// Heartbeat times are written to the database at most this often.
-const HEARTBEAT_PERSIST_EVERY: Duration = Duration::from_secs(15);
 
 pub type ControlStream = ReceiverStream<Result<ControlMessage, Status>>;
 
@@ -108,16 +106,15 @@ impl Fleet {
             connection,
             outbound,
             pending: HashMap::new(),
-            last_heartbeat_persisted: Instant::now(),
         };
-        let refill = task.connection.refill.clone();
+        let connection = task.connection.clone();
         tokio::spawn(task.run(inbound, commands_rx, stop.clone()));
         // The warm pool is topped up only once the database agrees with what
         // the host runs; a box reserved before that would look lost.
         let core = self.core.clone();
         tokio::spawn(async move {
             reconcile(core.clone(), host.host_id.clone(), hello.mandelboxes).await;
-            pool::run_filler(core, host.host_id, refill, stop).await;
+            pool::run_filler(core, host.host_id, connection, stop).await;
         });
         Ok(ReceiverStream::new(outbound_rx))
     }
@@ -164,7 +161,6 @@ struct ConnectionTask {
     /// Commands sent and not yet answered; dropped with the task, which tells
     /// every waiter the host is gone.
     pending: HashMap<String, tokio::sync::oneshot::Sender<CommandResult>>,
-    last_heartbeat_persisted: Instant,
 }
 
 impl ConnectionTask {
@@ -221,18 +217,8 @@ impl ConnectionTask {
         // Any message proves the host is alive.
         heartbeat_due.as_mut().reset(Instant::now() + deadline);
         match message.body {
-            Some(host_message::Body::Heartbeat(_)) => {
-                if self.last_heartbeat_persisted.elapsed() >= HEARTBEAT_PERSIST_EVERY {
-                    self.last_heartbeat_persisted = Instant::now();
-                    let store = self.core.store.clone();
-                    let (host_id, generation) = (self.host_id.clone(), self.connection.generation);
-                    tokio::spawn(async move {
-                        if let Err(error) = store.record_heartbeat(&host_id, generation, chrono::Utc::now()).await {
-                            tracing::debug!(%host_id, %error, "heartbeat not recorded");
-                        }
-                    });
-                }
-            }
+            // Written with the replica's next batch (`fleet::heartbeats`).
+            Some(host_message::Body::Heartbeat(_)) => self.connection.heard(),
             Some(host_message::Body::Result(result)) => match self.pending.remove(&result.command_id) {
                 Some(reply) => {
                     let _ = reply.send(result);

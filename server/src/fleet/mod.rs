@@ -3,6 +3,7 @@
 
 pub mod connection;
 pub mod handshake;
+pub mod heartbeats;
 pub mod pool;
 pub mod registry;
 pub mod router;

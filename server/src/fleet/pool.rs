@@ -3,13 +3,13 @@
 //! fills of one host never overlap; the slot reservation itself is atomic in
 //! the store, so an on-demand spawn racing the filler cannot overfill a host.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use switchboard_proto::v1::{SpawnMandelbox, command};
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::registry::HostConnection;
 use crate::{
     api::convert::port_from_proto,
     auth::mandelbox_token,
@@ -22,7 +22,7 @@ use crate::{
 /// How often a host is checked even when nothing woke its filler.
 const PERIODIC_FILL_FACTOR: u32 = 5;
 
-pub async fn run_filler(core: SharedCore, host_id: String, refill: Arc<Notify>, stop: CancellationToken) {
+pub async fn run_filler(core: SharedCore, host_id: String, connection: HostConnection, stop: CancellationToken) {
     let period = Duration::from_millis(core.config.hosts.maintenance_interval_ms) * PERIODIC_FILL_FACTOR;
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -30,12 +30,16 @@ pub async fn run_filler(core: SharedCore, host_id: String, refill: Arc<Notify>, 
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = refill.notified() => {}
+            _ = connection.refill_requested() => {}
             _ = tick.tick() => {}
         }
         fill(&core, &host_id).await;
     }
 }
+
+/// Boxes reserved per transaction: a refill after a teardown needs one, a
+/// fresh host as many as its capacity.
+const RESERVE_BATCH: usize = 4;
 
 /// Reserves every free slot of the host and spawns a warm box in each.
 async fn fill(core: &SharedCore, host_id: &str) {
@@ -43,22 +47,37 @@ async fn fill(core: &SharedCore, host_id: &str) {
         return;
     }
     loop {
-        let token = mandelbox_token::generate();
-        let new = NewMandelbox {
-            id: Uuid::new_v4(),
-            app: core.config.allocation.warm_app.clone(),
-            token_hash: mandelbox_token::hash(&token),
-            session_id: None,
-        };
-        match core.store.reserve_mandelbox(host_id, &new).await {
-            Ok(Some(reserved)) => {
-                tokio::spawn(spawn_warm(core.clone(), reserved, token));
-            }
-            Ok(None) => return,
+        let mut tokens = Vec::with_capacity(RESERVE_BATCH);
+        let news: Vec<NewMandelbox> = (0..RESERVE_BATCH)
+            .map(|_| {
+                let token = mandelbox_token::generate();
+                let new = NewMandelbox {
+                    id: Uuid::new_v4(),
+                    app: core.config.allocation.warm_app.clone(),
+                    token_hash: mandelbox_token::hash(&token),
+                    session_id: None,
+                };
+                tokens.push((new.id, token));
+                new
+            })
+            .collect();
+        let reserved = match core.store.reserve_mandelboxes(host_id, &news).await {
+            Ok(reserved) => reserved,
             Err(error) => {
-                tracing::warn!(%host_id, %error, "could not reserve a warm slot");
+                tracing::warn!(%host_id, %error, "could not reserve warm slots");
                 return;
             }
+        };
+        let full = reserved.len() < RESERVE_BATCH;
+        for mandelbox in reserved {
+            let Some(token) = tokens.iter().find(|(id, _)| *id == mandelbox.id).map(|(_, token)| token.clone()) else {
+                continue;
+            };
+            tokio::spawn(spawn_warm(core.clone(), mandelbox, token));
+        }
+        // Fewer than asked: the host has no free slot left.
+        if full {
+            return;
         }
     }
 }

@@ -2,11 +2,19 @@
 //! generation. A connection only ever removes its own entry, so a late cleanup
 //! of an old stream cannot unregister the newer one that replaced it.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use switchboard_proto::v1::{Command, CommandResult};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+
+use crate::store::HeartbeatMark;
 
 /// A command for a host's connection task, with where to send the result.
 #[derive(Debug)]
@@ -27,10 +35,18 @@ pub struct HostConnection {
     pub generation: u64,
     pub region: String,
     pub commands: mpsc::Sender<OutboundCommand>,
-    /// Wakes the host's warm-pool filler.
-    pub refill: Arc<Notify>,
     stop: CancellationToken,
-    stop_reason: Arc<std::sync::Mutex<Option<StopReason>>>,
+    /// One allocation per connection for what its clones share.
+    shared: Arc<Shared>,
+}
+
+#[derive(Default)]
+struct Shared {
+    /// Wakes the host's warm-pool filler.
+    refill: Notify,
+    stop_reason: std::sync::Mutex<Option<StopReason>>,
+    /// A heartbeat arrived since the heartbeat writer last looked.
+    heard: AtomicBool,
 }
 
 impl HostConnection {
@@ -40,25 +56,33 @@ impl HostConnection {
         commands: mpsc::Sender<OutboundCommand>,
         stop: CancellationToken,
     ) -> Self {
-        HostConnection {
-            generation,
-            region,
-            commands,
-            refill: Arc::new(Notify::new()),
-            stop,
-            stop_reason: Arc::new(std::sync::Mutex::new(None)),
-        }
+        HostConnection { generation, region, commands, stop, shared: Arc::new(Shared::default()) }
     }
 
     pub fn stop(&self, reason: StopReason) {
-        if let Ok(mut slot) = self.stop_reason.lock() {
+        if let Ok(mut slot) = self.shared.stop_reason.lock() {
             slot.get_or_insert(reason);
         }
         self.stop.cancel();
     }
 
     pub fn stop_reason(&self) -> Option<StopReason> {
-        self.stop_reason.lock().ok().and_then(|slot| *slot)
+        self.shared.stop_reason.lock().ok().and_then(|slot| *slot)
+    }
+
+    /// Wakes the host's warm-pool filler (a wake-up while it is busy is kept).
+    pub fn refill(&self) {
+        self.shared.refill.notify_one();
+    }
+
+    /// Waits for the next `refill`.
+    pub async fn refill_requested(&self) {
+        self.shared.refill.notified().await;
+    }
+
+    /// Notes a heartbeat; the heartbeat writer stores it with the next batch.
+    pub fn heard(&self) {
+        self.shared.heard.store(true, Ordering::Relaxed);
     }
 }
 
@@ -118,9 +142,19 @@ impl ConnectionRegistry {
 
     /// Wakes the warm-pool filler of a host connected here.
     pub fn refill(&self, host_id: &str) {
-        if let Some(connection) = self.get(host_id) {
-            connection.refill.notify_one();
+        if let Some(connection) = self.lock().get(host_id) {
+            connection.refill();
         }
+    }
+
+    /// The hosts heard from since the last call, each with its generation;
+    /// clears their marks.
+    pub fn take_heard(&self) -> Vec<HeartbeatMark> {
+        self.lock()
+            .iter()
+            .filter(|(_, connection)| connection.shared.heard.swap(false, Ordering::Relaxed))
+            .map(|(host_id, connection)| HeartbeatMark { host_id: host_id.clone(), generation: connection.generation })
+            .collect()
     }
 
     /// Tells every connection to stop (shutdown).

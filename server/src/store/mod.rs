@@ -100,6 +100,13 @@ pub enum ClaimOutcome {
     Pending(SessionRecord),
 }
 
+/// A host heard from on one connection generation (see `record_heartbeats`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeartbeatMark {
+    pub host_id: String,
+    pub generation: u64,
+}
+
 /// A new box to reserve a slot for (state SPAWNING).
 #[derive(Debug, Clone)]
 pub struct NewMandelbox {
@@ -293,9 +300,15 @@ pub trait Store: Send + Sync + 'static {
     /// already DISCONNECTED/UNHEALTHY.
     async fn host_disconnected(&self, host_id: &str, generation: u64) -> StoreResult<bool>;
 
-    /// Stores the time of the latest heartbeat of `generation` (ignored for
-    /// another generation).
-    async fn record_heartbeat(&self, host_id: &str, generation: u64, at: DateTime<Utc>) -> StoreResult<()>;
+    /// Stores `at` as the latest heartbeat time of each host whose connection
+    /// generation is still the one given (others are ignored), in one
+    /// transaction: a replica writes its hosts' heartbeats as one batch.
+    async fn record_heartbeats(&self, beats: &[HeartbeatMark], at: DateTime<Utc>) -> StoreResult<()>;
+
+    /// `record_heartbeats` for one host.
+    async fn record_heartbeat(&self, host_id: &str, generation: u64, at: DateTime<Utc>) -> StoreResult<()> {
+        self.record_heartbeats(&[HeartbeatMark { host_id: host_id.to_owned(), generation }], at).await
+    }
 
     /// ACTIVE → DRAINING (kept if already DRAINING, DISCONNECTED/UNHEALTHY
     /// unchanged). None if the host is unknown.
@@ -329,10 +342,16 @@ pub trait Store: Send + Sync + 'static {
 
     // ----- mandelboxes ---------------------------------------------------
 
-    /// Reserves a slot on `host_id` for a new box: atomically checks that the
-    /// host is ACTIVE and has fewer live boxes than its capacity, then inserts
-    /// the box as SPAWNING (region from the host). None if there is no room.
-    async fn reserve_mandelbox(&self, host_id: &str, new: &NewMandelbox) -> StoreResult<Option<MandelboxRecord>>;
+    /// Reserves slots on `host_id` for new boxes, in one transaction:
+    /// atomically checks that the host is ACTIVE and counts its live boxes,
+    /// then inserts as many of `news` as it has free slots as SPAWNING (region
+    /// from the host), in order. Empty if there is no room.
+    async fn reserve_mandelboxes(&self, host_id: &str, news: &[NewMandelbox]) -> StoreResult<Vec<MandelboxRecord>>;
+
+    /// `reserve_mandelboxes` for one box. None if there is no room.
+    async fn reserve_mandelbox(&self, host_id: &str, new: &NewMandelbox) -> StoreResult<Option<MandelboxRecord>> {
+        Ok(self.reserve_mandelboxes(host_id, std::slice::from_ref(new)).await?.pop())
+    }
 
     /// Like `reserve_mandelbox`, on the best host in `regions` with room:
     /// first region first, then the fullest host (fewest free slots), hosts

@@ -11,20 +11,32 @@
 //!
 //! To avoid deadlocks, transactions that lock several kinds of rows take them in
 //! one order: user → host → sessions → mandelboxes.
+//!
+//! Durability is spent where it matters. Whatever a client is told (a claim, a
+//! session created, running or ended) and anything that ends a session
+//! commits with the WAL flushed (PostgreSQL's `synchronous_commit` as
+//! configured). Warm-pool bookkeeping that no client sees (a slot reserved, a
+//! box warm, a box torn down with no session on it, heartbeat times) commits
+//! without waiting for the flush (`commit_relaxed`): on a disk whose flush
+//! costs milliseconds that is most of the waiting in an allocation cycle. A
+//! PostgreSQL crash can lose the last few hundred milliseconds of such
+//! transitions and nothing else: no session changes, a box whose warm-up was
+//! lost is expired by the sweep, and the host's next Hello reconciles what it
+//! runs.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions, Postgres};
 use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::postgres_fleet as fleet;
 use super::rows::{self, host_columns, live_box_states, mandelbox_columns, now, session_columns};
 use super::{
-    Claim, ClaimOutcome, EndedSession, MandelboxAuth, MandelboxFilter, NewMandelbox, NewSession, Reconciliation,
-    ReportedMandelbox, SessionFilter, Store, StoreError, StoreResult, SweepOutcome,
+    Claim, ClaimOutcome, EndedSession, HeartbeatMark, MandelboxAuth, MandelboxFilter, NewMandelbox, NewSession,
+    Reconciliation, ReportedMandelbox, SessionFilter, Store, StoreError, StoreResult, SweepOutcome,
 };
 use crate::model::{
     EndReason, HostHello, HostRecord, HostState, HostSummary, InstanceRecord, InstanceState, Lease, MandelboxRecord,
@@ -42,6 +54,11 @@ impl PgStore {
             // A database that cannot hand out a connection within this is
             // unavailable: callers get UNAVAILABLE instead of hanging.
             .acquire_timeout(Duration::from_secs(3))
+            // No ping before each use: it would add a round trip to every
+            // transaction. A connection that died (a database restart) fails
+            // its next query, which the caller sees as UNAVAILABLE, and the
+            // pool replaces it.
+            .test_before_acquire(false)
             .connect(url)
             .await?;
         Ok(Self { pool })
@@ -207,6 +224,14 @@ fn state_names<T: Copy>(states: &[T], name: fn(T) -> &'static str) -> Vec<String
     states.iter().map(|state| name(*state).to_owned()).collect()
 }
 
+/// Commits without waiting for the WAL flush: for bookkeeping only (see the
+/// module's notes on durability). `SET LOCAL` lasts until this commit.
+async fn commit_relaxed(mut tx: sqlx::Transaction<'_, Postgres>) -> StoreResult<()> {
+    sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
 // ----- queries shared by several methods -----------------------------------
 
 async fn select_host(conn: &mut PgConnection, host_id: &str) -> StoreResult<Option<HostRecord>> {
@@ -366,20 +391,20 @@ async fn assign_session(
     .into_record()
 }
 
-/// Inserts a SPAWNING box on `host_id` if the host is ACTIVE and has a free
-/// slot. The host row stays locked until the transaction ends, so concurrent
-/// reservations on one host count each other's boxes.
+/// Inserts SPAWNING boxes on `host_id`, as many of `news` as the host has free
+/// slots, if it is ACTIVE. The host row stays locked until the transaction
+/// ends, so concurrent reservations on one host count each other's boxes.
 async fn reserve_on_host(
     conn: &mut PgConnection,
     host_id: &str,
-    new: &NewMandelbox,
+    news: &[NewMandelbox],
     at: DateTime<Utc>,
-) -> StoreResult<Option<MandelboxRecord>> {
+) -> StoreResult<Vec<MandelboxRecord>> {
     let Some(host) = lock_host(conn, host_id).await? else {
-        return Ok(None);
+        return Ok(Vec::new());
     };
     if host.state != HostState::Active {
-        return Ok(None);
+        return Ok(Vec::new());
     }
     let live: i64 = sqlx::query_scalar(concat!(
         "SELECT count(*) FROM mandelboxes WHERE host_id = $1 AND state IN ",
@@ -388,25 +413,27 @@ async fn reserve_on_host(
     .bind(host_id)
     .fetch_one(&mut *conn)
     .await?;
-    if live >= i64::from(host.capacity) {
-        return Ok(None);
+    let free = usize::try_from(i64::from(host.capacity).saturating_sub(live)).unwrap_or(0);
+    let mut reserved = Vec::with_capacity(free.min(news.len()));
+    for new in news.iter().take(free) {
+        let record = sqlx::query_as::<_, MandelboxRow>(concat!(
+            "INSERT INTO mandelboxes (id, host_id, region, app, state, session_id, token_hash, ports, \
+             created_at, updated_at) VALUES ($1, $2, $3, $4, 'SPAWNING', $5, $6, '[]', $7, $7) RETURNING ",
+            mandelbox_columns!()
+        ))
+        .bind(new.id)
+        .bind(&host.id)
+        .bind(&host.region)
+        .bind(&new.app)
+        .bind(new.session_id)
+        .bind(&new.token_hash)
+        .bind(at)
+        .fetch_one(&mut *conn)
+        .await?
+        .into_record()?;
+        reserved.push(record);
     }
-    sqlx::query_as::<_, MandelboxRow>(concat!(
-        "INSERT INTO mandelboxes (id, host_id, region, app, state, session_id, token_hash, ports, \
-         created_at, updated_at) VALUES ($1, $2, $3, $4, 'SPAWNING', $5, $6, '[]', $7, $7) RETURNING ",
-        mandelbox_columns!()
-    ))
-    .bind(new.id)
-    .bind(&host.id)
-    .bind(&host.region)
-    .bind(&new.app)
-    .bind(new.session_id)
-    .bind(&new.token_hash)
-    .bind(at)
-    .fetch_one(conn)
-    .await?
-    .into_record()
-    .map(Some)
+    Ok(reserved)
 }
 
 #[async_trait]
@@ -588,17 +615,29 @@ impl Store for PgStore {
         Ok(result.rows_affected() == 1)
     }
 
-    async fn record_heartbeat(&self, host_id: &str, generation: u64, at: DateTime<Utc>) -> StoreResult<()> {
-        let Some(generation) = rows::generation_param(generation) else {
+    async fn record_heartbeats(&self, beats: &[HeartbeatMark], at: DateTime<Utc>) -> StoreResult<()> {
+        let (mut ids, mut generations) = (Vec::with_capacity(beats.len()), Vec::with_capacity(beats.len()));
+        for beat in beats {
+            if let Some(generation) = rows::generation_param(beat.generation) {
+                ids.push(beat.host_id.as_str());
+                generations.push(generation);
+            }
+        }
+        if ids.is_empty() {
             return Ok(());
-        };
-        sqlx::query("UPDATE hosts SET last_heartbeat_at = $3 WHERE id = $1 AND generation = $2")
-            .bind(host_id)
-            .bind(generation)
-            .bind(at)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        }
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE hosts h SET last_heartbeat_at = $3 \
+             FROM UNNEST($1::text[], $2::bigint[]) AS beat(id, generation) \
+             WHERE h.id = beat.id AND h.generation = beat.generation",
+        )
+        .bind(&ids)
+        .bind(&generations)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+        commit_relaxed(tx).await
     }
 
     async fn drain_host(&self, host_id: &str) -> StoreResult<Option<HostRecord>> {
@@ -753,11 +792,11 @@ impl Store for PgStore {
 
     // ----- mandelboxes -------------------------------------------------
 
-    async fn reserve_mandelbox(&self, host_id: &str, new: &NewMandelbox) -> StoreResult<Option<MandelboxRecord>> {
+    async fn reserve_mandelboxes(&self, host_id: &str, news: &[NewMandelbox]) -> StoreResult<Vec<MandelboxRecord>> {
         let mut tx = self.pool.begin().await?;
-        let reserved = reserve_on_host(&mut tx, host_id, new, now()).await?;
-        if reserved.is_some() {
-            tx.commit().await?;
+        let reserved = reserve_on_host(&mut tx, host_id, news, now()).await?;
+        if !reserved.is_empty() {
+            commit_relaxed(tx).await?;
         }
         Ok(reserved)
     }
@@ -789,7 +828,7 @@ impl Store for PgStore {
         // locking the next could deadlock with a reservation going the other way.
         for host_id in candidates {
             let mut tx = self.pool.begin().await?;
-            if let Some(reserved) = reserve_on_host(&mut tx, &host_id, new, now()).await? {
+            if let Some(reserved) = reserve_on_host(&mut tx, &host_id, std::slice::from_ref(new), now()).await?.pop() {
                 tx.commit().await?;
                 return Ok(Some(reserved));
             }
@@ -831,7 +870,7 @@ impl Store for PgStore {
         .fetch_one(&mut *tx)
         .await?
         .into_record()?;
-        tx.commit().await?;
+        commit_relaxed(tx).await?;
         Ok(Some(spawned))
     }
 
@@ -858,7 +897,11 @@ impl Store for PgStore {
             .execute(&mut *tx)
             .await?;
         let ended = end_sessions_on(&mut tx, &[id], reason, at).await?;
-        tx.commit().await?;
+        if ended.is_empty() {
+            commit_relaxed(tx).await?;
+        } else {
+            tx.commit().await?;
+        }
         Ok(Some((before, ended.into_iter().next())))
     }
 
@@ -1015,32 +1058,36 @@ impl Store for PgStore {
     async fn confirm_assignment(&self, session_id: Uuid, mandelbox_id: Uuid) -> StoreResult<Option<SessionRecord>> {
         let at = now();
         let mut tx = self.pool.begin().await?;
-        let Some(session) = lock_session(&mut tx, session_id).await? else {
-            return Ok(None);
-        };
-        if session.state != SessionState::Assigning || session.mandelbox_id != Some(mandelbox_id) {
-            return Ok(None);
-        }
-        let Some(mandelbox) = lock_mandelbox(&mut tx, mandelbox_id).await? else {
-            return Ok(None);
-        };
-        if mandelbox.state != MandelboxState::Allocated || mandelbox.session_id != Some(session_id) {
-            return Ok(None);
-        }
-        sqlx::query("UPDATE mandelboxes SET state = 'RUNNING', updated_at = $2 WHERE id = $1")
-            .bind(mandelbox_id)
-            .bind(at)
-            .execute(&mut *tx)
-            .await?;
-        let session = sqlx::query_as::<_, SessionRow>(concat!(
-            "UPDATE sessions SET state = 'RUNNING', updated_at = $2 WHERE id = $1 RETURNING ",
+        // Session first, then box (the lock order). Each UPDATE checks what it
+        // needs; if either finds nothing, dropping the transaction rolls the
+        // other back.
+        let Some(session) = sqlx::query_as::<_, SessionRow>(concat!(
+            "UPDATE sessions SET state = 'RUNNING', updated_at = $2 \
+             WHERE id = $1 AND state = 'ASSIGNING' AND mandelbox_id = $3 RETURNING ",
             session_columns!()
         ))
         .bind(session_id)
         .bind(at)
-        .fetch_one(&mut *tx)
+        .bind(mandelbox_id)
+        .fetch_optional(&mut *tx)
         .await?
-        .into_record()?;
+        else {
+            return Ok(None);
+        };
+        let updated = sqlx::query(
+            "UPDATE mandelboxes SET state = 'RUNNING', updated_at = $2 \
+             WHERE id = $1 AND state = 'ALLOCATED' AND session_id = $3",
+        )
+        .bind(mandelbox_id)
+        .bind(at)
+        .bind(session_id)
+        .execute(&mut *tx)
+        .await?;
+        if updated.rows_affected() != 1 {
+            return Ok(None);
+        }
+        let session = session.into_record()?;
+        // Flushed: the client is told RUNNING, and that must survive a crash.
         tx.commit().await?;
         Ok(Some(session))
     }
@@ -1081,23 +1128,26 @@ impl Store for PgStore {
     async fn end_session(&self, session_id: Uuid, reason: EndReason) -> StoreResult<Option<EndedSession>> {
         let at = now();
         let mut tx = self.pool.begin().await?;
-        let Some(session) = lock_session(&mut tx, session_id).await? else {
-            return Ok(None);
-        };
-        if session.state == SessionState::Ended {
-            return Ok(Some(EndedSession { session, teardown: None, changed: false }));
-        }
-        let session = sqlx::query_as::<_, SessionRow>(concat!(
+        // The common case in one statement; a session already ended (or
+        // unknown) is told apart afterwards.
+        let ended = sqlx::query_as::<_, SessionRow>(concat!(
             "UPDATE sessions SET state = 'ENDED', end_reason = $2, ended_at = $3, updated_at = $3 \
-             WHERE id = $1 RETURNING ",
+             WHERE id = $1 AND state <> 'ENDED' RETURNING ",
             session_columns!()
         ))
         .bind(session_id)
         .bind(reason.as_str())
         .bind(at)
-        .fetch_one(&mut *tx)
-        .await?
-        .into_record()?;
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(session) = ended else {
+            return Ok(lock_session(&mut tx, session_id).await?.map(|session| EndedSession {
+                session,
+                teardown: None,
+                changed: false,
+            }));
+        };
+        let session = session.into_record()?;
         let teardown = match session.mandelbox_id {
             Some(mandelbox_id) => sqlx::query_as::<_, MandelboxRow>(concat!(
                 "UPDATE mandelboxes SET state = 'DYING', updated_at = $3 \

@@ -24,8 +24,8 @@ use uuid::Uuid;
 use super::rows::{self, host_columns, live_box_states, mandelbox_columns, now, session_columns};
 use super::sqlite_fleet as fleet;
 use super::{
-    Claim, ClaimOutcome, EndedSession, MandelboxAuth, MandelboxFilter, NewMandelbox, NewSession, Reconciliation,
-    ReportedMandelbox, SessionFilter, Store, StoreError, StoreResult, SweepOutcome,
+    Claim, ClaimOutcome, EndedSession, HeartbeatMark, MandelboxAuth, MandelboxFilter, NewMandelbox, NewSession,
+    Reconciliation, ReportedMandelbox, SessionFilter, Store, StoreError, StoreResult, SweepOutcome,
 };
 use crate::model::{
     EndReason, HostHello, HostRecord, HostState, HostSummary, InstanceRecord, InstanceState, Lease, MandelboxRecord,
@@ -51,6 +51,7 @@ impl SqliteStore {
             // database would vanish with its last connection: one connection,
             // kept forever, serves reads and writes.
             let pool = SqlitePoolOptions::new()
+                .test_before_acquire(false)
                 .max_connections(1)
                 .min_connections(1)
                 .idle_timeout(None)
@@ -59,7 +60,10 @@ impl SqliteStore {
                 .await?;
             return Ok(Self { writer: pool.clone(), reader: pool });
         }
+        // No ping before each use: a file's connection does not die, and each
+        // ping is a round trip to the connection's worker thread.
         let writer = SqlitePoolOptions::new()
+            .test_before_acquire(false)
             .max_connections(1)
             .connect_with(
                 options
@@ -71,8 +75,11 @@ impl SqliteStore {
             .await?;
         // WAL mode is stored in the file, which the writer has created and
         // switched by now; readers only need to open it.
-        let reader =
-            SqlitePoolOptions::new().max_connections(READER_CONNECTIONS).connect_with(options.read_only(true)).await?;
+        let reader = SqlitePoolOptions::new()
+            .test_before_acquire(false)
+            .max_connections(READER_CONNECTIONS)
+            .connect_with(options.read_only(true))
+            .await?;
         Ok(Self { writer, reader })
     }
 
@@ -398,18 +405,19 @@ async fn assign_session(
     .into_record()
 }
 
-/// Inserts a SPAWNING box on `host_id` if the host is ACTIVE and has a free slot.
+/// Inserts SPAWNING boxes on `host_id`, as many of `news` as the host has free
+/// slots, if it is ACTIVE (the write transaction serialises reservations).
 async fn reserve_on_host(
     conn: &mut SqliteConnection,
     host_id: &str,
-    new: &NewMandelbox,
+    news: &[NewMandelbox],
     at: DateTime<Utc>,
-) -> StoreResult<Option<MandelboxRecord>> {
+) -> StoreResult<Vec<MandelboxRecord>> {
     let Some(host) = select_host(conn, host_id).await? else {
-        return Ok(None);
+        return Ok(Vec::new());
     };
     if host.state != HostState::Active {
-        return Ok(None);
+        return Ok(Vec::new());
     }
     let live: i64 = sqlx::query_scalar(concat!(
         "SELECT count(*) FROM mandelboxes WHERE host_id = ?1 AND state IN ",
@@ -418,25 +426,27 @@ async fn reserve_on_host(
     .bind(host_id)
     .fetch_one(&mut *conn)
     .await?;
-    if live >= i64::from(host.capacity) {
-        return Ok(None);
+    let free = usize::try_from(i64::from(host.capacity).saturating_sub(live)).unwrap_or(0);
+    let mut reserved = Vec::with_capacity(free.min(news.len()));
+    for new in news.iter().take(free) {
+        let record = sqlx::query_as::<_, MandelboxRow>(concat!(
+            "INSERT INTO mandelboxes (id, host_id, region, app, state, session_id, token_hash, ports, \
+             created_at, updated_at) VALUES (?1, ?2, ?3, ?4, 'SPAWNING', ?5, ?6, '[]', ?7, ?7) RETURNING ",
+            mandelbox_columns!()
+        ))
+        .bind(new.id.to_string())
+        .bind(&host.id)
+        .bind(&host.region)
+        .bind(&new.app)
+        .bind(new.session_id.map(|id| id.to_string()))
+        .bind(&new.token_hash)
+        .bind(micros(at))
+        .fetch_one(&mut *conn)
+        .await?
+        .into_record()?;
+        reserved.push(record);
     }
-    sqlx::query_as::<_, MandelboxRow>(concat!(
-        "INSERT INTO mandelboxes (id, host_id, region, app, state, session_id, token_hash, ports, \
-         created_at, updated_at) VALUES (?1, ?2, ?3, ?4, 'SPAWNING', ?5, ?6, '[]', ?7, ?7) RETURNING ",
-        mandelbox_columns!()
-    ))
-    .bind(new.id.to_string())
-    .bind(&host.id)
-    .bind(&host.region)
-    .bind(&new.app)
-    .bind(new.session_id.map(|id| id.to_string()))
-    .bind(&new.token_hash)
-    .bind(micros(at))
-    .fetch_one(conn)
-    .await?
-    .into_record()
-    .map(Some)
+    Ok(reserved)
 }
 
 #[async_trait]
@@ -615,16 +625,24 @@ impl Store for SqliteStore {
         Ok(result.rows_affected() == 1)
     }
 
-    async fn record_heartbeat(&self, host_id: &str, generation: u64, at: DateTime<Utc>) -> StoreResult<()> {
-        let Some(generation) = rows::generation_param(generation) else {
+    async fn record_heartbeats(&self, beats: &[HeartbeatMark], at: DateTime<Utc>) -> StoreResult<()> {
+        if beats.is_empty() {
             return Ok(());
-        };
-        sqlx::query("UPDATE hosts SET last_heartbeat_at = ?3 WHERE id = ?1 AND generation = ?2")
-            .bind(host_id)
-            .bind(generation)
-            .bind(micros(at))
-            .execute(&self.writer)
-            .await?;
+        }
+        // One write transaction for the batch: the single writer is taken once.
+        let mut tx = self.begin_write().await?;
+        for beat in beats {
+            let Some(generation) = rows::generation_param(beat.generation) else {
+                continue;
+            };
+            sqlx::query("UPDATE hosts SET last_heartbeat_at = ?3 WHERE id = ?1 AND generation = ?2")
+                .bind(&beat.host_id)
+                .bind(generation)
+                .bind(micros(at))
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
@@ -770,10 +788,10 @@ impl Store for SqliteStore {
 
     // ----- mandelboxes -------------------------------------------------
 
-    async fn reserve_mandelbox(&self, host_id: &str, new: &NewMandelbox) -> StoreResult<Option<MandelboxRecord>> {
+    async fn reserve_mandelboxes(&self, host_id: &str, news: &[NewMandelbox]) -> StoreResult<Vec<MandelboxRecord>> {
         let mut tx = self.begin_write().await?;
-        let reserved = reserve_on_host(&mut tx, host_id, new, now()).await?;
-        if reserved.is_some() {
+        let reserved = reserve_on_host(&mut tx, host_id, news, now()).await?;
+        if !reserved.is_empty() {
             tx.commit().await?;
         }
         Ok(reserved)
@@ -810,7 +828,7 @@ impl Store for SqliteStore {
             return Ok(None);
         };
         // The write transaction keeps the count true, so this cannot refuse.
-        let reserved = reserve_on_host(&mut tx, &host_id, new, now()).await?;
+        let reserved = reserve_on_host(&mut tx, &host_id, std::slice::from_ref(new), now()).await?.pop();
         tx.commit().await?;
         Ok(reserved)
     }
@@ -1019,32 +1037,34 @@ impl Store for SqliteStore {
     async fn confirm_assignment(&self, session_id: Uuid, mandelbox_id: Uuid) -> StoreResult<Option<SessionRecord>> {
         let at = now();
         let mut tx = self.begin_write().await?;
-        let Some(session) = select_session(&mut tx, session_id).await? else {
-            return Ok(None);
-        };
-        if session.state != SessionState::Assigning || session.mandelbox_id != Some(mandelbox_id) {
-            return Ok(None);
-        }
-        let Some(mandelbox) = select_mandelbox(&mut tx, mandelbox_id).await? else {
-            return Ok(None);
-        };
-        if mandelbox.state != MandelboxState::Allocated || mandelbox.session_id != Some(session_id) {
-            return Ok(None);
-        }
-        sqlx::query("UPDATE mandelboxes SET state = 'RUNNING', updated_at = ?2 WHERE id = ?1")
-            .bind(mandelbox_id.to_string())
-            .bind(micros(at))
-            .execute(&mut *tx)
-            .await?;
-        let session = sqlx::query_as::<_, SessionRow>(concat!(
-            "UPDATE sessions SET state = 'RUNNING', updated_at = ?2 WHERE id = ?1 RETURNING ",
+        // Each UPDATE checks what it needs; if either finds nothing, dropping
+        // the transaction rolls the other back.
+        let Some(session) = sqlx::query_as::<_, SessionRow>(concat!(
+            "UPDATE sessions SET state = 'RUNNING', updated_at = ?2 \
+             WHERE id = ?1 AND state = 'ASSIGNING' AND mandelbox_id = ?3 RETURNING ",
             session_columns!()
         ))
         .bind(session_id.to_string())
         .bind(micros(at))
-        .fetch_one(&mut *tx)
+        .bind(mandelbox_id.to_string())
+        .fetch_optional(&mut *tx)
         .await?
-        .into_record()?;
+        else {
+            return Ok(None);
+        };
+        let updated = sqlx::query(
+            "UPDATE mandelboxes SET state = 'RUNNING', updated_at = ?2 \
+             WHERE id = ?1 AND state = 'ALLOCATED' AND session_id = ?3",
+        )
+        .bind(mandelbox_id.to_string())
+        .bind(micros(at))
+        .bind(session_id.to_string())
+        .execute(&mut *tx)
+        .await?;
+        if updated.rows_affected() != 1 {
+            return Ok(None);
+        }
+        let session = session.into_record()?;
         tx.commit().await?;
         Ok(Some(session))
     }
@@ -1085,23 +1105,26 @@ impl Store for SqliteStore {
     async fn end_session(&self, session_id: Uuid, reason: EndReason) -> StoreResult<Option<EndedSession>> {
         let at = now();
         let mut tx = self.begin_write().await?;
-        let Some(session) = select_session(&mut tx, session_id).await? else {
-            return Ok(None);
-        };
-        if session.state == SessionState::Ended {
-            return Ok(Some(EndedSession { session, teardown: None, changed: false }));
-        }
-        let session = sqlx::query_as::<_, SessionRow>(concat!(
+        // The common case in one statement; a session already ended (or
+        // unknown) is told apart afterwards.
+        let ended = sqlx::query_as::<_, SessionRow>(concat!(
             "UPDATE sessions SET state = 'ENDED', end_reason = ?2, ended_at = ?3, updated_at = ?3 \
-             WHERE id = ?1 RETURNING ",
+             WHERE id = ?1 AND state <> 'ENDED' RETURNING ",
             session_columns!()
         ))
         .bind(session_id.to_string())
         .bind(reason.as_str())
         .bind(micros(at))
-        .fetch_one(&mut *tx)
-        .await?
-        .into_record()?;
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(session) = ended else {
+            return Ok(select_session(&mut tx, session_id).await?.map(|session| EndedSession {
+                session,
+                teardown: None,
+                changed: false,
+            }));
+        };
+        let session = session.into_record()?;
         let teardown = match session.mandelbox_id {
             Some(mandelbox_id) => sqlx::query_as::<_, MandelboxRow>(concat!(
                 "UPDATE mandelboxes SET state = 'DYING', updated_at = ?3 \
