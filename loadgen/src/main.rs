@@ -280,6 +280,7 @@ async fn allocation_scenarios(
         if wants(Scenario::Alloc) {
             for &clients in &args.clients {
                 scenarios::wait_warm(&mut admin, boxes, warm_timeout).await?;
+                scenarios::analyze(backend, db.url()).await?;
                 let point =
                     scenarios::warm_allocation(&server.info, &observatory, clients, warmup, window, progress).await?;
                 report.allocation.push(point);
@@ -293,6 +294,7 @@ async fn allocation_scenarios(
         if wants(Scenario::Limit) {
             for &clients in &args.clients {
                 scenarios::wait_warm(&mut admin, boxes, warm_timeout).await?;
+                scenarios::analyze(backend, db.url()).await?;
                 report.bare_claim.push(scenarios::bare_claim(backend, db.url(), clients, window, progress).await?);
                 report.bare_rpc.push(scenarios::bare_rpc(&server.info, clients, window, progress).await?);
             }

@@ -91,6 +91,27 @@ pub(crate) async fn start_agents(
     Ok(handles)
 }
 
+/// Refreshes the planner's statistics of the server's database. The tables
+/// of a fresh benchmark database start empty and grow by a row or two per
+/// allocation; a long-running database has statistics (autovacuum analyzes
+/// it), so each measured point starts from analyzed tables, as in production.
+pub(crate) async fn analyze(backend: Backend, url: &str) -> anyhow::Result<()> {
+    use sqlx::Connection as _;
+    match backend {
+        Backend::Postgres => {
+            let mut conn = sqlx::PgConnection::connect(url).await?;
+            sqlx::query("ANALYZE").execute(&mut conn).await?;
+            conn.close().await?;
+        }
+        Backend::Sqlite => {
+            let mut conn = sqlx::SqliteConnection::connect(url).await?;
+            sqlx::query("ANALYZE").execute(&mut conn).await?;
+            conn.close().await?;
+        }
+    }
+    Ok(())
+}
+
 /// Waits until `count` boxes are WAITING (warm).
 pub(crate) async fn wait_warm(admin: &mut Admin, count: usize, timeout: Duration) -> anyhow::Result<Duration> {
     let started = Instant::now();

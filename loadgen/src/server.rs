@@ -58,9 +58,12 @@ pub(crate) struct ServeArgs {
 
 /// Child side: runs the control plane until stdin closes.
 pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let store = switchboard::store::connect(&args.db).await.context("opening the store")?;
-    store.put_region(&Region { name: REGION.into(), enabled: true, ..Default::default() }).await?;
     let mut config = Config::default();
+    // The pool a server gets from its configuration (`database.max_connections`).
+    let store = switchboard::store::connect_with(&args.db, config.database.max_connections)
+        .await
+        .context("opening the store")?;
+    store.put_region(&Region { name: REGION.into(), enabled: true, ..Default::default() }).await?;
     config.hosts.credential_secret = Secret::new(args.secret.clone());
     config.hosts.heartbeat_interval_ms = args.heartbeat_ms;
     config.hosts.missed_heartbeats = args.missed_heartbeats;

@@ -320,18 +320,21 @@ async fn end_sessions_on(
 /// runs exactly this (`CLAIM_WAITING_SQL`) to measure the database's limit.
 macro_rules! pg_claim_waiting {
     () => {
+        // Hosts first, each host's load counted once (LATERAL), then its
+        // WAITING boxes: counting per candidate box instead made the claim
+        // cost grow with the number of warm boxes.
         "UPDATE mandelboxes SET state = 'ALLOCATED', session_id = $4, updated_at = $5 \
          WHERE id = ( \
-             SELECT m.id FROM mandelboxes m \
-             JOIN hosts h ON h.id = m.host_id \
-             LEFT JOIN regions r ON r.name = m.region \
+             SELECT m.id FROM hosts h \
+             LEFT JOIN regions r ON r.name = h.region \
+             CROSS JOIN LATERAL (SELECT count(*) AS busy FROM mandelboxes a \
+                                 WHERE a.host_id = h.id AND a.state IN ('ALLOCATED', 'RUNNING')) load \
+             JOIN mandelboxes m ON m.host_id = h.id \
              WHERE m.state = 'WAITING' AND m.app = $2 AND m.region = ANY($1) \
                AND h.state = 'ACTIVE' \
                AND (COALESCE(r.image, '') = '' OR h.image = r.image) \
                AND h.id <> ALL($3) \
-             ORDER BY array_position($1::text[], m.region), \
-                      h.capacity - (SELECT count(*) FROM mandelboxes a \
-                                    WHERE a.host_id = h.id AND a.state IN ('ALLOCATED', 'RUNNING')), \
+             ORDER BY array_position($1::text[], m.region), h.capacity - load.busy, \
                       h.id, m.created_at, m.id \
              LIMIT 1 \
              FOR UPDATE OF m SKIP LOCKED) \
