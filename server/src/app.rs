@@ -294,6 +294,7 @@ impl Application {
         tokio::spawn(Dispatcher::new(allocator, core.events.clone(), interval).run(background.clone()));
         tokio::spawn(Sweeper::new(core.clone(), pending).run(background.clone()));
         tokio::spawn(crate::fleet::heartbeats::run_heartbeat_writer(core.clone(), background.clone()));
+        tokio::spawn(crate::fleet::pool::run_refill_sweep(core.clone(), background.clone()));
         tokio::spawn(verifier.run_refresher(background.clone()));
         tokio::spawn(core.maintenance.clone().run_watcher(background.clone()));
         let cluster_task = core.cluster.clone().map(|cluster| tokio::spawn(cluster.run(background.clone())));
