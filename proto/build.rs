@@ -13,6 +13,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // `HostService.Connect` would clash with the generated `connect` constructor;
         // clients build a Channel and call `::new(channel)` instead.
         .build_transport(false)
+        // Small per-stream buffers: host streams are long-lived and carry tiny messages.
+        .codec_path("crate::codec::CompactCodec")
         .file_descriptor_set_path(out_dir.join("switchboard_descriptor.bin"))
         .compile_with_config(
             config,

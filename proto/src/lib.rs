@@ -4,6 +4,8 @@
 
 #![allow(unreachable_pub, clippy::all)]
 
+pub mod codec;
+
 /// Package `switchboard.v1`.
 pub mod v1 {
     tonic::include_proto!("switchboard.v1");

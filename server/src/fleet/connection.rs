@@ -33,7 +33,16 @@ const OUTBOUND_BUFFER: usize = 64;
 /// Commands queued per host before senders wait.
 const COMMAND_BUFFER: usize = 256;
 
-pub type ControlStream = ReceiverStream<Result<ControlMessage, Status>>;
+/// What the connection task queues for its host. Boxed: a channel allocates
+/// room for 32 items up front, and unboxed that is 5 KiB per host.
+type Outbound = Box<Result<ControlMessage, Status>>;
+
+/// The response stream of `HostService.Connect`.
+pub type ControlStream = futures::stream::Map<ReceiverStream<Outbound>, fn(Outbound) -> Result<ControlMessage, Status>>;
+
+fn unbox(outbound: Outbound) -> Result<ControlMessage, Status> {
+    *outbound
+}
 
 /// Accepts host streams; cheap to clone.
 #[derive(Clone)]
@@ -98,7 +107,7 @@ impl Fleet {
             })),
         };
         // The receiver is still in our hands: this cannot fail.
-        let _ = outbound.send(Ok(welcome)).await;
+        let _ = outbound.send(Box::new(Ok(welcome))).await;
 
         let task = ConnectionTask {
             core: self.core.clone(),
@@ -116,7 +125,10 @@ impl Fleet {
             reconcile(core.clone(), host.host_id.clone(), hello.mandelboxes).await;
             pool::run_filler(core, host.host_id, connection, stop).await;
         });
-        Ok(ReceiverStream::new(outbound_rx))
+        Ok(futures::StreamExt::map(
+            ReceiverStream::new(outbound_rx),
+            unbox as fn(Outbound) -> Result<ControlMessage, Status>,
+        ))
     }
 }
 
@@ -157,7 +169,7 @@ struct ConnectionTask {
     core: SharedCore,
     host_id: String,
     connection: HostConnection,
-    outbound: mpsc::Sender<Result<ControlMessage, Status>>,
+    outbound: mpsc::Sender<Outbound>,
     /// Commands sent and not yet answered; dropped with the task, which tells
     /// every waiter the host is gone.
     pending: HashMap<String, tokio::sync::oneshot::Sender<CommandResult>>,
@@ -168,7 +180,7 @@ impl ConnectionTask {
     async fn run(
         mut self,
         mut inbound: Streaming<HostMessage>,
-        mut commands: mpsc::Receiver<OutboundCommand>,
+        mut commands: mpsc::Receiver<Box<OutboundCommand>>,
         stop: CancellationToken,
     ) {
         let deadline = self.core.config.hosts.heartbeat_deadline();
@@ -194,7 +206,7 @@ impl ConnectionTask {
                 Some(outbound) = commands.recv() => {
                     let id = outbound.command.command_id.clone();
                     let message = ControlMessage { body: Some(control_message::Body::Command(outbound.command)) };
-                    if self.outbound.send(Ok(message)).await.is_err() {
+                    if self.outbound.send(Box::new(Ok(message))).await.is_err() {
                         break Ending::Closed;
                     }
                     self.pending.insert(id, outbound.reply);
@@ -270,7 +282,7 @@ impl ConnectionTask {
             }
         };
         if let Some(error) = farewell {
-            let _ = self.outbound.send(Err(error.into())).await;
+            let _ = self.outbound.send(Box::new(Err(error.into()))).await;
         }
     }
 

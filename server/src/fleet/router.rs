@@ -61,7 +61,7 @@ impl CommandRouter for LocalRouter {
         let command =
             Command { command_id: uuid::Uuid::new_v4().to_string(), kind: Some(kind), traceparent: traceparent() };
         tracing::debug!(host_id, command_id = %command.command_id, traceparent = %command.traceparent, "sending command");
-        let send = connection.commands.send(OutboundCommand { command, reply });
+        let send = connection.commands.send(Box::new(OutboundCommand { command, reply }));
         // A full queue means a stuck host: that counts against the deadline too.
         let deadline = tokio::time::Instant::now() + timeout;
         match tokio::time::timeout_at(deadline, send).await {
