@@ -40,6 +40,8 @@ type Outbound = Box<Result<ControlMessage, Status>>;
 /// The response stream of `HostService.Connect`.
 pub type ControlStream = futures::stream::Map<ReceiverStream<Outbound>, fn(Outbound) -> Result<ControlMessage, Status>>;
 
+// The box is the point: the channel holds it (see `Outbound`).
+#[allow(clippy::boxed_local)]
 fn unbox(outbound: Outbound) -> Result<ControlMessage, Status> {
     *outbound
 }
