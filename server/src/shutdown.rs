@@ -39,3 +39,22 @@ async fn wait_for_signal() {
         let _ = tokio::signal::ctrl_c().await;
     }
 }
+
+/// Runs `work` every `period` (the first time one period from now) until
+/// `shutdown`; a run that overruns delays the next instead of bunching them.
+pub async fn run_every<F, Fut>(period: std::time::Duration, shutdown: CancellationToken, mut work: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        work().await;
+    }
+}

@@ -15,23 +15,18 @@ const HOSTS_PER_WRITE: usize = 2_000;
 
 pub async fn run_heartbeat_writer(core: SharedCore, shutdown: CancellationToken) {
     let every = Duration::from_millis(core.config.hosts.heartbeat_write_interval_ms.max(1));
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
+    crate::shutdown::run_every(every, shutdown, || write_heard(&core)).await;
+}
+
+async fn write_heard(core: &SharedCore) {
+    let heard = core.registry.take_heard();
+    let at = chrono::Utc::now();
+    for batch in heard.chunks(HOSTS_PER_WRITE) {
+        if let Err(error) = core.store.record_heartbeats(batch, at).await {
+            tracing::warn!(hosts = batch.len(), %error, "heartbeat times not recorded");
         }
-        let heard = core.registry.take_heard();
-        let at = chrono::Utc::now();
-        for batch in heard.chunks(HOSTS_PER_WRITE) {
-            if let Err(error) = core.store.record_heartbeats(batch, at).await {
-                tracing::warn!(hosts = batch.len(), %error, "heartbeat times not recorded");
-            }
-        }
-        if !heard.is_empty() {
-            tracing::trace!(hosts = heard.len(), "heartbeat times recorded");
-        }
+    }
+    if !heard.is_empty() {
+        tracing::trace!(hosts = heard.len(), "heartbeat times recorded");
     }
 }

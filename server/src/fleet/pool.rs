@@ -41,28 +41,23 @@ pub async fn run_filler(core: SharedCore, host_id: String, connection: HostConne
 /// per host, which with 15,000 hosts was half of the server's CPU.
 pub async fn run_refill_sweep(core: SharedCore, shutdown: CancellationToken) {
     let period = Duration::from_millis(core.config.hosts.maintenance_interval_ms.max(1)) * REFILL_SWEEP_FACTOR;
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
+    crate::shutdown::run_every(period, shutdown, || wake_hosts_with_free_slots(&core)).await;
+}
+
+async fn wake_hosts_with_free_slots(core: &SharedCore) {
+    if !core.config.allocation.warm_pool || core.registry.is_empty() {
+        return;
+    }
+    let hosts = match core.store.list_hosts(None).await {
+        Ok(hosts) => hosts,
+        Err(error) => {
+            tracing::debug!(%error, "refill sweep could not list hosts");
+            return;
         }
-        if !core.config.allocation.warm_pool || core.registry.is_empty() {
-            continue;
-        }
-        let hosts = match core.store.list_hosts(None).await {
-            Ok(hosts) => hosts,
-            Err(error) => {
-                tracing::debug!(%error, "refill sweep could not list hosts");
-                continue;
-            }
-        };
-        for summary in hosts {
-            if summary.host.state == HostState::Active && summary.live < summary.host.capacity {
-                core.registry.refill(&summary.host.id);
-            }
+    };
+    for summary in hosts {
+        if summary.host.state == HostState::Active && summary.live < summary.host.capacity {
+            core.registry.refill(&summary.host.id);
         }
     }
 }
