@@ -124,7 +124,8 @@ impl Fleet {
         // the host runs; a box reserved before that would look lost.
         let core = self.core.clone();
         tokio::spawn(async move {
-            reconcile(core.clone(), host.host_id.clone(), hello.mandelboxes).await;
+            // Boxed: it runs once, its state need not live as long as the filler.
+            Box::pin(reconcile(core.clone(), host.host_id.clone(), hello.mandelboxes)).await;
             pool::run_filler(core, host.host_id, connection, stop).await;
         });
         Ok(futures::StreamExt::map(
@@ -218,7 +219,9 @@ impl ConnectionTask {
         };
         // The connection's helpers (its warm-pool filler) end with it.
         stop.cancel();
-        self.finish(ending).await;
+        // Boxed: its state would otherwise sit in every connection's task for
+        // the connection's whole life (see BENCHMARKS.md, memory per host).
+        Box::pin(self.finish(ending)).await;
     }
 
     /// Returns true when the host said goodbye.
