@@ -295,15 +295,16 @@ describe("grpcurl (the README flow)", { timeout: 60_000 }, () => {
     assert.equal(drained.state, "HOST_STATE_DRAINING");
 
     const { hosts } = await grpcurlJson(["-plaintext", ...adminAuth, addr, "switchboard.v1.AdminService/ListHosts"]);
-    assert.deepEqual(
-      hosts.map((h) => [h.hostId, h.state]).sort((a, b) => a[0].localeCompare(b[0])),
-      [
-        ["dev-eu-west-1-1", "HOST_STATE_DRAINING"],
-        ["dev-eu-west-1-2", "HOST_STATE_ACTIVE"],
-        ["dev-us-east-1-1", "HOST_STATE_ACTIVE"],
-        ["dev-us-east-1-2", "HOST_STATE_ACTIVE"],
-      ],
-    );
+    const states = new Map(hosts.map((h) => [h.hostId, h.state]));
+    assert.equal(states.get("dev-eu-west-1-1"), "HOST_STATE_DRAINING");
+    for (const id of ["dev-eu-west-1-2", "dev-us-east-1-1", "dev-us-east-1-2"]) {
+      assert.equal(states.get(id), "HOST_STATE_ACTIVE", id);
+    }
+    // dev's scaler may already be adding a host to refill eu-west-1's buffer
+    // (the drain tore down the drained host's warm boxes); any such host is ACTIVE.
+    for (const [id, state] of states) {
+      if (id !== "dev-eu-west-1-1") assert.equal(state, "HOST_STATE_ACTIVE", id);
+    }
 
     const eu = await grpcurlJson([
       "-plaintext",
@@ -322,7 +323,8 @@ describe("grpcurl (the README flow)", { timeout: 60_000 }, () => {
       addr,
       "switchboard.v1.AllocationService/GetSession",
     ]);
-    assert.equal(got.hostId, "dev-eu-west-1-2");
+    assert.notEqual(got.hostId, "dev-eu-west-1-1", "the draining host takes no new session");
+    assert.ok(got.hostId.startsWith("dev-eu-west-1-"), got.hostId);
   });
 
   it("Allocate without a token exits non-zero with Unauthenticated", async () => {
