@@ -272,12 +272,13 @@ mod contract {
         host(&store, "h1", "r1", "img", 4).await;
         host(&store, "h1", "r1", "img", 4).await;
         let at = DateTime::from_timestamp_micros(1_900_000_000_123_456).unwrap();
-        store.record_heartbeat("h1", 2, at).await.unwrap();
+        let mark = |host_id: &str, generation| [HeartbeatMark { host_id: host_id.to_owned(), generation }];
+        store.record_heartbeats(&mark("h1", 2), at).await.unwrap();
         assert_eq!(store.get_host("h1").await.unwrap().unwrap().last_heartbeat_at, Some(at));
         let stale = at + chrono::Duration::seconds(10);
-        store.record_heartbeat("h1", 1, stale).await.unwrap();
+        store.record_heartbeats(&mark("h1", 1), stale).await.unwrap();
         assert_eq!(store.get_host("h1").await.unwrap().unwrap().last_heartbeat_at, Some(at));
-        store.record_heartbeat("unknown", 1, stale).await.unwrap();
+        store.record_heartbeats(&mark("unknown", 1), stale).await.unwrap();
     }
 
     pub(crate) async fn record_heartbeats_writes_a_batch_of_current_generations(_db: &TestDatabase, store: DynStore) {

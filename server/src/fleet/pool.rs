@@ -72,18 +72,14 @@ async fn fill(core: &SharedCore, host_id: &str) {
         return;
     }
     loop {
-        let mut tokens = Vec::with_capacity(RESERVE_BATCH);
-        let news: Vec<NewMandelbox> = (0..RESERVE_BATCH)
-            .map(|_| {
-                let token = mandelbox_token::generate();
-                let new = NewMandelbox {
-                    id: Uuid::new_v4(),
-                    app: core.config.allocation.warm_app.clone(),
-                    token_hash: mandelbox_token::hash(&token),
-                    session_id: None,
-                };
-                tokens.push((new.id, token));
-                new
+        let tokens: Vec<String> = (0..RESERVE_BATCH).map(|_| mandelbox_token::generate()).collect();
+        let news: Vec<NewMandelbox> = tokens
+            .iter()
+            .map(|token| NewMandelbox {
+                id: Uuid::new_v4(),
+                app: core.config.allocation.warm_app.clone(),
+                token_hash: mandelbox_token::hash(token),
+                session_id: None,
             })
             .collect();
         let reserved = match core.store.reserve_mandelboxes(host_id, &news).await {
@@ -94,10 +90,8 @@ async fn fill(core: &SharedCore, host_id: &str) {
             }
         };
         let full = reserved.len() < RESERVE_BATCH;
-        for mandelbox in reserved {
-            let Some(token) = tokens.iter().find(|(id, _)| *id == mandelbox.id).map(|(_, token)| token.clone()) else {
-                continue;
-            };
+        // The store reserves `news` from the front, so the i-th box has the i-th token.
+        for (mandelbox, token) in reserved.into_iter().zip(tokens) {
             tokio::spawn(spawn_warm(core.clone(), mandelbox, token));
         }
         // Fewer than asked: the host has no free slot left.

@@ -305,11 +305,6 @@ pub trait Store: Send + Sync + 'static {
     /// transaction: a replica writes its hosts' heartbeats as one batch.
     async fn record_heartbeats(&self, beats: &[HeartbeatMark], at: DateTime<Utc>) -> StoreResult<()>;
 
-    /// `record_heartbeats` for one host.
-    async fn record_heartbeat(&self, host_id: &str, generation: u64, at: DateTime<Utc>) -> StoreResult<()> {
-        self.record_heartbeats(&[HeartbeatMark { host_id: host_id.to_owned(), generation }], at).await
-    }
-
     /// ACTIVE → DRAINING (kept if already DRAINING, DISCONNECTED/UNHEALTHY
     /// unchanged). None if the host is unknown.
     async fn drain_host(&self, host_id: &str) -> StoreResult<Option<HostRecord>>;
