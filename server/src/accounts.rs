@@ -81,6 +81,7 @@ impl Accounts {
         let created = provider.create_customer(principal.user_id(), principal.claims.email.as_deref()).await?;
         let remembered = self.core.store.set_stripe_customer(principal.user_id(), &created).await?;
         let customer = remembered.unwrap_or(created.clone());
+        self.access.remember_customer(principal.user_id(), &customer);
         if customer != created {
             tracing::warn!(user_id = %principal.user_id(), unused_customer = %created, "a concurrent call created the customer first");
         } else {

@@ -102,13 +102,24 @@ async fn claim(store: &DynStore, user_id: &str, regions: &[&str]) -> Claim {
     claimed(store.create_session_and_claim(&new_session(user_id, regions), NO_LIMIT).await.unwrap())
 }
 
-/// A session RUNNING on a box RUNNING on `host_id`.
+/// A session RUNNING on a box RUNNING on `host_id` (Allocate's claim writes
+/// both RUNNING at once).
 async fn running_session(store: &DynStore, host_id: &str, region: &str, user_id: &str) -> Claim {
     warm_box(store, host_id, APP).await;
     let claim = claim(store, user_id, &[region]).await;
     assert_eq!(claim.mandelbox.host_id, host_id);
-    let session = store.confirm_assignment(claim.session.id, claim.mandelbox.id).await.unwrap().unwrap();
-    assert_eq!(session.state, SessionState::Running);
+    assert_eq!((claim.session.state, claim.mandelbox.state), (SessionState::Running, MandelboxState::Running));
+    claim
+}
+
+/// A pending session's claim, ASSIGNING on a box (warmed on `host_id` after
+/// the session was queued) ALLOCATED to it (the
+/// dispatcher's path, which the host confirms with `confirm_assignment`).
+async fn assigning_claim(store: &DynStore, host_id: &str, user_id: &str, region: &str) -> Claim {
+    let session = pending(store.create_session_and_claim(&new_session(user_id, &[region]), NO_LIMIT).await.unwrap());
+    warm_box(store, host_id, APP).await;
+    let claim = store.claim_for_session(session.id, &[]).await.unwrap().unwrap();
+    assert_eq!((claim.session.state, claim.mandelbox.state), (SessionState::Assigning, MandelboxState::Allocated));
     claim
 }
 
@@ -122,6 +133,11 @@ async fn session(store: &DynStore, id: Uuid) -> SessionRecord {
 
 async fn host_state(store: &DynStore, host_id: &str) -> HostState {
     store.get_host(host_id).await.unwrap().unwrap().state
+}
+
+/// A reconcile cutoff before every claim of a test: no claim counts as stale.
+fn long_ago() -> DateTime<Utc> {
+    Utc::now() - chrono::Duration::days(1)
 }
 
 /// Lets the clock move on, so that rows created after it are strictly newer.
@@ -490,9 +506,9 @@ mod contract {
             unknown,
         ]
         .into_iter()
-        .map(|id| ReportedMandelbox { id })
+        .map(|id| ReportedMandelbox { id, assigned: id == running.mandelbox.id })
         .collect();
-        let outcome = store.reconcile_host("h1", &reported).await.unwrap();
+        let outcome = store.reconcile_host("h1", &reported, long_ago()).await.unwrap();
 
         assert_eq!(outcome.teardown, vec![unknown, spawning.id, dying.mandelbox.id, dead.id, on_other_host.id]);
         assert_eq!(outcome.lost, vec![allocated.mandelbox.id, missing_waiting.id]);
@@ -515,19 +531,64 @@ mod contract {
 
         // The host finished the teardown while away: the DYING box is gone
         // from its report, so it is LOST; after that nothing changes.
-        let kept = [ReportedMandelbox { id: waiting.id }, ReportedMandelbox { id: running.mandelbox.id }];
-        let again = store.reconcile_host("h1", &kept).await.unwrap();
+        let kept = [
+            ReportedMandelbox { id: waiting.id, assigned: false },
+            ReportedMandelbox { id: running.mandelbox.id, assigned: true },
+        ];
+        let again = store.reconcile_host("h1", &kept, long_ago()).await.unwrap();
         assert_eq!(again.lost, vec![dying.mandelbox.id]);
         assert!(again.teardown.is_empty());
         assert!(again.ended_sessions.is_empty(), "its session had ended already");
         assert_eq!(box_state(&store, dying.mandelbox.id).await, MandelboxState::Lost);
-        assert_eq!(store.reconcile_host("h1", &kept).await.unwrap(), Default::default());
+        assert_eq!(store.reconcile_host("h1", &kept, long_ago()).await.unwrap(), Default::default());
+    }
+
+    pub(crate) async fn reconcile_host_releases_stale_claims_the_host_never_got(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h1", "r1", "img", 20).await;
+        // Claimed, but the replica died before its Assign reached the host.
+        let never_told = running_session(&store, "h1", "r1", "u1").await;
+        let pending_never_told = assigning_claim(&store, "h1", "u2", "r1").await;
+        let told = running_session(&store, "h1", "r1", "u3").await;
+        let reported = [
+            ReportedMandelbox { id: never_told.mandelbox.id, assigned: false },
+            ReportedMandelbox { id: pending_never_told.mandelbox.id, assigned: false },
+            ReportedMandelbox { id: told.mandelbox.id, assigned: true },
+        ];
+
+        // Claims younger than the cutoff may have their Assign in flight.
+        let young = store.reconcile_host("h1", &reported, long_ago()).await.unwrap();
+        assert_eq!(young, Default::default());
+        assert_eq!(session(&store, never_told.session.id).await.state, SessionState::Running);
+
+        tick().await;
+        let outcome = store.reconcile_host("h1", &reported, chrono::Utc::now()).await.unwrap();
+        assert_eq!(outcome.unassigned, vec![never_told.mandelbox.id, pending_never_told.mandelbox.id]);
+        assert!(outcome.teardown.is_empty() && outcome.lost.is_empty());
+        let mut ended: Vec<Uuid> = outcome.ended_sessions.iter().map(|session| session.id).collect();
+        ended.sort();
+        let mut expected = vec![never_told.session.id, pending_never_told.session.id];
+        expected.sort();
+        assert_eq!(ended, expected);
+        for id in [never_told.session.id, pending_never_told.session.id] {
+            let ended = session(&store, id).await;
+            assert_eq!((ended.state, ended.end_reason), (SessionState::Ended, Some(EndReason::AssignFailed)));
+        }
+        for id in [never_told.mandelbox.id, pending_never_told.mandelbox.id] {
+            let released = store.get_mandelbox(id).await.unwrap().unwrap();
+            assert_eq!((released.state, released.session_id), (MandelboxState::Waiting, None), "warm again");
+        }
+        assert_eq!(session(&store, told.session.id).await.state, SessionState::Running, "the host has it");
+        assert_eq!(box_state(&store, told.mandelbox.id).await, MandelboxState::Running);
+
+        // A released box is claimable again, and its new claim is young.
+        let reclaimed = claim(&store, "u4", &["r1"]).await;
+        assert!([never_told.mandelbox.id, pending_never_told.mandelbox.id].contains(&reclaimed.mandelbox.id));
     }
 
     pub(crate) async fn reconcile_unknown_host_tears_everything_down(_db: &TestDatabase, store: DynStore) {
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-        let outcome =
-            store.reconcile_host("ghost", &[ReportedMandelbox { id: a }, ReportedMandelbox { id: b }]).await.unwrap();
+        let reported = [ReportedMandelbox { id: a, assigned: false }, ReportedMandelbox { id: b, assigned: true }];
+        let outcome = store.reconcile_host("ghost", &reported, long_ago()).await.unwrap();
         assert_eq!(outcome.teardown, vec![a, b]);
         assert!(outcome.lost.is_empty());
         assert!(outcome.ended_sessions.is_empty());
@@ -835,13 +896,13 @@ mod contract {
         let new = new_session("u1", &["eu-central-1", "us-west-1", "us-east-1"]);
         let first = claimed(store.create_session_and_claim(&new, NO_LIMIT).await.unwrap());
         assert_eq!(first.mandelbox.id, west.id);
-        assert_eq!(first.mandelbox.state, MandelboxState::Allocated);
+        assert_eq!(first.mandelbox.state, MandelboxState::Running, "written RUNNING with the claim");
         assert_eq!(first.mandelbox.session_id, Some(new.id));
         assert_eq!(first.host, store.get_host("h-west").await.unwrap().unwrap());
         let session = &first.session;
         assert_eq!(session.id, new.id);
         assert_eq!(session.user_id, "u1");
-        assert_eq!(session.state, SessionState::Assigning);
+        assert_eq!(session.state, SessionState::Running);
         assert_eq!(session.app, APP);
         assert_eq!(session.client_version, "3.1.0");
         assert_eq!(session.requested_regions, new.regions);
@@ -944,7 +1005,6 @@ mod contract {
         host(&store, "h1", "r1", "img", 10).await;
         warm_box(&store, "h1", APP).await;
         let running = claim(&store, "u1", &["r1"]).await;
-        store.confirm_assignment(running.session.id, running.mandelbox.id).await.unwrap().unwrap();
         let queued = pending(store.create_session_and_claim(&new_session("u1", &["r1"]), 3).await.unwrap());
         pending(store.create_session_and_claim(&new_session("u1", &["r1"]), 3).await.unwrap());
         assert_eq!(store.count_live_sessions("u1").await.unwrap(), 3);
@@ -1059,10 +1119,8 @@ mod contract {
 
     pub(crate) async fn confirm_assignment_runs_both(_db: &TestDatabase, store: DynStore) {
         host(&store, "h1", "r1", "img", 4).await;
-        warm_box(&store, "h1", APP).await;
-        warm_box(&store, "h1", APP).await;
-        let first = claim(&store, "u1", &["r1"]).await;
-        let second = claim(&store, "u2", &["r1"]).await;
+        let first = assigning_claim(&store, "h1", "u1", "r1").await;
+        let second = assigning_claim(&store, "h1", "u2", "r1").await;
         assert_eq!(
             store.confirm_assignment(first.session.id, second.mandelbox.id).await.unwrap(),
             None,
@@ -1101,11 +1159,18 @@ mod contract {
         assert_eq!(box_state(&store, retry.mandelbox.id).await, MandelboxState::Lost);
         assert_eq!(session(&store, first.session.id).await.state, SessionState::Pending);
 
-        // A RUNNING session is not released.
-        let running = running_session(&store, "h1", "r1", "u2").await;
-        store.release_claim(running.session.id, running.mandelbox.id, MandelboxState::Dying).await.unwrap();
-        assert_eq!(session(&store, running.session.id).await.state, SessionState::Running);
-        assert_eq!(box_state(&store, running.mandelbox.id).await, MandelboxState::Running);
+        // A pending session's claim (ASSIGNING) is released the same way.
+        let assigning = assigning_claim(&store, "h1", "u2", "r1").await;
+        store.release_claim(assigning.session.id, assigning.mandelbox.id, MandelboxState::Lost).await.unwrap();
+        assert_eq!(session(&store, assigning.session.id).await.state, SessionState::Pending);
+        assert_eq!(box_state(&store, assigning.mandelbox.id).await, MandelboxState::Lost);
+
+        // An ended session is not released, nor is its box touched.
+        let ended = running_session(&store, "h1", "r1", "u3").await;
+        store.end_session(ended.session.id, EndReason::UserEnded).await.unwrap();
+        store.release_claim(ended.session.id, ended.mandelbox.id, MandelboxState::Lost).await.unwrap();
+        assert_eq!(session(&store, ended.session.id).await.state, SessionState::Ended);
+        assert_eq!(box_state(&store, ended.mandelbox.id).await, MandelboxState::Dying);
     }
 
     pub(crate) async fn end_session_tears_down_its_box_once(_db: &TestDatabase, store: DynStore) {
@@ -1251,19 +1316,19 @@ fn assert_claims_are_distinct(outcomes: &[ClaimOutcome], expected_claims: usize)
     assert_eq!(boxes.iter().collect::<HashSet<_>>().len(), expected_claims, "distinct boxes");
 }
 
-/// The stored rows agree: 20 boxes, each ALLOCATED to its own ASSIGNING
-/// session, and every other session PENDING.
+/// The stored rows agree: 20 boxes, each RUNNING for its own RUNNING
+/// session (Allocate's claim), and every other session PENDING.
 async fn assert_twenty_boxes_claimed_once(db: &TestDatabase, pending_sessions: i64) {
     let count = |sql: &'static str| async move { db.query_i64(sql).await.unwrap() };
-    assert_eq!(count("SELECT count(*) FROM mandelboxes WHERE state = 'ALLOCATED'").await, 20);
-    assert_eq!(count("SELECT count(DISTINCT session_id) FROM mandelboxes WHERE state = 'ALLOCATED'").await, 20);
+    assert_eq!(count("SELECT count(*) FROM mandelboxes WHERE state = 'RUNNING'").await, 20);
+    assert_eq!(count("SELECT count(DISTINCT session_id) FROM mandelboxes WHERE state = 'RUNNING'").await, 20);
     assert_eq!(count("SELECT count(*) FROM mandelboxes WHERE state = 'WAITING'").await, 0);
-    assert_eq!(count("SELECT count(*) FROM sessions WHERE state = 'ASSIGNING'").await, 20);
-    assert_eq!(count("SELECT count(DISTINCT mandelbox_id) FROM sessions WHERE state = 'ASSIGNING'").await, 20);
+    assert_eq!(count("SELECT count(*) FROM sessions WHERE state = 'RUNNING'").await, 20);
+    assert_eq!(count("SELECT count(DISTINCT mandelbox_id) FROM sessions WHERE state = 'RUNNING'").await, 20);
     assert_eq!(
         count(
             "SELECT count(*) FROM sessions s JOIN mandelboxes m ON m.id = s.mandelbox_id \
-             WHERE s.state = 'ASSIGNING' AND m.session_id = s.id AND m.state = 'ALLOCATED'"
+             WHERE s.state = 'RUNNING' AND m.session_id = s.id AND m.state = 'RUNNING'"
         )
         .await,
         20
@@ -1319,6 +1384,7 @@ macro_rules! store_contract_suite {
             attach_reserved_moves_the_session_onto_its_box,
             confirm_assignment_runs_both,
             release_claim_puts_the_session_back_in_the_queue,
+            reconcile_host_releases_stale_claims_the_host_never_got,
             end_session_tears_down_its_box_once,
             list_sessions_filters_newest_first,
             sweep_expires_old_pending_sessions_and_spawns,

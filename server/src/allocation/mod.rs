@@ -1,5 +1,5 @@
-//! Allocation: validate the request, claim a warm box atomically, have its host
-//! confirm, answer in one round trip. With no warm box: spawn on a host with
+//! Allocation: validate the request, claim a warm box atomically (one commit,
+//! session and box RUNNING), have its host confirm, answer in one round trip. With no warm box: spawn on a host with
 //! free capacity and wait, or leave a pending session that the dispatcher
 //! fulfils when a box warms, or refuse with NO_CAPACITY.
 
@@ -21,7 +21,7 @@ use crate::{
     core::SharedCore,
     error::{ApiError, ApiResult},
     fleet::RouteError,
-    model::{EndReason, MandelboxState, PortSpec, SessionRecord},
+    model::{EndReason, MandelboxState, PortSpec, SessionRecord, SessionState},
     regions::RegionCache,
     scaling::DynCapacityPlanner,
     store::{Claim, ClaimOutcome, NewMandelbox, NewSession},
@@ -161,14 +161,19 @@ impl Allocator {
         });
         match core.router.send(&claim.host.id, kind, timeout).await {
             Ok(result) => {
-                let confirmed = core
-                    .store
-                    .confirm_assignment(claim.session.id, claim.mandelbox.id)
-                    .await
-                    .map_err(|error| AssignError::Fatal(error.into()))?;
-                let Some(session) = confirmed else {
-                    // Ended while the host was confirming (EndSession raced us).
-                    return Err(AssignError::Fatal(ApiError::SessionEnded));
+                // Allocate's own claim is written RUNNING with the claim (one
+                // commit on the client's path); a pending session's claim is
+                // confirmed here, before its watcher hears of it.
+                let session = if claim.session.state == SessionState::Running {
+                    claim.session.clone()
+                } else {
+                    let confirmed = core
+                        .store
+                        .confirm_assignment(claim.session.id, claim.mandelbox.id)
+                        .await
+                        .map_err(|error| AssignError::Fatal(error.into()))?;
+                    // None: ended while the host was confirming (EndSession raced us).
+                    confirmed.ok_or(AssignError::Fatal(ApiError::SessionEnded))?
                 };
                 let ports = if result.ports.is_empty() {
                     claim.mandelbox.ports.clone()

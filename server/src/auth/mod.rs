@@ -6,6 +6,7 @@
 pub mod dev_issuer;
 pub mod host_credential;
 pub mod jwt;
+mod known_users;
 pub mod mandelbox_token;
 pub mod policy;
 mod token_cache;

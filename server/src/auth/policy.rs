@@ -16,10 +16,9 @@
 //! Every authenticated call registers its user (once per process, then cached).
 
 use std::{
-    collections::HashSet,
     future::Future,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::Arc,
     task::{Context, Poll},
 };
 
@@ -27,7 +26,10 @@ use http::{Request, Response};
 use tonic::Status;
 use tower::{Layer, Service};
 
-use super::jwt::{TokenVerifier, UserClaims};
+use super::{
+    jwt::{TokenVerifier, UserClaims},
+    known_users::{CachedCustomer, KnownUsers},
+};
 use crate::{billing::Subscriptions, error::ApiError, store::DynStore};
 
 pub const ADMIN_SCOPE: &str = "admin";
@@ -85,22 +87,19 @@ fn requirement(path: &str) -> Requirement {
     }
 }
 
-/// Users registered by this process; entries above this are forgotten (they
-/// are registered again, idempotently).
-const KNOWN_USERS_LIMIT: usize = 100_000;
-
 /// Everything the policy needs: token keys, billing, and the store for
 /// registration.
 pub struct AccessControl {
     verifier: Arc<TokenVerifier>,
     subscriptions: Subscriptions,
     store: DynStore,
-    known_users: Mutex<HashSet<String>>,
+    /// Registered users and their billing customers (see `known_users`).
+    known_users: KnownUsers,
 }
 
 impl AccessControl {
     pub fn new(verifier: Arc<TokenVerifier>, subscriptions: Subscriptions, store: DynStore) -> Self {
-        AccessControl { verifier, subscriptions, store, known_users: Mutex::new(HashSet::new()) }
+        AccessControl { verifier, subscriptions, store, known_users: KnownUsers::default() }
     }
 
     async fn authorize(&self, path: &str, headers: &http::HeaderMap) -> Result<Option<Principal>, ApiError> {
@@ -140,27 +139,31 @@ impl AccessControl {
 
     /// Registration: the user row exists from the first authenticated call on.
     async fn register(&self, principal: &Principal) -> Result<(), ApiError> {
-        let known = self.known_users.lock().map(|users| users.contains(principal.user_id())).unwrap_or(false);
-        if known {
+        if self.known_users.is_registered(principal.user_id()) {
             return Ok(());
         }
         self.store.ensure_user(principal.user_id(), principal.claims.email.as_deref()).await?;
-        if let Ok(mut users) = self.known_users.lock() {
-            if users.len() >= KNOWN_USERS_LIMIT {
-                users.clear();
-            }
-            users.insert(principal.user_id().to_owned());
-        }
+        self.known_users.registered(principal.user_id());
         Ok(())
     }
 
     /// The Stripe customer: from the token's claim, else the one Switchboard
-    /// created for the user.
+    /// created for the user (remembered, see `known_users`).
     pub async fn customer_of(&self, principal: &Principal) -> Result<Option<String>, ApiError> {
         if let Some(customer) = &principal.claims.stripe_customer_id {
             return Ok(Some(customer.clone()));
         }
-        Ok(self.store.get_user(principal.user_id()).await?.and_then(|user| user.stripe_customer_id))
+        if let CachedCustomer::Known(customer) = self.known_users.customer(principal.user_id()) {
+            return Ok(customer);
+        }
+        let customer = self.store.get_user(principal.user_id()).await?.and_then(|user| user.stripe_customer_id);
+        self.known_users.set_customer(principal.user_id(), customer.clone());
+        Ok(customer)
+    }
+
+    /// A customer this process just stored for the user.
+    pub fn remember_customer(&self, user_id: &str, customer: &str) {
+        self.known_users.set_customer(user_id, Some(customer.to_owned()));
     }
 }
 

@@ -142,19 +142,30 @@ async fn reconcile(core: SharedCore, host_id: String, reported: Vec<switchboard_
     let mut foreign = Vec::new();
     for mandelbox in reported {
         match Uuid::parse_str(&mandelbox.mandelbox_id) {
-            Ok(id) => known.push(ReportedMandelbox { id }),
+            Ok(id) => known.push(ReportedMandelbox { id, assigned: mandelbox.assigned }),
             Err(_) => foreign.push(mandelbox.mandelbox_id),
         }
     }
-    let outcome = match core.store.reconcile_host(&host_id, &known).await {
+    // A claim younger than this may still have its Assign on the way (from
+    // any replica: each gives up after its assign timeout).
+    let assign_timeout = Duration::from_millis(core.config.allocation.assign_timeout_ms);
+    let claimed_before = chrono::Utc::now() - assign_timeout * 2;
+    let outcome = match core.store.reconcile_host(&host_id, &known, claimed_before).await {
         Ok(outcome) => outcome,
         Err(error) => {
             tracing::warn!(%host_id, %error, "reconciliation failed");
             return;
         }
     };
-    if !outcome.teardown.is_empty() || !outcome.lost.is_empty() || !foreign.is_empty() {
-        tracing::info!(%host_id, teardown = outcome.teardown.len() + foreign.len(), lost = outcome.lost.len(), "reconciled host");
+    if !outcome.teardown.is_empty() || !outcome.lost.is_empty() || !outcome.unassigned.is_empty() || !foreign.is_empty()
+    {
+        tracing::info!(
+            %host_id,
+            teardown = outcome.teardown.len() + foreign.len(),
+            lost = outcome.lost.len(),
+            unassigned = outcome.unassigned.len(),
+            "reconciled host"
+        );
     }
     core.publish_sessions(&outcome.ended_sessions).await;
     let timeout = Duration::from_millis(core.config.hosts.command_timeout_ms);

@@ -122,6 +122,8 @@ pub struct NewMandelbox {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReportedMandelbox {
     pub id: Uuid,
+    /// Whether the host says a session is assigned to the box.
+    pub assigned: bool,
 }
 
 /// What `reconcile_host` decided.
@@ -136,7 +138,13 @@ pub struct Reconciliation {
     /// flight (sent after the host's Hello); `sweep` writes off those that
     /// never complete.
     pub lost: Vec<Uuid>,
-    /// Sessions that ended (HOST_LOST) because their box was lost.
+    /// Boxes the database held as claimed (ALLOCATED/RUNNING) since before the
+    /// cutoff but the host reports idle: the Assign never reached the host
+    /// (the replica that claimed them died first). Their sessions ended
+    /// (ASSIGN_FAILED) and the boxes are WAITING again.
+    pub unassigned: Vec<Uuid>,
+    /// Sessions that ended: HOST_LOST because their box was lost, ASSIGN_FAILED
+    /// because their box is among `unassigned`.
     pub ended_sessions: Vec<SessionRecord>,
 }
 
@@ -332,8 +340,16 @@ pub trait Store: Send + Sync + 'static {
     /// A reconnecting host reported `reported`; compares it with the live boxes
     /// the database holds for the host, in one transaction (see
     /// `Reconciliation`). Boxes in both that are WAITING/ALLOCATED/RUNNING are
-    /// kept as they are.
-    async fn reconcile_host(&self, host_id: &str, reported: &[ReportedMandelbox]) -> StoreResult<Reconciliation>;
+    /// kept as they are, except claimed boxes the host reports idle whose claim
+    /// was last updated before `claimed_before` (a claim younger than that may
+    /// still have its Assign in flight): those go back to WAITING and their
+    /// sessions end ASSIGN_FAILED.
+    async fn reconcile_host(
+        &self,
+        host_id: &str,
+        reported: &[ReportedMandelbox],
+        claimed_before: DateTime<Utc>,
+    ) -> StoreResult<Reconciliation>;
 
     // ----- mandelboxes ---------------------------------------------------
 
@@ -393,8 +409,14 @@ pub trait Store: Send + Sync + 'static {
     /// `new.regions` (first region first; within it the fullest host, i.e. the
     /// one with the fewest free slots = capacity - assigned boxes; host ACTIVE;
     /// host image matching the region's image unless that is empty; box app ==
-    /// `new.app`) and inserts the session as ASSIGNING on it; with no such box,
-    /// inserts it as PENDING.
+    /// `new.app`) and inserts the session on it; with no such box, inserts it
+    /// as PENDING.
+    ///
+    /// A claimed box and its session are written RUNNING at once, before the
+    /// host is told: the allocator answers the client as soon as the host
+    /// confirms, with no second commit, and `release_claim` undoes the claim if
+    /// the host does not confirm. Should the replica die in between, the host's
+    /// next Hello reports the box idle and `reconcile_host` ends the session.
     async fn create_session_and_claim(&self, new: &NewSession, limit: u32) -> StoreResult<ClaimOutcome>;
 
     /// Claims a WAITING box (same choice as above, skipping `exclude_hosts`) for
@@ -412,9 +434,10 @@ pub trait Store: Send + Sync + 'static {
     async fn confirm_assignment(&self, session_id: Uuid, mandelbox_id: Uuid) -> StoreResult<Option<SessionRecord>>;
 
     /// The host did not confirm: box → `box_state` (DYING when the host may
-    /// still hold it, LOST when the host is gone), session ASSIGNING → PENDING
-    /// with its box, host and region cleared. No change if the session is not
-    /// ASSIGNING on that box.
+    /// still hold it, LOST when the host is gone), session ASSIGNING (or
+    /// RUNNING, as `create_session_and_claim` writes it) → PENDING with its box,
+    /// host and region cleared. No change if the session is not on that box
+    /// in one of those states.
     async fn release_claim(&self, session_id: Uuid, mandelbox_id: Uuid, box_state: MandelboxState) -> StoreResult<()>;
 
     /// Ends a live session with `reason` (sets `ended_at`); its box, if live,

@@ -319,11 +319,14 @@ async fn end_sessions_on(
 /// The claim statement up to its RETURNING clause. Loadgen's "bare claim"
 /// runs exactly this (`CLAIM_WAITING_SQL`) to measure the database's limit.
 macro_rules! pg_claim_waiting {
-    () => {
+    ($state:literal) => {
         // Hosts first, each host's load counted once (LATERAL), then its
         // WAITING boxes: counting per candidate box instead made the claim
         // cost grow with the number of warm boxes.
-        "UPDATE mandelboxes SET state = 'ALLOCATED', session_id = $4, updated_at = $5 \
+        concat!(
+            "UPDATE mandelboxes SET state = '",
+            $state,
+            "', session_id = $4, updated_at = $5 \
          WHERE id = ( \
              SELECT m.id FROM hosts h \
              LEFT JOIN regions r ON r.name = h.region \
@@ -339,11 +342,22 @@ macro_rules! pg_claim_waiting {
              LIMIT 1 \
              FOR UPDATE OF m SKIP LOCKED) \
          "
+        )
     };
 }
 
-/// The claim as one statement returning only the id (for benchmarks).
-pub const CLAIM_WAITING_SQL: &str = concat!(pg_claim_waiting!(), " RETURNING id");
+/// Allocate's claim as one statement returning only the id (for benchmarks).
+pub const CLAIM_WAITING_SQL: &str = concat!(pg_claim_waiting!("RUNNING"), " RETURNING id");
+
+/// Which state a claim puts its box in: RUNNING for Allocate's own claim
+/// (confirmed by the host before the client hears of it, see
+/// `create_session_and_claim`), ALLOCATED for a pending session's, which the
+/// host confirms through `confirm_assignment`.
+#[derive(Clone, Copy)]
+enum ClaimAs {
+    Running,
+    Allocated,
+}
 
 /// Takes the best WAITING box for a session and marks it ALLOCATED to it.
 ///
@@ -354,13 +368,18 @@ pub const CLAIM_WAITING_SQL: &str = concat!(pg_claim_waiting!(), " RETURNING id"
 /// `LIMIT`, so a claimer only gets nothing when every match is taken.
 async fn claim_waiting(
     conn: &mut PgConnection,
+    claim_as: ClaimAs,
     regions: &[String],
     app: &str,
     exclude_hosts: &[String],
     session_id: Uuid,
     at: DateTime<Utc>,
 ) -> StoreResult<Option<MandelboxRecord>> {
-    sqlx::query_as::<_, MandelboxRow>(concat!(pg_claim_waiting!(), " RETURNING ", mandelbox_columns!()))
+    let sql = match claim_as {
+        ClaimAs::Running => concat!(pg_claim_waiting!("RUNNING"), " RETURNING ", mandelbox_columns!()),
+        ClaimAs::Allocated => concat!(pg_claim_waiting!("ALLOCATED"), " RETURNING ", mandelbox_columns!()),
+    };
+    sqlx::query_as::<_, MandelboxRow>(sql)
         .bind(regions)
         .bind(app)
         .bind(exclude_hosts)
@@ -748,7 +767,12 @@ impl Store for PgStore {
         Ok(result.rows_affected())
     }
 
-    async fn reconcile_host(&self, host_id: &str, reported: &[ReportedMandelbox]) -> StoreResult<Reconciliation> {
+    async fn reconcile_host(
+        &self,
+        host_id: &str,
+        reported: &[ReportedMandelbox],
+        claimed_before: DateTime<Utc>,
+    ) -> StoreResult<Reconciliation> {
         let at = now();
         let mut tx = self.pool.begin().await?;
         let reported_ids = rows::unique_ids(reported);
@@ -766,9 +790,10 @@ impl Store for PgStore {
         .bind(&reported_ids)
         .fetch_all(&mut *tx)
         .await?;
-        let plan = rows::ReconcilePlan::new(&reported_ids, &mandelboxes(known)?);
+        let plan = rows::ReconcilePlan::new(reported, &mandelboxes(known)?, claimed_before);
 
-        lock_sessions_on(&mut tx, &plan.missing).await?;
+        let touched: Vec<Uuid> = plan.missing.iter().chain(&plan.unassigned).copied().collect();
+        lock_sessions_on(&mut tx, &touched).await?;
         let lost: Vec<Uuid> = sqlx::query_scalar(concat!(
             "UPDATE mandelboxes SET state = 'LOST', updated_at = $2 \
              WHERE id = ANY($1) AND state IN ",
@@ -787,10 +812,23 @@ impl Store for PgStore {
         .bind(at)
         .execute(&mut *tx)
         .await?;
-        let ended_sessions = end_sessions_on(&mut tx, &lost, EndReason::HostLost, at).await?;
+        // Conditional on the claim still being the old one: a box released and
+        // claimed again since the read above is left to its new claimer.
+        let unassigned: Vec<Uuid> = sqlx::query_scalar(
+            "UPDATE mandelboxes SET state = 'WAITING', session_id = NULL, updated_at = $2 \
+             WHERE id = ANY($1) AND state IN ('ALLOCATED', 'RUNNING') AND updated_at < $3 RETURNING id",
+        )
+        .bind(&plan.unassigned)
+        .bind(at)
+        .bind(claimed_before)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut ended_sessions = end_sessions_on(&mut tx, &lost, EndReason::HostLost, at).await?;
+        ended_sessions.extend(end_sessions_on(&mut tx, &unassigned, EndReason::AssignFailed, at).await?);
         tx.commit().await?;
         let lost = plan.order(lost);
-        Ok(Reconciliation { teardown: plan.teardown, lost, ended_sessions })
+        let unassigned = rows::in_order(&plan.unassigned, unassigned);
+        Ok(Reconciliation { teardown: plan.teardown, lost, unassigned, ended_sessions })
     }
 
     // ----- mandelboxes -------------------------------------------------
@@ -969,14 +1007,19 @@ impl Store for PgStore {
     async fn create_session_and_claim(&self, new: &NewSession, limit: u32) -> StoreResult<ClaimOutcome> {
         let at = now();
         let mut tx = self.pool.begin().await?;
-        sqlx::query("INSERT INTO users (id, created_at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING")
-            .bind(&new.user_id)
-            .bind(at)
-            .execute(&mut *tx)
-            .await?;
         // Serialises this user's concurrent requests from here to commit, so
         // the count below cannot miss a session another request is creating.
-        sqlx::query("SELECT id FROM users WHERE id = $1 FOR UPDATE").bind(&new.user_id).execute(&mut *tx).await?;
+        // The row exists from the user's first authenticated call on; it is
+        // created here only for a caller that skipped that.
+        let lock_user = "SELECT id FROM users WHERE id = $1 FOR UPDATE";
+        if sqlx::query(lock_user).bind(&new.user_id).fetch_optional(&mut *tx).await?.is_none() {
+            sqlx::query("INSERT INTO users (id, created_at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING")
+                .bind(&new.user_id)
+                .bind(at)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(lock_user).bind(&new.user_id).execute(&mut *tx).await?;
+        }
         let live: i64 = sqlx::query_scalar("SELECT count(*) FROM sessions WHERE user_id = $1 AND state <> 'ENDED'")
             .bind(&new.user_id)
             .fetch_one(&mut *tx)
@@ -985,7 +1028,7 @@ impl Store for PgStore {
             return Err(StoreError::SessionLimit { limit });
         }
 
-        let claimed = claim_waiting(&mut tx, &new.regions, &new.app, &[], new.id, at).await?;
+        let claimed = claim_waiting(&mut tx, ClaimAs::Running, &new.regions, &new.app, &[], new.id, at).await?;
         let session = sqlx::query_as::<_, SessionRow>(concat!(
             "INSERT INTO sessions (id, user_id, state, app, client_version, requested_regions, \
              region, mandelbox_id, host_id, created_at, updated_at) \
@@ -994,7 +1037,7 @@ impl Store for PgStore {
         ))
         .bind(new.id)
         .bind(&new.user_id)
-        .bind(if claimed.is_some() { SessionState::Assigning } else { SessionState::Pending }.as_str())
+        .bind(if claimed.is_some() { SessionState::Running } else { SessionState::Pending }.as_str())
         .bind(&new.app)
         .bind(&new.client_version)
         .bind(Json(&new.regions))
@@ -1026,8 +1069,16 @@ impl Store for PgStore {
         if session.state != SessionState::Pending {
             return Ok(None);
         }
-        let Some(mandelbox) =
-            claim_waiting(&mut tx, &session.requested_regions, &session.app, exclude_hosts, session_id, at).await?
+        let Some(mandelbox) = claim_waiting(
+            &mut tx,
+            ClaimAs::Allocated,
+            &session.requested_regions,
+            &session.app,
+            exclude_hosts,
+            session_id,
+            at,
+        )
+        .await?
         else {
             return Ok(None);
         };
@@ -1101,7 +1152,8 @@ impl Store for PgStore {
         let Some(session) = lock_session(&mut tx, session_id).await? else {
             return Ok(());
         };
-        if session.state != SessionState::Assigning || session.mandelbox_id != Some(mandelbox_id) {
+        let claimed = matches!(session.state, SessionState::Assigning | SessionState::Running);
+        if !claimed || session.mandelbox_id != Some(mandelbox_id) {
             return Ok(());
         }
         // A box put back into the pool carries no session.

@@ -98,6 +98,12 @@ pub(super) fn spawned_target(
     }
 }
 
+/// The ids of `wanted` that are in `done` (any order), in `wanted`'s order.
+pub(super) fn in_order(wanted: &[Uuid], done: Vec<Uuid>) -> Vec<Uuid> {
+    let done: HashSet<Uuid> = done.into_iter().collect();
+    wanted.iter().copied().filter(|id| done.contains(id)).collect()
+}
+
 /// Reported ids without repeats, in the order the host sent them.
 pub(super) fn unique_ids(reported: &[ReportedMandelbox]) -> Vec<Uuid> {
     let mut seen = HashSet::new();
@@ -111,6 +117,9 @@ pub(super) struct ReconcilePlan {
     pub(super) teardown: Vec<Uuid>,
     /// Reported SPAWNING boxes: their spawn was never confirmed; → DEAD.
     pub(super) unconfirmed_spawns: Vec<Uuid>,
+    /// Reported boxes claimed (ALLOCATED/RUNNING) since before the cutoff that
+    /// the host says are idle; → WAITING, their sessions ended.
+    pub(super) unassigned: Vec<Uuid>,
     /// Live boxes the host did not report, oldest first; → LOST. A SPAWNING box
     /// is not among them: its spawn may have been sent after the host's Hello
     /// (the sweep writes off spawns that never complete).
@@ -123,22 +132,41 @@ fn is_settled(mandelbox: &MandelboxRecord) -> bool {
 }
 
 impl ReconcilePlan {
-    pub(super) fn new(reported: &[Uuid], known: &[MandelboxRecord]) -> Self {
+    pub(super) fn new(
+        reported: &[ReportedMandelbox],
+        known: &[MandelboxRecord],
+        claimed_before: DateTime<Utc>,
+    ) -> Self {
         let by_id: HashMap<Uuid, &MandelboxRecord> = known.iter().map(|mandelbox| (mandelbox.id, mandelbox)).collect();
-        let mut plan = ReconcilePlan { teardown: Vec::new(), unconfirmed_spawns: Vec::new(), missing: Vec::new() };
-        for id in reported {
-            match by_id.get(id).map(|mandelbox| mandelbox.state) {
-                Some(MandelboxState::Waiting | MandelboxState::Allocated | MandelboxState::Running) => {}
-                Some(MandelboxState::Spawning) => {
-                    plan.unconfirmed_spawns.push(*id);
-                    plan.teardown.push(*id);
+        let mut plan = ReconcilePlan {
+            teardown: Vec::new(),
+            unconfirmed_spawns: Vec::new(),
+            unassigned: Vec::new(),
+            missing: Vec::new(),
+        };
+        let mut seen = HashSet::new();
+        for report in reported.iter().filter(|report| seen.insert(report.id)) {
+            let id = report.id;
+            match by_id.get(&id) {
+                Some(mandelbox)
+                    if matches!(mandelbox.state, MandelboxState::Allocated | MandelboxState::Running)
+                        && !report.assigned
+                        && mandelbox.updated_at < claimed_before =>
+                {
+                    plan.unassigned.push(id);
                 }
-                Some(MandelboxState::Dying | MandelboxState::Dead | MandelboxState::Lost) | None => {
-                    plan.teardown.push(*id);
-                }
+                Some(mandelbox) => match mandelbox.state {
+                    MandelboxState::Waiting | MandelboxState::Allocated | MandelboxState::Running => {}
+                    MandelboxState::Spawning => {
+                        plan.unconfirmed_spawns.push(id);
+                        plan.teardown.push(id);
+                    }
+                    MandelboxState::Dying | MandelboxState::Dead | MandelboxState::Lost => plan.teardown.push(id),
+                },
+                None => plan.teardown.push(id),
             }
         }
-        let reported: HashSet<&Uuid> = reported.iter().collect();
+        let reported: HashSet<Uuid> = reported.iter().map(|report| report.id).collect();
         let mut missing: Vec<&MandelboxRecord> =
             known.iter().filter(|mandelbox| is_settled(mandelbox) && !reported.contains(&mandelbox.id)).collect();
         missing.sort_by_key(|mandelbox| (mandelbox.created_at, mandelbox.id));
@@ -149,8 +177,7 @@ impl ReconcilePlan {
     /// The boxes actually marked LOST (`lost`, in any order), in the order of
     /// `missing`.
     pub(super) fn order(&self, lost: Vec<Uuid>) -> Vec<Uuid> {
-        let lost: HashSet<Uuid> = lost.into_iter().collect();
-        self.missing.iter().copied().filter(|id| lost.contains(id)).collect()
+        in_order(&self.missing, lost)
     }
 }
 

@@ -334,8 +334,11 @@ async fn end_sessions_on(
 /// The claim statement up to its RETURNING clause. Loadgen's "bare claim"
 /// runs exactly this (`CLAIM_WAITING_SQL`) to measure the database's limit.
 macro_rules! sqlite_claim_waiting {
-    () => {
-        "UPDATE mandelboxes SET state = 'ALLOCATED', session_id = ?4, updated_at = ?5 \
+    ($state:literal) => {
+        concat!(
+            "UPDATE mandelboxes SET state = '",
+            $state,
+            "', session_id = ?4, updated_at = ?5 \
          WHERE id = ( \
              SELECT m.id FROM mandelboxes m \
              JOIN (SELECT value, min(key) AS position FROM json_each(?1) GROUP BY value) wanted \
@@ -352,11 +355,19 @@ macro_rules! sqlite_claim_waiting {
                       h.id, m.created_at, m.id \
              LIMIT 1) \
          "
+        )
     };
 }
 
-/// The claim as one statement returning only the id (for benchmarks).
-pub const CLAIM_WAITING_SQL: &str = concat!(sqlite_claim_waiting!(), " RETURNING id");
+/// Allocate's claim as one statement returning only the id (for benchmarks).
+pub const CLAIM_WAITING_SQL: &str = concat!(sqlite_claim_waiting!("RUNNING"), " RETURNING id");
+
+/// Which state a claim puts its box in (as in the PostgreSQL store).
+#[derive(Clone, Copy)]
+enum ClaimAs {
+    Running,
+    Allocated,
+}
 
 /// Takes the best WAITING box for a session and marks it ALLOCATED to it.
 ///
@@ -365,13 +376,18 @@ pub const CLAIM_WAITING_SQL: &str = concat!(sqlite_claim_waiting!(), " RETURNING
 /// box age for a stable order. Same choice as the PostgreSQL store.
 async fn claim_waiting(
     conn: &mut SqliteConnection,
+    claim_as: ClaimAs,
     regions: &[String],
     app: &str,
     exclude_hosts: &[String],
     session_id: Uuid,
     at: DateTime<Utc>,
 ) -> StoreResult<Option<MandelboxRecord>> {
-    sqlx::query_as::<_, MandelboxRow>(concat!(sqlite_claim_waiting!(), " RETURNING ", mandelbox_columns!()))
+    let sql = match claim_as {
+        ClaimAs::Running => concat!(sqlite_claim_waiting!("RUNNING"), " RETURNING ", mandelbox_columns!()),
+        ClaimAs::Allocated => concat!(sqlite_claim_waiting!("ALLOCATED"), " RETURNING ", mandelbox_columns!()),
+    };
+    sqlx::query_as::<_, MandelboxRow>(sql)
         .bind(json_list(regions)?)
         .bind(app)
         .bind(json_list(exclude_hosts)?)
@@ -744,7 +760,12 @@ impl Store for SqliteStore {
         Ok(result.rows_affected())
     }
 
-    async fn reconcile_host(&self, host_id: &str, reported: &[ReportedMandelbox]) -> StoreResult<Reconciliation> {
+    async fn reconcile_host(
+        &self,
+        host_id: &str,
+        reported: &[ReportedMandelbox],
+        claimed_before: DateTime<Utc>,
+    ) -> StoreResult<Reconciliation> {
         let at = now();
         let mut tx = self.begin_write().await?;
         let reported_ids = rows::unique_ids(reported);
@@ -762,7 +783,7 @@ impl Store for SqliteStore {
         .bind(json_list(&reported_ids)?)
         .fetch_all(&mut *tx)
         .await?;
-        let plan = rows::ReconcilePlan::new(&reported_ids, &mandelboxes(known)?);
+        let plan = rows::ReconcilePlan::new(reported, &mandelboxes(known)?, claimed_before);
 
         sqlx::query(concat!(
             "UPDATE mandelboxes SET state = 'LOST', updated_at = ?2 \
@@ -781,9 +802,19 @@ impl Store for SqliteStore {
         .bind(micros(at))
         .execute(&mut *tx)
         .await?;
-        let ended_sessions = end_sessions_on(&mut tx, &plan.missing, EndReason::HostLost, at).await?;
+        // The write transaction excludes any other claim, so the plan holds.
+        sqlx::query(
+            "UPDATE mandelboxes SET state = 'WAITING', session_id = NULL, updated_at = ?2 \
+             WHERE id IN (SELECT value FROM json_each(?1)) AND state IN ('ALLOCATED', 'RUNNING')",
+        )
+        .bind(json_list(&plan.unassigned)?)
+        .bind(micros(at))
+        .execute(&mut *tx)
+        .await?;
+        let mut ended_sessions = end_sessions_on(&mut tx, &plan.missing, EndReason::HostLost, at).await?;
+        ended_sessions.extend(end_sessions_on(&mut tx, &plan.unassigned, EndReason::AssignFailed, at).await?);
         tx.commit().await?;
-        Ok(Reconciliation { teardown: plan.teardown, lost: plan.missing, ended_sessions })
+        Ok(Reconciliation { teardown: plan.teardown, lost: plan.missing, unassigned: plan.unassigned, ended_sessions })
     }
 
     // ----- mandelboxes -------------------------------------------------
@@ -961,7 +992,7 @@ impl Store for SqliteStore {
             return Err(StoreError::SessionLimit { limit });
         }
 
-        let claimed = claim_waiting(&mut tx, &new.regions, &new.app, &[], new.id, at).await?;
+        let claimed = claim_waiting(&mut tx, ClaimAs::Running, &new.regions, &new.app, &[], new.id, at).await?;
         let session = sqlx::query_as::<_, SessionRow>(concat!(
             "INSERT INTO sessions (id, user_id, state, app, client_version, requested_regions, \
              region, mandelbox_id, host_id, created_at, updated_at) \
@@ -970,7 +1001,7 @@ impl Store for SqliteStore {
         ))
         .bind(new.id.to_string())
         .bind(&new.user_id)
-        .bind(if claimed.is_some() { SessionState::Assigning } else { SessionState::Pending }.as_str())
+        .bind(if claimed.is_some() { SessionState::Running } else { SessionState::Pending }.as_str())
         .bind(&new.app)
         .bind(&new.client_version)
         .bind(rows::to_json_text(&new.regions)?)
@@ -1002,8 +1033,16 @@ impl Store for SqliteStore {
         if session.state != SessionState::Pending {
             return Ok(None);
         }
-        let Some(mandelbox) =
-            claim_waiting(&mut tx, &session.requested_regions, &session.app, exclude_hosts, session_id, at).await?
+        let Some(mandelbox) = claim_waiting(
+            &mut tx,
+            ClaimAs::Allocated,
+            &session.requested_regions,
+            &session.app,
+            exclude_hosts,
+            session_id,
+            at,
+        )
+        .await?
         else {
             return Ok(None);
         };
@@ -1075,7 +1114,8 @@ impl Store for SqliteStore {
         let Some(session) = select_session(&mut tx, session_id).await? else {
             return Ok(());
         };
-        if session.state != SessionState::Assigning || session.mandelbox_id != Some(mandelbox_id) {
+        let claimed = matches!(session.state, SessionState::Assigning | SessionState::Running);
+        if !claimed || session.mandelbox_id != Some(mandelbox_id) {
             return Ok(());
         }
         // A box put back into the pool carries no session.
