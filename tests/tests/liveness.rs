@@ -138,7 +138,61 @@ async fn heartbeat_times_are_written_in_batches(backend: Backend) {
     assert!(quiet_after >= quiet_before);
 }
 
+/// A replica that claimed a box (session and box written RUNNING) and died
+/// before its Assign reached the host: the host's next Hello reports the box
+/// idle, so the session ends ASSIGN_FAILED and the box is warm again. A claim
+/// younger than twice the assign timeout is left alone (its Assign may be in
+/// flight), so one made just before a reconnect survives it.
+async fn claims_the_host_never_heard_of_end_at_its_next_hello(backend: Backend) {
+    let app = TestApp::spawn_with(backend, TestOptions::default(), |config| {
+        config.allocation.assign_timeout_ms = 200;
+    })
+    .await
+    .unwrap();
+    app.wait_warm(2, Duration::from_secs(5)).await.unwrap();
+    let new_session = |user: &str| switchboard::store::NewSession {
+        id: uuid::Uuid::new_v4(),
+        user_id: user.to_owned(),
+        app: "chrome".to_owned(),
+        client_version: "3.1.0".to_owned(),
+        regions: vec!["us-east-1".to_owned()],
+    };
+    let claim = |user: &'static str| {
+        let store = app.store.clone();
+        async move {
+            match store.create_session_and_claim(&new_session(user), 3).await.unwrap() {
+                switchboard::store::ClaimOutcome::Claimed(claim) => claim,
+                switchboard::store::ClaimOutcome::Pending(session) => panic!("no box for {}", session.id),
+            }
+        }
+    };
+    let stale = claim("stale").await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let young = claim("young").await;
+    assert_eq!(app.session(&stale.session.id.to_string()).await.unwrap().state, SessionState::Running);
+
+    let (_, agent, _) = app.host("host-1").unwrap();
+    agent.drop_connection();
+    agent.wait_connected(2, Duration::from_secs(5)).await.unwrap();
+
+    let ended =
+        app.wait_session(&stale.session.id.to_string(), SessionState::Ended, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(ended.end_reason, Some(EndReason::AssignFailed));
+    eventually(Duration::from_secs(5), async || {
+        let mandelbox = app.store.get_mandelbox(stale.mandelbox.id).await?;
+        Ok(mandelbox.is_some_and(|m| m.state == MandelboxState::Waiting && m.session_id.is_none()))
+    })
+    .await
+    .unwrap();
+    let kept = app.session(&young.session.id.to_string()).await.unwrap();
+    assert_eq!(kept.state, SessionState::Running, "too young to judge at that Hello");
+    // The released box serves the next user.
+    let next = app.user_client("next").allocate(request()).await.unwrap().into_inner();
+    assert_eq!(next.mandelbox_id, stale.mandelbox.id.to_string());
+}
+
 on_both_backends!(
+    claims_the_host_never_heard_of_end_at_its_next_hello,
     heartbeat_times_are_written_in_batches,
     killed_host_loses_its_sessions,
     reconnecting_host_keeps_its_sessions,
