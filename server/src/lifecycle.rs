@@ -2,7 +2,7 @@
 //! (EndSession), the protocol server (ReportDisconnect), the host (exited
 //! notice) or liveness (host lost).
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use switchboard_proto::v1::{DrainHost, TeardownMandelbox, command};
 use uuid::Uuid;
@@ -11,15 +11,15 @@ use crate::{
     core::Core,
     error::ApiResult,
     events::{Event, SessionChange},
-    fleet::RouteError,
+    fleet::{RouteError, pool},
     model::{EndReason, HostRecord, MandelboxRecord, MandelboxState, SessionRecord},
-    store::EndedSession,
+    store::{EndedSession, Recycled},
 };
 
 impl Core {
     /// Stops new sessions on a host: DRAINING, told so, its idle boxes torn
     /// down; running sessions finish normally. None if the host is unknown.
-    pub async fn drain_host(&self, host_id: &str, reason: &str) -> ApiResult<Option<HostRecord>> {
+    pub async fn drain_host(self: &Arc<Self>, host_id: &str, reason: &str) -> ApiResult<Option<HostRecord>> {
         let Some(drained) = self.store.drain_host(host_id).await? else {
             return Ok(None);
         };
@@ -42,7 +42,7 @@ impl Core {
 
     /// Ends a live session; its box is torn down in the background and a
     /// replacement warmed once the host confirms.
-    pub async fn end_session(&self, session_id: Uuid, reason: EndReason) -> ApiResult<Option<EndedSession>> {
+    pub async fn end_session(self: &Arc<Self>, session_id: Uuid, reason: EndReason) -> ApiResult<Option<EndedSession>> {
         let Some(ended) = self.store.end_session(session_id, reason).await? else {
             return Ok(None);
         };
@@ -60,28 +60,19 @@ impl Core {
     }
 
     /// Tells the box's host to tear it down, in the background. On the host's
-    /// confirmation the box is DEAD and the host's warm pool refills. If the
-    /// host is unreachable the box stays DYING, and the host's next Hello
-    /// reconciles it.
-    pub fn spawn_teardown(&self, mandelbox: MandelboxRecord, reason: &str) {
-        let router = self.router.clone();
-        let store = self.store.clone();
-        let registry = self.registry.clone();
+    /// confirmation the box is DEAD and its slot refilled with a warm box in the
+    /// same transaction (`recycle_torn_down`). If the host is unreachable the
+    /// box stays DYING, and the host's next Hello reconciles it.
+    pub fn spawn_teardown(self: &Arc<Self>, mandelbox: MandelboxRecord, reason: &str) {
+        let core = self.clone();
         let timeout = Duration::from_millis(self.config.hosts.command_timeout_ms);
         let kind = command::Kind::Teardown(TeardownMandelbox {
             mandelbox_id: mandelbox.id.to_string(),
             reason: reason.to_owned(),
         });
         tokio::spawn(async move {
-            match router.send(&mandelbox.host_id, kind, timeout).await {
-                Ok(_) => {
-                    if let Err(error) =
-                        store.mandelbox_finished(mandelbox.id, MandelboxState::Dead, EndReason::MandelboxExited).await
-                    {
-                        tracing::warn!(mandelbox_id = %mandelbox.id, %error, "could not record teardown");
-                    }
-                    registry.refill(&mandelbox.host_id);
-                }
+            match core.router.send(&mandelbox.host_id, kind, timeout).await {
+                Ok(_) => core.torn_down(&mandelbox).await,
                 Err(RouteError::NotConnected) => {
                     tracing::info!(mandelbox_id = %mandelbox.id, host_id = %mandelbox.host_id, "host offline; teardown waits for its reconnect");
                 }
@@ -90,6 +81,36 @@ impl Core {
                 }
             }
         });
+    }
+
+    /// The host confirmed a teardown: the box is DEAD and, with the warm pool
+    /// on, a replacement is reserved in the same transaction and spawned. A box
+    /// that was not DYING (already written off) goes through
+    /// `mandelbox_finished`, and the host's filler refills the slot.
+    async fn torn_down(self: &Arc<Self>, mandelbox: &MandelboxRecord) {
+        let replacement = self.config.allocation.warm_pool.then(|| pool::new_warm_box(self));
+        let recycled = self
+            .store
+            .recycle_torn_down(&mandelbox.host_id, mandelbox.id, replacement.as_ref().map(|(new, _)| new))
+            .await;
+        match (recycled, replacement) {
+            (Ok(Recycled { finished: true, replacement: Some(reserved) }), Some((_, token))) => {
+                tokio::spawn(pool::spawn_warm(self.clone(), reserved, token));
+            }
+            (Ok(Recycled { finished: true, .. }), _) => {}
+            (Ok(Recycled { finished: false, .. }), _) => {
+                if let Err(error) =
+                    self.store.mandelbox_finished(mandelbox.id, MandelboxState::Dead, EndReason::MandelboxExited).await
+                {
+                    tracing::warn!(mandelbox_id = %mandelbox.id, %error, "could not record teardown");
+                }
+                self.registry.refill(&mandelbox.host_id);
+            }
+            (Err(error), _) => {
+                tracing::warn!(mandelbox_id = %mandelbox.id, %error, "could not record teardown");
+                self.registry.refill(&mandelbox.host_id);
+            }
+        }
     }
 
     /// Publishes a session's current state to watchers (looking up where it

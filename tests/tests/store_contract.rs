@@ -12,8 +12,8 @@ use switchboard::model::{
     SessionState,
 };
 use switchboard::store::{
-    Claim, ClaimOutcome, DynStore, HeartbeatMark, MandelboxFilter, NewMandelbox, NewSession, ReportedMandelbox,
-    SessionFilter, StoreError,
+    Claim, ClaimOutcome, DynStore, HeartbeatMark, MandelboxFilter, NewMandelbox, NewSession, Recycled,
+    ReportedMandelbox, SessionFilter, StoreError,
 };
 use switchboard_tests::db::TestDatabase;
 use uuid::Uuid;
@@ -1173,6 +1173,49 @@ mod contract {
         assert_eq!(box_state(&store, ended.mandelbox.id).await, MandelboxState::Dying);
     }
 
+    pub(crate) async fn recycle_torn_down_frees_and_refills_the_slot_at_once(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h1", "r1", "img", 2).await;
+        let first = running_session(&store, "h1", "r1", "u1").await;
+        let second = running_session(&store, "h1", "r1", "u2").await;
+        let dying = store.end_session(first.session.id, EndReason::ClientDisconnected).await.unwrap().unwrap();
+        let dying = dying.teardown.unwrap();
+        assert_eq!(
+            store.reserve_mandelbox("h1", &new_box(APP, None)).await.unwrap(),
+            None,
+            "a DYING box holds its slot"
+        );
+
+        let replacement = new_box(APP, None);
+        assert_eq!(
+            store.recycle_torn_down("h2", dying.id, Some(&replacement)).await.unwrap(),
+            Recycled::default(),
+            "not that host's box"
+        );
+        let recycled = store.recycle_torn_down("h1", dying.id, Some(&replacement)).await.unwrap();
+        assert!(recycled.finished);
+        let reserved = recycled.replacement.unwrap();
+        assert_eq!((reserved.id, reserved.state), (replacement.id, MandelboxState::Spawning));
+        assert_eq!((reserved.host_id.as_str(), reserved.region.as_str()), ("h1", "r1"));
+        assert_eq!(box_state(&store, dying.id).await, MandelboxState::Dead);
+        assert_eq!(session(&store, first.session.id).await.state, SessionState::Ended, "unchanged");
+        assert_eq!(
+            store.recycle_torn_down("h1", dying.id, Some(&new_box(APP, None))).await.unwrap(),
+            Recycled::default(),
+            "already DEAD: nothing changes, nothing is reserved"
+        );
+        assert_eq!(store.reserve_mandelbox("h1", &new_box(APP, None)).await.unwrap(), None, "the host is full again");
+
+        // Without a replacement, or on a host that stopped taking boxes, the
+        // slot is only freed.
+        let ended = store.end_session(second.session.id, EndReason::UserEnded).await.unwrap().unwrap();
+        store.drain_host("h1").await.unwrap();
+        let recycled = store.recycle_torn_down("h1", ended.teardown.unwrap().id, Some(&new_box(APP, None))).await;
+        assert_eq!(recycled.unwrap(), Recycled { finished: true, replacement: None });
+        // A live box that is not DYING is left to `mandelbox_finished`.
+        assert_eq!(store.recycle_torn_down("h1", reserved.id, None).await.unwrap(), Recycled::default());
+        assert_eq!(box_state(&store, reserved.id).await, MandelboxState::Spawning);
+    }
+
     pub(crate) async fn end_session_tears_down_its_box_once(_db: &TestDatabase, store: DynStore) {
         host(&store, "h1", "r1", "img", 4).await;
         let running = running_session(&store, "h1", "r1", "u1").await;
@@ -1384,6 +1427,7 @@ macro_rules! store_contract_suite {
             attach_reserved_moves_the_session_onto_its_box,
             confirm_assignment_runs_both,
             release_claim_puts_the_session_back_in_the_queue,
+            recycle_torn_down_frees_and_refills_the_slot_at_once,
             reconcile_host_releases_stale_claims_the_host_never_got,
             end_session_tears_down_its_box_once,
             list_sessions_filters_newest_first,

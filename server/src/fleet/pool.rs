@@ -66,22 +66,25 @@ async fn wake_hosts_with_free_slots(core: &SharedCore) {
 /// fresh host as many as its capacity.
 const RESERVE_BATCH: usize = 4;
 
+/// A warm box to reserve, with its disconnect token (which only the host gets).
+pub(crate) fn new_warm_box(core: &SharedCore) -> (NewMandelbox, String) {
+    let token = mandelbox_token::generate();
+    let new = NewMandelbox {
+        id: Uuid::new_v4(),
+        app: core.config.allocation.warm_app.clone(),
+        token_hash: mandelbox_token::hash(&token),
+        session_id: None,
+    };
+    (new, token)
+}
+
 /// Reserves every free slot of the host and spawns a warm box in each.
 async fn fill(core: &SharedCore, host_id: &str) {
     if !core.config.allocation.warm_pool {
         return;
     }
     loop {
-        let tokens: Vec<String> = (0..RESERVE_BATCH).map(|_| mandelbox_token::generate()).collect();
-        let news: Vec<NewMandelbox> = tokens
-            .iter()
-            .map(|token| NewMandelbox {
-                id: Uuid::new_v4(),
-                app: core.config.allocation.warm_app.clone(),
-                token_hash: mandelbox_token::hash(token),
-                session_id: None,
-            })
-            .collect();
+        let (news, tokens): (Vec<NewMandelbox>, Vec<String>) = (0..RESERVE_BATCH).map(|_| new_warm_box(core)).unzip();
         let reserved = match core.store.reserve_mandelboxes(host_id, &news).await {
             Ok(reserved) => reserved,
             Err(error) => {
@@ -101,7 +104,8 @@ async fn fill(core: &SharedCore, host_id: &str) {
     }
 }
 
-async fn spawn_warm(core: SharedCore, reserved: MandelboxRecord, token: String) {
+/// Spawns a reserved warm box on its host and records the outcome.
+pub(crate) async fn spawn_warm(core: SharedCore, reserved: MandelboxRecord, token: String) {
     let timeout = Duration::from_millis(core.config.allocation.spawn_timeout_ms);
     let kind = command::Kind::Spawn(SpawnMandelbox {
         mandelbox_id: reserved.id.to_string(),

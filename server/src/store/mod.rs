@@ -148,6 +148,15 @@ pub struct Reconciliation {
     pub ended_sessions: Vec<SessionRecord>,
 }
 
+/// What `recycle_torn_down` did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Recycled {
+    /// The box was DYING and is DEAD now.
+    pub finished: bool,
+    /// The replacement, reserved (SPAWNING) in the freed slot.
+    pub replacement: Option<MandelboxRecord>,
+}
+
 /// Result of ending a session.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EndedSession {
@@ -379,6 +388,21 @@ pub trait Store: Send + Sync + 'static {
     /// ALLOCATED if the box was reserved for a session. None (no change) if the
     /// box is not SPAWNING any more.
     async fn mandelbox_spawned(&self, id: Uuid, ports: &[PortSpec]) -> StoreResult<Option<MandelboxRecord>>;
+
+    /// Its host confirmed the teardown of DYING box `id`, and the slot is
+    /// refilled, in one transaction: the box → DEAD, then a slot reserved for
+    /// `replacement` on `host_id` exactly as `reserve_mandelboxes` would (none
+    /// if the host is not ACTIVE or has no free slot). A DYING box carries no
+    /// live session (its session ended, or its claim was released, first), so
+    /// no session changes. Nothing changes, and `finished` is false, if the box
+    /// is not a DYING box of that host; the caller then uses
+    /// `mandelbox_finished`.
+    async fn recycle_torn_down(
+        &self,
+        host_id: &str,
+        id: Uuid,
+        replacement: Option<&NewMandelbox>,
+    ) -> StoreResult<Recycled>;
 
     /// The box is gone (exited, teardown confirmed, or spawn failed): → `state`
     /// (DEAD or LOST). If a live session is on it, the session → ENDED with

@@ -36,7 +36,7 @@ use super::postgres_fleet as fleet;
 use super::rows::{self, host_columns, live_box_states, mandelbox_columns, now, session_columns};
 use super::{
     Claim, ClaimOutcome, EndedSession, HeartbeatMark, MandelboxAuth, MandelboxFilter, NewMandelbox, NewSession,
-    Reconciliation, ReportedMandelbox, SessionFilter, Store, StoreError, StoreResult, SweepOutcome,
+    Reconciliation, Recycled, ReportedMandelbox, SessionFilter, Store, StoreError, StoreResult, SweepOutcome,
 };
 use crate::model::{
     EndReason, HostHello, HostRecord, HostState, HostSummary, InstanceRecord, InstanceState, Lease, MandelboxRecord,
@@ -224,8 +224,16 @@ fn state_names<T: Copy>(states: &[T], name: fn(T) -> &'static str) -> Vec<String
     states.iter().map(|state| name(*state).to_owned()).collect()
 }
 
+/// Begins a transaction whose commit will not wait for the WAL flush (see
+/// `commit_relaxed`), with the setting sent in the same round trip as BEGIN.
+async fn begin_relaxed(pool: &PgPool) -> StoreResult<sqlx::Transaction<'static, Postgres>> {
+    Ok(pool.begin_with("BEGIN; SET LOCAL synchronous_commit = off").await?)
+}
+
 /// Commits without waiting for the WAL flush: for bookkeeping only (see the
-/// module's notes on durability). `SET LOCAL` lasts until this commit.
+/// module's notes on durability). `SET LOCAL` lasts until this commit. For
+/// a transaction known to be bookkeeping from the start, `begin_relaxed`
+/// saves the extra round trip.
 async fn commit_relaxed(mut tx: sqlx::Transaction<'_, Postgres>) -> StoreResult<()> {
     sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *tx).await?;
     tx.commit().await?;
@@ -422,9 +430,19 @@ async fn reserve_on_host(
     news: &[NewMandelbox],
     at: DateTime<Utc>,
 ) -> StoreResult<Vec<MandelboxRecord>> {
-    let Some(host) = lock_host(conn, host_id).await? else {
-        return Ok(Vec::new());
-    };
+    match lock_host(conn, host_id).await? {
+        Some(host) => reserve_on_locked_host(conn, &host, news, at).await,
+        None => Ok(Vec::new()),
+    }
+}
+
+/// `reserve_on_host` for a host the transaction has locked (read) already.
+async fn reserve_on_locked_host(
+    conn: &mut PgConnection,
+    host: &HostRecord,
+    news: &[NewMandelbox],
+    at: DateTime<Utc>,
+) -> StoreResult<Vec<MandelboxRecord>> {
     if host.state != HostState::Active {
         return Ok(Vec::new());
     }
@@ -432,7 +450,7 @@ async fn reserve_on_host(
         "SELECT count(*) FROM mandelboxes WHERE host_id = $1 AND state IN ",
         live_box_states!()
     ))
-    .bind(host_id)
+    .bind(&host.id)
     .fetch_one(&mut *conn)
     .await?;
     let free = usize::try_from(i64::from(host.capacity).saturating_sub(live)).unwrap_or(0);
@@ -648,7 +666,7 @@ impl Store for PgStore {
         if ids.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = begin_relaxed(&self.pool).await?;
         sqlx::query(
             "UPDATE hosts h SET last_heartbeat_at = $3 \
              FROM UNNEST($1::text[], $2::bigint[]) AS beat(id, generation) \
@@ -659,7 +677,8 @@ impl Store for PgStore {
         .bind(at)
         .execute(&mut *tx)
         .await?;
-        commit_relaxed(tx).await
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn drain_host(&self, host_id: &str) -> StoreResult<Option<HostRecord>> {
@@ -834,10 +853,10 @@ impl Store for PgStore {
     // ----- mandelboxes -------------------------------------------------
 
     async fn reserve_mandelboxes(&self, host_id: &str, news: &[NewMandelbox]) -> StoreResult<Vec<MandelboxRecord>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = begin_relaxed(&self.pool).await?;
         let reserved = reserve_on_host(&mut tx, host_id, news, now()).await?;
         if !reserved.is_empty() {
-            commit_relaxed(tx).await?;
+            tx.commit().await?;
         }
         Ok(reserved)
     }
@@ -879,7 +898,23 @@ impl Store for PgStore {
 
     async fn mandelbox_spawned(&self, id: Uuid, ports: &[PortSpec]) -> StoreResult<Option<MandelboxRecord>> {
         let at = now();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = begin_relaxed(&self.pool).await?;
+        // The common case, a warm box reserved for no session, in one statement.
+        let warm = sqlx::query_as::<_, MandelboxRow>(concat!(
+            "UPDATE mandelboxes SET state = 'WAITING', ports = $2, updated_at = $3 \
+             WHERE id = $1 AND state = 'SPAWNING' AND session_id IS NULL RETURNING ",
+            mandelbox_columns!()
+        ))
+        .bind(id)
+        .bind(Json(ports))
+        .bind(at)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(warm) = warm {
+            let warm = warm.into_record()?;
+            tx.commit().await?;
+            return Ok(Some(warm));
+        }
         let reserved_for: Option<Option<Uuid>> = sqlx::query_scalar("SELECT session_id FROM mandelboxes WHERE id = $1")
             .bind(id)
             .fetch_optional(&mut *tx)
@@ -911,8 +946,43 @@ impl Store for PgStore {
         .fetch_one(&mut *tx)
         .await?
         .into_record()?;
-        commit_relaxed(tx).await?;
+        tx.commit().await?;
         Ok(Some(spawned))
+    }
+
+    async fn recycle_torn_down(
+        &self,
+        host_id: &str,
+        id: Uuid,
+        replacement: Option<&NewMandelbox>,
+    ) -> StoreResult<Recycled> {
+        let at = now();
+        // Warm-pool bookkeeping, like the reservation it includes.
+        let mut tx = begin_relaxed(&self.pool).await?;
+        // Host first, then its box: the lock order of reconciliation.
+        let host = lock_host(&mut tx, host_id).await?;
+        let finished = sqlx::query(
+            "UPDATE mandelboxes SET state = 'DEAD', updated_at = $3 \
+             WHERE id = $1 AND host_id = $2 AND state = 'DYING'",
+        )
+        .bind(id)
+        .bind(host_id)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !finished {
+            return Ok(Recycled::default());
+        }
+        let replacement = match (host, replacement) {
+            (Some(host), Some(new)) => {
+                reserve_on_locked_host(&mut tx, &host, std::slice::from_ref(new), at).await?.pop()
+            }
+            _ => None,
+        };
+        tx.commit().await?;
+        Ok(Recycled { finished, replacement })
     }
 
     async fn mandelbox_finished(

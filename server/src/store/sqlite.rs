@@ -25,7 +25,7 @@ use super::rows::{self, host_columns, live_box_states, mandelbox_columns, now, s
 use super::sqlite_fleet as fleet;
 use super::{
     Claim, ClaimOutcome, EndedSession, HeartbeatMark, MandelboxAuth, MandelboxFilter, NewMandelbox, NewSession,
-    Reconciliation, ReportedMandelbox, SessionFilter, Store, StoreError, StoreResult, SweepOutcome,
+    Reconciliation, Recycled, ReportedMandelbox, SessionFilter, Store, StoreError, StoreResult, SweepOutcome,
 };
 use crate::model::{
     EndReason, HostHello, HostRecord, HostState, HostSummary, InstanceRecord, InstanceState, Lease, MandelboxRecord,
@@ -429,9 +429,19 @@ async fn reserve_on_host(
     news: &[NewMandelbox],
     at: DateTime<Utc>,
 ) -> StoreResult<Vec<MandelboxRecord>> {
-    let Some(host) = select_host(conn, host_id).await? else {
-        return Ok(Vec::new());
-    };
+    match select_host(conn, host_id).await? {
+        Some(host) => reserve_on_locked_host(conn, &host, news, at).await,
+        None => Ok(Vec::new()),
+    }
+}
+
+/// `reserve_on_host` for a host the transaction has locked (read) already.
+async fn reserve_on_locked_host(
+    conn: &mut SqliteConnection,
+    host: &HostRecord,
+    news: &[NewMandelbox],
+    at: DateTime<Utc>,
+) -> StoreResult<Vec<MandelboxRecord>> {
     if host.state != HostState::Active {
         return Ok(Vec::new());
     }
@@ -439,7 +449,7 @@ async fn reserve_on_host(
         "SELECT count(*) FROM mandelboxes WHERE host_id = ?1 AND state IN ",
         live_box_states!()
     ))
-    .bind(host_id)
+    .bind(&host.id)
     .fetch_one(&mut *conn)
     .await?;
     let free = usize::try_from(i64::from(host.capacity).saturating_sub(live)).unwrap_or(0);
@@ -867,6 +877,22 @@ impl Store for SqliteStore {
     async fn mandelbox_spawned(&self, id: Uuid, ports: &[PortSpec]) -> StoreResult<Option<MandelboxRecord>> {
         let at = now();
         let mut tx = self.begin_write().await?;
+        // The common case, a warm box reserved for no session, in one statement.
+        let warm = sqlx::query_as::<_, MandelboxRow>(concat!(
+            "UPDATE mandelboxes SET state = 'WAITING', ports = ?2, updated_at = ?3 \
+             WHERE id = ?1 AND state = 'SPAWNING' AND session_id IS NULL RETURNING ",
+            mandelbox_columns!()
+        ))
+        .bind(id.to_string())
+        .bind(rows::to_json_text(ports)?)
+        .bind(micros(at))
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(warm) = warm {
+            let warm = warm.into_record()?;
+            tx.commit().await?;
+            return Ok(Some(warm));
+        }
         let Some(mandelbox) = select_mandelbox(&mut tx, id).await? else {
             return Ok(None);
         };
@@ -893,6 +919,36 @@ impl Store for SqliteStore {
         .into_record()?;
         tx.commit().await?;
         Ok(Some(spawned))
+    }
+
+    async fn recycle_torn_down(
+        &self,
+        host_id: &str,
+        id: Uuid,
+        replacement: Option<&NewMandelbox>,
+    ) -> StoreResult<Recycled> {
+        let at = now();
+        let mut tx = self.begin_write().await?;
+        let finished = sqlx::query(
+            "UPDATE mandelboxes SET state = 'DEAD', updated_at = ?3 \
+             WHERE id = ?1 AND host_id = ?2 AND state = 'DYING'",
+        )
+        .bind(id.to_string())
+        .bind(host_id)
+        .bind(micros(at))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !finished {
+            return Ok(Recycled::default());
+        }
+        let replacement = match replacement {
+            Some(new) => reserve_on_host(&mut tx, host_id, std::slice::from_ref(new), at).await?.pop(),
+            None => None,
+        };
+        tx.commit().await?;
+        Ok(Recycled { finished, replacement })
     }
 
     async fn mandelbox_finished(
