@@ -8,7 +8,10 @@ use std::{collections::HashMap, time::Duration};
 use switchboard_proto::v1::{
     CommandResult, ControlMessage, HostMessage, TeardownMandelbox, Welcome, command, control_message, host_message,
 };
-use tokio::{sync::mpsc, time::Instant};
+use tokio::{
+    sync::{mpsc, oneshot},
+    time::Instant,
+};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
@@ -118,16 +121,16 @@ impl Fleet {
             outbound,
             pending: HashMap::new(),
         };
-        let connection = task.connection.clone();
-        tokio::spawn(task.run(inbound, commands_rx, stop.clone()));
         // The warm pool is topped up only once the database agrees with what
-        // the host runs; a box reserved before that would look lost.
+        // the host runs (a box reserved before that would look lost): the
+        // connection task starts filling when this reconciliation is done.
+        let (reconciled, reconciled_rx) = oneshot::channel();
         let core = self.core.clone();
         tokio::spawn(async move {
-            // Boxed: it runs once, its state need not live as long as the filler.
-            Box::pin(reconcile(core.clone(), host.host_id.clone(), hello.mandelboxes)).await;
-            pool::run_filler(core, host.host_id, connection, stop).await;
+            reconcile(core, host.host_id, hello.mandelboxes).await;
+            let _ = reconciled.send(());
         });
+        tokio::spawn(task.run(inbound, commands_rx, reconciled_rx, stop));
         Ok(futures::StreamExt::map(
             ReceiverStream::new(outbound_rx),
             unbox as fn(Outbound) -> Result<ControlMessage, Status>,
@@ -179,6 +182,18 @@ async fn reconcile(core: SharedCore, host_id: String, reported: Vec<switchboard_
     }
 }
 
+/// A warm-pool fill in progress inside a connection task.
+type Filling = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Completes with the future in `slot`; never, when the slot is empty (the
+/// `select!` branch that polls it is disabled then anyway).
+async fn until<F: std::future::Future + Unpin>(slot: &mut Option<F>) -> F::Output {
+    match slot {
+        Some(future) => future.await,
+        None => std::future::pending().await,
+    }
+}
+
 struct ConnectionTask {
     core: SharedCore,
     host_id: String,
@@ -195,13 +210,27 @@ impl ConnectionTask {
         mut self,
         mut inbound: Streaming<HostMessage>,
         mut commands: mpsc::Receiver<Box<OutboundCommand>>,
+        reconciled: oneshot::Receiver<()>,
         stop: CancellationToken,
     ) {
         let deadline = self.core.config.hosts.heartbeat_deadline();
         let heartbeat_due = tokio::time::sleep(deadline);
         tokio::pin!(heartbeat_due);
+        // The warm-pool filler runs inside this task, as a future that exists
+        // only while a fill is under way: a task of its own per host cost
+        // about a KiB for each connection's whole life.
+        let mut reconciled = Some(reconciled);
+        let mut filling: Option<Filling> = None;
         let ending = loop {
             tokio::select! {
+                _ = until(&mut reconciled), if reconciled.is_some() => {
+                    reconciled = None;
+                    filling = Some(self.fill());
+                }
+                _ = self.connection.refill_requested(), if reconciled.is_none() && filling.is_none() => {
+                    filling = Some(self.fill());
+                }
+                _ = until(&mut filling), if filling.is_some() => filling = None,
                 _ = stop.cancelled() => {
                     break Ending::Stopped(self.connection.stop_reason().unwrap_or(StopReason::ShuttingDown));
                 }
@@ -228,11 +257,17 @@ impl ConnectionTask {
                 _ = &mut heartbeat_due => break Ending::HeartbeatTimeout,
             }
         };
-        // The connection's helpers (its warm-pool filler) end with it.
+        // Whatever hangs off the connection's token ends with it.
         stop.cancel();
         // Boxed: its state would otherwise sit in every connection's task for
         // the connection's whole life (see BENCHMARKS.md, memory per host).
         Box::pin(self.finish(ending)).await;
+    }
+
+    /// A fill of this host's free slots (`pool::fill`), to be polled by `run`.
+    fn fill(&self) -> Filling {
+        let (core, host_id) = (self.core.clone(), self.host_id.clone());
+        Box::pin(async move { pool::fill(&core, &host_id).await })
     }
 
     /// Returns true when the host said goodbye.

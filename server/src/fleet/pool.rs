@@ -1,7 +1,8 @@
 //! The warm pool: every connected, active host is kept filled with warm
-//! (WAITING) mandelboxes up to its capacity. One filler per connection, so
-//! fills of one host never overlap; the slot reservation itself is atomic in
-//! the store, so an on-demand spawn racing the filler cannot overfill a host.
+//! (WAITING) mandelboxes up to its capacity. Each connection task runs one
+//! fill at a time for its host, so fills of one host never overlap; the slot
+//! reservation itself is atomic in the store, so an on-demand spawn or a
+//! recycled teardown racing a fill cannot overfill a host.
 
 use std::time::Duration;
 
@@ -9,7 +10,6 @@ use switchboard_proto::v1::{SpawnMandelbox, command};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::registry::HostConnection;
 use crate::{
     api::convert::port_from_proto,
     auth::mandelbox_token,
@@ -21,18 +21,6 @@ use crate::{
 
 /// How often the replica looks for hosts with free slots that nothing woke.
 const REFILL_SWEEP_FACTOR: u32 = 5;
-
-/// Fills a host's free slots when it connects, then whenever it is woken
-/// (a box torn down or exited, a spawn failed, the refill sweep).
-pub async fn run_filler(core: SharedCore, host_id: String, connection: HostConnection, stop: CancellationToken) {
-    loop {
-        fill(&core, &host_id).await;
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = connection.refill_requested() => {}
-        }
-    }
-}
 
 /// The safety net behind the wake-ups, for every host of this replica in one
 /// query: a slot freed where no wake-up reached (a teardown confirmed through
@@ -78,8 +66,11 @@ pub(crate) fn new_warm_box(core: &SharedCore) -> (NewMandelbox, String) {
     (new, token)
 }
 
-/// Reserves every free slot of the host and spawns a warm box in each.
-async fn fill(core: &SharedCore, host_id: &str) {
+/// Reserves every free slot of the host and spawns a warm box in each. Each
+/// host's connection task runs this when the host connects (once reconciled)
+/// and whenever it is woken (a box torn down or exited, a spawn failed, the
+/// refill sweep), one fill at a time.
+pub(crate) async fn fill(core: &SharedCore, host_id: &str) {
     if !core.config.allocation.warm_pool {
         return;
     }
