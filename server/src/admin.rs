@@ -84,14 +84,8 @@ impl Admin {
             .drain_host(&host_id, "operator request")
             .await?
             .ok_or_else(|| ApiError::HostNotFound(host_id.clone()))?;
-        let summary = self
-            .core
-            .store
-            .list_hosts(Some(&drained.region))
-            .await?
-            .into_iter()
-            .find(|summary| summary.host.id == host_id)
-            .ok_or_else(|| ApiError::HostNotFound(host_id.clone()))?;
+        let summary =
+            self.core.store.host_summary(&drained.id).await?.ok_or_else(|| ApiError::HostNotFound(host_id.clone()))?;
         Ok(convert::host(&summary, self.core.registry.is_connected(&host_id)))
     }
 

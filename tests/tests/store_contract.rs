@@ -407,6 +407,11 @@ mod contract {
         assert_eq!(r2.len(), 1);
         assert_eq!(r2[0].host.id, "h-c");
         assert!(store.list_hosts(Some("nowhere")).await.unwrap().is_empty());
+
+        // One host's summary is the same as its line in the list.
+        assert_eq!(store.host_summary("h-b").await.unwrap().as_ref(), Some(h_b));
+        assert_eq!(store.host_summary("h-a").await.unwrap().as_ref(), Some(&all[0]));
+        assert_eq!(store.host_summary("nowhere").await.unwrap(), None);
     }
 
     pub(crate) async fn hosts_disconnected_before_a_cutoff(_db: &TestDatabase, store: DynStore) {
@@ -1216,6 +1221,31 @@ mod contract {
         assert_eq!(box_state(&store, reserved.id).await, MandelboxState::Spawning);
     }
 
+    pub(crate) async fn concurrent_ends_of_one_session_tear_down_once(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h1", "r1", "img", 4).await;
+        let running = running_session(&store, "h1", "r1", "u1").await;
+        let tasks: Vec<_> = (0..16)
+            .map(|i| {
+                let store = store.clone();
+                let reason = if i % 2 == 0 { EndReason::ClientDisconnected } else { EndReason::UserEnded };
+                tokio::spawn(async move { store.end_session(running.session.id, reason).await })
+            })
+            .collect();
+        let mut ends = Vec::new();
+        for task in tasks {
+            ends.push(task.await.unwrap().unwrap().unwrap());
+        }
+        assert_eq!(ends.iter().filter(|end| end.changed).count(), 1, "one caller ends it");
+        let teardowns: Vec<_> = ends.iter().filter_map(|end| end.teardown.as_ref()).collect();
+        assert_eq!(teardowns.len(), 1, "one teardown");
+        assert_eq!(teardowns[0].id, running.mandelbox.id);
+        let stored = session(&store, running.session.id).await;
+        let winner = ends.iter().find(|end| end.changed).unwrap();
+        assert_eq!(stored.end_reason, winner.session.end_reason);
+        assert!(ends.iter().all(|end| end.session.state == SessionState::Ended));
+        assert_eq!(box_state(&store, running.mandelbox.id).await, MandelboxState::Dying);
+    }
+
     pub(crate) async fn end_session_tears_down_its_box_once(_db: &TestDatabase, store: DynStore) {
         host(&store, "h1", "r1", "img", 4).await;
         let running = running_session(&store, "h1", "r1", "u1").await;
@@ -1423,6 +1453,7 @@ macro_rules! store_contract_suite {
             session_limit_counts_live_sessions,
             concurrent_requests_of_one_user_respect_the_limit,
             concurrent_claims_take_distinct_boxes,
+            concurrent_ends_of_one_session_tear_down_once,
             claim_for_session_claims_pending_sessions,
             attach_reserved_moves_the_session_onto_its_box,
             confirm_assignment_runs_both,

@@ -338,6 +338,10 @@ pub trait Store: Send + Sync + 'static {
     /// Hosts (optionally of one region) with their box counts, by id.
     async fn list_hosts(&self, region: Option<&str>) -> StoreResult<Vec<HostSummary>>;
 
+    /// One host with its box counts, as `list_hosts` gives it; None if it is
+    /// unknown or terminated.
+    async fn host_summary(&self, host_id: &str) -> StoreResult<Option<HostSummary>>;
+
     /// DISCONNECTED hosts whose `disconnected_at` is before `cutoff`.
     async fn hosts_disconnected_before(&self, cutoff: DateTime<Utc>) -> StoreResult<Vec<HostRecord>>;
 

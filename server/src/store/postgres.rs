@@ -171,6 +171,39 @@ struct MandelboxAuthRow {
     token_hash: String,
 }
 
+/// `end_session`'s row: the ended session and, if one went DYING, its box
+/// (columns prefixed `m_`, NULL without a box).
+#[derive(sqlx::FromRow)]
+struct EndedRow {
+    #[sqlx(flatten)]
+    session: SessionRow,
+    m_id: Option<Uuid>,
+    m_host_id: Option<String>,
+    m_region: Option<String>,
+    m_app: Option<String>,
+    m_state: Option<String>,
+    m_session_id: Option<Uuid>,
+    m_ports: Option<serde_json::Value>,
+    m_created_at: Option<DateTime<Utc>>,
+    m_updated_at: Option<DateTime<Utc>>,
+}
+
+impl EndedRow {
+    fn teardown(&self) -> Option<MandelboxRow> {
+        Some(MandelboxRow {
+            id: self.m_id?,
+            host_id: self.m_host_id.clone()?,
+            region: self.m_region.clone()?,
+            app: self.m_app.clone()?,
+            state: self.m_state.clone()?,
+            session_id: self.m_session_id,
+            ports: self.m_ports.clone()?,
+            created_at: self.m_created_at?,
+            updated_at: self.m_updated_at?,
+        })
+    }
+}
+
 #[derive(sqlx::FromRow)]
 struct SessionRow {
     id: Uuid,
@@ -476,6 +509,26 @@ async fn reserve_on_locked_host(
     Ok(reserved)
 }
 
+/// A host with its box counts, up to the WHERE clause (`list_hosts`,
+/// `host_summary`).
+macro_rules! host_summary_select {
+    () => {
+        concat!(
+            "SELECT h.id, h.region, h.state, h.image, h.agent_version, h.address, h.capacity, \
+             h.generation, h.last_heartbeat_at, h.disconnected_at, h.terminated_at, h.created_at, h.updated_at, \
+             (SELECT count(*) FROM mandelboxes m WHERE m.host_id = h.id \
+                AND m.state IN ('SPAWNING', 'WAITING')) AS warm, \
+             (SELECT count(*) FROM mandelboxes m WHERE m.host_id = h.id \
+                AND m.state IN ('ALLOCATED', 'RUNNING')) AS assigned, \
+             (SELECT count(*) FROM mandelboxes m WHERE m.host_id = h.id \
+                AND m.state IN ",
+            live_box_states!(),
+            ") AS live \
+             FROM hosts h"
+        )
+    };
+}
+
 #[async_trait]
 impl Store for PgStore {
     fn backend(&self) -> &'static str {
@@ -743,22 +796,25 @@ impl Store for PgStore {
 
     async fn list_hosts(&self, region: Option<&str>) -> StoreResult<Vec<HostSummary>> {
         let rows = sqlx::query_as::<_, HostSummaryRow>(concat!(
-            "SELECT h.id, h.region, h.state, h.image, h.agent_version, h.address, h.capacity, \
-             h.generation, h.last_heartbeat_at, h.disconnected_at, h.terminated_at, h.created_at, h.updated_at, \
-             (SELECT count(*) FROM mandelboxes m WHERE m.host_id = h.id \
-                AND m.state IN ('SPAWNING', 'WAITING')) AS warm, \
-             (SELECT count(*) FROM mandelboxes m WHERE m.host_id = h.id \
-                AND m.state IN ('ALLOCATED', 'RUNNING')) AS assigned, \
-             (SELECT count(*) FROM mandelboxes m WHERE m.host_id = h.id \
-                AND m.state IN ",
-            live_box_states!(),
-            ") AS live \
-             FROM hosts h WHERE ($1::text IS NULL OR h.region = $1) AND h.terminated_at IS NULL ORDER BY h.id"
+            host_summary_select!(),
+            " WHERE ($1::text IS NULL OR h.region = $1) AND h.terminated_at IS NULL ORDER BY h.id"
         ))
         .bind(region)
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter().map(HostSummaryRow::into_summary).collect()
+    }
+
+    async fn host_summary(&self, host_id: &str) -> StoreResult<Option<HostSummary>> {
+        sqlx::query_as::<_, HostSummaryRow>(concat!(
+            host_summary_select!(),
+            " WHERE h.id = $1 AND h.terminated_at IS NULL"
+        ))
+        .bind(host_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(HostSummaryRow::into_summary)
+        .transpose()
     }
 
     async fn hosts_disconnected_before(&self, cutoff: DateTime<Utc>) -> StoreResult<Vec<HostRecord>> {
@@ -1252,46 +1308,37 @@ impl Store for PgStore {
 
     async fn end_session(&self, session_id: Uuid, reason: EndReason) -> StoreResult<Option<EndedSession>> {
         let at = now();
-        let mut tx = self.pool.begin().await?;
-        // The common case in one statement; a session already ended (or
-        // unknown) is told apart afterwards.
-        let ended = sqlx::query_as::<_, SessionRow>(concat!(
-            "UPDATE sessions SET state = 'ENDED', end_reason = $2, ended_at = $3, updated_at = $3 \
-             WHERE id = $1 AND state <> 'ENDED' RETURNING ",
-            session_columns!()
+        // One statement, so one round trip and one commit: the session, then
+        // (reading its box from the first update, so in the sessions →
+        // mandelboxes lock order) its live box → DYING.
+        let ended = sqlx::query_as::<_, EndedRow>(concat!(
+            "WITH ended AS ( \
+                 UPDATE sessions SET state = 'ENDED', end_reason = $2, ended_at = $3, updated_at = $3 \
+                 WHERE id = $1 AND state <> 'ENDED' RETURNING ",
+            session_columns!(),
+            "), dying AS ( \
+                 UPDATE mandelboxes SET state = 'DYING', updated_at = $3 \
+                 WHERE id = (SELECT mandelbox_id FROM ended) AND session_id = $1 AND state IN ",
+            live_box_states!(),
+            " RETURNING id AS m_id, host_id AS m_host_id, region AS m_region, app AS m_app, state AS m_state, \
+                 session_id AS m_session_id, ports AS m_ports, created_at AS m_created_at, updated_at AS m_updated_at) \
+             SELECT ended.*, dying.* FROM ended LEFT JOIN dying ON true"
         ))
         .bind(session_id)
         .bind(reason.as_str())
         .bind(at)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&self.pool)
         .await?;
-        let Some(session) = ended else {
-            return Ok(lock_session(&mut tx, session_id).await?.map(|session| EndedSession {
+        let Some(ended) = ended else {
+            // Already ended, or unknown.
+            return Ok(self.get_session(session_id).await?.map(|session| EndedSession {
                 session,
                 teardown: None,
                 changed: false,
             }));
         };
-        let session = session.into_record()?;
-        let teardown = match session.mandelbox_id {
-            Some(mandelbox_id) => sqlx::query_as::<_, MandelboxRow>(concat!(
-                "UPDATE mandelboxes SET state = 'DYING', updated_at = $3 \
-                 WHERE id = $1 AND session_id = $2 AND state IN ",
-                live_box_states!(),
-                " RETURNING ",
-                mandelbox_columns!()
-            ))
-            .bind(mandelbox_id)
-            .bind(session_id)
-            .bind(at)
-            .fetch_optional(&mut *tx)
-            .await?
-            .map(MandelboxRow::into_record)
-            .transpose()?,
-            None => None,
-        };
-        tx.commit().await?;
-        Ok(Some(EndedSession { session, teardown, changed: true }))
+        let teardown = ended.teardown().map(MandelboxRow::into_record).transpose()?;
+        Ok(Some(EndedSession { session: ended.session.into_record()?, teardown, changed: true }))
     }
 
     async fn get_session(&self, id: Uuid) -> StoreResult<Option<SessionRecord>> {

@@ -475,6 +475,26 @@ async fn reserve_on_locked_host(
     Ok(reserved)
 }
 
+/// A host with its box counts, up to the WHERE clause (`list_hosts`,
+/// `host_summary`).
+macro_rules! host_summary_select {
+    () => {
+        concat!(
+            "SELECT h.id, h.region, h.state, h.image, h.agent_version, h.address, h.capacity, \
+             h.generation, h.last_heartbeat_at, h.disconnected_at, h.terminated_at, h.created_at, h.updated_at, \
+             (SELECT count(*) FROM mandelboxes m WHERE m.host_id = h.id \
+                AND m.state IN ('SPAWNING', 'WAITING')) AS warm, \
+             (SELECT count(*) FROM mandelboxes m WHERE m.host_id = h.id \
+                AND m.state IN ('ALLOCATED', 'RUNNING')) AS assigned, \
+             (SELECT count(*) FROM mandelboxes m WHERE m.host_id = h.id \
+                AND m.state IN ",
+            live_box_states!(),
+            ") AS live \
+             FROM hosts h"
+        )
+    };
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     fn backend(&self) -> &'static str {
@@ -727,22 +747,25 @@ impl Store for SqliteStore {
 
     async fn list_hosts(&self, region: Option<&str>) -> StoreResult<Vec<HostSummary>> {
         let rows = sqlx::query_as::<_, HostSummaryRow>(concat!(
-            "SELECT h.id, h.region, h.state, h.image, h.agent_version, h.address, h.capacity, \
-             h.generation, h.last_heartbeat_at, h.disconnected_at, h.terminated_at, h.created_at, h.updated_at, \
-             (SELECT count(*) FROM mandelboxes m WHERE m.host_id = h.id \
-                AND m.state IN ('SPAWNING', 'WAITING')) AS warm, \
-             (SELECT count(*) FROM mandelboxes m WHERE m.host_id = h.id \
-                AND m.state IN ('ALLOCATED', 'RUNNING')) AS assigned, \
-             (SELECT count(*) FROM mandelboxes m WHERE m.host_id = h.id \
-                AND m.state IN ",
-            live_box_states!(),
-            ") AS live \
-             FROM hosts h WHERE (?1 IS NULL OR h.region = ?1) AND h.terminated_at IS NULL ORDER BY h.id"
+            host_summary_select!(),
+            " WHERE (?1 IS NULL OR h.region = ?1) AND h.terminated_at IS NULL ORDER BY h.id"
         ))
         .bind(region)
         .fetch_all(&self.reader)
         .await?;
         rows.into_iter().map(HostSummaryRow::into_summary).collect()
+    }
+
+    async fn host_summary(&self, host_id: &str) -> StoreResult<Option<HostSummary>> {
+        sqlx::query_as::<_, HostSummaryRow>(concat!(
+            host_summary_select!(),
+            " WHERE h.id = ?1 AND h.terminated_at IS NULL"
+        ))
+        .bind(host_id)
+        .fetch_optional(&self.reader)
+        .await?
+        .map(HostSummaryRow::into_summary)
+        .transpose()
     }
 
     async fn hosts_disconnected_before(&self, cutoff: DateTime<Utc>) -> StoreResult<Vec<HostRecord>> {
