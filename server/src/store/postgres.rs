@@ -78,7 +78,7 @@ impl PgStore {
 
 // ----- rows ---------------------------------------------------------------
 
-#[derive(sqlx::FromRow)]
+#[derive(sqlx::FromRow, serde::Deserialize)]
 struct HostRow {
     id: String,
     region: String,
@@ -135,7 +135,7 @@ impl HostSummaryRow {
     }
 }
 
-#[derive(sqlx::FromRow)]
+#[derive(sqlx::FromRow, serde::Deserialize)]
 struct MandelboxRow {
     id: Uuid,
     host_id: String,
@@ -169,6 +169,16 @@ struct MandelboxAuthRow {
     #[sqlx(flatten)]
     mandelbox: MandelboxRow,
     token_hash: String,
+}
+
+/// `create_session_and_claim`'s row: the inserted session and, if a box was
+/// claimed, the box and its host (as JSON objects; NULL without a claim).
+#[derive(sqlx::FromRow)]
+struct SessionClaimRow {
+    #[sqlx(flatten)]
+    session: SessionRow,
+    claimed_box: Option<Json<MandelboxRow>>,
+    claimed_host: Option<Json<HostRow>>,
 }
 
 /// `end_session`'s row: the ended session and, if one went DYING, its box
@@ -387,20 +397,12 @@ macro_rules! pg_claim_waiting {
     };
 }
 
-/// Allocate's claim as one statement returning only the id (for benchmarks).
+/// Allocate's claim as one statement returning only the id (for benchmarks);
+/// `create_session_and_claim` runs the same claim as its first CTE.
 pub const CLAIM_WAITING_SQL: &str = concat!(pg_claim_waiting!("RUNNING"), " RETURNING id");
 
-/// Which state a claim puts its box in: RUNNING for Allocate's own claim
-/// (confirmed by the host before the client hears of it, see
-/// `create_session_and_claim`), ALLOCATED for a pending session's, which the
-/// host confirms through `confirm_assignment`.
-#[derive(Clone, Copy)]
-enum ClaimAs {
-    Running,
-    Allocated,
-}
-
-/// Takes the best WAITING box for a session and marks it ALLOCATED to it.
+/// Takes the best WAITING box for a pending session and marks it ALLOCATED to
+/// it (Allocate's own claim, RUNNING, is part of `create_session_and_claim`).
 ///
 /// Best = first region in `regions`, then the fullest host (fewest free
 /// slots, counting assigned boxes), then host id and box age for a stable
@@ -409,18 +411,13 @@ enum ClaimAs {
 /// `LIMIT`, so a claimer only gets nothing when every match is taken.
 async fn claim_waiting(
     conn: &mut PgConnection,
-    claim_as: ClaimAs,
     regions: &[String],
     app: &str,
     exclude_hosts: &[String],
     session_id: Uuid,
     at: DateTime<Utc>,
 ) -> StoreResult<Option<MandelboxRecord>> {
-    let sql = match claim_as {
-        ClaimAs::Running => concat!(pg_claim_waiting!("RUNNING"), " RETURNING ", mandelbox_columns!()),
-        ClaimAs::Allocated => concat!(pg_claim_waiting!("ALLOCATED"), " RETURNING ", mandelbox_columns!()),
-    };
-    sqlx::query_as::<_, MandelboxRow>(sql)
+    sqlx::query_as::<_, MandelboxRow>(concat!(pg_claim_waiting!("ALLOCATED"), " RETURNING ", mandelbox_columns!()))
         .bind(regions)
         .bind(app)
         .bind(exclude_hosts)
@@ -1154,33 +1151,45 @@ impl Store for PgStore {
             return Err(StoreError::SessionLimit { limit });
         }
 
-        let claimed = claim_waiting(&mut tx, ClaimAs::Running, &new.regions, &new.app, &[], new.id, at).await?;
-        let session = sqlx::query_as::<_, SessionRow>(concat!(
-            "INSERT INTO sessions (id, user_id, state, app, client_version, requested_regions, \
-             region, mandelbox_id, host_id, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) RETURNING ",
-            session_columns!()
+        // Claim, session and the claimed box's host in one statement (one
+        // round trip instead of three): the claim's CTE runs first, the
+        // session row is inserted from its result, RUNNING on the box or
+        // PENDING without one.
+        let row = sqlx::query_as::<_, SessionClaimRow>(concat!(
+            "WITH claimed AS (",
+            pg_claim_waiting!("RUNNING"),
+            " RETURNING ",
+            mandelbox_columns!(),
+            "), inserted AS ( \
+                 INSERT INTO sessions (id, user_id, state, app, client_version, requested_regions, \
+                 region, mandelbox_id, host_id, created_at, updated_at) \
+                 SELECT $4, $6, CASE WHEN c.id IS NULL THEN 'PENDING' ELSE 'RUNNING' END, $2, $7, $8, \
+                        c.region, c.id, c.host_id, $5, $5 \
+                 FROM (SELECT 1) AS one LEFT JOIN claimed c ON true \
+                 RETURNING ",
+            session_columns!(),
+            ") SELECT inserted.*, \
+                 CASE WHEN c.id IS NULL THEN NULL ELSE to_jsonb(c) END AS claimed_box, \
+                 CASE WHEN h.id IS NULL THEN NULL ELSE to_jsonb(h) END AS claimed_host \
+             FROM inserted LEFT JOIN claimed c ON true LEFT JOIN hosts h ON h.id = c.host_id"
         ))
-        .bind(new.id)
-        .bind(&new.user_id)
-        .bind(if claimed.is_some() { SessionState::Running } else { SessionState::Pending }.as_str())
+        .bind(&new.regions)
         .bind(&new.app)
+        .bind(Vec::<String>::new())
+        .bind(new.id)
+        .bind(at)
+        .bind(&new.user_id)
         .bind(&new.client_version)
         .bind(Json(&new.regions))
-        .bind(claimed.as_ref().map(|mandelbox| mandelbox.region.as_str()))
-        .bind(claimed.as_ref().map(|mandelbox| mandelbox.id))
-        .bind(claimed.as_ref().map(|mandelbox| mandelbox.host_id.as_str()))
-        .bind(at)
         .fetch_one(&mut *tx)
-        .await?
-        .into_record()?;
-
-        let outcome = match claimed {
-            Some(mandelbox) => {
-                let host = host_of(&mut tx, &mandelbox).await?;
-                ClaimOutcome::Claimed(Claim { session, mandelbox, host })
+        .await?;
+        let session = row.session.into_record()?;
+        let outcome = match (row.claimed_box, row.claimed_host) {
+            (Some(Json(mandelbox)), Some(Json(host))) => {
+                ClaimOutcome::Claimed(Claim { session, mandelbox: mandelbox.into_record()?, host: host.into_record()? })
             }
-            None => ClaimOutcome::Pending(session),
+            (None, None) => ClaimOutcome::Pending(session),
+            _ => return Err(StoreError::Corrupt("a claimed box without its host".into())),
         };
         tx.commit().await?;
         Ok(outcome)
@@ -1195,16 +1204,8 @@ impl Store for PgStore {
         if session.state != SessionState::Pending {
             return Ok(None);
         }
-        let Some(mandelbox) = claim_waiting(
-            &mut tx,
-            ClaimAs::Allocated,
-            &session.requested_regions,
-            &session.app,
-            exclude_hosts,
-            session_id,
-            at,
-        )
-        .await?
+        let Some(mandelbox) =
+            claim_waiting(&mut tx, &session.requested_regions, &session.app, exclude_hosts, session_id, at).await?
         else {
             return Ok(None);
         };
