@@ -1,7 +1,8 @@
 //! Allocation: validate the request, claim a warm box atomically (one commit,
-//! session and box RUNNING), have its host confirm, answer in one round trip. With no warm box: spawn on a host with
-//! free capacity and wait, or leave a pending session that the dispatcher
-//! fulfils when a box warms, or refuse with NO_CAPACITY.
+//! session and box RUNNING), have its host confirm, answer in one round trip.
+//! With no warm box: spawn on a host with free capacity and wait, or leave a
+//! pending session that the dispatcher fulfils when a box warms, or refuse with
+//! NO_CAPACITY.
 
 mod dispatcher;
 mod pending;

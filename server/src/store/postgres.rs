@@ -199,18 +199,22 @@ struct EndedRow {
 }
 
 impl EndedRow {
-    fn teardown(&self) -> Option<MandelboxRow> {
-        Some(MandelboxRow {
-            id: self.m_id?,
-            host_id: self.m_host_id.clone()?,
-            region: self.m_region.clone()?,
-            app: self.m_app.clone()?,
-            state: self.m_state.clone()?,
-            session_id: self.m_session_id,
-            ports: self.m_ports.clone()?,
-            created_at: self.m_created_at?,
-            updated_at: self.m_updated_at?,
-        })
+    /// The session and the box that went DYING, if any.
+    fn into_parts(self) -> (SessionRow, Option<MandelboxRow>) {
+        let mandelbox = (|| {
+            Some(MandelboxRow {
+                id: self.m_id?,
+                host_id: self.m_host_id?,
+                region: self.m_region?,
+                app: self.m_app?,
+                state: self.m_state?,
+                session_id: self.m_session_id,
+                ports: self.m_ports?,
+                created_at: self.m_created_at?,
+                updated_at: self.m_updated_at?,
+            })
+        })();
+        (self.session, mandelbox)
     }
 }
 
@@ -1338,8 +1342,9 @@ impl Store for PgStore {
                 changed: false,
             }));
         };
-        let teardown = ended.teardown().map(MandelboxRow::into_record).transpose()?;
-        Ok(Some(EndedSession { session: ended.session.into_record()?, teardown, changed: true }))
+        let (session, teardown) = ended.into_parts();
+        let teardown = teardown.map(MandelboxRow::into_record).transpose()?;
+        Ok(Some(EndedSession { session: session.into_record()?, teardown, changed: true }))
     }
 
     async fn get_session(&self, id: Uuid) -> StoreResult<Option<SessionRecord>> {
