@@ -46,8 +46,15 @@ impl Core {
         let Some(ended) = self.store.end_session(session_id, reason).await? else {
             return Ok(None);
         };
+        self.session_ended(&ended, reason).await;
+        Ok(Some(ended))
+    }
+
+    /// What follows a session's end in the store: the event, the scaler's
+    /// wake-up and the box's teardown.
+    pub async fn session_ended(self: &Arc<Self>, ended: &EndedSession, reason: EndReason) {
         if ended.changed {
-            tracing::info!(session_id = %session_id, reason = %reason, "session ended");
+            tracing::info!(session_id = %ended.session.id, reason = %reason, "session ended");
             self.publish_session(&ended.session).await;
             if let Some(region) = &ended.session.region {
                 self.scaling.wake(region);
@@ -56,7 +63,6 @@ impl Core {
         if let Some(mandelbox) = &ended.teardown {
             self.spawn_teardown(mandelbox.clone(), reason.as_str());
         }
-        Ok(Some(ended))
     }
 
     /// Tells the box's host to tear it down, in the background. On the host's

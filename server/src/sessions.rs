@@ -16,6 +16,7 @@ use crate::{
     error::{ApiError, ApiResult},
     events::{Event, SessionChange},
     model::{EndReason, MandelboxState, SessionRecord, SessionState},
+    store::TokenEnd,
 };
 
 pub type SessionUpdates = Pin<Box<dyn Stream<Item = Result<SessionUpdate, tonic::Status>> + Send>>;
@@ -109,24 +110,25 @@ impl Sessions {
     /// Wrong or used tokens change nothing.
     pub async fn report_disconnect(&self, mandelbox_id: &str, token: &str) -> ApiResult<Uuid> {
         let id = parse_id(mandelbox_id, "mandelbox_id")?;
-        let auth = self.core.store.mandelbox_auth(id).await?.ok_or(ApiError::BadMandelboxToken)?;
-        if !mandelbox_token::matches(token, &auth.token_hash) {
-            tracing::warn!(mandelbox_id = %id, "disconnect report with a wrong token");
-            return Err(ApiError::BadMandelboxToken);
-        }
-        match auth.mandelbox.state {
-            MandelboxState::Allocated | MandelboxState::Running => {}
+        let reason = EndReason::ClientDisconnected;
+        match self.core.store.end_session_by_token(id, &mandelbox_token::hash(token), reason).await? {
+            TokenEnd::UnknownBox => Err(ApiError::BadMandelboxToken),
+            TokenEnd::WrongToken => {
+                tracing::warn!(mandelbox_id = %id, "disconnect report with a wrong token");
+                Err(ApiError::BadMandelboxToken)
+            }
             // Its session already ended: the token was used, or the box is gone.
-            MandelboxState::Dying | MandelboxState::Dead | MandelboxState::Lost => {
-                return Err(ApiError::BadMandelboxToken);
+            TokenEnd::NoSession(MandelboxState::Dying | MandelboxState::Dead | MandelboxState::Lost) => {
+                Err(ApiError::BadMandelboxToken)
             }
-            MandelboxState::Spawning | MandelboxState::Waiting => {
-                return Err(ApiError::MandelboxNotAssigned);
+            TokenEnd::NoSession(_) => Err(ApiError::MandelboxNotAssigned),
+            TokenEnd::Ended { session_id, ended } => {
+                if let Some(ended) = ended {
+                    self.core.session_ended(&ended, reason).await;
+                }
+                Ok(session_id)
             }
         }
-        let session_id = auth.mandelbox.session_id.ok_or(ApiError::MandelboxNotAssigned)?;
-        self.core.end_session(session_id, EndReason::ClientDisconnected).await?;
-        Ok(session_id)
     }
 }
 

@@ -13,7 +13,7 @@ use switchboard::model::{
 };
 use switchboard::store::{
     Claim, ClaimOutcome, DynStore, HeartbeatMark, MandelboxFilter, NewMandelbox, NewSession, Recycled,
-    ReportedMandelbox, SessionFilter, StoreError,
+    ReportedMandelbox, SessionFilter, StoreError, TokenEnd,
 };
 use switchboard_tests::db::TestDatabase;
 use uuid::Uuid;
@@ -1038,6 +1038,139 @@ mod contract {
         assert_eq!(store.count_live_sessions("nobody").await.unwrap(), 0);
     }
 
+    /// The limit is checked against a counter the database keeps (triggers):
+    /// every way a session ends must give its place back.
+    pub(crate) async fn session_limit_frees_a_place_however_a_session_ends(db: &TestDatabase, store: DynStore) {
+        const ONE: u32 = 1;
+        host(&store, "h1", "r1", "img", 20).await;
+        let refused = |store: DynStore| async move {
+            matches!(
+                store.create_session_and_claim(&new_session("u1", &["r1"]), ONE).await,
+                Err(StoreError::SessionLimit { limit: ONE })
+            )
+        };
+        let counted =
+            || async { db.query_i64("SELECT CAST(live_sessions AS BIGINT) FROM users WHERE id = 'u1'").await.unwrap() };
+
+        // EndSession.
+        let first = running_session(&store, "h1", "r1", "u1").await;
+        assert!(refused(store.clone()).await, "the one place is taken");
+        store.end_session(first.session.id, EndReason::UserEnded).await.unwrap();
+        assert_eq!(counted().await, 0);
+
+        // ReportDisconnect, with the box's token.
+        let by_token = running_session(&store, "h1", "r1", "u1").await;
+        assert!(refused(store.clone()).await);
+        let token_hash = format!("sha256-of-{}", by_token.mandelbox.id);
+        let outcome = store
+            .end_session_by_token(by_token.mandelbox.id, &token_hash, EndReason::ClientDisconnected)
+            .await
+            .unwrap();
+        assert!(matches!(outcome, TokenEnd::Ended { ended: Some(_), .. }), "{outcome:?}");
+        assert_eq!(counted().await, 0);
+
+        // The box exited on its own.
+        let exited = running_session(&store, "h1", "r1", "u1").await;
+        assert!(refused(store.clone()).await);
+        store.mandelbox_finished(exited.mandelbox.id, MandelboxState::Dead, EndReason::MandelboxExited).await.unwrap();
+        assert_eq!(counted().await, 0);
+
+        // The claim's Assign never reached the host.
+        let never_told = running_session(&store, "h1", "r1", "u1").await;
+        assert!(refused(store.clone()).await);
+        tick().await;
+        let reported = [ReportedMandelbox { id: never_told.mandelbox.id, assigned: false }];
+        store.reconcile_host("h1", &reported, Utc::now()).await.unwrap();
+        assert_eq!(session(&store, never_told.session.id).await.state, SessionState::Ended);
+        assert_eq!(counted().await, 0);
+
+        // A pending session expired by the sweep.
+        let queued = pending(store.create_session_and_claim(&new_session("u1", &["r9"]), ONE).await.unwrap());
+        assert!(refused(store.clone()).await);
+        let cutoff = tick().await;
+        let swept = store.sweep(cutoff, cutoff - chrono::Duration::hours(1)).await.unwrap();
+        assert_eq!(swept.expired_pending.iter().map(|s| s.id).collect::<Vec<_>>(), vec![queued.id]);
+        assert_eq!(counted().await, 0);
+
+        // The host lost; a released claim keeps its place (back to PENDING).
+        let lost = running_session(&store, "h1", "r1", "u1").await;
+        store.release_claim(lost.session.id, lost.mandelbox.id, MandelboxState::Waiting).await.unwrap();
+        assert_eq!(session(&store, lost.session.id).await.state, SessionState::Pending);
+        assert!(refused(store.clone()).await, "a released claim is still a live session");
+        let reclaimed = store.claim_for_session(lost.session.id, &[]).await.unwrap().unwrap();
+        assert_eq!(reclaimed.mandelbox.host_id, "h1");
+        store.mark_host_lost("h1", None).await.unwrap();
+        assert_eq!(session(&store, lost.session.id).await.state, SessionState::Ended);
+        assert_eq!(counted().await, 0);
+        host(&store, "h2", "r1", "img", 20).await;
+        running_session(&store, "h2", "r1", "u1").await;
+        assert_eq!(counted().await, 1);
+        assert_eq!(store.count_live_sessions("u1").await.unwrap(), 1, "the counter agrees with the rows");
+    }
+
+    /// ReportDisconnect's store call: the token first, then one end.
+    pub(crate) async fn end_session_by_token_checks_the_token_then_ends_once(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h1", "r1", "img", 20).await;
+        let reason = EndReason::ClientDisconnected;
+        let hash_of = |id: Uuid| format!("sha256-of-{id}");
+        let warm = warm_box(&store, "h1", APP).await;
+        assert_eq!(
+            store.end_session_by_token(warm.id, &hash_of(warm.id), reason).await.unwrap(),
+            TokenEnd::NoSession(MandelboxState::Waiting)
+        );
+        let running = claim(&store, "u1", &["r1"]).await;
+        assert_eq!(running.mandelbox.id, warm.id);
+        assert_eq!(
+            store.end_session_by_token(Uuid::new_v4(), &hash_of(warm.id), reason).await.unwrap(),
+            TokenEnd::UnknownBox
+        );
+        assert_eq!(
+            store.end_session_by_token(warm.id, &hash_of(Uuid::new_v4()), reason).await.unwrap(),
+            TokenEnd::WrongToken
+        );
+        assert_eq!(
+            session(&store, running.session.id).await.state,
+            SessionState::Running,
+            "a wrong token ends nothing"
+        );
+
+        let outcome = store.end_session_by_token(warm.id, &hash_of(warm.id), reason).await.unwrap();
+        let TokenEnd::Ended { session_id, ended: Some(ended) } = outcome else { panic!("not ended: {outcome:?}") };
+        assert_eq!(session_id, running.session.id);
+        assert!(ended.changed);
+        assert_eq!((ended.session.state, ended.session.end_reason), (SessionState::Ended, Some(reason)));
+        let teardown = ended.teardown.expect("its box is torn down");
+        assert_eq!((teardown.id, teardown.state), (warm.id, MandelboxState::Dying));
+        assert_eq!(
+            store.end_session_by_token(warm.id, &hash_of(warm.id), reason).await.unwrap(),
+            TokenEnd::NoSession(MandelboxState::Dying),
+            "a token ends its session once"
+        );
+
+        // Racing EndSession: one of the two ends it, one teardown.
+        let raced = running_session(&store, "h1", "r1", "u2").await;
+        let by_token = {
+            let store = store.clone();
+            let hash = hash_of(raced.mandelbox.id);
+            tokio::spawn(async move { store.end_session_by_token(raced.mandelbox.id, &hash, reason).await })
+        };
+        let by_user = store.end_session(raced.session.id, EndReason::UserEnded).await.unwrap().unwrap();
+        let by_token = by_token.await.unwrap().unwrap();
+        let teardowns = match by_token {
+            TokenEnd::Ended { ended: Some(ended), .. } => {
+                assert!(!by_user.changed && by_user.teardown.is_none(), "both ended it");
+                usize::from(ended.teardown.is_some())
+            }
+            TokenEnd::Ended { ended: None, .. } | TokenEnd::NoSession(MandelboxState::Dying) => {
+                assert!(by_user.changed);
+                usize::from(by_user.teardown.is_some())
+            }
+            other => panic!("unexpected: {other:?}"),
+        };
+        assert_eq!(teardowns, 1);
+        assert_eq!(box_state(&store, raced.mandelbox.id).await, MandelboxState::Dying);
+    }
+
     pub(crate) async fn concurrent_requests_of_one_user_respect_the_limit(_db: &TestDatabase, store: DynStore) {
         host(&store, "h1", "r1", "img", 20).await;
         for _ in 0..5 {
@@ -1451,6 +1584,8 @@ macro_rules! store_contract_suite {
             claim_skips_unfit_boxes,
             pending_session_is_stored_and_queued,
             session_limit_counts_live_sessions,
+            session_limit_frees_a_place_however_a_session_ends,
+            end_session_by_token_checks_the_token_then_ends_once,
             concurrent_requests_of_one_user_respect_the_limit,
             concurrent_claims_take_distinct_boxes,
             concurrent_ends_of_one_session_tear_down_once,

@@ -18,8 +18,12 @@ pub fn hash(token: &str) -> String {
 
 /// Constant-time comparison of a presented token with a stored hash.
 pub fn matches(token: &str, stored_hash: &str) -> bool {
-    let presented = hash(token);
-    let (a, b) = (presented.as_bytes(), stored_hash.as_bytes());
+    hashes_match(&hash(token), stored_hash)
+}
+
+/// Constant-time comparison of two hashes (of a presented and an issued token).
+pub fn hashes_match(presented_hash: &str, stored_hash: &str) -> bool {
+    let (a, b) = (presented_hash.as_bytes(), stored_hash.as_bytes());
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

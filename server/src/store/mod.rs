@@ -191,6 +191,20 @@ pub struct MandelboxAuth {
     pub token_hash: String,
 }
 
+/// What `end_session_by_token` (ReportDisconnect) found and did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenEnd {
+    /// No such box.
+    UnknownBox,
+    /// The box exists; the token presented is not its own.
+    WrongToken,
+    /// The token is the box's, but the box holds no session to end: never
+    /// assigned (SPAWNING, WAITING) or finished (DYING, DEAD, LOST).
+    NoSession(MandelboxState),
+    /// The box's session: `ended` by this call, or None if it had ended already.
+    Ended { session_id: Uuid, ended: Option<Box<EndedSession>> },
+}
+
 /// Work the housekeeping sweep did.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SweepOutcome {
@@ -472,6 +486,32 @@ pub trait Store: Send + Sync + 'static {
     /// → DYING and is returned for teardown. An already ENDED session is
     /// returned unchanged with `changed` = false. None if unknown.
     async fn end_session(&self, session_id: Uuid, reason: EndReason) -> StoreResult<Option<EndedSession>>;
+
+    /// Ends the session on box `mandelbox_id` if `token_hash` is the hash of
+    /// the box's token and the box is assigned (ALLOCATED or RUNNING), as
+    /// `end_session` does. PostgreSQL does the check and the end in one
+    /// statement; this default takes two calls.
+    async fn end_session_by_token(
+        &self,
+        mandelbox_id: Uuid,
+        token_hash: &str,
+        reason: EndReason,
+    ) -> StoreResult<TokenEnd> {
+        let Some(auth) = self.mandelbox_auth(mandelbox_id).await? else {
+            return Ok(TokenEnd::UnknownBox);
+        };
+        if !crate::auth::mandelbox_token::hashes_match(token_hash, &auth.token_hash) {
+            return Ok(TokenEnd::WrongToken);
+        }
+        let state = auth.mandelbox.state;
+        let (MandelboxState::Allocated | MandelboxState::Running, Some(session_id)) =
+            (state, auth.mandelbox.session_id)
+        else {
+            return Ok(TokenEnd::NoSession(state));
+        };
+        let ended = self.end_session(session_id, reason).await?.filter(|ended| ended.changed).map(Box::new);
+        Ok(TokenEnd::Ended { session_id, ended })
+    }
 
     async fn get_session(&self, id: Uuid) -> StoreResult<Option<SessionRecord>>;
 

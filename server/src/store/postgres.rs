@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions, Postgres};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, Postgres};
 use sqlx::types::Json;
 use uuid::Uuid;
 
@@ -36,7 +36,7 @@ use super::postgres_fleet as fleet;
 use super::rows::{self, host_columns, live_box_states, mandelbox_columns, now, session_columns};
 use super::{
     Claim, ClaimOutcome, EndedSession, HeartbeatMark, MandelboxAuth, MandelboxFilter, NewMandelbox, NewSession,
-    Reconciliation, Recycled, ReportedMandelbox, SessionFilter, Store, StoreError, StoreResult, SweepOutcome,
+    Reconciliation, Recycled, ReportedMandelbox, SessionFilter, Store, StoreError, StoreResult, SweepOutcome, TokenEnd,
 };
 use crate::model::{
     EndReason, HostHello, HostRecord, HostState, HostSummary, InstanceRecord, InstanceState, Lease, MandelboxRecord,
@@ -45,23 +45,21 @@ use crate::model::{
 
 pub struct PgStore {
     pool: PgPool,
+    /// Connections that commit without waiting for the WAL flush
+    /// (`synchronous_commit = off` for the whole connection), for warm-pool
+    /// bookkeeping: a single statement on it is one round trip, where a
+    /// relaxed transaction on `pool` takes three (see the module's notes).
+    relaxed: PgPool,
 }
 
 impl PgStore {
     pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Self> {
-        let pool = PgPoolOptions::new()
-            .max_connections(max_connections)
-            // A database that cannot hand out a connection within this is
-            // unavailable: callers get UNAVAILABLE instead of hanging.
-            .acquire_timeout(Duration::from_secs(3))
-            // No ping before each use: it would add a round trip to every
-            // transaction. A connection that died (a database restart) fails
-            // its next query, which the caller sees as UNAVAILABLE, and the
-            // pool replaces it.
-            .test_before_acquire(false)
-            .connect(url)
-            .await?;
-        Ok(Self { pool })
+        let options: PgConnectOptions = url.parse()?;
+        let pool = pool_options(max_connections).connect_with(options.clone()).await?;
+        // Opened as bookkeeping needs them, so an idle replica holds none.
+        let relaxed = pool_options((max_connections / 2).max(1))
+            .connect_lazy_with(options.options([("synchronous_commit", "off")]));
+        Ok(Self { pool, relaxed })
     }
 
     /// Applies pending migrations. sqlx holds a PostgreSQL advisory lock while
@@ -74,6 +72,19 @@ impl PgStore {
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
+}
+
+fn pool_options(max_connections: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        // A database that cannot hand out a connection within this is
+        // unavailable: callers get UNAVAILABLE instead of hanging.
+        .acquire_timeout(Duration::from_secs(3))
+        // No ping before each use: it would add a round trip to every
+        // transaction. A connection that died (a database restart) fails
+        // its next query, which the caller sees as UNAVAILABLE, and the
+        // pool replaces it.
+        .test_before_acquire(false)
 }
 
 // ----- rows ---------------------------------------------------------------
@@ -181,6 +192,24 @@ struct SessionClaimRow {
     claimed_host: Option<Json<HostRow>>,
 }
 
+/// `end_session_by_token`'s row: the box's state, session and whether the
+/// token matched, and what was ended (JSON objects, NULL if nothing was).
+#[derive(sqlx::FromRow)]
+struct TokenEndRow {
+    box_state: String,
+    box_session_id: Option<Uuid>,
+    token_ok: bool,
+    ended_session: Option<Json<SessionRow>>,
+    dying_box: Option<Json<MandelboxRow>>,
+}
+
+/// `recycle_torn_down`'s row.
+#[derive(sqlx::FromRow)]
+struct RecycledRow {
+    finished: bool,
+    replacement: Option<Json<MandelboxRow>>,
+}
+
 /// `end_session`'s row: the ended session and, if one went DYING, its box
 /// (columns prefixed `m_`, NULL without a box).
 #[derive(sqlx::FromRow)]
@@ -218,7 +247,7 @@ impl EndedRow {
     }
 }
 
-#[derive(sqlx::FromRow)]
+#[derive(sqlx::FromRow, serde::Deserialize)]
 struct SessionRow {
     id: Uuid,
     user_id: String,
@@ -271,16 +300,9 @@ fn state_names<T: Copy>(states: &[T], name: fn(T) -> &'static str) -> Vec<String
     states.iter().map(|state| name(*state).to_owned()).collect()
 }
 
-/// Begins a transaction whose commit will not wait for the WAL flush (see
-/// `commit_relaxed`), with the setting sent in the same round trip as BEGIN.
-async fn begin_relaxed(pool: &PgPool) -> StoreResult<sqlx::Transaction<'static, Postgres>> {
-    Ok(pool.begin_with("BEGIN; SET LOCAL synchronous_commit = off").await?)
-}
-
 /// Commits without waiting for the WAL flush: for bookkeeping only (see the
-/// module's notes on durability). `SET LOCAL` lasts until this commit. For
-/// a transaction known to be bookkeeping from the start, `begin_relaxed`
-/// saves the extra round trip.
+/// module's notes on durability). `SET LOCAL` lasts until this commit. Work
+/// known to be bookkeeping from the start goes to `PgStore::relaxed` instead.
 async fn commit_relaxed(mut tx: sqlx::Transaction<'_, Postgres>) -> StoreResult<()> {
     sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *tx).await?;
     tx.commit().await?;
@@ -404,6 +426,55 @@ macro_rules! pg_claim_waiting {
 /// Allocate's claim as one statement returning only the id (for benchmarks);
 /// `create_session_and_claim` runs the same claim as its first CTE.
 pub const CLAIM_WAITING_SQL: &str = concat!(pg_claim_waiting!("RUNNING"), " RETURNING id");
+
+/// Allocate's claim (`create_session_and_claim`) as one statement, so one
+/// round trip and one (flushed) commit. None when the user is at `limit` or
+/// has no row.
+async fn claim_for_new_session(
+    pool: &PgPool,
+    new: &NewSession,
+    limit: u32,
+    at: DateTime<Utc>,
+) -> StoreResult<Option<SessionClaimRow>> {
+    // 1. `account` locks the user row if the user is under the limit.
+    //    `live_sessions` is kept by triggers (migration 0005); a request
+    //    that waits for the lock re-reads it, so two of one user's
+    //    concurrent requests cannot both pass at the last free place.
+    // 2. `claimed` takes a WAITING box, only for a user that passed.
+    // 3. `inserted` writes the session, RUNNING on the box or PENDING
+    //    without one; its trigger counts it on the locked user row.
+    Ok(sqlx::query_as::<_, SessionClaimRow>(concat!(
+        "WITH account AS ( \
+                 SELECT id FROM users WHERE id = $6 AND live_sessions < $9 FOR UPDATE \
+             ), claimed AS (",
+        pg_claim_waiting!("RUNNING"),
+        " AND EXISTS (SELECT 1 FROM account) RETURNING ",
+        mandelbox_columns!(),
+        "), inserted AS ( \
+                 INSERT INTO sessions (id, user_id, state, app, client_version, requested_regions, \
+                 region, mandelbox_id, host_id, created_at, updated_at) \
+                 SELECT $4, account.id, CASE WHEN c.id IS NULL THEN 'PENDING' ELSE 'RUNNING' END, $2, $7, $8, \
+                        c.region, c.id, c.host_id, $5, $5 \
+                 FROM account LEFT JOIN claimed c ON true \
+                 RETURNING ",
+        session_columns!(),
+        ") SELECT inserted.*, \
+                 CASE WHEN c.id IS NULL THEN NULL ELSE to_jsonb(c) END AS claimed_box, \
+                 CASE WHEN h.id IS NULL THEN NULL ELSE to_jsonb(h) END AS claimed_host \
+             FROM inserted LEFT JOIN claimed c ON true LEFT JOIN hosts h ON h.id = c.host_id"
+    ))
+    .bind(&new.regions)
+    .bind(&new.app)
+    .bind(Vec::<String>::new())
+    .bind(new.id)
+    .bind(at)
+    .bind(&new.user_id)
+    .bind(&new.client_version)
+    .bind(Json(&new.regions))
+    .bind(i64::from(limit))
+    .fetch_optional(pool)
+    .await?)
+}
 
 /// Takes the best WAITING box for a pending session and marks it ALLOCATED to
 /// it (Allocate's own claim, RUNNING, is part of `create_session_and_claim`).
@@ -720,7 +791,6 @@ impl Store for PgStore {
         if ids.is_empty() {
             return Ok(());
         }
-        let mut tx = begin_relaxed(&self.pool).await?;
         sqlx::query(
             "UPDATE hosts h SET last_heartbeat_at = $3 \
              FROM UNNEST($1::text[], $2::bigint[]) AS beat(id, generation) \
@@ -729,9 +799,8 @@ impl Store for PgStore {
         .bind(&ids)
         .bind(&generations)
         .bind(at)
-        .execute(&mut *tx)
+        .execute(&self.relaxed)
         .await?;
-        tx.commit().await?;
         Ok(())
     }
 
@@ -910,7 +979,7 @@ impl Store for PgStore {
     // ----- mandelboxes -------------------------------------------------
 
     async fn reserve_mandelboxes(&self, host_id: &str, news: &[NewMandelbox]) -> StoreResult<Vec<MandelboxRecord>> {
-        let mut tx = begin_relaxed(&self.pool).await?;
+        let mut tx = self.relaxed.begin().await?;
         let reserved = reserve_on_host(&mut tx, host_id, news, now()).await?;
         if !reserved.is_empty() {
             tx.commit().await?;
@@ -955,8 +1024,8 @@ impl Store for PgStore {
 
     async fn mandelbox_spawned(&self, id: Uuid, ports: &[PortSpec]) -> StoreResult<Option<MandelboxRecord>> {
         let at = now();
-        let mut tx = begin_relaxed(&self.pool).await?;
-        // The common case, a warm box reserved for no session, in one statement.
+        // The common case, a warm box reserved for no session: one statement,
+        // one round trip.
         let warm = sqlx::query_as::<_, MandelboxRow>(concat!(
             "UPDATE mandelboxes SET state = 'WAITING', ports = $2, updated_at = $3 \
              WHERE id = $1 AND state = 'SPAWNING' AND session_id IS NULL RETURNING ",
@@ -965,13 +1034,12 @@ impl Store for PgStore {
         .bind(id)
         .bind(Json(ports))
         .bind(at)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&self.relaxed)
         .await?;
         if let Some(warm) = warm {
-            let warm = warm.into_record()?;
-            tx.commit().await?;
-            return Ok(Some(warm));
+            return Ok(Some(warm.into_record()?));
         }
+        let mut tx = self.relaxed.begin().await?;
         let reserved_for: Option<Option<Uuid>> = sqlx::query_scalar("SELECT session_id FROM mandelboxes WHERE id = $1")
             .bind(id)
             .fetch_optional(&mut *tx)
@@ -1014,32 +1082,37 @@ impl Store for PgStore {
         replacement: Option<&NewMandelbox>,
     ) -> StoreResult<Recycled> {
         let at = now();
-        // Warm-pool bookkeeping, like the reservation it includes.
-        let mut tx = begin_relaxed(&self.pool).await?;
-        // Host first, then its box: the lock order of reconciliation.
-        let host = lock_host(&mut tx, host_id).await?;
-        let finished = sqlx::query(
-            "UPDATE mandelboxes SET state = 'DEAD', updated_at = $3 \
-             WHERE id = $1 AND host_id = $2 AND state = 'DYING'",
-        )
+        // Warm-pool bookkeeping, like the reservation it includes: one
+        // statement on the relaxed pool, so one round trip.
+        // 1. `host` locks the host first (the lock order of reconciliation;
+        //    `finished` waits for it).
+        // 2. `finished`: the DYING box → DEAD.
+        // 3. `replaced`: the replacement takes the slot the dead box frees, if
+        //    the host is ACTIVE and was within its capacity with that box
+        //    counted. The count reads the statement's snapshot, taken before
+        //    the host lock, so it can miss a reservation committed while this
+        //    waited; that reservation counted the DYING box as taken, so the
+        //    swap of one box for another still leaves the host within capacity.
+        let row = sqlx::query_as::<_, RecycledRow>(concat!(
+            "WITH host AS (                  SELECT id, region, state, capacity FROM hosts WHERE id = $2 FOR UPDATE              ), finished AS (                  UPDATE mandelboxes SET state = 'DEAD', updated_at = $3                  WHERE id = $1 AND host_id = $2 AND state = 'DYING' AND EXISTS (SELECT 1 FROM host)                  RETURNING id              ), replaced AS (                  INSERT INTO mandelboxes (id, host_id, region, app, state, session_id, token_hash, ports,                  created_at, updated_at)                  SELECT $4, h.id, h.region, $5, 'SPAWNING', $6, $7, '[]', $3, $3 FROM host h                  WHERE $4::uuid IS NOT NULL AND h.state = 'ACTIVE' AND EXISTS (SELECT 1 FROM finished)                    AND (SELECT count(*) FROM mandelboxes m WHERE m.host_id = h.id AND m.state IN ",
+            live_box_states!(),
+            ") <= h.capacity                  RETURNING ",
+            mandelbox_columns!(),
+            ") SELECT EXISTS (SELECT 1 FROM finished) AS finished,                  (SELECT to_jsonb(r) FROM replaced r) AS replacement"
+        ))
         .bind(id)
         .bind(host_id)
         .bind(at)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        if !finished {
-            return Ok(Recycled::default());
-        }
-        let replacement = match (host, replacement) {
-            (Some(host), Some(new)) => {
-                reserve_on_locked_host(&mut tx, &host, std::slice::from_ref(new), at).await?.pop()
-            }
-            _ => None,
-        };
-        tx.commit().await?;
-        Ok(Recycled { finished, replacement })
+        .bind(replacement.map(|new| new.id))
+        .bind(replacement.map(|new| new.app.as_str()))
+        .bind(replacement.and_then(|new| new.session_id))
+        .bind(replacement.map(|new| new.token_hash.as_str()))
+        .fetch_one(&self.relaxed)
+        .await?;
+        Ok(Recycled {
+            finished: row.finished,
+            replacement: row.replacement.map(|Json(mandelbox)| mandelbox.into_record()).transpose()?,
+        })
     }
 
     async fn mandelbox_finished(
@@ -1133,70 +1206,31 @@ impl Store for PgStore {
 
     async fn create_session_and_claim(&self, new: &NewSession, limit: u32) -> StoreResult<ClaimOutcome> {
         let at = now();
-        let mut tx = self.pool.begin().await?;
-        // Serialises this user's concurrent requests from here to commit, so
-        // the count below cannot miss a session another request is creating.
-        // The row exists from the user's first authenticated call on; it is
-        // created here only for a caller that skipped that.
-        let lock_user = "SELECT id FROM users WHERE id = $1 FOR UPDATE";
-        if sqlx::query(lock_user).bind(&new.user_id).fetch_optional(&mut *tx).await?.is_none() {
+        let mut row = claim_for_new_session(&self.pool, new, limit, at).await?;
+        if row.is_none() {
+            // At the limit, or no user row. The row exists from the user's
+            // first authenticated call on; it is created here only for a
+            // caller that skipped that, and the claim tried once more.
             sqlx::query("INSERT INTO users (id, created_at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING")
                 .bind(&new.user_id)
                 .bind(at)
-                .execute(&mut *tx)
+                .execute(&self.pool)
                 .await?;
-            sqlx::query(lock_user).bind(&new.user_id).execute(&mut *tx).await?;
+            row = claim_for_new_session(&self.pool, new, limit, at).await?;
         }
-        let live: i64 = sqlx::query_scalar("SELECT count(*) FROM sessions WHERE user_id = $1 AND state <> 'ENDED'")
-            .bind(&new.user_id)
-            .fetch_one(&mut *tx)
-            .await?;
-        if live >= i64::from(limit) {
+        let Some(row) = row else {
             return Err(StoreError::SessionLimit { limit });
-        }
-
-        // Claim, session and the claimed box's host in one statement (one
-        // round trip instead of three): the claim's CTE runs first, the
-        // session row is inserted from its result, RUNNING on the box or
-        // PENDING without one.
-        let row = sqlx::query_as::<_, SessionClaimRow>(concat!(
-            "WITH claimed AS (",
-            pg_claim_waiting!("RUNNING"),
-            " RETURNING ",
-            mandelbox_columns!(),
-            "), inserted AS ( \
-                 INSERT INTO sessions (id, user_id, state, app, client_version, requested_regions, \
-                 region, mandelbox_id, host_id, created_at, updated_at) \
-                 SELECT $4, $6, CASE WHEN c.id IS NULL THEN 'PENDING' ELSE 'RUNNING' END, $2, $7, $8, \
-                        c.region, c.id, c.host_id, $5, $5 \
-                 FROM (SELECT 1) AS one LEFT JOIN claimed c ON true \
-                 RETURNING ",
-            session_columns!(),
-            ") SELECT inserted.*, \
-                 CASE WHEN c.id IS NULL THEN NULL ELSE to_jsonb(c) END AS claimed_box, \
-                 CASE WHEN h.id IS NULL THEN NULL ELSE to_jsonb(h) END AS claimed_host \
-             FROM inserted LEFT JOIN claimed c ON true LEFT JOIN hosts h ON h.id = c.host_id"
-        ))
-        .bind(&new.regions)
-        .bind(&new.app)
-        .bind(Vec::<String>::new())
-        .bind(new.id)
-        .bind(at)
-        .bind(&new.user_id)
-        .bind(&new.client_version)
-        .bind(Json(&new.regions))
-        .fetch_one(&mut *tx)
-        .await?;
-        let session = row.session.into_record()?;
-        let outcome = match (row.claimed_box, row.claimed_host) {
-            (Some(Json(mandelbox)), Some(Json(host))) => {
-                ClaimOutcome::Claimed(Claim { session, mandelbox: mandelbox.into_record()?, host: host.into_record()? })
-            }
-            (None, None) => ClaimOutcome::Pending(session),
-            _ => return Err(StoreError::Corrupt("a claimed box without its host".into())),
         };
-        tx.commit().await?;
-        Ok(outcome)
+        let session = row.session.into_record()?;
+        match (row.claimed_box, row.claimed_host) {
+            (Some(Json(mandelbox)), Some(Json(host))) => Ok(ClaimOutcome::Claimed(Claim {
+                session,
+                mandelbox: mandelbox.into_record()?,
+                host: host.into_record()?,
+            })),
+            (None, None) => Ok(ClaimOutcome::Pending(session)),
+            _ => Err(StoreError::Corrupt("a claimed box without its host".into())),
+        }
     }
 
     async fn claim_for_session(&self, session_id: Uuid, exclude_hosts: &[String]) -> StoreResult<Option<Claim>> {
@@ -1345,6 +1379,55 @@ impl Store for PgStore {
         let (session, teardown) = ended.into_parts();
         let teardown = teardown.map(MandelboxRow::into_record).transpose()?;
         Ok(Some(EndedSession { session: session.into_record()?, teardown, changed: true }))
+    }
+
+    async fn end_session_by_token(
+        &self,
+        mandelbox_id: Uuid,
+        token_hash: &str,
+        reason: EndReason,
+    ) -> StoreResult<TokenEnd> {
+        let at = now();
+        // One statement, as `end_session`, with the token check first: the
+        // box and its token, then its session (only if the token matched and
+        // the box is assigned), then the box → DYING. Comparing two hashes
+        // in SQL leaks nothing a caller could use to guess the token.
+        let row = sqlx::query_as::<_, TokenEndRow>(concat!(
+            "WITH auth AS (                  SELECT id, state, session_id, token_hash = $2 AS token_ok FROM mandelboxes WHERE id = $1              ), ended AS (                  UPDATE sessions SET state = 'ENDED', end_reason = $3, ended_at = $4, updated_at = $4                  WHERE id = (SELECT session_id FROM auth WHERE token_ok AND state IN ('ALLOCATED', 'RUNNING'))                    AND state <> 'ENDED' RETURNING ",
+            session_columns!(),
+            "), dying AS (                  UPDATE mandelboxes SET state = 'DYING', updated_at = $4                  WHERE id = $1 AND session_id = (SELECT id FROM ended) AND state IN ",
+            live_box_states!(),
+            " RETURNING ",
+            mandelbox_columns!(),
+            ") SELECT a.state AS box_state, a.session_id AS box_session_id, a.token_ok,                  CASE WHEN e.id IS NULL THEN NULL ELSE to_jsonb(e) END AS ended_session,                  CASE WHEN d.id IS NULL THEN NULL ELSE to_jsonb(d) END AS dying_box              FROM auth a LEFT JOIN ended e ON true LEFT JOIN dying d ON true"
+        ))
+        .bind(mandelbox_id)
+        .bind(token_hash)
+        .bind(reason.as_str())
+        .bind(at)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else {
+            return Ok(TokenEnd::UnknownBox);
+        };
+        if !row.token_ok {
+            return Ok(TokenEnd::WrongToken);
+        }
+        let state = rows::parse_enum("mandelboxes.state", &row.box_state, MandelboxState::parse)?;
+        let (MandelboxState::Allocated | MandelboxState::Running, Some(session_id)) = (state, row.box_session_id)
+        else {
+            return Ok(TokenEnd::NoSession(state));
+        };
+        let ended = match row.ended_session {
+            Some(Json(session)) => Some(Box::new(EndedSession {
+                session: session.into_record()?,
+                teardown: row.dying_box.map(|Json(mandelbox)| mandelbox.into_record()).transpose()?,
+                changed: true,
+            })),
+            // Ended by someone else between the box's read and the update.
+            None => None,
+        };
+        Ok(TokenEnd::Ended { session_id, ended })
     }
 
     async fn get_session(&self, id: Uuid) -> StoreResult<Option<SessionRecord>> {

@@ -1058,16 +1058,22 @@ impl Store for SqliteStore {
     async fn create_session_and_claim(&self, new: &NewSession, limit: u32) -> StoreResult<ClaimOutcome> {
         let at = now();
         let mut tx = self.begin_write().await?;
-        sqlx::query("INSERT INTO users (id, created_at) VALUES (?1, ?2) ON CONFLICT (id) DO NOTHING")
+        // `live_sessions` is kept by triggers (migration 0005); the write
+        // lock serialises this with every other session change. The user row
+        // exists from the user's first authenticated call on; it is created
+        // here only for a caller that skipped that.
+        let live: Option<i64> = sqlx::query_scalar("SELECT live_sessions FROM users WHERE id = ?1")
             .bind(&new.user_id)
-            .bind(micros(at))
-            .execute(&mut *tx)
+            .fetch_optional(&mut *tx)
             .await?;
-        let live: i64 = sqlx::query_scalar("SELECT count(*) FROM sessions WHERE user_id = ?1 AND state <> 'ENDED'")
-            .bind(&new.user_id)
-            .fetch_one(&mut *tx)
-            .await?;
-        if live >= i64::from(limit) {
+        if live.is_none() {
+            sqlx::query("INSERT INTO users (id, created_at) VALUES (?1, ?2)")
+                .bind(&new.user_id)
+                .bind(micros(at))
+                .execute(&mut *tx)
+                .await?;
+        }
+        if live.unwrap_or(0) >= i64::from(limit) {
             return Err(StoreError::SessionLimit { limit });
         }
 
