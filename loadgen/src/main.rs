@@ -84,6 +84,11 @@ struct RunArgs {
     capacity: u32,
     #[arg(long, default_value_t = 200)]
     teardown_iterations: usize,
+    /// Finished boxes (DEAD) and sessions (ENDED) written to the database
+    /// before the allocation points, as a system that has been running holds
+    /// (nothing is deleted). 0: start from an empty history.
+    #[arg(long, default_value_t = 20_000)]
+    history: usize,
     #[arg(long, default_value_t = 15_000)]
     fleet_hosts: usize,
     /// Hosts per `loadgen hosts` process (each host is one connection, one file).
@@ -120,6 +125,7 @@ impl RunArgs {
             hosts: 4,
             capacity: 4,
             teardown_iterations: 10,
+            history: 1_000,
             fleet_hosts: 100,
             fleet_per_process: 100,
             fleet_heartbeat_ms: 500,
@@ -275,6 +281,12 @@ async fn allocation_scenarios(
         let mut admin = scenarios::admin_client(scenarios::channel(&server.info.endpoint).await?, &server.info)?;
         let warm_timeout = Duration::from_secs(60);
         scenarios::wait_warm(&mut admin, boxes, warm_timeout).await?;
+        if args.history > 0 {
+            scenarios::seed_history(backend, db.url(), args.history).await?;
+            report.pool = report.pool.take().map(|pool| {
+                format!("{pool} History before the first point: {} DEAD boxes, each with its ENDED session.", args.history)
+            });
+        }
         let window = Duration::from_secs_f64(args.window_s);
         let warmup = Duration::from_secs_f64(args.warmup_s);
         if wants(Scenario::Alloc) {

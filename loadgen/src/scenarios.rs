@@ -113,6 +113,85 @@ pub(crate) async fn analyze(backend: Backend, url: &str) -> anyhow::Result<()> {
 }
 
 /// Waits until `count` boxes are WAITING (warm).
+/// Writes `rows` finished boxes (DEAD, spread over the hosts) and their ENDED
+/// sessions, as the history a running system accumulates. Without it the
+/// first points run on a table of warm boxes only, whose statistics say every
+/// box is WAITING, so PostgreSQL scans the whole table for a claim while each
+/// cycle adds a box to it: an artefact of a fresh database, not the steady state.
+pub(crate) async fn seed_history(backend: Backend, url: &str, rows: usize) -> anyhow::Result<()> {
+    use sqlx::Connection as _;
+    const USER: &str = "loadgen-history";
+    let rows = i64::try_from(rows)?;
+    match backend {
+        Backend::Postgres => {
+            let mut conn = sqlx::PgConnection::connect(url).await?;
+            sqlx::query("INSERT INTO users (id, created_at) VALUES ($1, now()) ON CONFLICT (id) DO NOTHING")
+                .bind(USER)
+                .execute(&mut conn)
+                .await?;
+            sqlx::query(
+                "WITH fleet AS (SELECT array_agg(id ORDER BY id) AS ids FROM hosts), \
+                 boxes AS ( \
+                     INSERT INTO mandelboxes (id, host_id, region, app, state, token_hash, ports, created_at, updated_at) \
+                     SELECT gen_random_uuid(), fleet.ids[1 + g % cardinality(fleet.ids)], $2, 'chrome', 'DEAD', \
+                            'history', '[]', now() - interval '1 day', now() - interval '1 day' \
+                     FROM generate_series(1, $1) AS g, fleet RETURNING id, host_id, region, created_at) \
+                 INSERT INTO sessions (id, user_id, state, app, client_version, requested_regions, region, \
+                     mandelbox_id, host_id, end_reason, created_at, updated_at, ended_at) \
+                 SELECT gen_random_uuid(), $3, 'ENDED', 'chrome', '3.0.0', jsonb_build_array(region), region, \
+                     id, host_id, 'CLIENT_DISCONNECTED', created_at, created_at, created_at FROM boxes",
+            )
+            .bind(rows)
+            .bind(REGION)
+            .bind(USER)
+            .execute(&mut conn)
+            .await?;
+            conn.close().await?;
+        }
+        Backend::Sqlite => {
+            let mut conn = sqlx::SqliteConnection::connect(url).await?;
+            let mut tx = conn.begin().await?;
+            let day_ago = (chrono::Utc::now() - chrono::Duration::days(1)).timestamp_micros();
+            sqlx::query("INSERT INTO users (id, created_at) VALUES (?1, ?2) ON CONFLICT (id) DO NOTHING")
+                .bind(USER)
+                .bind(day_ago)
+                .execute(&mut *tx)
+                .await?;
+            // Ids in the store's text form (hyphenated UUIDs).
+            sqlx::query(
+                "WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < ?1), \
+                 ids AS (SELECT n, lower(hex(randomblob(16))) AS h FROM g), \
+                 hosts AS (SELECT id, row_number() OVER (ORDER BY id) - 1 AS i, count(*) OVER () AS c FROM hosts) \
+                 INSERT INTO mandelboxes (id, host_id, region, app, state, token_hash, ports, created_at, updated_at) \
+                 SELECT substr(h, 1, 8) || '-' || substr(h, 9, 4) || '-4' || substr(h, 14, 3) || '-8' || \
+                        substr(h, 18, 3) || '-' || substr(h, 21, 12), \
+                        hosts.id, ?2, 'chrome', 'DEAD', 'history', '[]', ?3, ?3 \
+                 FROM ids JOIN fleet ON fleet.i = ids.n % fleet.c",
+            )
+            .bind(rows)
+            .bind(REGION)
+            .bind(day_ago)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO sessions (id, user_id, state, app, client_version, requested_regions, region, \
+                     mandelbox_id, host_id, end_reason, created_at, updated_at, ended_at) \
+                 SELECT substr(h, 1, 8) || '-' || substr(h, 9, 4) || '-4' || substr(h, 14, 3) || '-8' || \
+                        substr(h, 18, 3) || '-' || substr(h, 21, 12), \
+                        ?1, 'ENDED', 'chrome', '3.0.0', json_array(region), region, id, host_id, \
+                        'CLIENT_DISCONNECTED', created_at, created_at, created_at \
+                 FROM (SELECT lower(hex(randomblob(16))) AS h, * FROM mandelboxes WHERE token_hash = 'history')",
+            )
+            .bind(USER)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            conn.close().await?;
+        }
+    }
+    Ok(())
+}
+
 pub(crate) async fn wait_warm(admin: &mut Admin, count: usize, timeout: Duration) -> anyhow::Result<Duration> {
     let started = Instant::now();
     loop {
