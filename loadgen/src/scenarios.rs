@@ -159,13 +159,13 @@ pub(crate) async fn seed_history(backend: Backend, url: &str, rows: usize) -> an
                 .await?;
             // Ids in the store's text form (hyphenated UUIDs).
             sqlx::query(
-                "WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < ?1), \
+                "INSERT INTO mandelboxes (id, host_id, region, app, state, token_hash, ports, created_at, updated_at) \
+                 WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < ?1), \
                  ids AS (SELECT n, lower(hex(randomblob(16))) AS h FROM g), \
-                 hosts AS (SELECT id, row_number() OVER (ORDER BY id) - 1 AS i, count(*) OVER () AS c FROM hosts) \
-                 INSERT INTO mandelboxes (id, host_id, region, app, state, token_hash, ports, created_at, updated_at) \
+                 fleet AS (SELECT id, row_number() OVER (ORDER BY id) - 1 AS i, count(*) OVER () AS c FROM hosts) \
                  SELECT substr(h, 1, 8) || '-' || substr(h, 9, 4) || '-4' || substr(h, 14, 3) || '-8' || \
                         substr(h, 18, 3) || '-' || substr(h, 21, 12), \
-                        hosts.id, ?2, 'chrome', 'DEAD', 'history', '[]', ?3, ?3 \
+                        fleet.id, ?2, 'chrome', 'DEAD', 'history', '[]', ?3, ?3 \
                  FROM ids JOIN fleet ON fleet.i = ids.n % fleet.c",
             )
             .bind(rows)

@@ -12,3 +12,7 @@ CREATE INDEX mandelboxes_live_by_region ON mandelboxes (region, state)
     WHERE state IN ('SPAWNING', 'WAITING', 'ALLOCATED', 'RUNNING', 'DYING');
 DROP INDEX sessions_state_created_at;
 CREATE INDEX sessions_live_by_state ON sessions (state, created_at) WHERE state <> 'ENDED';
+--
+-- SQLite keeps its indexes over every row: its planner uses a partial index
+-- only for a query that repeats the index's condition term for term (a claim's
+-- `state IN ('ALLOCATED', 'RUNNING')` would scan the table instead).
