@@ -1094,11 +1094,24 @@ impl Store for PgStore {
         //    waited; that reservation counted the DYING box as taken, so the
         //    swap of one box for another still leaves the host within capacity.
         let row = sqlx::query_as::<_, RecycledRow>(concat!(
-            "WITH host AS (                  SELECT id, region, state, capacity FROM hosts WHERE id = $2 FOR UPDATE              ), finished AS (                  UPDATE mandelboxes SET state = 'DEAD', updated_at = $3                  WHERE id = $1 AND host_id = $2 AND state = 'DYING' AND EXISTS (SELECT 1 FROM host)                  RETURNING id              ), replaced AS (                  INSERT INTO mandelboxes (id, host_id, region, app, state, session_id, token_hash, ports,                  created_at, updated_at)                  SELECT $4, h.id, h.region, $5, 'SPAWNING', $6, $7, '[]', $3, $3 FROM host h                  WHERE $4::uuid IS NOT NULL AND h.state = 'ACTIVE' AND EXISTS (SELECT 1 FROM finished)                    AND (SELECT count(*) FROM mandelboxes m WHERE m.host_id = h.id AND m.state IN ",
+            "WITH host AS ( \
+                 SELECT id, region, state, capacity FROM hosts WHERE id = $2 FOR UPDATE \
+             ), finished AS ( \
+                 UPDATE mandelboxes SET state = 'DEAD', updated_at = $3 \
+                 WHERE id = $1 AND host_id = $2 AND state = 'DYING' AND EXISTS (SELECT 1 FROM host) \
+                 RETURNING id \
+             ), replaced AS ( \
+                 INSERT INTO mandelboxes (id, host_id, region, app, state, session_id, token_hash, ports, \
+                 created_at, updated_at) \
+                 SELECT $4, h.id, h.region, $5, 'SPAWNING', $6, $7, '[]', $3, $3 FROM host h \
+                 WHERE $4::uuid IS NOT NULL AND h.state = 'ACTIVE' AND EXISTS (SELECT 1 FROM finished) \
+                   AND (SELECT count(*) FROM mandelboxes m WHERE m.host_id = h.id AND m.state IN ",
             live_box_states!(),
-            ") <= h.capacity                  RETURNING ",
+            ") <= h.capacity \
+             RETURNING ",
             mandelbox_columns!(),
-            ") SELECT EXISTS (SELECT 1 FROM finished) AS finished,                  (SELECT to_jsonb(r) FROM replaced r) AS replacement"
+            ") SELECT EXISTS (SELECT 1 FROM finished) AS finished, \
+                 (SELECT to_jsonb(r) FROM replaced r) AS replacement"
         ))
         .bind(id)
         .bind(host_id)
@@ -1393,13 +1406,23 @@ impl Store for PgStore {
         // the box is assigned), then the box → DYING. Comparing two hashes
         // in SQL leaks nothing a caller could use to guess the token.
         let row = sqlx::query_as::<_, TokenEndRow>(concat!(
-            "WITH auth AS (                  SELECT id, state, session_id, token_hash = $2 AS token_ok FROM mandelboxes WHERE id = $1              ), ended AS (                  UPDATE sessions SET state = 'ENDED', end_reason = $3, ended_at = $4, updated_at = $4                  WHERE id = (SELECT session_id FROM auth WHERE token_ok AND state IN ('ALLOCATED', 'RUNNING'))                    AND state <> 'ENDED' RETURNING ",
+            "WITH auth AS ( \
+                 SELECT id, state, session_id, token_hash = $2 AS token_ok FROM mandelboxes WHERE id = $1 \
+             ), ended AS ( \
+                 UPDATE sessions SET state = 'ENDED', end_reason = $3, ended_at = $4, updated_at = $4 \
+                 WHERE id = (SELECT session_id FROM auth WHERE token_ok AND state IN ('ALLOCATED', 'RUNNING')) \
+                   AND state <> 'ENDED' RETURNING ",
             session_columns!(),
-            "), dying AS (                  UPDATE mandelboxes SET state = 'DYING', updated_at = $4                  WHERE id = $1 AND session_id = (SELECT id FROM ended) AND state IN ",
+            "), dying AS ( \
+                 UPDATE mandelboxes SET state = 'DYING', updated_at = $4 \
+                 WHERE id = $1 AND session_id = (SELECT id FROM ended) AND state IN ",
             live_box_states!(),
             " RETURNING ",
             mandelbox_columns!(),
-            ") SELECT a.state AS box_state, a.session_id AS box_session_id, a.token_ok,                  CASE WHEN e.id IS NULL THEN NULL ELSE to_jsonb(e) END AS ended_session,                  CASE WHEN d.id IS NULL THEN NULL ELSE to_jsonb(d) END AS dying_box              FROM auth a LEFT JOIN ended e ON true LEFT JOIN dying d ON true"
+            ") SELECT a.state AS box_state, a.session_id AS box_session_id, a.token_ok, \
+                 CASE WHEN e.id IS NULL THEN NULL ELSE to_jsonb(e) END AS ended_session, \
+                 CASE WHEN d.id IS NULL THEN NULL ELSE to_jsonb(d) END AS dying_box \
+             FROM auth a LEFT JOIN ended e ON true LEFT JOIN dying d ON true"
         ))
         .bind(mandelbox_id)
         .bind(token_hash)
