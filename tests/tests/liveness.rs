@@ -171,6 +171,7 @@ async fn claims_the_host_never_heard_of_end_at_its_next_hello(backend: Backend) 
     let young = claim("young").await;
     assert_eq!(app.session(&stale.session.id.to_string()).await.unwrap().state, SessionState::Running);
 
+    let mut events = app.core.events.subscribe();
     let (_, agent, _) = app.host("host-1").unwrap();
     agent.drop_connection();
     agent.wait_connected(2, Duration::from_secs(5)).await.unwrap();
@@ -178,6 +179,20 @@ async fn claims_the_host_never_heard_of_end_at_its_next_hello(backend: Backend) 
     let ended =
         app.wait_session(&stale.session.id.to_string(), SessionState::Ended, Duration::from_secs(5)).await.unwrap();
     assert_eq!(ended.end_reason, Some(EndReason::AssignFailed));
+    // The box put back is announced, so a pending session need not wait for
+    // the dispatcher's timer.
+    let warm = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match events.recv().await {
+                Ok(switchboard::events::Event::MandelboxWarm { region }) => return Some(region),
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(warm.as_deref(), Some("us-east-1"));
     eventually(Duration::from_secs(5), async || {
         let mandelbox = app.store.get_mandelbox(stale.mandelbox.id).await?;
         Ok(mandelbox.is_some_and(|m| m.state == MandelboxState::Waiting && m.session_id.is_none()))

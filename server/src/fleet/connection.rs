@@ -127,7 +127,7 @@ impl Fleet {
         let (reconciled, reconciled_rx) = oneshot::channel();
         let core = self.core.clone();
         tokio::spawn(async move {
-            reconcile(core, host.host_id, hello.mandelboxes).await;
+            reconcile(core, host.host_id, host.region, hello.mandelboxes).await;
             let _ = reconciled.send(());
         });
         tokio::spawn(task.run(inbound, commands_rx, reconciled_rx, stop));
@@ -140,7 +140,12 @@ impl Fleet {
 
 /// Compares what a (re)connecting host runs with what the database holds:
 /// unknown boxes are torn down, missing ones are lost.
-async fn reconcile(core: SharedCore, host_id: String, reported: Vec<switchboard_proto::v1::RunningMandelbox>) {
+async fn reconcile(
+    core: SharedCore,
+    host_id: String,
+    region: String,
+    reported: Vec<switchboard_proto::v1::RunningMandelbox>,
+) {
     let mut known = Vec::new();
     let mut foreign = Vec::new();
     for mandelbox in reported {
@@ -171,6 +176,11 @@ async fn reconcile(core: SharedCore, host_id: String, reported: Vec<switchboard_
         );
     }
     core.publish_sessions(&outcome.ended_sessions).await;
+    if !outcome.unassigned.is_empty() {
+        // Boxes back in the pool: a session pending in this region can take
+        // one now, not at the dispatcher's next tick.
+        core.events.publish(crate::events::Event::MandelboxWarm { region });
+    }
     let timeout = Duration::from_millis(core.config.hosts.command_timeout_ms);
     let ids = outcome.teardown.iter().map(Uuid::to_string).chain(foreign);
     for mandelbox_id in ids {
