@@ -38,7 +38,7 @@ impl MotoServer {
     /// Starts `moto_server` on a free port and waits until it answers. Fails
     /// (never skips) when moto_server is not installed.
     pub async fn start() -> anyhow::Result<MotoServer> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = crate::cluster::free_port()?;
         // `read` returns when the test process exits (its end of the pipe closes): then moto goes too.
         let script = "command -v moto_server >/dev/null 2>&1 || exit 127\n\
                       moto_server -H 127.0.0.1 -p \"$0\" >/dev/null 2>&1 &\n\
