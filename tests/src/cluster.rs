@@ -36,19 +36,16 @@ pub fn switchboard_bin() -> anyhow::Result<PathBuf> {
 /// its use, to any socket bound to port 0 or connecting out meanwhile (another
 /// test's mandelbox listener, say), which then receives this test's traffic.
 pub fn free_port() -> anyhow::Result<u16> {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(0);
     let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
         .unwrap_or(32_768);
     const LOWEST: u32 = 10_000;
     let span = ephemeral_low.saturating_sub(LOWEST).max(1);
-    // Spread processes (pid) and calls (counter) over the span.
-    let start = std::process::id().wrapping_mul(7_919).wrapping_add(uuid::Uuid::new_v4().as_u128() as u32);
+    // A random start per call, so concurrent test processes rarely probe the same ports.
+    let start = uuid::Uuid::new_v4().as_u128() as u32;
     for attempt in 0..200 {
-        let offset =
-            start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed).wrapping_mul(104_729)).wrapping_add(attempt);
+        let offset = start.wrapping_add(attempt);
         let port = u16::try_from(LOWEST + offset % span)?;
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return Ok(port);

@@ -205,6 +205,17 @@ pub enum TokenEnd {
     Ended { session_id: Uuid, ended: Option<Box<EndedSession>> },
 }
 
+impl TokenEnd {
+    /// The session ReportDisconnect may end on a box whose token matched:
+    /// only an assigned box's (ALLOCATED or RUNNING), else `NoSession`.
+    pub(crate) fn session_to_end(state: MandelboxState, session_id: Option<Uuid>) -> Result<Uuid, TokenEnd> {
+        match (state, session_id) {
+            (MandelboxState::Allocated | MandelboxState::Running, Some(session_id)) => Ok(session_id),
+            _ => Err(TokenEnd::NoSession(state)),
+        }
+    }
+}
+
 /// Work the housekeeping sweep did.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SweepOutcome {
@@ -503,11 +514,9 @@ pub trait Store: Send + Sync + 'static {
         if !crate::auth::mandelbox_token::hashes_match(token_hash, &auth.token_hash) {
             return Ok(TokenEnd::WrongToken);
         }
-        let state = auth.mandelbox.state;
-        let (MandelboxState::Allocated | MandelboxState::Running, Some(session_id)) =
-            (state, auth.mandelbox.session_id)
-        else {
-            return Ok(TokenEnd::NoSession(state));
+        let session_id = match TokenEnd::session_to_end(auth.mandelbox.state, auth.mandelbox.session_id) {
+            Ok(session_id) => session_id,
+            Err(no_session) => return Ok(no_session),
         };
         let ended = self.end_session(session_id, reason).await?.filter(|ended| ended.changed).map(Box::new);
         Ok(TokenEnd::Ended { session_id, ended })

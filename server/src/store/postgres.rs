@@ -535,19 +535,9 @@ async fn reserve_on_host(
     news: &[NewMandelbox],
     at: DateTime<Utc>,
 ) -> StoreResult<Vec<MandelboxRecord>> {
-    match lock_host(conn, host_id).await? {
-        Some(host) => reserve_on_locked_host(conn, &host, news, at).await,
-        None => Ok(Vec::new()),
-    }
-}
-
-/// `reserve_on_host` for a host the transaction has locked (read) already.
-async fn reserve_on_locked_host(
-    conn: &mut PgConnection,
-    host: &HostRecord,
-    news: &[NewMandelbox],
-    at: DateTime<Utc>,
-) -> StoreResult<Vec<MandelboxRecord>> {
+    let Some(host) = lock_host(conn, host_id).await? else {
+        return Ok(Vec::new());
+    };
     if host.state != HostState::Active {
         return Ok(Vec::new());
     }
@@ -1437,9 +1427,9 @@ impl Store for PgStore {
             return Ok(TokenEnd::WrongToken);
         }
         let state = rows::parse_enum("mandelboxes.state", &row.box_state, MandelboxState::parse)?;
-        let (MandelboxState::Allocated | MandelboxState::Running, Some(session_id)) = (state, row.box_session_id)
-        else {
-            return Ok(TokenEnd::NoSession(state));
+        let session_id = match TokenEnd::session_to_end(state, row.box_session_id) {
+            Ok(session_id) => session_id,
+            Err(no_session) => return Ok(no_session),
         };
         let ended = match row.ended_session {
             Some(Json(session)) => Some(Box::new(EndedSession {
