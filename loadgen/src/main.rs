@@ -15,6 +15,7 @@ mod report;
 mod runtime;
 mod scenarios;
 mod server;
+mod store_cycle;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -304,11 +305,13 @@ async fn allocation_scenarios(
                 Some(scenarios::teardown(&server.info, &observatory, args.teardown_iterations, progress).await?);
         }
         if wants(Scenario::Limit) {
+            let cycle = store_cycle::StoreCycle::prepare(db.url()).await?;
             for &clients in &args.clients {
                 scenarios::wait_warm(&mut admin, boxes, warm_timeout).await?;
                 scenarios::analyze(backend, db.url()).await?;
                 report.bare_claim.push(scenarios::bare_claim(backend, db.url(), clients, window, progress).await?);
                 report.bare_rpc.push(scenarios::bare_rpc(&server.info, clients, window, progress).await?);
+                report.store_cycle.push(cycle.run(clients, warmup, window, progress).await?);
             }
         }
         for agent in &agents {

@@ -26,6 +26,10 @@ pub(crate) struct BackendReport {
     pub(crate) teardown: Option<Teardown>,
     pub(crate) bare_claim: Vec<LimitPoint>,
     pub(crate) bare_rpc: Vec<LimitPoint>,
+    /// The allocation cycle's store calls alone (`store_cycle.rs`): not part
+    /// of the limit, but what splits the cost ratio into the SQL's part and
+    /// the server's.
+    pub(crate) store_cycle: Vec<LimitPoint>,
     pub(crate) ratios: Vec<Ratio>,
     pub(crate) fleet: Option<Fleet>,
     pub(crate) failure: Option<Failure>,
@@ -40,6 +44,10 @@ pub(crate) struct Ratio {
     pub(crate) latency_p50: f64,
     /// Limit throughput / Allocate throughput, where the limit is 1 / (1/claims per s + 1/RPCs per s).
     pub(crate) cost_per_allocation: f64,
+    /// The cost ratio's first factor, the SQL: bare claims per s / store cycles per s.
+    pub(crate) store_cycle_vs_claim: Option<f64>,
+    /// Its second factor, the server: 1 / (1/store cycles per s + 1/RPCs per s) / Allocate throughput.
+    pub(crate) allocate_vs_store_cycle: Option<f64>,
 }
 
 impl BackendReport {
@@ -51,6 +59,7 @@ impl BackendReport {
             teardown: None,
             bare_claim: Vec::new(),
             bare_rpc: Vec::new(),
+            store_cycle: Vec::new(),
             ratios: Vec::new(),
             fleet: None,
             failure: None,
@@ -65,8 +74,8 @@ impl BackendReport {
             let rpc = self.bare_rpc.iter().find(|limit| limit.clients == point.clients);
             let (Some(claim), Some(rpc)) = (claim, rpc) else { continue };
             let floor = claim.latency.p50_ms + rpc.latency.p50_ms;
-            let limit_rate =
-                if claim.per_s > 0.0 && rpc.per_s > 0.0 { 1.0 / (1.0 / claim.per_s + 1.0 / rpc.per_s) } else { 0.0 };
+            let limit_rate = serial_rate(claim.per_s, rpc.per_s);
+            let cycle = self.store_cycle.iter().find(|limit| limit.clients == point.clients && limit.per_s > 0.0);
             self.ratios.push(Ratio {
                 clients: point.clients,
                 latency_p50: if floor > 0.0 { point.allocate.p50_ms / floor } else { 0.0 },
@@ -75,9 +84,18 @@ impl BackendReport {
                 } else {
                     0.0
                 },
+                store_cycle_vs_claim: cycle.map(|cycle| claim.per_s / cycle.per_s),
+                allocate_vs_store_cycle: cycle
+                    .filter(|_| point.allocations_per_s > 0.0)
+                    .map(|cycle| serial_rate(cycle.per_s, rpc.per_s) / point.allocations_per_s),
             });
         }
     }
+}
+
+/// The rate of two steps done one after the other: 1 / (1/a + 1/b).
+fn serial_rate(a_per_s: f64, b_per_s: f64) -> f64 {
+    if a_per_s > 0.0 && b_per_s > 0.0 { 1.0 / (1.0 / a_per_s + 1.0 / b_per_s) } else { 0.0 }
 }
 
 fn p(percentiles: &Percentiles) -> String {
@@ -127,9 +145,11 @@ pub(crate) fn markdown(report: &RunReport) -> String {
             let _ = writeln!(out, "### The limit (same machine, same run)\n");
             let _ = writeln!(out, "| what | clients | per s | p50 / p90 / p99 / max (ms) | errors |");
             let _ = writeln!(out, "|---|---:|---:|---|---:|");
-            for (name, points) in
-                [("bare claim transaction", &backend.bare_claim), ("bare tonic unary", &backend.bare_rpc)]
-            {
+            for (name, points) in [
+                ("bare claim transaction", &backend.bare_claim),
+                ("bare tonic unary", &backend.bare_rpc),
+                ("(not the limit) the cycle's store calls, no gRPC", &backend.store_cycle),
+            ] {
                 for point in points {
                     let _ = writeln!(
                         out,
@@ -145,13 +165,21 @@ pub(crate) fn markdown(report: &RunReport) -> String {
         }
         if !backend.ratios.is_empty() {
             let _ = writeln!(out, "### Allocate as a ratio to the limit (claim + RPC)\n");
-            let _ = writeln!(out, "| clients | p50 latency ratio | cost per allocation ratio |");
-            let _ = writeln!(out, "|---:|---:|---:|");
+            let _ = writeln!(
+                out,
+                "| clients | p50 latency ratio | cost per allocation ratio | of which: cycle's SQL ÷ bare claim | of which: Allocate ÷ (cycle's SQL + RPC) |"
+            );
+            let _ = writeln!(out, "|---:|---:|---:|---:|---:|");
+            let factor = |value: Option<f64>| value.map_or_else(|| "-".to_owned(), |value| format!("{value:.2}×"));
             for ratio in &backend.ratios {
                 let _ = writeln!(
                     out,
-                    "| {} | {:.2}× | {:.2}× |",
-                    ratio.clients, ratio.latency_p50, ratio.cost_per_allocation
+                    "| {} | {:.2}× | {:.2}× | {} | {} |",
+                    ratio.clients,
+                    ratio.latency_p50,
+                    ratio.cost_per_allocation,
+                    factor(ratio.store_cycle_vs_claim),
+                    factor(ratio.allocate_vs_store_cycle)
                 );
             }
             let _ = writeln!(out);

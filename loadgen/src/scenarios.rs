@@ -603,7 +603,7 @@ pub(crate) async fn bare_rpc(
     Ok(point)
 }
 
-async fn collect_limit(
+pub(crate) async fn collect_limit(
     tasks: Vec<tokio::task::JoinHandle<(Vec<Duration>, u64)>>,
     clients: usize,
     window: Duration,

@@ -85,7 +85,7 @@ impl Allocator {
         }
         let regions = self.regions.enabled_in_order(&input.regions).await?;
         let new = NewSession {
-            id: Uuid::new_v4(),
+            id: Uuid::now_v7(),
             user_id: principal.user_id().to_owned(),
             app: input.app.clone(),
             client_version: input.client_version.to_string(),
@@ -219,7 +219,7 @@ impl Allocator {
         let core = &self.core;
         let token = mandelbox_token::generate();
         let new = NewMandelbox {
-            id: Uuid::new_v4(),
+            id: Uuid::now_v7(),
             app: session.app.clone(),
             token_hash: mandelbox_token::hash(&token),
             session_id: Some(session.id),

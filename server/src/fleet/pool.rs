@@ -58,7 +58,7 @@ const RESERVE_BATCH: usize = 4;
 pub(crate) fn new_warm_box(core: &SharedCore) -> (NewMandelbox, String) {
     let token = mandelbox_token::generate();
     let new = NewMandelbox {
-        id: Uuid::new_v4(),
+        id: Uuid::now_v7(),
         app: core.config.allocation.warm_app.clone(),
         token_hash: mandelbox_token::hash(&token),
         session_id: None,

@@ -360,9 +360,13 @@ async fn lock_mandelbox(conn: &mut PgConnection, id: Uuid) -> StoreResult<Option
 
 /// Locks the live sessions on `mandelbox_ids` before the boxes themselves are
 /// touched, keeping the sessions → mandelboxes lock order.
+///
+/// A live session on a box is ASSIGNING or RUNNING (a PENDING one has no box);
+/// naming those states lets the planner use the unique index over them,
+/// `sessions_one_per_mandelbox`, the only index on `mandelbox_id`.
 async fn lock_sessions_on(conn: &mut PgConnection, mandelbox_ids: &[Uuid]) -> StoreResult<()> {
     sqlx::query(
-        "SELECT id FROM sessions WHERE mandelbox_id = ANY($1) AND state <> 'ENDED' \
+        "SELECT id FROM sessions WHERE mandelbox_id = ANY($1) AND state IN ('ASSIGNING', 'RUNNING') \
          ORDER BY id FOR UPDATE",
     )
     .bind(mandelbox_ids)
@@ -371,7 +375,8 @@ async fn lock_sessions_on(conn: &mut PgConnection, mandelbox_ids: &[Uuid]) -> St
     Ok(())
 }
 
-/// Ends every live session on `mandelbox_ids`; returns them oldest first.
+/// Ends every live session on `mandelbox_ids` (found as in `lock_sessions_on`);
+/// returns them oldest first.
 async fn end_sessions_on(
     conn: &mut PgConnection,
     mandelbox_ids: &[Uuid],
@@ -380,7 +385,7 @@ async fn end_sessions_on(
 ) -> StoreResult<Vec<SessionRecord>> {
     let rows = sqlx::query_as::<_, SessionRow>(concat!(
         "UPDATE sessions SET state = 'ENDED', end_reason = $2, ended_at = $3, updated_at = $3 \
-         WHERE mandelbox_id = ANY($1) AND state <> 'ENDED' RETURNING ",
+         WHERE mandelbox_id = ANY($1) AND state IN ('ASSIGNING', 'RUNNING') RETURNING ",
         session_columns!()
     ))
     .bind(mandelbox_ids)
@@ -436,16 +441,19 @@ async fn claim_for_new_session(
     limit: u32,
     at: DateTime<Utc>,
 ) -> StoreResult<Option<SessionClaimRow>> {
-    // 1. `account` locks the user row if the user is under the limit.
-    //    `live_sessions` is kept by triggers (migration 0005); a request
-    //    that waits for the lock re-reads it, so two of one user's
-    //    concurrent requests cannot both pass at the last free place.
+    // 1. `account` takes a place: it adds one to the user's `live_sessions`
+    //    if the user is under the limit, which also locks the row. A request
+    //    that waits for that lock re-reads the row, so two of one user's
+    //    concurrent requests cannot both pass at the last free place. Every
+    //    other change of the counter is a trigger's (migrations 0005, 0008):
+    //    this is the only statement that inserts a session.
     // 2. `claimed` takes a WAITING box, only for a user that passed.
     // 3. `inserted` writes the session, RUNNING on the box or PENDING
-    //    without one; its trigger counts it on the locked user row.
+    //    without one (counted either way: a pending session is live).
     Ok(sqlx::query_as::<_, SessionClaimRow>(concat!(
         "WITH account AS ( \
-                 SELECT id FROM users WHERE id = $6 AND live_sessions < $9 FOR UPDATE \
+                 UPDATE users SET live_sessions = live_sessions + 1 \
+                 WHERE id = $6 AND live_sessions < $9 RETURNING id \
              ), claimed AS (",
         pg_claim_waiting!("RUNNING"),
         " AND EXISTS (SELECT 1 FROM account) RETURNING ",
@@ -1352,11 +1360,15 @@ impl Store for PgStore {
         let at = now();
         // One statement, so one round trip and one commit: the session, then
         // (reading its box from the first update, so in the sessions →
-        // mandelboxes lock order) its live box → DYING.
+        // mandelboxes lock order) its live box → DYING. "Not ended" is
+        // written `ended_at IS NULL` (the same thing, by a CHECK of the
+        // table): `state <> 'ENDED'` would match the partial index of a
+        // user's live sessions, and a generic plan can pick it and read every
+        // live session instead of one row by primary key.
         let ended = sqlx::query_as::<_, EndedRow>(concat!(
             "WITH ended AS ( \
                  UPDATE sessions SET state = 'ENDED', end_reason = $2, ended_at = $3, updated_at = $3 \
-                 WHERE id = $1 AND state <> 'ENDED' RETURNING ",
+                 WHERE id = $1 AND ended_at IS NULL RETURNING ",
             session_columns!(),
             "), dying AS ( \
                  UPDATE mandelboxes SET state = 'DYING', updated_at = $3 \
@@ -1394,14 +1406,17 @@ impl Store for PgStore {
         // One statement, as `end_session`, with the token check first: the
         // box and its token, then its session (only if the token matched and
         // the box is assigned), then the box → DYING. Comparing two hashes
-        // in SQL leaks nothing a caller could use to guess the token.
+        // in SQL leaks nothing a caller could use to guess the token. The
+        // session is found by primary key: `ended_at IS NULL` as in
+        // `end_session` (with `state <> 'ENDED'` the planner read every live
+        // session through `sessions_live_by_user`, pg_stat_user_indexes showed).
         let row = sqlx::query_as::<_, TokenEndRow>(concat!(
             "WITH auth AS ( \
                  SELECT id, state, session_id, token_hash = $2 AS token_ok FROM mandelboxes WHERE id = $1 \
              ), ended AS ( \
                  UPDATE sessions SET state = 'ENDED', end_reason = $3, ended_at = $4, updated_at = $4 \
                  WHERE id = (SELECT session_id FROM auth WHERE token_ok AND state IN ('ALLOCATED', 'RUNNING')) \
-                   AND state <> 'ENDED' RETURNING ",
+                   AND ended_at IS NULL RETURNING ",
             session_columns!(),
             "), dying AS ( \
                  UPDATE mandelboxes SET state = 'DYING', updated_at = $4 \

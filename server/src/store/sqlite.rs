@@ -310,6 +310,10 @@ async fn select_mandelbox(conn: &mut SqliteConnection, id: Uuid) -> StoreResult<
 }
 
 /// Ends every live session on `mandelbox_ids`; returns them oldest first.
+///
+/// A live session on a box is ASSIGNING or RUNNING (a PENDING one has no box).
+/// The condition is written as `sessions_one_per_mandelbox`'s, term for term,
+/// so that SQLite's planner uses it: it is the only index on `mandelbox_id`.
 async fn end_sessions_on(
     conn: &mut SqliteConnection,
     mandelbox_ids: &[Uuid],
@@ -318,7 +322,7 @@ async fn end_sessions_on(
 ) -> StoreResult<Vec<SessionRecord>> {
     let rows = sqlx::query_as::<_, SessionRow>(concat!(
         "UPDATE sessions SET state = 'ENDED', end_reason = ?2, ended_at = ?3, updated_at = ?3 \
-         WHERE mandelbox_id IN (SELECT value FROM json_each(?1)) AND state <> 'ENDED' RETURNING ",
+         WHERE mandelbox_id IN (SELECT value FROM json_each(?1)) AND state IN ('ASSIGNING', 'RUNNING') RETURNING ",
         session_columns!()
     ))
     .bind(json_list(mandelbox_ids)?)
