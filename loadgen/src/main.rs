@@ -305,7 +305,7 @@ async fn allocation_scenarios(
                 Some(scenarios::teardown(&server.info, &observatory, args.teardown_iterations, progress).await?);
         }
         if wants(Scenario::Limit) {
-            let cycle = store_cycle::StoreCycle::prepare(db.url()).await?;
+            let cycle = store_cycle::StoreCycle::prepare(backend, db.url()).await?;
             for &clients in &args.clients {
                 scenarios::wait_warm(&mut admin, boxes, warm_timeout).await?;
                 scenarios::analyze(backend, db.url()).await?;

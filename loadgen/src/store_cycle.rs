@@ -10,16 +10,19 @@
 //! cost ratio in two: what the cycle's SQL adds to the bare claim, and what
 //! the server adds to the cycle's SQL.
 //!
-//! It runs on the server's own database, beside the idle server, on hosts and
-//! boxes of its own: hosts that exist only as rows (never connected, so the
-//! server sends them nothing) and boxes of an app no client asks for, so the
-//! server's claims and the bare claim never see them.
+//! It runs on the server's own database, beside the idle server, on the same
+//! hosts and warm boxes the bare claim and Allocate use, so its claim does the
+//! same work as theirs. The disconnect-token hashes of the warm boxes are read
+//! from the database once; the replacements are the scenario's own. The
+//! server is not told (no host hears of these boxes), which is harmless because
+//! the limit points are the last of their server: nothing runs on it after them.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
+use sqlx::Row as _;
 use switchboard::{
     auth::mandelbox_token,
-    model::{EndReason, HostHello, PortSpec},
+    model::{EndReason, PortSpec},
     store::{ClaimOutcome, DynStore, NewMandelbox, NewSession, TokenEnd},
 };
 use tokio::{sync::Mutex, time::Instant};
@@ -28,13 +31,12 @@ use uuid::Uuid;
 use crate::{
     measure::Progress,
     scenarios::{LimitPoint, collect_limit},
-    server::REGION,
+    server::{Backend, REGION},
 };
 
-/// The app of this scenario's boxes: no other client asks for it.
-const APP: &str = "loadgen-store-cycle";
-const HOSTS: usize = 32;
-const CAPACITY: u32 = 8;
+/// The app of the warm pool (`allocation.warm_app`), which the bare claim and
+/// the clients ask for too.
+const APP: &str = "chrome";
 
 /// Disconnect-token hashes of the scenario's boxes, by box id: the cycle
 /// presents a box's own token hash, as the box's protocol server would.
@@ -58,33 +60,31 @@ pub(crate) struct StoreCycle {
 
 impl StoreCycle {
     /// Opens a store on `url` (migrated already by the server) with the pool
-    /// a server gets from its configuration, and puts HOSTS × CAPACITY warm
-    /// boxes of APP on hosts of its own.
-    pub(crate) async fn prepare(url: &str) -> anyhow::Result<StoreCycle> {
+    /// a server gets from its configuration, and reads the token hashes of the
+    /// warm boxes.
+    pub(crate) async fn prepare(backend: Backend, url: &str) -> anyhow::Result<StoreCycle> {
         let pool_size = switchboard::config::Config::default().database.max_connections;
         let store = switchboard::store::connect_with(url, pool_size).await?;
-        let tokens: Tokens = Arc::default();
-        for host in 0..HOSTS {
-            let hello = HostHello {
-                host_id: format!("loadgen-store-cycle-{host}"),
-                region: REGION.into(),
-                image: String::new(),
-                agent_version: "loadgen".into(),
-                address: "127.0.0.1".into(),
-                capacity: CAPACITY,
-            };
-            store.host_connected(&hello).await?;
-            let news: Vec<(NewMandelbox, String)> = (0..CAPACITY).map(|_| new_box()).collect();
-            let wanted: Vec<NewMandelbox> = news.iter().map(|(new, _)| new.clone()).collect();
-            let reserved = store.reserve_mandelboxes(&hello.host_id, &wanted).await?;
-            for (new, hash) in news {
-                if reserved.iter().any(|mandelbox| mandelbox.id == new.id) {
-                    store.mandelbox_spawned(new.id, &ports()).await?;
-                    tokens.lock().await.insert(new.id, hash);
+        const WAITING: &str = "SELECT id, token_hash FROM mandelboxes WHERE state = 'WAITING'";
+        let mut tokens = HashMap::new();
+        match backend {
+            Backend::Postgres => {
+                let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(url).await?;
+                for row in sqlx::query(WAITING).fetch_all(&pool).await? {
+                    tokens.insert(row.try_get::<Uuid, _>("id")?, row.try_get::<String, _>("token_hash")?);
                 }
+                pool.close().await;
+            }
+            Backend::Sqlite => {
+                let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect(url).await?;
+                for row in sqlx::query(WAITING).fetch_all(&pool).await? {
+                    let id: String = row.try_get("id")?;
+                    tokens.insert(id.parse()?, row.try_get::<String, _>("token_hash")?);
+                }
+                pool.close().await;
             }
         }
-        Ok(StoreCycle { store, tokens })
+        Ok(StoreCycle { store, tokens: Arc::new(Mutex::new(tokens)) })
     }
 
     /// `clients` concurrent clients, each its own user, looping over `cycle`
