@@ -2,11 +2,14 @@
 //! allocation as the product's data model has it, with no gRPC, no host round
 //! trip and no server.
 //!
-//! Each client runs, in sequence, the four calls the server makes for one
-//! warm allocation: `create_session_and_claim` (Allocate),
-//! `end_session_by_token` (ReportDisconnect), `recycle_torn_down` (the host's
-//! teardown ack, with the replacement's reservation) and `mandelbox_spawned`
-//! (the replacement warm). Put next to the bare claim, it splits Allocate's
+//! Each client runs, in sequence, the two calls the server makes for one warm
+//! allocation on a client's behalf: `create_session_and_claim` (Allocate) and
+//! `end_session_by_token` (ReportDisconnect). The warm pool's bookkeeping
+//! that follows, `recycle_torn_down` (the host's teardown ack, with the
+//! replacement's reservation) and `mandelbox_spawned` (the replacement warm),
+//! goes through the server's own `Bookkeeper`, in the background as on the
+//! server (no client waits for it), batched with the other clients'.
+//! Put next to the bare claim, it splits Allocate's
 //! cost ratio in two: what the cycle's SQL adds to the bare claim, and what
 //! the server adds to the cycle's SQL.
 //!
@@ -17,13 +20,21 @@
 //! server is not told (no host hears of these boxes), which is harmless because
 //! the limit points are the last of their server: nothing runs on it after them.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use sqlx::Row as _;
 use switchboard::{
     auth::mandelbox_token,
+    bookkeeping::Bookkeeper,
     model::{EndReason, PortSpec},
-    store::{ClaimOutcome, DynStore, NewMandelbox, NewSession, TokenEnd},
+    store::{ClaimOutcome, DynStore, NewMandelbox, NewSession, SpawnReport, TokenEnd, TornDown},
 };
 use tokio::{sync::Mutex, time::Instant};
 use uuid::Uuid;
@@ -55,7 +66,10 @@ fn ports() -> Vec<PortSpec> {
 /// one point to the next.
 pub(crate) struct StoreCycle {
     store: DynStore,
+    bookkeeping: Bookkeeper,
     tokens: Tokens,
+    /// Background bookkeeping that failed or found nothing to do.
+    bookkeeping_errors: Arc<AtomicU64>,
 }
 
 impl StoreCycle {
@@ -63,8 +77,10 @@ impl StoreCycle {
     /// a server gets from its configuration, and reads the token hashes of the
     /// warm boxes.
     pub(crate) async fn prepare(backend: Backend, url: &str) -> anyhow::Result<StoreCycle> {
-        let pool_size = switchboard::config::Config::default().database.max_connections;
-        let store = switchboard::store::connect_with(url, pool_size).await?;
+        let config = switchboard::config::Config::default();
+        let store = switchboard::store::connect_with(url, config.database.max_connections).await?;
+        let bookkeeping =
+            Bookkeeper::start(store.clone(), Duration::from_millis(config.allocation.bookkeeping_linger_ms));
         const WAITING: &str = "SELECT id, token_hash FROM mandelboxes WHERE state = 'WAITING'";
         let mut tokens = HashMap::new();
         match backend {
@@ -84,7 +100,12 @@ impl StoreCycle {
                 pool.close().await;
             }
         }
-        Ok(StoreCycle { store, tokens: Arc::new(Mutex::new(tokens)) })
+        Ok(StoreCycle {
+            store,
+            bookkeeping,
+            tokens: Arc::new(Mutex::new(tokens)),
+            bookkeeping_errors: Arc::new(AtomicU64::new(0)),
+        })
     }
 
     /// `clients` concurrent clients, each its own user, looping over `cycle`
@@ -102,13 +123,26 @@ impl StoreCycle {
         let mut tasks = Vec::new();
         for client in 0..clients {
             let (store, tokens, progress) = (self.store.clone(), self.tokens.clone(), progress.clone());
+            let (bookkeeping, bookkeeping_errors) = (self.bookkeeping.clone(), self.bookkeeping_errors.clone());
             let user_id = format!("loadgen-store-cycle-{client}");
             store.ensure_user(&user_id, None).await?;
             tasks.push(tokio::spawn(async move {
                 let (mut samples, mut errors) = (Vec::new(), 0_u64);
                 while Instant::now() < end {
                     let at = Instant::now();
-                    let ok = matches!(cycle(&store, &tokens, &user_id).await, Ok(true));
+                    let ok = match cycle(&store, &tokens, &user_id).await {
+                        Ok(Some(torn_down)) => {
+                            let (bookkeeping, tokens) = (bookkeeping.clone(), tokens.clone());
+                            let errors = bookkeeping_errors.clone();
+                            tokio::spawn(async move {
+                                if !matches!(keep_pool(&bookkeeping, &tokens, torn_down).await, Ok(true)) {
+                                    errors.fetch_add(1, Ordering::Relaxed);
+                                }
+                            });
+                            true
+                        }
+                        _ => false,
+                    };
                     if at < measure_from {
                         continue;
                     }
@@ -123,15 +157,18 @@ impl StoreCycle {
                 (samples, errors)
             }));
         }
-        let point = collect_limit(tasks, clients, window).await?;
+        let before = self.bookkeeping_errors.load(Ordering::Relaxed);
+        let mut point = collect_limit(tasks, clients, window).await?;
+        point.errors += self.bookkeeping_errors.load(Ordering::Relaxed) - before;
         progress.finish_line();
         Ok(point)
     }
 }
 
-/// One allocation cycle through the store. Ok(false): no warm box was there,
-/// or a step found nothing to do (counted as an error).
-async fn cycle(store: &DynStore, tokens: &Tokens, user_id: &str) -> anyhow::Result<bool> {
+/// A client's part of one allocation cycle through the store: the teardown
+/// its host will confirm. Ok(None): no warm box was there, or the end found
+/// nothing to do (counted as an error).
+async fn cycle(store: &DynStore, tokens: &Tokens, user_id: &str) -> anyhow::Result<Option<TornDown>> {
     let new = NewSession {
         id: Uuid::now_v7(),
         user_id: user_id.into(),
@@ -143,7 +180,7 @@ async fn cycle(store: &DynStore, tokens: &Tokens, user_id: &str) -> anyhow::Resu
         ClaimOutcome::Claimed(claim) => claim,
         ClaimOutcome::Pending(session) => {
             store.end_session(session.id, EndReason::NoCapacity).await?;
-            return Ok(false);
+            return Ok(None);
         }
     };
     let box_id = claim.mandelbox.id;
@@ -153,13 +190,20 @@ async fn cycle(store: &DynStore, tokens: &Tokens, user_id: &str) -> anyhow::Resu
     let TokenEnd::Ended { ended: Some(_), .. } =
         store.end_session_by_token(box_id, &token_hash, EndReason::ClientDisconnected).await?
     else {
-        return Ok(false);
+        return Ok(None);
     };
+    Ok(Some(TornDown { host_id: claim.host.id, id: box_id, replacement: None }))
+}
+
+/// The server's bookkeeping after a teardown: the box DEAD and its
+/// replacement reserved, then warm. Ok(false) if a step found nothing to do.
+async fn keep_pool(bookkeeping: &Bookkeeper, tokens: &Tokens, mut torn_down: TornDown) -> anyhow::Result<bool> {
     let (replacement, hash) = new_box();
-    let recycled = store.recycle_torn_down(&claim.host.id, box_id, Some(&replacement)).await?;
+    torn_down.replacement = Some(replacement);
+    let recycled = bookkeeping.torn_down(torn_down).await?;
     let Some(reserved) = recycled.replacement else {
         return Ok(false);
     };
     tokens.lock().await.insert(reserved.id, hash);
-    Ok(store.mandelbox_spawned(reserved.id, &ports()).await?.is_some())
+    Ok(bookkeeping.spawned(SpawnReport { id: reserved.id, ports: ports() }).await?.is_some())
 }

@@ -180,6 +180,10 @@ impl Application {
         // Start in the state the other replicas are in (a replica that starts
         // during a deploy must not take allocations).
         maintenance.refresh().await;
+        let bookkeeping = crate::bookkeeping::Bookkeeper::start(
+            store.clone(),
+            Duration::from_millis(config.allocation.bookkeeping_linger_ms),
+        );
         let core: SharedCore = Arc::new(Core {
             router,
             events,
@@ -187,6 +191,7 @@ impl Application {
             registry,
             config: Arc::new(config),
             public_endpoint,
+            bookkeeping,
             store: store.clone(),
             scaling: scaling.clone(),
             replica_id,

@@ -137,6 +137,10 @@ pub struct AllocationConfig {
     /// Keep hosts filled with warm boxes. Off, every session waits for a cold
     /// start (cheaper hosts, slower sessions).
     pub warm_pool: bool,
+    /// How long the warm pool's bookkeeping (a host confirmed a spawn or a
+    /// teardown) waits for more of its kind to write in the same batch. 0
+    /// writes at once whatever is queued.
+    pub bookkeeping_linger_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -274,6 +278,7 @@ impl Default for AllocationConfig {
             max_regions: 16,
             warm_app: "chrome".into(),
             warm_pool: true,
+            bookkeeping_linger_ms: 5,
         }
     }
 }

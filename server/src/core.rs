@@ -28,6 +28,8 @@ pub struct Core {
     pub maintenance: Maintenance,
     /// The Redis link to the other replicas (router and event bus), when configured.
     pub cluster: Option<crate::cluster::RedisCluster>,
+    /// Spawn and teardown confirmations, written in batches.
+    pub bookkeeping: crate::bookkeeping::Bookkeeper,
 }
 
 pub type SharedCore = Arc<Core>;

@@ -9,6 +9,7 @@ pub mod api;
 pub mod app;
 pub mod auth;
 pub mod billing;
+pub mod bookkeeping;
 pub mod cloud;
 pub mod cluster;
 pub mod config;

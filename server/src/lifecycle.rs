@@ -13,7 +13,7 @@ use crate::{
     events::{Event, SessionChange},
     fleet::{RouteError, pool},
     model::{EndReason, HostRecord, MandelboxRecord, MandelboxState, SessionRecord},
-    store::{EndedSession, Recycled},
+    store::{EndedSession, Recycled, TornDown},
 };
 
 impl Core {
@@ -96,8 +96,12 @@ impl Core {
     async fn torn_down(self: &Arc<Self>, mandelbox: &MandelboxRecord) {
         let replacement = self.config.allocation.warm_pool.then(|| pool::new_warm_box(self));
         let recycled = self
-            .store
-            .recycle_torn_down(&mandelbox.host_id, mandelbox.id, replacement.as_ref().map(|(new, _)| new))
+            .bookkeeping
+            .torn_down(TornDown {
+                host_id: mandelbox.host_id.clone(),
+                id: mandelbox.id,
+                replacement: replacement.as_ref().map(|(new, _)| new.clone()),
+            })
             .await;
         match (recycled, replacement) {
             (Ok(Recycled { finished: true, replacement: Some(reserved) }), Some((_, token))) => {

@@ -13,7 +13,7 @@ use switchboard::model::{
 };
 use switchboard::store::{
     Claim, ClaimOutcome, DynStore, HeartbeatMark, MandelboxFilter, NewMandelbox, NewSession, Recycled,
-    ReportedMandelbox, SessionFilter, StoreError, TokenEnd,
+    ReportedMandelbox, SessionFilter, SpawnReport, StoreError, TokenEnd, TornDown,
 };
 use switchboard_tests::db::TestDatabase;
 use uuid::Uuid;
@@ -1354,6 +1354,135 @@ mod contract {
         assert_eq!(box_state(&store, reserved.id).await, MandelboxState::Spawning);
     }
 
+    pub(crate) async fn mandelboxes_spawned_writes_a_batch_as_one_by_one(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h1", "r1", "img", 10).await;
+        let plain = spawning_box(&store, "h1", APP).await;
+        let other = spawning_box(&store, "h1", APP).await;
+        let waiting = pending(store.create_session_and_claim(&new_session("u1", &["r9"]), NO_LIMIT).await.unwrap());
+        let reserved = store.reserve_mandelbox("h1", &new_box(APP, Some(waiting.id))).await.unwrap().unwrap();
+        let warm = warm_box(&store, "h1", APP).await;
+        let report = |id: Uuid| SpawnReport { id, ports: ports() };
+        let reports = [
+            report(plain.id),
+            report(reserved.id),
+            report(warm.id),
+            report(Uuid::new_v4()),
+            report(other.id),
+            report(plain.id),
+        ];
+        let spawned = store.mandelboxes_spawned(&reports).await.unwrap();
+        let states: Vec<_> = spawned.iter().map(|b| b.as_ref().map(|b| (b.id, b.state, b.session_id))).collect();
+        assert_eq!(
+            states,
+            vec![
+                Some((plain.id, MandelboxState::Waiting, None)),
+                Some((reserved.id, MandelboxState::Allocated, Some(waiting.id))),
+                None, // already WAITING
+                None, // unknown
+                Some((other.id, MandelboxState::Waiting, None)),
+                None, // the same box again: no longer SPAWNING
+            ]
+        );
+        assert_eq!(store.get_mandelbox(plain.id).await.unwrap().unwrap().ports, ports());
+        assert_eq!(store.get_mandelbox(other.id).await.unwrap(), spawned[4]);
+        assert_eq!(store.mandelboxes_spawned(&[]).await.unwrap(), Vec::new());
+    }
+
+    pub(crate) async fn recycle_torn_down_many_recycles_each_as_alone(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h1", "r1", "img", 3).await;
+        host(&store, "h2", "r2", "img", 2).await;
+        let mut dying = Vec::new();
+        let sessions =
+            [("h1", "r1", "u1"), ("h1", "r1", "u2"), ("h1", "r1", "u3"), ("h2", "r2", "u4"), ("h2", "r2", "u6")];
+        for (host_id, region, user) in sessions {
+            let running = running_session(&store, host_id, region, user).await;
+            let ended = store.end_session(running.session.id, EndReason::ClientDisconnected).await.unwrap().unwrap();
+            dying.push(ended.teardown.unwrap());
+        }
+        store.drain_host("h2").await.unwrap();
+        let torn = |index: usize, host_id: &str, replacement: bool| TornDown {
+            host_id: host_id.to_owned(),
+            id: dying[index].id,
+            replacement: replacement.then(|| new_box(APP, None)),
+        };
+        let unknown = TornDown { host_id: "h1".to_owned(), id: Uuid::new_v4(), replacement: Some(new_box(APP, None)) };
+        let batch = [
+            torn(0, "h1", true),
+            torn(4, "h1", true), // not that host's box
+            torn(1, "h1", true),
+            torn(3, "h2", true), // a draining host: the slot is only freed
+            torn(2, "h1", false),
+            unknown,
+        ];
+        let recycled = store.recycle_torn_down_many(&batch).await.unwrap();
+        let outcome: Vec<_> = recycled
+            .iter()
+            .map(|r| (r.finished, r.replacement.as_ref().map(|b| (b.id, b.host_id.clone(), b.state))))
+            .collect();
+        let replacement_of = |index: usize| batch[index].replacement.as_ref().map(|new| new.id).unwrap();
+        assert_eq!(
+            outcome,
+            vec![
+                (true, Some((replacement_of(0), "h1".to_owned(), MandelboxState::Spawning))),
+                (false, None),
+                (true, Some((replacement_of(2), "h1".to_owned(), MandelboxState::Spawning))),
+                (true, None),
+                (true, None),
+                (false, None),
+            ]
+        );
+        for finished in &dying[..4] {
+            assert_eq!(box_state(&store, finished.id).await, MandelboxState::Dead);
+        }
+        assert_eq!(box_state(&store, dying[4].id).await, MandelboxState::Dying);
+        let live: Vec<_> =
+            store.list_hosts(None).await.unwrap().into_iter().map(|summary| (summary.host.id, summary.live)).collect();
+        assert_eq!(live, vec![("h1".to_owned(), 2), ("h2".to_owned(), 1)]);
+
+        // The same box twice, as two confirmations of one teardown would be:
+        // recycled once, one replacement.
+        let running = running_session(&store, "h1", "r1", "u5").await;
+        let ended = store.end_session(running.session.id, EndReason::UserEnded).await.unwrap().unwrap();
+        let id = ended.teardown.unwrap().id;
+        let twice = [0, 1].map(|_| TornDown { host_id: "h1".to_owned(), id, replacement: Some(new_box(APP, None)) });
+        let recycled = store.recycle_torn_down_many(&twice).await.unwrap();
+        assert_eq!(
+            recycled.iter().map(|r| (r.finished, r.replacement.is_some())).collect::<Vec<_>>(),
+            [(true, true), (false, false)]
+        );
+        assert_eq!(store.recycle_torn_down_many(&[]).await.unwrap(), Vec::new());
+    }
+
+    pub(crate) async fn recycle_batches_racing_reservations_respect_capacity(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h1", "r1", "img", 4).await;
+        let mut batch = Vec::new();
+        for user in ["u1", "u2", "u3", "u4"] {
+            let running = running_session(&store, "h1", "r1", user).await;
+            let ended = store.end_session(running.session.id, EndReason::ClientDisconnected).await.unwrap().unwrap();
+            let id = ended.teardown.unwrap().id;
+            batch.push(TornDown { host_id: "h1".to_owned(), id, replacement: Some(new_box(APP, None)) });
+        }
+        let recycle = {
+            let store = store.clone();
+            tokio::spawn(async move { store.recycle_torn_down_many(&batch).await })
+        };
+        let reservations: Vec<_> = (0..8)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move { store.reserve_mandelbox("h1", &new_box(APP, None)).await })
+            })
+            .collect();
+        let recycled = recycle.await.unwrap().unwrap();
+        assert!(recycled.iter().all(|r| r.finished), "every DYING box is DEAD");
+        let mut reserved = recycled.iter().filter(|r| r.replacement.is_some()).count();
+        for reservation in reservations {
+            reserved += usize::from(reservation.await.unwrap().unwrap().is_some());
+        }
+        let live = store.host_summary("h1").await.unwrap().unwrap().live;
+        assert_eq!(u32::try_from(reserved).unwrap(), live);
+        assert_eq!(live, 4, "every freed slot is taken once, by a replacement or a reservation");
+    }
+
     pub(crate) async fn concurrent_ends_of_one_session_tear_down_once(_db: &TestDatabase, store: DynStore) {
         host(&store, "h1", "r1", "img", 4).await;
         let running = running_session(&store, "h1", "r1", "u1").await;
@@ -1594,6 +1723,9 @@ macro_rules! store_contract_suite {
             confirm_assignment_runs_both,
             release_claim_puts_the_session_back_in_the_queue,
             recycle_torn_down_frees_and_refills_the_slot_at_once,
+            recycle_torn_down_many_recycles_each_as_alone,
+            recycle_batches_racing_reservations_respect_capacity,
+            mandelboxes_spawned_writes_a_batch_as_one_by_one,
             reconcile_host_releases_stale_claims_the_host_never_got,
             end_session_tears_down_its_box_once,
             list_sessions_filters_newest_first,

@@ -16,7 +16,7 @@ use crate::{
     core::SharedCore,
     events::Event,
     model::{EndReason, HostState, MandelboxRecord, MandelboxState, PortSpec},
-    store::NewMandelbox,
+    store::{NewMandelbox, SpawnReport},
 };
 
 /// How often the replica looks for hosts with free slots that nothing woke.
@@ -106,7 +106,7 @@ pub(crate) async fn spawn_warm(core: SharedCore, reserved: MandelboxRecord, toke
     match core.router.send(&reserved.host_id, kind, timeout).await {
         Ok(result) => {
             let ports: Vec<PortSpec> = result.ports.iter().filter_map(port_from_proto).collect();
-            match core.store.mandelbox_spawned(reserved.id, &ports).await {
+            match core.bookkeeping.spawned(SpawnReport { id: reserved.id, ports }).await {
                 Ok(Some(mandelbox)) if mandelbox.state == MandelboxState::Waiting => {
                     tracing::debug!(host_id = %reserved.host_id, mandelbox_id = %reserved.id, "warm mandelbox ready");
                     core.events.publish(Event::MandelboxWarm { region: mandelbox.region });

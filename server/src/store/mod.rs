@@ -28,6 +28,27 @@ use crate::model::{
     MandelboxState, NewInstance, OperationRecord, PortSpec, Region, SessionRecord, SessionState, UserRecord,
 };
 
+/// `Store::mandelboxes_spawned` as one call per report.
+async fn spawned_one_by_one<S: Store + ?Sized>(
+    store: &S,
+    reports: &[SpawnReport],
+) -> StoreResult<Vec<Option<MandelboxRecord>>> {
+    let mut spawned = Vec::with_capacity(reports.len());
+    for report in reports {
+        spawned.push(store.mandelbox_spawned(report.id, &report.ports).await?);
+    }
+    Ok(spawned)
+}
+
+/// `Store::recycle_torn_down_many` as one call per teardown.
+async fn recycled_one_by_one<S: Store + ?Sized>(store: &S, torn_down: &[TornDown]) -> StoreResult<Vec<Recycled>> {
+    let mut recycled = Vec::with_capacity(torn_down.len());
+    for item in torn_down {
+        recycled.push(store.recycle_torn_down(&item.host_id, item.id, item.replacement.as_ref()).await?);
+    }
+    Ok(recycled)
+}
+
 /// Shared handle to whichever store the process runs on.
 pub type DynStore = Arc<dyn Store>;
 
@@ -116,6 +137,21 @@ pub struct NewMandelbox {
     pub token_hash: String,
     /// Set when the box is spawned on demand for a waiting session.
     pub session_id: Option<Uuid>,
+}
+
+/// A host's confirmed spawn, for `mandelboxes_spawned`.
+#[derive(Debug, Clone)]
+pub struct SpawnReport {
+    pub id: Uuid,
+    pub ports: Vec<PortSpec>,
+}
+
+/// A host's confirmed teardown, for `recycle_torn_down_many`.
+#[derive(Debug, Clone)]
+pub struct TornDown {
+    pub host_id: String,
+    pub id: Uuid,
+    pub replacement: Option<NewMandelbox>,
 }
 
 /// A mandelbox as a reconnecting host reports it.
@@ -432,6 +468,24 @@ pub trait Store: Send + Sync + 'static {
         id: Uuid,
         replacement: Option<&NewMandelbox>,
     ) -> StoreResult<Recycled>;
+
+    /// `mandelbox_spawned` for several boxes at once, one result per report in
+    /// order, as if each were applied alone (the warm pool's bookkeeping is
+    /// written in batches: `crate::bookkeeping`). A store may write them in
+    /// one statement or one transaction; on `Err` nothing is promised about
+    /// which were applied, and applying them again one by one is safe (a
+    /// box no longer SPAWNING is left alone).
+    async fn mandelboxes_spawned(&self, reports: &[SpawnReport]) -> StoreResult<Vec<Option<MandelboxRecord>>> {
+        spawned_one_by_one(self, reports).await
+    }
+
+    /// `recycle_torn_down` for several boxes at once, one result per teardown
+    /// in order, as if each were applied alone. On `Err` nothing is promised
+    /// about which were applied; applying them again one by one is safe (a box
+    /// no longer DYING is not recycled twice).
+    async fn recycle_torn_down_many(&self, torn_down: &[TornDown]) -> StoreResult<Vec<Recycled>> {
+        recycled_one_by_one(self, torn_down).await
+    }
 
     /// The box is gone (exited, teardown confirmed, or spawn failed): → `state`
     /// (DEAD or LOST). If a live session is on it, the session → ENDED with

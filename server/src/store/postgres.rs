@@ -36,7 +36,8 @@ use super::postgres_fleet as fleet;
 use super::rows::{self, host_columns, live_box_states, mandelbox_columns, now, session_columns};
 use super::{
     Claim, ClaimOutcome, EndedSession, HeartbeatMark, MandelboxAuth, MandelboxFilter, NewMandelbox, NewSession,
-    Reconciliation, Recycled, ReportedMandelbox, SessionFilter, Store, StoreError, StoreResult, SweepOutcome, TokenEnd,
+    Reconciliation, Recycled, ReportedMandelbox, SessionFilter, SpawnReport, Store, StoreError, StoreResult,
+    SweepOutcome, TokenEnd, TornDown, recycled_one_by_one, spawned_one_by_one,
 };
 use crate::model::{
     EndReason, HostHello, HostRecord, HostState, HostSummary, InstanceRecord, InstanceState, Lease, MandelboxRecord,
@@ -208,6 +209,15 @@ struct TokenEndRow {
 struct RecycledRow {
     finished: bool,
     replacement: Option<Json<MandelboxRow>>,
+}
+
+impl RecycledRow {
+    fn into_recycled(self) -> StoreResult<Recycled> {
+        Ok(Recycled {
+            finished: self.finished,
+            replacement: self.replacement.map(|Json(mandelbox)| mandelbox.into_record()).transpose()?,
+        })
+    }
 }
 
 /// `end_session`'s row: the ended session and, if one went DYING, its box
@@ -1120,10 +1130,86 @@ impl Store for PgStore {
         .bind(replacement.map(|new| new.token_hash.as_str()))
         .fetch_one(&self.relaxed)
         .await?;
-        Ok(Recycled {
-            finished: row.finished,
-            replacement: row.replacement.map(|Json(mandelbox)| mandelbox.into_record()).transpose()?,
-        })
+        row.into_recycled()
+    }
+
+    async fn recycle_torn_down_many(&self, torn_down: &[TornDown]) -> StoreResult<Vec<Recycled>> {
+        let distinct: std::collections::HashSet<Uuid> = torn_down.iter().map(|item| item.id).collect();
+        // One box twice in a batch would be recycled twice by the statement
+        // below (each input row joins the one box it finished).
+        if torn_down.len() < 2 || distinct.len() != torn_down.len() {
+            return recycled_one_by_one(self, torn_down).await;
+        }
+        let at = now();
+        let mut hosts: Vec<&str> = torn_down.iter().map(|item| item.host_id.as_str()).collect();
+        hosts.sort_unstable();
+        hosts.dedup();
+        fn replacement(item: &TornDown) -> Option<&NewMandelbox> {
+            item.replacement.as_ref()
+        }
+        let mut tx = self.relaxed.begin().await?;
+        // The hosts first, in id order (the lock order of reconciliation and
+        // of every reservation), so the statement below counts each host's
+        // boxes with every concurrent reservation on it committed.
+        sqlx::query("SELECT id FROM hosts WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+            .bind(&hosts)
+            .execute(&mut *tx)
+            .await?;
+        // `recycle_torn_down` row by row: each DYING box → DEAD, and its
+        // replacement in the slot it frees if its host is ACTIVE and was
+        // within capacity with the batch's dying boxes counted (each
+        // replacement swaps one of them, so the host stays within capacity).
+        let rows = sqlx::query_as::<_, RecycledRow>(concat!(
+            "WITH input AS (                  SELECT * FROM unnest($1::uuid[], $2::text[], $4::uuid[], $5::text[], $6::uuid[], $7::text[])                  WITH ORDINALITY AS i(id, host_id, new_id, new_app, new_session, new_token, n)              ), finished AS (                  UPDATE mandelboxes m SET state = 'DEAD', updated_at = $3 FROM input i                  WHERE m.id = i.id AND m.host_id = i.host_id AND m.state = 'DYING' RETURNING m.id              ), replaced AS (                  INSERT INTO mandelboxes (id, host_id, region, app, state, session_id, token_hash, ports,                  created_at, updated_at)                  SELECT i.new_id, h.id, h.region, i.new_app, 'SPAWNING', i.new_session, i.new_token, '[]', $3, $3                  FROM input i JOIN hosts h ON h.id = i.host_id                  WHERE i.new_id IS NOT NULL AND h.state = 'ACTIVE' AND i.id IN (SELECT id FROM finished)                    AND (SELECT count(*) FROM mandelboxes m WHERE m.host_id = h.id AND m.state IN ",
+            live_box_states!(),
+            ") <= h.capacity              RETURNING ",
+            mandelbox_columns!(),
+            ") SELECT i.id IN (SELECT id FROM finished) AS finished,                  (SELECT to_jsonb(r) FROM replaced r WHERE r.id = i.new_id) AS replacement              FROM input i ORDER BY i.n"
+        ))
+        .bind(torn_down.iter().map(|item| item.id).collect::<Vec<_>>())
+        .bind(torn_down.iter().map(|item| item.host_id.as_str()).collect::<Vec<_>>())
+        .bind(at)
+        .bind(torn_down.iter().map(|item| replacement(item).map(|new| new.id)).collect::<Vec<_>>())
+        .bind(torn_down.iter().map(|item| replacement(item).map(|new| new.app.as_str())).collect::<Vec<_>>())
+        .bind(torn_down.iter().map(|item| replacement(item).and_then(|new| new.session_id)).collect::<Vec<_>>())
+        .bind(torn_down.iter().map(|item| replacement(item).map(|new| new.token_hash.as_str())).collect::<Vec<_>>())
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        if rows.len() != torn_down.len() {
+            return Err(StoreError::Corrupt("a recycle batch returned the wrong number of rows".into()));
+        }
+        rows.into_iter().map(RecycledRow::into_recycled).collect()
+    }
+
+    async fn mandelboxes_spawned(&self, reports: &[SpawnReport]) -> StoreResult<Vec<Option<MandelboxRecord>>> {
+        if reports.len() < 2 {
+            return spawned_one_by_one(self, reports).await;
+        }
+        let at = now();
+        let ports = reports.iter().map(|report| rows::to_json_text(&report.ports)).collect::<StoreResult<Vec<_>>>()?;
+        // The common case of `mandelbox_spawned` for all at once: warm boxes
+        // reserved for no session, one statement.
+        let warm = sqlx::query_as::<_, MandelboxRow>(concat!(
+            "UPDATE mandelboxes m SET state = 'WAITING', ports = v.ports::jsonb, updated_at = $3              FROM unnest($1::uuid[], $2::text[]) AS v(id, ports)              WHERE m.id = v.id AND m.state = 'SPAWNING' AND m.session_id IS NULL RETURNING ",
+            "m.id, m.host_id, m.region, m.app, m.state, m.session_id, m.ports, m.created_at, m.updated_at"
+        ))
+        .bind(reports.iter().map(|report| report.id).collect::<Vec<_>>())
+        .bind(ports)
+        .bind(at)
+        .fetch_all(&self.relaxed)
+        .await?;
+        let mut warm: std::collections::HashMap<Uuid, MandelboxRow> =
+            warm.into_iter().map(|row| (row.id, row)).collect();
+        let mut spawned = Vec::with_capacity(reports.len());
+        for report in reports {
+            match warm.remove(&report.id) {
+                Some(row) => spawned.push(Some(row.into_record()?)),
+                // Reserved for a session, or no longer SPAWNING: the general case.
+                None => spawned.push(self.mandelbox_spawned(report.id, &report.ports).await?),
+            }
+        }
+        Ok(spawned)
     }
 
     async fn mandelbox_finished(

@@ -25,7 +25,8 @@ use super::rows::{self, host_columns, live_box_states, mandelbox_columns, now, s
 use super::sqlite_fleet as fleet;
 use super::{
     Claim, ClaimOutcome, EndedSession, HeartbeatMark, MandelboxAuth, MandelboxFilter, NewMandelbox, NewSession,
-    Reconciliation, Recycled, ReportedMandelbox, SessionFilter, Store, StoreError, StoreResult, SweepOutcome,
+    Reconciliation, Recycled, ReportedMandelbox, SessionFilter, SpawnReport, Store, StoreError, StoreResult,
+    SweepOutcome, TornDown,
 };
 use crate::model::{
     EndReason, HostHello, HostRecord, HostState, HostSummary, InstanceRecord, InstanceState, Lease, MandelboxRecord,
@@ -427,6 +428,84 @@ async fn assign_session(
 
 /// Inserts SPAWNING boxes on `host_id`, as many of `news` as the host has free
 /// slots, if it is ACTIVE (the write transaction serialises reservations).
+/// `mandelbox_spawned` inside the caller's write transaction.
+async fn spawned_in(
+    conn: &mut SqliteConnection,
+    id: Uuid,
+    ports: &[PortSpec],
+    at: DateTime<Utc>,
+) -> StoreResult<Option<MandelboxRecord>> {
+    // The common case, a warm box reserved for no session, in one statement.
+    let warm = sqlx::query_as::<_, MandelboxRow>(concat!(
+        "UPDATE mandelboxes SET state = 'WAITING', ports = ?2, updated_at = ?3 \
+         WHERE id = ?1 AND state = 'SPAWNING' AND session_id IS NULL RETURNING ",
+        mandelbox_columns!()
+    ))
+    .bind(id.to_string())
+    .bind(rows::to_json_text(ports)?)
+    .bind(micros(at))
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some(warm) = warm {
+        return Ok(Some(warm.into_record()?));
+    }
+    let Some(mandelbox) = select_mandelbox(conn, id).await? else {
+        return Ok(None);
+    };
+    if mandelbox.state != MandelboxState::Spawning {
+        return Ok(None);
+    }
+    let session = match mandelbox.session_id {
+        Some(session_id) => select_session(conn, session_id).await?,
+        None => None,
+    };
+    let (state, session_id) = rows::spawned_target(&mandelbox, session.as_ref());
+    let spawned = sqlx::query_as::<_, MandelboxRow>(concat!(
+        "UPDATE mandelboxes SET state = ?2, session_id = ?3, ports = ?4, updated_at = ?5 \
+         WHERE id = ?1 RETURNING ",
+        mandelbox_columns!()
+    ))
+    .bind(id.to_string())
+    .bind(state.as_str())
+    .bind(session_id.map(|id| id.to_string()))
+    .bind(rows::to_json_text(ports)?)
+    .bind(micros(at))
+    .fetch_one(&mut *conn)
+    .await?
+    .into_record()?;
+    Ok(Some(spawned))
+}
+
+/// `recycle_torn_down` inside the caller's write transaction (which changes
+/// nothing when the box is not a DYING box of that host).
+async fn recycled_in(
+    conn: &mut SqliteConnection,
+    host_id: &str,
+    id: Uuid,
+    replacement: Option<&NewMandelbox>,
+    at: DateTime<Utc>,
+) -> StoreResult<Recycled> {
+    let finished = sqlx::query(
+        "UPDATE mandelboxes SET state = 'DEAD', updated_at = ?3 \
+         WHERE id = ?1 AND host_id = ?2 AND state = 'DYING'",
+    )
+    .bind(id.to_string())
+    .bind(host_id)
+    .bind(micros(at))
+    .execute(&mut *conn)
+    .await?
+    .rows_affected()
+        == 1;
+    if !finished {
+        return Ok(Recycled::default());
+    }
+    let replacement = match replacement {
+        Some(new) => reserve_on_host(conn, host_id, std::slice::from_ref(new), at).await?.pop(),
+        None => None,
+    };
+    Ok(Recycled { finished, replacement })
+}
+
 async fn reserve_on_host(
     conn: &mut SqliteConnection,
     host_id: &str,
@@ -902,50 +981,23 @@ impl Store for SqliteStore {
     }
 
     async fn mandelbox_spawned(&self, id: Uuid, ports: &[PortSpec]) -> StoreResult<Option<MandelboxRecord>> {
+        let mut tx = self.begin_write().await?;
+        let spawned = spawned_in(&mut tx, id, ports, now()).await?;
+        tx.commit().await?;
+        Ok(spawned)
+    }
+
+    async fn mandelboxes_spawned(&self, reports: &[SpawnReport]) -> StoreResult<Vec<Option<MandelboxRecord>>> {
+        // One write transaction for the batch: one hand-off to the writer and
+        // one commit instead of one per box.
         let at = now();
         let mut tx = self.begin_write().await?;
-        // The common case, a warm box reserved for no session, in one statement.
-        let warm = sqlx::query_as::<_, MandelboxRow>(concat!(
-            "UPDATE mandelboxes SET state = 'WAITING', ports = ?2, updated_at = ?3 \
-             WHERE id = ?1 AND state = 'SPAWNING' AND session_id IS NULL RETURNING ",
-            mandelbox_columns!()
-        ))
-        .bind(id.to_string())
-        .bind(rows::to_json_text(ports)?)
-        .bind(micros(at))
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(warm) = warm {
-            let warm = warm.into_record()?;
-            tx.commit().await?;
-            return Ok(Some(warm));
+        let mut spawned = Vec::with_capacity(reports.len());
+        for report in reports {
+            spawned.push(spawned_in(&mut tx, report.id, &report.ports, at).await?);
         }
-        let Some(mandelbox) = select_mandelbox(&mut tx, id).await? else {
-            return Ok(None);
-        };
-        if mandelbox.state != MandelboxState::Spawning {
-            return Ok(None);
-        }
-        let session = match mandelbox.session_id {
-            Some(session_id) => select_session(&mut tx, session_id).await?,
-            None => None,
-        };
-        let (state, session_id) = rows::spawned_target(&mandelbox, session.as_ref());
-        let spawned = sqlx::query_as::<_, MandelboxRow>(concat!(
-            "UPDATE mandelboxes SET state = ?2, session_id = ?3, ports = ?4, updated_at = ?5 \
-             WHERE id = ?1 RETURNING ",
-            mandelbox_columns!()
-        ))
-        .bind(id.to_string())
-        .bind(state.as_str())
-        .bind(session_id.map(|id| id.to_string()))
-        .bind(rows::to_json_text(ports)?)
-        .bind(micros(at))
-        .fetch_one(&mut *tx)
-        .await?
-        .into_record()?;
         tx.commit().await?;
-        Ok(Some(spawned))
+        Ok(spawned)
     }
 
     async fn recycle_torn_down(
@@ -954,28 +1006,21 @@ impl Store for SqliteStore {
         id: Uuid,
         replacement: Option<&NewMandelbox>,
     ) -> StoreResult<Recycled> {
+        let mut tx = self.begin_write().await?;
+        let recycled = recycled_in(&mut tx, host_id, id, replacement, now()).await?;
+        tx.commit().await?;
+        Ok(recycled)
+    }
+
+    async fn recycle_torn_down_many(&self, torn_down: &[TornDown]) -> StoreResult<Vec<Recycled>> {
         let at = now();
         let mut tx = self.begin_write().await?;
-        let finished = sqlx::query(
-            "UPDATE mandelboxes SET state = 'DEAD', updated_at = ?3 \
-             WHERE id = ?1 AND host_id = ?2 AND state = 'DYING'",
-        )
-        .bind(id.to_string())
-        .bind(host_id)
-        .bind(micros(at))
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        if !finished {
-            return Ok(Recycled::default());
+        let mut recycled = Vec::with_capacity(torn_down.len());
+        for item in torn_down {
+            recycled.push(recycled_in(&mut tx, &item.host_id, item.id, item.replacement.as_ref(), at).await?);
         }
-        let replacement = match replacement {
-            Some(new) => reserve_on_host(&mut tx, host_id, std::slice::from_ref(new), at).await?.pop(),
-            None => None,
-        };
         tx.commit().await?;
-        Ok(Recycled { finished, replacement })
+        Ok(recycled)
     }
 
     async fn mandelbox_finished(
