@@ -305,6 +305,10 @@ async fn allocation_scenarios(
                 Some(scenarios::teardown(&server.info, &observatory, args.teardown_iterations, progress).await?);
         }
         if wants(Scenario::Limit) {
+            // The store cycle reads the warm boxes' tokens once, so every box
+            // must be warm first: a replacement still spawning after the
+            // allocation points would be claimed later without its token.
+            scenarios::wait_warm(&mut admin, boxes, warm_timeout).await?;
             let cycle = store_cycle::StoreCycle::prepare(backend, db.url()).await?;
             for &clients in &args.clients {
                 scenarios::wait_warm(&mut admin, boxes, warm_timeout).await?;

@@ -207,7 +207,15 @@ pub(crate) async fn wait_warm(admin: &mut Admin, count: usize, timeout: Duration
             return Ok(started.elapsed());
         }
         if started.elapsed() > timeout {
-            anyhow::bail!("only {warm} of {count} boxes warm after {timeout:?}");
+            // Where the others are, for whoever reads the report.
+            let boxes = admin.list_mandelboxes(ListMandelboxesRequest::default()).await?.into_inner().mandelboxes;
+            let mut elsewhere: BTreeMap<String, usize> = BTreeMap::new();
+            for mandelbox in boxes.iter().filter(|b| b.state != MandelboxState::Waiting as i32) {
+                let state = MandelboxState::try_from(mandelbox.state).map_or("unknown", |state| state.as_str_name());
+                let holder = if mandelbox.session_id.is_empty() { "no session" } else { "with a session" };
+                *elsewhere.entry(format!("{state} {holder}")).or_default() += 1;
+            }
+            anyhow::bail!("only {warm} of {count} boxes warm after {timeout:?}; the others: {elsewhere:?}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

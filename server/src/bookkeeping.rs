@@ -173,6 +173,8 @@ where
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use std::sync::{Arc, Mutex};
 
     use super::*;
