@@ -47,19 +47,14 @@ impl Bookkeeper {
             Batcher::start(linger, move |reports: Vec<SpawnReport>| {
                 let store = store.clone();
                 async move {
-                    match store.mandelboxes_spawned(&reports).await {
-                        Ok(spawned) if spawned.len() == reports.len() => spawned.into_iter().map(Ok).collect(),
-                        outcome => {
-                            if let Err(error) = outcome {
-                                tracing::warn!(boxes = reports.len(), %error, "spawn batch failed; writing one by one");
-                            }
-                            let mut results = Vec::with_capacity(reports.len());
-                            for report in &reports {
-                                results.push(store.mandelbox_spawned(report.id, &report.ports).await);
-                            }
-                            results
-                        }
+                    if let Some(done) = whole(store.mandelboxes_spawned(&reports).await, reports.len(), "spawn") {
+                        return done;
                     }
+                    let mut results = Vec::with_capacity(reports.len());
+                    for report in &reports {
+                        results.push(spawned_alone(&store, report).await);
+                    }
+                    results
                 }
             })
         };
@@ -68,21 +63,14 @@ impl Bookkeeper {
             Batcher::start(linger, move |items: Vec<TornDown>| {
                 let store = store.clone();
                 async move {
-                    match store.recycle_torn_down_many(&items).await {
-                        Ok(recycled) if recycled.len() == items.len() => recycled.into_iter().map(Ok).collect(),
-                        outcome => {
-                            if let Err(error) = outcome {
-                                tracing::warn!(boxes = items.len(), %error, "teardown batch failed; writing one by one");
-                            }
-                            let mut results = Vec::with_capacity(items.len());
-                            for item in &items {
-                                results.push(
-                                    store.recycle_torn_down(&item.host_id, item.id, item.replacement.as_ref()).await,
-                                );
-                            }
-                            results
-                        }
+                    if let Some(done) = whole(store.recycle_torn_down_many(&items).await, items.len(), "teardown") {
+                        return done;
                     }
+                    let mut results = Vec::with_capacity(items.len());
+                    for item in &items {
+                        results.push(recycled_alone(&store, item).await);
+                    }
+                    results
                 }
             })
         };
@@ -93,7 +81,7 @@ impl Bookkeeper {
     pub async fn spawned(&self, report: SpawnReport) -> StoreResult<Option<MandelboxRecord>> {
         match self.spawned.submit(report).await {
             Ok(result) => result,
-            Err(report) => self.store.mandelbox_spawned(report.id, &report.ports).await,
+            Err(report) => spawned_alone(&self.store, &report).await,
         }
     }
 
@@ -101,9 +89,30 @@ impl Bookkeeper {
     pub async fn torn_down(&self, item: TornDown) -> StoreResult<Recycled> {
         match self.torn_down.submit(item).await {
             Ok(result) => result,
-            Err(item) => self.store.recycle_torn_down(&item.host_id, item.id, item.replacement.as_ref()).await,
+            Err(item) => recycled_alone(&self.store, &item).await,
         }
     }
+}
+
+/// A batch's results, one per item, if the batch was written as a whole;
+/// None (logged if it failed) when it must be written again one by one.
+fn whole<T>(outcome: StoreResult<Vec<T>>, items: usize, kind: &str) -> Option<Vec<StoreResult<T>>> {
+    match outcome {
+        Ok(results) if results.len() == items => Some(results.into_iter().map(Ok).collect()),
+        Ok(_) => None,
+        Err(error) => {
+            tracing::warn!(kind, boxes = items, %error, "bookkeeping batch failed; writing one by one");
+            None
+        }
+    }
+}
+
+async fn spawned_alone(store: &DynStore, report: &SpawnReport) -> StoreResult<Option<MandelboxRecord>> {
+    store.mandelbox_spawned(report.id, &report.ports).await
+}
+
+async fn recycled_alone(store: &DynStore, item: &TornDown) -> StoreResult<Recycled> {
+    store.recycle_torn_down(&item.host_id, item.id, item.replacement.as_ref()).await
 }
 
 /// A queue of `I` and the task that runs them in batches, one `O` per `I`.

@@ -1160,11 +1160,26 @@ impl Store for PgStore {
         // within capacity with the batch's dying boxes counted (each
         // replacement swaps one of them, so the host stays within capacity).
         let rows = sqlx::query_as::<_, RecycledRow>(concat!(
-            "WITH input AS (                  SELECT * FROM unnest($1::uuid[], $2::text[], $4::uuid[], $5::text[], $6::uuid[], $7::text[])                  WITH ORDINALITY AS i(id, host_id, new_id, new_app, new_session, new_token, n)              ), finished AS (                  UPDATE mandelboxes m SET state = 'DEAD', updated_at = $3 FROM input i                  WHERE m.id = i.id AND m.host_id = i.host_id AND m.state = 'DYING' RETURNING m.id              ), replaced AS (                  INSERT INTO mandelboxes (id, host_id, region, app, state, session_id, token_hash, ports,                  created_at, updated_at)                  SELECT i.new_id, h.id, h.region, i.new_app, 'SPAWNING', i.new_session, i.new_token, '[]', $3, $3                  FROM input i JOIN hosts h ON h.id = i.host_id                  WHERE i.new_id IS NOT NULL AND h.state = 'ACTIVE' AND i.id IN (SELECT id FROM finished)                    AND (SELECT count(*) FROM mandelboxes m WHERE m.host_id = h.id AND m.state IN ",
+            "WITH input AS ( \
+                 SELECT * FROM unnest($1::uuid[], $2::text[], $4::uuid[], $5::text[], $6::uuid[], $7::text[]) \
+                 WITH ORDINALITY AS i(id, host_id, new_id, new_app, new_session, new_token, n) \
+             ), finished AS ( \
+                 UPDATE mandelboxes m SET state = 'DEAD', updated_at = $3 FROM input i \
+                 WHERE m.id = i.id AND m.host_id = i.host_id AND m.state = 'DYING' RETURNING m.id \
+             ), replaced AS ( \
+                 INSERT INTO mandelboxes (id, host_id, region, app, state, session_id, token_hash, ports, \
+                 created_at, updated_at) \
+                 SELECT i.new_id, h.id, h.region, i.new_app, 'SPAWNING', i.new_session, i.new_token, '[]', $3, $3 \
+                 FROM input i JOIN hosts h ON h.id = i.host_id \
+                 WHERE i.new_id IS NOT NULL AND h.state = 'ACTIVE' AND i.id IN (SELECT id FROM finished) \
+                   AND (SELECT count(*) FROM mandelboxes m WHERE m.host_id = h.id AND m.state IN ",
             live_box_states!(),
-            ") <= h.capacity              RETURNING ",
+            ") <= h.capacity \
+             RETURNING ",
             mandelbox_columns!(),
-            ") SELECT i.id IN (SELECT id FROM finished) AS finished,                  (SELECT to_jsonb(r) FROM replaced r WHERE r.id = i.new_id) AS replacement              FROM input i ORDER BY i.n"
+            ") SELECT i.id IN (SELECT id FROM finished) AS finished, \
+                 (SELECT to_jsonb(r) FROM replaced r WHERE r.id = i.new_id) AS replacement \
+             FROM input i ORDER BY i.n"
         ))
         .bind(torn_down.iter().map(|item| item.id).collect::<Vec<_>>())
         .bind(torn_down.iter().map(|item| item.host_id.as_str()).collect::<Vec<_>>())
@@ -1191,7 +1206,10 @@ impl Store for PgStore {
         // The common case of `mandelbox_spawned` for all at once: warm boxes
         // reserved for no session, one statement.
         let warm = sqlx::query_as::<_, MandelboxRow>(concat!(
-            "UPDATE mandelboxes m SET state = 'WAITING', ports = v.ports::jsonb, updated_at = $3              FROM unnest($1::uuid[], $2::text[]) AS v(id, ports)              WHERE m.id = v.id AND m.state = 'SPAWNING' AND m.session_id IS NULL RETURNING ",
+            "UPDATE mandelboxes m SET state = 'WAITING', ports = v.ports::jsonb, updated_at = $3 \
+             FROM unnest($1::uuid[], $2::text[]) AS v(id, ports) \
+             WHERE m.id = v.id AND m.state = 'SPAWNING' AND m.session_id IS NULL RETURNING ",
+            // Qualified: `id` and `ports` are also columns of `v`.
             "m.id, m.host_id, m.region, m.app, m.state, m.session_id, m.ports, m.created_at, m.updated_at"
         ))
         .bind(reports.iter().map(|report| report.id).collect::<Vec<_>>())
