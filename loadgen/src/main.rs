@@ -109,6 +109,11 @@ struct RunArgs {
     failure_hosts: usize,
     #[arg(long, default_value_t = 1_000)]
     failure_heartbeat_ms: u64,
+    /// Write each ReportDisconnect's session end alone, in the server and in
+    /// the store cycle (`allocation.group_disconnect_reports = false`): the
+    /// "before" of the group commit, for same-day comparisons.
+    #[arg(long)]
+    separate_disconnects: bool,
     #[arg(long, env = "SWITCHBOARD_TEST_POSTGRES_URL", default_value = DEFAULT_POSTGRES)]
     postgres_url: String,
     #[arg(long, default_value = "target/loadgen")]
@@ -135,6 +140,7 @@ impl RunArgs {
             push_limit: 0,
             failure_hosts: 2,
             failure_heartbeat_ms: 200,
+            separate_disconnects: false,
             postgres_url,
             out,
         }
@@ -219,7 +225,8 @@ async fn run_backend(
     if wants(Scenario::Fleet) {
         let db = TempDb::create(backend, &args.postgres_url).await?;
         let outcome = async {
-            let server = ServerProcess::start(db.url(), &secret, args.fleet_heartbeat_ms, 1).await?;
+            let server =
+                ServerProcess::start(db.url(), &secret, args.fleet_heartbeat_ms, 1, args.separate_disconnects).await?;
             let settings = FleetSettings {
                 hosts: args.fleet_hosts,
                 per_process: args.fleet_per_process,
@@ -240,7 +247,9 @@ async fn run_backend(
     if wants(Scenario::Failure) {
         let db = TempDb::create(backend, &args.postgres_url).await?;
         let outcome = async {
-            let server = ServerProcess::start(db.url(), &secret, args.failure_heartbeat_ms, 1).await?;
+            let server =
+                ServerProcess::start(db.url(), &secret, args.failure_heartbeat_ms, 1, args.separate_disconnects)
+                    .await?;
             let failure = scenarios::failure_detection(
                 &server.info,
                 &secret,
@@ -270,7 +279,7 @@ async fn allocation_scenarios(
     progress: &Progress,
 ) -> anyhow::Result<()> {
     let wants = |scenario| args.scenarios.contains(&scenario);
-    let server = ServerProcess::start(db.url(), secret, 5_000, max_clients).await?;
+    let server = ServerProcess::start(db.url(), secret, 5_000, max_clients, args.separate_disconnects).await?;
     let observatory = runtime::Observatory::new();
     let outcome = async {
         let agents = scenarios::start_agents(&server.info, secret, args.hosts, args.capacity, &observatory).await?;
@@ -309,7 +318,7 @@ async fn allocation_scenarios(
             // must be warm first: a replacement still spawning after the
             // allocation points would be claimed later without its token.
             scenarios::wait_warm(&mut admin, boxes, warm_timeout).await?;
-            let cycle = store_cycle::StoreCycle::prepare(backend, db.url()).await?;
+            let cycle = store_cycle::StoreCycle::prepare(backend, db.url(), !args.separate_disconnects).await?;
             for &clients in &args.clients {
                 scenarios::wait_warm(&mut admin, boxes, warm_timeout).await?;
                 scenarios::analyze(backend, db.url()).await?;

@@ -54,6 +54,9 @@ pub(crate) struct ServeArgs {
     /// User tokens to issue (one per simulated client).
     #[arg(long, default_value_t = 64)]
     pub(crate) users: usize,
+    /// `allocation.group_disconnect_reports = false`.
+    #[arg(long)]
+    pub(crate) separate_disconnects: bool,
 }
 
 /// Child side: runs the control plane until stdin closes.
@@ -73,6 +76,7 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Every user counts as a subscriber (no Stripe), as in `switchboard dev` and the tests.
     config.billing.provider = "dev".into();
     config.shutdown_grace_ms = 2_000;
+    config.allocation.group_disconnect_reports = !args.separate_disconnects;
     let issuer = Arc::new(DevIssuer::generate(&config.auth.issuer, &config.auth.audience)?);
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let app = Application::build_with_store(
@@ -170,11 +174,13 @@ impl ServerProcess {
         secret: &str,
         heartbeat_ms: u64,
         users: usize,
+        separate_disconnects: bool,
     ) -> anyhow::Result<ServerProcess> {
         let exe = std::env::current_exe()?;
         let mut child = Command::new(exe)
             .args(["serve", "--db", db_url, "--heartbeat-ms", &heartbeat_ms.to_string()])
             .args(["--users", &users.to_string()])
+            .args(separate_disconnects.then_some("--separate-disconnects"))
             .env("LOADGEN_HOST_SECRET", secret)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

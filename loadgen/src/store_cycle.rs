@@ -4,7 +4,9 @@
 //!
 //! Each client runs, in sequence, the two calls the server makes for one warm
 //! allocation on a client's behalf: `create_session_and_claim` (Allocate) and
-//! `end_session_by_token` (ReportDisconnect). The warm pool's bookkeeping
+//! `end_session_by_token` (ReportDisconnect, through the server's own
+//! `SessionEnds`, so grouped with the other clients' reports as on the
+//! server). The warm pool's bookkeeping
 //! that follows, `recycle_torn_down` (the host's teardown ack, with the
 //! replacement's reservation) and `mandelbox_spawned` (the replacement warm),
 //! goes through the server's own `Bookkeeper`, in the background as on the
@@ -34,7 +36,8 @@ use switchboard::{
     auth::mandelbox_token,
     bookkeeping::Bookkeeper,
     model::{EndReason, PortSpec},
-    store::{ClaimOutcome, DynStore, NewMandelbox, NewSession, SpawnReport, TokenEnd, TornDown},
+    session_ends::SessionEnds,
+    store::{ClaimOutcome, DisconnectReport, DynStore, NewMandelbox, NewSession, SpawnReport, TokenEnd, TornDown},
 };
 use tokio::{sync::Mutex, time::Instant};
 use uuid::Uuid;
@@ -67,6 +70,7 @@ fn ports() -> Vec<PortSpec> {
 pub(crate) struct StoreCycle {
     store: DynStore,
     bookkeeping: Bookkeeper,
+    session_ends: SessionEnds,
     tokens: Tokens,
     /// Background bookkeeping that failed or found nothing to do.
     bookkeeping_errors: Arc<AtomicU64>,
@@ -75,12 +79,13 @@ pub(crate) struct StoreCycle {
 impl StoreCycle {
     /// Opens a store on `url` (migrated already by the server) with the pool
     /// a server gets from its configuration, and reads the token hashes of the
-    /// warm boxes.
-    pub(crate) async fn prepare(backend: Backend, url: &str) -> anyhow::Result<StoreCycle> {
+    /// warm boxes. `group_disconnects`: `allocation.group_disconnect_reports`.
+    pub(crate) async fn prepare(backend: Backend, url: &str, group_disconnects: bool) -> anyhow::Result<StoreCycle> {
         let config = switchboard::config::Config::default();
         let store = switchboard::store::connect_with(url, config.database.max_connections).await?;
         let bookkeeping =
             Bookkeeper::start(store.clone(), Duration::from_millis(config.allocation.bookkeeping_linger_ms));
+        let session_ends = SessionEnds::start(store.clone(), group_disconnects);
         const WAITING: &str = "SELECT id, token_hash FROM mandelboxes WHERE state = 'WAITING'";
         let mut tokens = HashMap::new();
         match backend {
@@ -103,6 +108,7 @@ impl StoreCycle {
         Ok(StoreCycle {
             store,
             bookkeeping,
+            session_ends,
             tokens: Arc::new(Mutex::new(tokens)),
             bookkeeping_errors: Arc::new(AtomicU64::new(0)),
         })
@@ -123,6 +129,7 @@ impl StoreCycle {
         let mut tasks = Vec::new();
         for client in 0..clients {
             let (store, tokens, progress) = (self.store.clone(), self.tokens.clone(), progress.clone());
+            let session_ends = self.session_ends.clone();
             let (bookkeeping, bookkeeping_errors) = (self.bookkeeping.clone(), self.bookkeeping_errors.clone());
             let user_id = format!("loadgen-store-cycle-{client}");
             store.ensure_user(&user_id, None).await?;
@@ -130,7 +137,7 @@ impl StoreCycle {
                 let (mut samples, mut errors) = (Vec::new(), 0_u64);
                 while Instant::now() < end {
                     let at = Instant::now();
-                    let ok = match cycle(&store, &tokens, &user_id).await {
+                    let ok = match cycle(&store, &session_ends, &tokens, &user_id).await {
                         Ok(Some(torn_down)) => {
                             let (bookkeeping, tokens) = (bookkeeping.clone(), tokens.clone());
                             let errors = bookkeeping_errors.clone();
@@ -168,7 +175,12 @@ impl StoreCycle {
 /// A client's part of one allocation cycle through the store: the teardown
 /// its host will confirm. Ok(None): no warm box was there, or the end found
 /// nothing to do (counted as an error).
-async fn cycle(store: &DynStore, tokens: &Tokens, user_id: &str) -> anyhow::Result<Option<TornDown>> {
+async fn cycle(
+    store: &DynStore,
+    session_ends: &SessionEnds,
+    tokens: &Tokens,
+    user_id: &str,
+) -> anyhow::Result<Option<TornDown>> {
     let new = NewSession {
         id: Uuid::now_v7(),
         user_id: user_id.into(),
@@ -188,7 +200,7 @@ async fn cycle(store: &DynStore, tokens: &Tokens, user_id: &str) -> anyhow::Resu
         anyhow::bail!("claimed box {box_id} is not one of the scenario's");
     };
     let TokenEnd::Ended { ended: Some(_), .. } =
-        store.end_session_by_token(box_id, &token_hash, EndReason::ClientDisconnected).await?
+        session_ends.end_by_token(DisconnectReport { mandelbox_id: box_id, token_hash }).await?
     else {
         return Ok(None);
     };

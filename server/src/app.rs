@@ -184,6 +184,8 @@ impl Application {
             store.clone(),
             Duration::from_millis(config.allocation.bookkeeping_linger_ms),
         );
+        let session_ends =
+            crate::session_ends::SessionEnds::start(store.clone(), config.allocation.group_disconnect_reports);
         let core: SharedCore = Arc::new(Core {
             router,
             events,
@@ -192,6 +194,7 @@ impl Application {
             config: Arc::new(config),
             public_endpoint,
             bookkeeping,
+            session_ends,
             store: store.clone(),
             scaling: scaling.clone(),
             replica_id,

@@ -141,6 +141,10 @@ pub struct AllocationConfig {
     /// teardown) waits for more of its kind to write in the same batch. 0
     /// writes at once whatever is queued.
     pub bookkeeping_linger_ms: u64,
+    /// Write the session ends of concurrent ReportDisconnects in one
+    /// statement and commit (a group commit, no waiting). Off, each is
+    /// written alone.
+    pub group_disconnect_reports: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -279,6 +283,7 @@ impl Default for AllocationConfig {
             warm_app: "chrome".into(),
             warm_pool: true,
             bookkeeping_linger_ms: 5,
+            group_disconnect_reports: true,
         }
     }
 }

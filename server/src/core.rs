@@ -30,6 +30,8 @@ pub struct Core {
     pub cluster: Option<crate::cluster::RedisCluster>,
     /// Spawn and teardown confirmations, written in batches.
     pub bookkeeping: crate::bookkeeping::Bookkeeper,
+    /// ReportDisconnect's session ends, grouped into shared commits.
+    pub session_ends: crate::session_ends::SessionEnds,
 }
 
 pub type SharedCore = Arc<Core>;

@@ -16,7 +16,8 @@ use crate::{
     error::{ApiError, ApiResult},
     events::{Event, SessionChange},
     model::{EndReason, MandelboxState, SessionRecord, SessionState},
-    store::TokenEnd,
+    session_ends::SessionEnds,
+    store::{DisconnectReport, TokenEnd},
 };
 
 pub type SessionUpdates = Pin<Box<dyn Stream<Item = Result<SessionUpdate, tonic::Status>> + Send>>;
@@ -110,8 +111,9 @@ impl Sessions {
     /// Wrong or used tokens change nothing.
     pub async fn report_disconnect(&self, mandelbox_id: &str, token: &str) -> ApiResult<Uuid> {
         let id = parse_id(mandelbox_id, "mandelbox_id")?;
-        let reason = EndReason::ClientDisconnected;
-        match self.core.store.end_session_by_token(id, &mandelbox_token::hash(token), reason).await? {
+        let reason = SessionEnds::REASON;
+        let report = DisconnectReport { mandelbox_id: id, token_hash: mandelbox_token::hash(token) };
+        match self.core.session_ends.end_by_token(report).await? {
             TokenEnd::UnknownBox => Err(ApiError::BadMandelboxToken),
             TokenEnd::WrongToken => {
                 tracing::warn!(mandelbox_id = %id, "disconnect report with a wrong token");

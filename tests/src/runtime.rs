@@ -18,6 +18,8 @@ pub struct ObservedRuntime {
     tokens: Arc<Mutex<HashMap<String, String>>>,
     spawn_delay: Arc<Mutex<Duration>>,
     assign_delay: Arc<Mutex<Duration>>,
+    /// Teardown commands received, by box.
+    teardowns: Arc<Mutex<HashMap<String, usize>>>,
     exits: broadcast::Sender<ExitNotice>,
 }
 
@@ -44,6 +46,7 @@ impl ObservedRuntime {
             tokens: Arc::default(),
             spawn_delay: Arc::default(),
             assign_delay: Arc::default(),
+            teardowns: Arc::default(),
             exits,
         }
     }
@@ -65,6 +68,11 @@ impl ObservedRuntime {
     /// The disconnect token the control plane gave this box at spawn.
     pub fn token_of(&self, mandelbox_id: &str) -> Option<String> {
         self.tokens.lock().ok()?.get(mandelbox_id).cloned()
+    }
+
+    /// How many teardown commands the host received for this box.
+    pub fn teardowns_of(&self, mandelbox_id: &str) -> usize {
+        self.teardowns.lock().map(|teardowns| teardowns.get(mandelbox_id).copied().unwrap_or(0)).unwrap_or(0)
     }
 
     /// Makes every later spawn take this long.
@@ -97,6 +105,9 @@ impl MandelboxRuntime for ObservedRuntime {
     }
 
     async fn teardown(&self, mandelbox_id: &str) -> Result<(), RuntimeError> {
+        if let Ok(mut teardowns) = self.teardowns.lock() {
+            *teardowns.entry(mandelbox_id.to_owned()).or_default() += 1;
+        }
         self.inner.teardown(mandelbox_id).await
     }
 

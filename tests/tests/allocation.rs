@@ -2,10 +2,15 @@
 //! hostagents, real TCP connections to the mandelboxes.
 #![allow(clippy::unwrap_used)]
 
-use std::{collections::HashSet, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
 
 use switchboard::model::{EndReason, MandelboxState, SessionState};
-use switchboard_proto::v1::{AllocateRequest, EndSessionRequest, SessionState as WireState, WatchSessionRequest};
+use switchboard_proto::v1::{
+    AllocateRequest, EndSessionRequest, ReportDisconnectRequest, SessionState as WireState, WatchSessionRequest,
+};
 use switchboard_tests::{Backend, HostSpec, TestApp, TestOptions, app::reason, on_both_backends};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -111,6 +116,73 @@ async fn concurrent_allocations_never_share_a_box(backend: Backend) {
     assert_eq!(app.db.query_i64("SELECT count(*) FROM sessions WHERE state = 'RUNNING'").await.unwrap(), 100);
 }
 
+/// 40 sessions end at once, each reported three times with its box's token
+/// and once with another box's (a protocol server that retries, and a
+/// confused one), all concurrently: the reports are grouped into shared
+/// commits. Every session ends, every box is torn down once at its host, and
+/// the pool refills.
+async fn concurrent_disconnect_reports_end_each_session_once(backend: Backend) {
+    let hosts: Vec<HostSpec> = (1..=10).map(|i| HostSpec::new(&format!("host-{i}"), "us-east-1", 4)).collect();
+    let app = TestApp::spawn(backend, TestOptions { hosts, ..Default::default() }).await.unwrap();
+    app.wait_warm(40, Duration::from_secs(10)).await.unwrap();
+    let calls = (0..40).map(|i| {
+        let mut client = app.user_client(&format!("user-{i}"));
+        tokio::spawn(async move { client.allocate(request(&["us-east-1"])).await })
+    });
+    let mut sessions = Vec::new();
+    for call in futures::future::join_all(calls).await {
+        let response = call.unwrap().unwrap().into_inner();
+        assert_eq!(response.state, WireState::Running as i32);
+        sessions.push(response);
+    }
+    let token_of = |mandelbox_id: &str| {
+        app.hosts.iter().find_map(|(_, _, runtime)| runtime.token_of(mandelbox_id)).expect("the box's token")
+    };
+    let mut reports = Vec::new();
+    for (index, session) in sessions.iter().enumerate() {
+        let own = token_of(&session.mandelbox_id);
+        let other = token_of(&sessions[(index + 1) % sessions.len()].mandelbox_id);
+        for (token, own_token) in [(&own, true), (&other, false), (&own, true), (&own, true)] {
+            let mut events = app.session_events_client();
+            let request = ReportDisconnectRequest { mandelbox_id: session.mandelbox_id.clone(), token: token.clone() };
+            let session_id = session.session_id.clone();
+            reports.push(tokio::spawn(async move {
+                (session_id, own_token, events.report_disconnect(request).await.map(|response| response.into_inner()))
+            }));
+        }
+    }
+    let mut accepted: HashMap<String, usize> = HashMap::new();
+    for report in futures::future::join_all(reports).await {
+        let (session_id, own_token, result) = report.unwrap();
+        match result {
+            Ok(ended) => {
+                assert!(own_token, "another box's token was accepted");
+                assert_eq!(ended.session_id, session_id);
+                *accepted.entry(session_id).or_default() += 1;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+                assert_eq!(reason(&status), "BAD_MANDELBOX_TOKEN");
+            }
+        }
+    }
+    for session in &sessions {
+        assert!(
+            accepted.get(&session.session_id).is_some_and(|n| *n >= 1),
+            "no report of {} was accepted",
+            session.session_id
+        );
+        let stored = app.session(&session.session_id).await.unwrap();
+        assert_eq!((stored.state, stored.end_reason), (SessionState::Ended, Some(EndReason::ClientDisconnected)));
+    }
+    app.wait_warm(40, Duration::from_secs(10)).await.unwrap();
+    for session in &sessions {
+        let teardowns: usize =
+            app.hosts.iter().map(|(_, _, runtime)| runtime.teardowns_of(&session.mandelbox_id)).sum();
+        assert_eq!(teardowns, 1, "box {} torn down once", session.mandelbox_id);
+    }
+}
+
 /// With no warm box but one on the way, the session is PENDING and the
 /// client follows it to RUNNING with WatchSession, key included.
 async fn pending_session_is_fulfilled_and_watched(backend: Backend) {
@@ -189,6 +261,7 @@ async fn first_region_with_a_warm_box_wins(backend: Backend) {
 on_both_backends!(
     whole_loop,
     concurrent_allocations_never_share_a_box,
+    concurrent_disconnect_reports_end_each_session_once,
     pending_session_is_fulfilled_and_watched,
     user_session_limit,
     first_region_with_a_warm_box_wins,

@@ -12,8 +12,8 @@ use switchboard::model::{
     SessionState,
 };
 use switchboard::store::{
-    Claim, ClaimOutcome, DynStore, HeartbeatMark, MandelboxFilter, NewMandelbox, NewSession, Recycled,
-    ReportedMandelbox, SessionFilter, SpawnReport, StoreError, TokenEnd, TornDown,
+    Claim, ClaimOutcome, DisconnectReport, DynStore, HeartbeatMark, MandelboxFilter, NewMandelbox, NewSession,
+    Recycled, ReportedMandelbox, SessionFilter, SpawnReport, StoreError, TokenEnd, TornDown,
 };
 use switchboard_tests::db::TestDatabase;
 use uuid::Uuid;
@@ -1171,6 +1171,135 @@ mod contract {
         assert_eq!(box_state(&store, raced.mandelbox.id).await, MandelboxState::Dying);
     }
 
+    /// ReportDisconnect's group commit: a batch of reports, each answered
+    /// as `end_session_by_token` alone would answer it.
+    pub(crate) async fn end_sessions_by_token_answers_each_as_alone(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h1", "r1", "img", 20).await;
+        let reason = EndReason::ClientDisconnected;
+        let report = |id: Uuid| DisconnectReport { mandelbox_id: id, token_hash: format!("sha256-of-{id}") };
+        let running = running_session(&store, "h1", "r1", "u1").await;
+        let assigning = assigning_claim(&store, "h1", "u2", "r1").await;
+        let wrong_token = running_session(&store, "h1", "r1", "u3").await;
+        let already = running_session(&store, "h1", "r1", "u4").await;
+        store.end_session(already.session.id, EndReason::UserEnded).await.unwrap();
+        let second = running_session(&store, "h1", "r1", "u5").await;
+        let warm = warm_box(&store, "h1", APP).await;
+        let batch = [
+            report(running.mandelbox.id),
+            report(Uuid::new_v4()),
+            DisconnectReport { token_hash: "sha256-of-someone-else".into(), ..report(wrong_token.mandelbox.id) },
+            report(assigning.mandelbox.id),
+            report(already.mandelbox.id),
+            report(warm.id),
+            report(second.mandelbox.id),
+        ];
+        let ends = store.end_sessions_by_token(&batch, reason).await.unwrap();
+        assert_eq!(ends.len(), batch.len());
+        let ended = |index: usize, claim: &Claim| match &ends[index] {
+            TokenEnd::Ended { session_id, ended: Some(ended) } => {
+                assert_eq!(*session_id, claim.session.id);
+                assert!(ended.changed);
+                assert_eq!((ended.session.state, ended.session.end_reason), (SessionState::Ended, Some(reason)));
+                let teardown = ended.teardown.as_ref().expect("its box is torn down");
+                assert_eq!((teardown.id, teardown.state), (claim.mandelbox.id, MandelboxState::Dying));
+            }
+            other => panic!("report {index}: not ended: {other:?}"),
+        };
+        ended(0, &running);
+        assert_eq!(ends[1], TokenEnd::UnknownBox);
+        assert_eq!(ends[2], TokenEnd::WrongToken);
+        ended(3, &assigning);
+        assert_eq!(ends[4], TokenEnd::NoSession(MandelboxState::Dying));
+        assert_eq!(ends[5], TokenEnd::NoSession(MandelboxState::Waiting));
+        ended(6, &second);
+        assert_eq!(
+            session(&store, wrong_token.session.id).await.state,
+            SessionState::Running,
+            "a wrong token ends nothing"
+        );
+        assert_eq!(box_state(&store, warm.id).await, MandelboxState::Waiting);
+        assert_eq!(session(&store, already.session.id).await.end_reason, Some(EndReason::UserEnded));
+
+        // One box twice (a retried report): ended once, then told it is gone.
+        let retried = running_session(&store, "h1", "r1", "u6").await;
+        let twice = [report(retried.mandelbox.id), report(retried.mandelbox.id)];
+        let ends = store.end_sessions_by_token(&twice, reason).await.unwrap();
+        assert!(matches!(&ends[0], TokenEnd::Ended { ended: Some(_), .. }), "{ends:?}");
+        assert_eq!(ends[1], TokenEnd::NoSession(MandelboxState::Dying));
+        assert_eq!(store.end_sessions_by_token(&[], reason).await.unwrap(), Vec::new());
+    }
+
+    /// Batches of reports racing each other and EndSession over the same
+    /// sessions: every session ends once, with one teardown. A batch may
+    /// fail (two batches locking the same rows in different orders can
+    /// deadlock); what failed changed nothing.
+    pub(crate) async fn concurrent_disconnect_batches_end_each_session_once(_db: &TestDatabase, store: DynStore) {
+        const SESSIONS: usize = 24;
+        host(&store, "h1", "r1", "img", SESSIONS as u32).await;
+        let mut claims = Vec::new();
+        for user in 0..SESSIONS {
+            claims.push(running_session(&store, "h1", "r1", &format!("u{user}")).await);
+        }
+        let reports: Vec<DisconnectReport> = claims
+            .iter()
+            .map(|claim| DisconnectReport {
+                mandelbox_id: claim.mandelbox.id,
+                token_hash: format!("sha256-of-{}", claim.mandelbox.id),
+            })
+            .collect();
+        let mut batches = Vec::new();
+        for order in 0..4 {
+            let mut batch = reports.clone();
+            if order % 2 == 1 {
+                batch.reverse();
+            }
+            batch.rotate_left(order * 5);
+            let store = store.clone();
+            batches.push(tokio::spawn(async move {
+                store.end_sessions_by_token(&batch, EndReason::ClientDisconnected).await
+            }));
+        }
+        let mut singles = Vec::new();
+        for claim in claims.iter().step_by(3) {
+            let (store, id) = (store.clone(), claim.session.id);
+            singles.push(tokio::spawn(async move { store.end_session(id, EndReason::UserEnded).await }));
+        }
+        // Each session's ends that changed it, and the teardowns they returned.
+        let mut changed: std::collections::HashMap<Uuid, (usize, usize)> = Default::default();
+        for batch in batches {
+            let Ok(ends) = batch.await.unwrap() else { continue };
+            for end in ends {
+                if let TokenEnd::Ended { session_id, ended: Some(ended) } = end {
+                    let entry = changed.entry(session_id).or_default();
+                    entry.0 += 1;
+                    entry.1 += usize::from(ended.teardown.is_some());
+                }
+            }
+        }
+        for single in singles {
+            let ended = single.await.unwrap().unwrap().unwrap();
+            if ended.changed {
+                let entry = changed.entry(ended.session.id).or_default();
+                entry.0 += 1;
+                entry.1 += usize::from(ended.teardown.is_some());
+            }
+        }
+        // A session whose every batch failed is ended by one more report.
+        for (claim, report) in claims.iter().zip(&reports) {
+            if let std::collections::hash_map::Entry::Vacant(unended) = changed.entry(claim.session.id) {
+                let end =
+                    store.end_session_by_token(report.mandelbox_id, &report.token_hash, EndReason::ClientDisconnected);
+                assert!(matches!(end.await.unwrap(), TokenEnd::Ended { ended: Some(_), .. }));
+                unended.insert((1, 1));
+            }
+        }
+        for claim in &claims {
+            assert_eq!(changed[&claim.session.id], (1, 1), "session {} ended once, one teardown", claim.session.id);
+            assert_eq!(session(&store, claim.session.id).await.state, SessionState::Ended);
+            assert_eq!(box_state(&store, claim.mandelbox.id).await, MandelboxState::Dying);
+        }
+    }
+
     pub(crate) async fn concurrent_requests_of_one_user_respect_the_limit(_db: &TestDatabase, store: DynStore) {
         host(&store, "h1", "r1", "img", 20).await;
         for _ in 0..5 {
@@ -1715,6 +1844,8 @@ macro_rules! store_contract_suite {
             session_limit_counts_live_sessions,
             session_limit_frees_a_place_however_a_session_ends,
             end_session_by_token_checks_the_token_then_ends_once,
+            end_sessions_by_token_answers_each_as_alone,
+            concurrent_disconnect_batches_end_each_session_once,
             concurrent_requests_of_one_user_respect_the_limit,
             concurrent_claims_take_distinct_boxes,
             concurrent_ends_of_one_session_tear_down_once,

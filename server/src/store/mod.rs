@@ -49,6 +49,19 @@ async fn recycled_one_by_one<S: Store + ?Sized>(store: &S, torn_down: &[TornDown
     Ok(recycled)
 }
 
+/// `Store::end_sessions_by_token` as one call per report.
+async fn ended_one_by_one<S: Store + ?Sized>(
+    store: &S,
+    reports: &[DisconnectReport],
+    reason: EndReason,
+) -> StoreResult<Vec<TokenEnd>> {
+    let mut ends = Vec::with_capacity(reports.len());
+    for report in reports {
+        ends.push(store.end_session_by_token(report.mandelbox_id, &report.token_hash, reason).await?);
+    }
+    Ok(ends)
+}
+
 /// Shared handle to whichever store the process runs on.
 pub type DynStore = Arc<dyn Store>;
 
@@ -144,6 +157,14 @@ pub struct NewMandelbox {
 pub struct SpawnReport {
     pub id: Uuid,
     pub ports: Vec<PortSpec>,
+}
+
+/// A box's report that its client left (ReportDisconnect), for
+/// `end_sessions_by_token`: the box and the hash of the token it presented.
+#[derive(Debug, Clone)]
+pub struct DisconnectReport {
+    pub mandelbox_id: Uuid,
+    pub token_hash: String,
 }
 
 /// A host's confirmed teardown, for `recycle_torn_down_many`.
@@ -574,6 +595,19 @@ pub trait Store: Send + Sync + 'static {
         };
         let ended = self.end_session(session_id, reason).await?.filter(|ended| ended.changed).map(Box::new);
         Ok(TokenEnd::Ended { session_id, ended })
+    }
+
+    /// `end_session_by_token` for several reports at once (a group commit of
+    /// concurrent ReportDisconnects), one result per report in order, as if
+    /// each were applied alone. On `Err` nothing is promised about which were
+    /// applied; applying them again one by one is safe (a session already
+    /// ended is not ended twice).
+    async fn end_sessions_by_token(
+        &self,
+        reports: &[DisconnectReport],
+        reason: EndReason,
+    ) -> StoreResult<Vec<TokenEnd>> {
+        ended_one_by_one(self, reports, reason).await
     }
 
     async fn get_session(&self, id: Uuid) -> StoreResult<Option<SessionRecord>>;

@@ -35,9 +35,9 @@ use uuid::Uuid;
 use super::postgres_fleet as fleet;
 use super::rows::{self, host_columns, live_box_states, mandelbox_columns, now, session_columns};
 use super::{
-    Claim, ClaimOutcome, EndedSession, HeartbeatMark, MandelboxAuth, MandelboxFilter, NewMandelbox, NewSession,
-    Reconciliation, Recycled, ReportedMandelbox, SessionFilter, SpawnReport, Store, StoreError, StoreResult,
-    SweepOutcome, TokenEnd, TornDown, recycled_one_by_one, spawned_one_by_one,
+    Claim, ClaimOutcome, DisconnectReport, EndedSession, HeartbeatMark, MandelboxAuth, MandelboxFilter, NewMandelbox,
+    NewSession, Reconciliation, Recycled, ReportedMandelbox, SessionFilter, SpawnReport, Store, StoreError,
+    StoreResult, SweepOutcome, TokenEnd, TornDown, ended_one_by_one, recycled_one_by_one, spawned_one_by_one,
 };
 use crate::model::{
     EndReason, HostHello, HostRecord, HostState, HostSummary, InstanceRecord, InstanceState, Lease, MandelboxRecord,
@@ -197,11 +197,38 @@ struct SessionClaimRow {
 /// token matched, and what was ended (JSON objects, NULL if nothing was).
 #[derive(sqlx::FromRow)]
 struct TokenEndRow {
-    box_state: String,
+    /// NULL: no such box.
+    box_state: Option<String>,
     box_session_id: Option<Uuid>,
     token_ok: bool,
     ended_session: Option<Json<SessionRow>>,
     dying_box: Option<Json<MandelboxRow>>,
+}
+
+impl TokenEndRow {
+    fn into_token_end(self) -> StoreResult<TokenEnd> {
+        let Some(box_state) = self.box_state else {
+            return Ok(TokenEnd::UnknownBox);
+        };
+        if !self.token_ok {
+            return Ok(TokenEnd::WrongToken);
+        }
+        let state = rows::parse_enum("mandelboxes.state", &box_state, MandelboxState::parse)?;
+        let session_id = match TokenEnd::session_to_end(state, self.box_session_id) {
+            Ok(session_id) => session_id,
+            Err(no_session) => return Ok(no_session),
+        };
+        let ended = match self.ended_session {
+            Some(Json(session)) => Some(Box::new(EndedSession {
+                session: session.into_record()?,
+                teardown: self.dying_box.map(|Json(mandelbox)| mandelbox.into_record()).transpose()?,
+                changed: true,
+            })),
+            // Ended by someone else between the box's read and the update.
+            None => None,
+        };
+        Ok(TokenEnd::Ended { session_id, ended })
+    }
 }
 
 /// `recycle_torn_down`'s row.
@@ -1539,27 +1566,67 @@ impl Store for PgStore {
         .bind(at)
         .fetch_optional(&self.pool)
         .await?;
-        let Some(row) = row else {
-            return Ok(TokenEnd::UnknownBox);
-        };
-        if !row.token_ok {
-            return Ok(TokenEnd::WrongToken);
+        match row {
+            Some(row) => row.into_token_end(),
+            None => Ok(TokenEnd::UnknownBox),
         }
-        let state = rows::parse_enum("mandelboxes.state", &row.box_state, MandelboxState::parse)?;
-        let session_id = match TokenEnd::session_to_end(state, row.box_session_id) {
-            Ok(session_id) => session_id,
-            Err(no_session) => return Ok(no_session),
-        };
-        let ended = match row.ended_session {
-            Some(Json(session)) => Some(Box::new(EndedSession {
-                session: session.into_record()?,
-                teardown: row.dying_box.map(|Json(mandelbox)| mandelbox.into_record()).transpose()?,
-                changed: true,
-            })),
-            // Ended by someone else between the box's read and the update.
-            None => None,
-        };
-        Ok(TokenEnd::Ended { session_id, ended })
+    }
+
+    async fn end_sessions_by_token(
+        &self,
+        reports: &[DisconnectReport],
+        reason: EndReason,
+    ) -> StoreResult<Vec<TokenEnd>> {
+        let distinct: std::collections::HashSet<Uuid> = reports.iter().map(|report| report.mandelbox_id).collect();
+        // One box twice in a batch would join its session twice below, and
+        // only one of its rows would be told the session was ended.
+        if reports.len() < 2 || distinct.len() != reports.len() {
+            return ended_one_by_one(self, reports, reason).await;
+        }
+        let at = now();
+        // `end_session_by_token` row by row, in one statement and so one
+        // commit for the batch: each box and its token, then the sessions of
+        // the boxes whose token matched, then those boxes → DYING. The
+        // CTEs' columns are renamed so that the session's and the box's
+        // columns can be returned unqualified.
+        let rows = sqlx::query_as::<_, TokenEndRow>(concat!(
+            "WITH input AS ( \
+                 SELECT * FROM unnest($1::uuid[], $2::text[]) WITH ORDINALITY AS i(id, token_hash, n) \
+             ), auth AS ( \
+                 SELECT i.n AS a_n, m.id AS a_box, m.state AS a_state, m.session_id AS a_session, \
+                        m.token_hash = i.token_hash AS a_token_ok \
+                 FROM input i JOIN mandelboxes m ON m.id = i.id \
+             ), ended AS ( \
+                 UPDATE sessions s SET state = 'ENDED', end_reason = $3, ended_at = $4, updated_at = $4 \
+                 FROM auth a \
+                 WHERE s.id = a.a_session AND a.a_token_ok AND a.a_state IN ('ALLOCATED', 'RUNNING') \
+                   AND s.ended_at IS NULL \
+                 RETURNING a.a_n AS e_n, a.a_box AS e_box, ",
+            session_columns!(),
+            "), dying AS ( \
+                 UPDATE mandelboxes m SET state = 'DYING', updated_at = $4 \
+                 FROM (SELECT e_n, e_box, id AS e_session FROM ended) e \
+                 WHERE m.id = e.e_box AND m.session_id = e.e_session AND m.state IN ",
+            live_box_states!(),
+            " RETURNING e.e_n AS d_n, ",
+            mandelbox_columns!(),
+            ") SELECT a.a_state AS box_state, a.a_session AS box_session_id, \
+                 COALESCE(a.a_token_ok, false) AS token_ok, \
+                 CASE WHEN e.id IS NULL THEN NULL ELSE to_jsonb(e) END AS ended_session, \
+                 CASE WHEN d.id IS NULL THEN NULL ELSE to_jsonb(d) END AS dying_box \
+             FROM input i LEFT JOIN auth a ON a.a_n = i.n LEFT JOIN ended e ON e.e_n = i.n \
+             LEFT JOIN dying d ON d.d_n = i.n ORDER BY i.n"
+        ))
+        .bind(reports.iter().map(|report| report.mandelbox_id).collect::<Vec<_>>())
+        .bind(reports.iter().map(|report| report.token_hash.as_str()).collect::<Vec<_>>())
+        .bind(reason.as_str())
+        .bind(at)
+        .fetch_all(&self.pool)
+        .await?;
+        if rows.len() != reports.len() {
+            return Err(StoreError::Corrupt("a disconnect batch returned the wrong number of rows".into()));
+        }
+        rows.into_iter().map(TokenEndRow::into_token_end).collect()
     }
 
     async fn get_session(&self, id: Uuid) -> StoreResult<Option<SessionRecord>> {

@@ -24,9 +24,9 @@ use uuid::Uuid;
 use super::rows::{self, host_columns, live_box_states, mandelbox_columns, now, session_columns};
 use super::sqlite_fleet as fleet;
 use super::{
-    Claim, ClaimOutcome, EndedSession, HeartbeatMark, MandelboxAuth, MandelboxFilter, NewMandelbox, NewSession,
-    Reconciliation, Recycled, ReportedMandelbox, SessionFilter, SpawnReport, Store, StoreError, StoreResult,
-    SweepOutcome, TornDown,
+    Claim, ClaimOutcome, DisconnectReport, EndedSession, HeartbeatMark, MandelboxAuth, MandelboxFilter, NewMandelbox,
+    NewSession, Reconciliation, Recycled, ReportedMandelbox, SessionFilter, SpawnReport, Store, StoreError,
+    StoreResult, SweepOutcome, TokenEnd, TornDown,
 };
 use crate::model::{
     EndReason, HostHello, HostRecord, HostState, HostSummary, InstanceRecord, InstanceState, Lease, MandelboxRecord,
@@ -334,6 +334,84 @@ async fn end_sessions_on(
     let mut ended = sessions(rows)?;
     ended.sort_by_key(|session| (session.created_at, session.id));
     Ok(ended)
+}
+
+/// `Store::end_session` inside the caller's write transaction.
+async fn ended_in(
+    conn: &mut SqliteConnection,
+    session_id: Uuid,
+    reason: EndReason,
+    at: DateTime<Utc>,
+) -> StoreResult<Option<EndedSession>> {
+    // The common case in one statement; a session already ended (or
+    // unknown) is told apart afterwards.
+    let ended = sqlx::query_as::<_, SessionRow>(concat!(
+        "UPDATE sessions SET state = 'ENDED', end_reason = ?2, ended_at = ?3, updated_at = ?3 \
+         WHERE id = ?1 AND state <> 'ENDED' RETURNING ",
+        session_columns!()
+    ))
+    .bind(session_id.to_string())
+    .bind(reason.as_str())
+    .bind(micros(at))
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(session) = ended else {
+        return Ok(select_session(&mut *conn, session_id).await?.map(|session| EndedSession {
+            session,
+            teardown: None,
+            changed: false,
+        }));
+    };
+    let session = session.into_record()?;
+    let teardown = match session.mandelbox_id {
+        Some(mandelbox_id) => sqlx::query_as::<_, MandelboxRow>(concat!(
+            "UPDATE mandelboxes SET state = 'DYING', updated_at = ?3 \
+             WHERE id = ?1 AND session_id = ?2 AND state IN ",
+            live_box_states!(),
+            " RETURNING ",
+            mandelbox_columns!()
+        ))
+        .bind(mandelbox_id.to_string())
+        .bind(session_id.to_string())
+        .bind(micros(at))
+        .fetch_optional(&mut *conn)
+        .await?
+        .map(MandelboxRow::into_record)
+        .transpose()?,
+        None => None,
+    };
+    Ok(Some(EndedSession { session, teardown, changed: true }))
+}
+
+/// `Store::end_session_by_token` inside the caller's write transaction.
+async fn ended_by_token_in(
+    conn: &mut SqliteConnection,
+    mandelbox_id: Uuid,
+    token_hash: &str,
+    reason: EndReason,
+    at: DateTime<Utc>,
+) -> StoreResult<TokenEnd> {
+    let Some(auth) = sqlx::query_as::<_, MandelboxAuthRow>(concat!(
+        "SELECT ",
+        mandelbox_columns!(),
+        ", token_hash FROM mandelboxes WHERE id = ?1"
+    ))
+    .bind(mandelbox_id.to_string())
+    .fetch_optional(&mut *conn)
+    .await?
+    else {
+        return Ok(TokenEnd::UnknownBox);
+    };
+    if !crate::auth::mandelbox_token::hashes_match(token_hash, &auth.token_hash) {
+        return Ok(TokenEnd::WrongToken);
+    }
+    let mandelbox = auth.mandelbox.into_record()?;
+    let session_id = match TokenEnd::session_to_end(mandelbox.state, mandelbox.session_id) {
+        Ok(session_id) => session_id,
+        Err(no_session) => return Ok(no_session),
+    };
+    let ended = ended_in(conn, session_id, reason, at).await?.filter(|ended| ended.changed).map(Box::new);
+    Ok(TokenEnd::Ended { session_id, ended })
 }
 
 /// The claim statement up to its RETURNING clause. Loadgen's "bare claim"
@@ -1277,47 +1355,40 @@ impl Store for SqliteStore {
     }
 
     async fn end_session(&self, session_id: Uuid, reason: EndReason) -> StoreResult<Option<EndedSession>> {
+        let mut tx = self.begin_write().await?;
+        let ended = ended_in(&mut tx, session_id, reason, now()).await?;
+        tx.commit().await?;
+        Ok(ended)
+    }
+
+    async fn end_session_by_token(
+        &self,
+        mandelbox_id: Uuid,
+        token_hash: &str,
+        reason: EndReason,
+    ) -> StoreResult<TokenEnd> {
+        // The check and the end in one write transaction: one hand-off to
+        // the writer instead of a read and then a write.
+        let mut tx = self.begin_write().await?;
+        let end = ended_by_token_in(&mut tx, mandelbox_id, token_hash, reason, now()).await?;
+        tx.commit().await?;
+        Ok(end)
+    }
+
+    async fn end_sessions_by_token(
+        &self,
+        reports: &[DisconnectReport],
+        reason: EndReason,
+    ) -> StoreResult<Vec<TokenEnd>> {
+        // One write transaction for the batch, each report as alone.
         let at = now();
         let mut tx = self.begin_write().await?;
-        // The common case in one statement; a session already ended (or
-        // unknown) is told apart afterwards.
-        let ended = sqlx::query_as::<_, SessionRow>(concat!(
-            "UPDATE sessions SET state = 'ENDED', end_reason = ?2, ended_at = ?3, updated_at = ?3 \
-             WHERE id = ?1 AND state <> 'ENDED' RETURNING ",
-            session_columns!()
-        ))
-        .bind(session_id.to_string())
-        .bind(reason.as_str())
-        .bind(micros(at))
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(session) = ended else {
-            return Ok(select_session(&mut tx, session_id).await?.map(|session| EndedSession {
-                session,
-                teardown: None,
-                changed: false,
-            }));
-        };
-        let session = session.into_record()?;
-        let teardown = match session.mandelbox_id {
-            Some(mandelbox_id) => sqlx::query_as::<_, MandelboxRow>(concat!(
-                "UPDATE mandelboxes SET state = 'DYING', updated_at = ?3 \
-                 WHERE id = ?1 AND session_id = ?2 AND state IN ",
-                live_box_states!(),
-                " RETURNING ",
-                mandelbox_columns!()
-            ))
-            .bind(mandelbox_id.to_string())
-            .bind(session_id.to_string())
-            .bind(micros(at))
-            .fetch_optional(&mut *tx)
-            .await?
-            .map(MandelboxRow::into_record)
-            .transpose()?,
-            None => None,
-        };
+        let mut ends = Vec::with_capacity(reports.len());
+        for report in reports {
+            ends.push(ended_by_token_in(&mut tx, report.mandelbox_id, &report.token_hash, reason, at).await?);
+        }
         tx.commit().await?;
-        Ok(Some(EndedSession { session, teardown, changed: true }))
+        Ok(ends)
     }
 
     async fn get_session(&self, id: Uuid) -> StoreResult<Option<SessionRecord>> {

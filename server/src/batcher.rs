@@ -1,0 +1,139 @@
+//! A queue and the task that runs what has queued in batches: the warm
+//! pool's bookkeeping (`crate::bookkeeping`) and ReportDisconnect's group
+//! commit (`crate::session_ends`).
+//!
+//! The task takes the first item, then whatever else arrives within the
+//! linger (with no linger: whatever is already queued, so a batch is what
+//! queued while the previous one was written), up to `MAX_BATCH`, and runs
+//! them in one call that returns one output per item.
+
+use std::{future::Future, time::Duration};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+/// Most items run in one batch (one statement's parameter arrays).
+const MAX_BATCH: usize = 256;
+/// Items queued before submitters wait for the task (backpressure).
+const QUEUE_DEPTH: usize = 4_096;
+
+/// A queue of `I` and the task that runs them in batches, one `O` per `I`.
+pub(crate) struct Batcher<I, O> {
+    queue: mpsc::Sender<(I, oneshot::Sender<O>)>,
+}
+
+impl<I, O> Clone for Batcher<I, O> {
+    fn clone(&self) -> Self {
+        Batcher { queue: self.queue.clone() }
+    }
+}
+
+impl<I: Send + Clone + 'static, O: Send + 'static> Batcher<I, O> {
+    pub(crate) fn start<F, Fut>(linger: Duration, run: F) -> Batcher<I, O>
+    where
+        F: Fn(Vec<I>) -> Fut + Send + 'static,
+        Fut: Future<Output = Vec<O>> + Send + 'static,
+    {
+        let (queue, receiver) = mpsc::channel(QUEUE_DEPTH);
+        tokio::spawn(run_batches(receiver, linger, run));
+        Batcher { queue }
+    }
+
+    /// Runs `item` in a batch and returns its output; gives the item back if
+    /// the batch task is gone (or dropped it), for the caller to run alone.
+    pub(crate) async fn submit(&self, item: I) -> Result<O, I> {
+        let (reply, output) = oneshot::channel();
+        if let Err(mpsc::error::SendError((item, _))) = self.queue.send((item.clone(), reply)).await {
+            return Err(item);
+        }
+        output.await.map_err(|_| item)
+    }
+}
+
+async fn run_batches<I, O, F, Fut>(mut queue: mpsc::Receiver<(I, oneshot::Sender<O>)>, linger: Duration, run: F)
+where
+    F: Fn(Vec<I>) -> Fut,
+    Fut: Future<Output = Vec<O>>,
+{
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = queue.recv().await {
+        batch.push(first);
+        let deadline = Instant::now() + linger;
+        while batch.len() < MAX_BATCH {
+            let next = if linger.is_zero() {
+                queue.try_recv().ok()
+            } else {
+                tokio::select! {
+                    next = queue.recv() => next,
+                    () = tokio::time::sleep_until(deadline) => None,
+                }
+            };
+            match next {
+                Some(item) => batch.push(item),
+                None => break,
+            }
+        }
+        let (items, replies): (Vec<I>, Vec<oneshot::Sender<O>>) = batch.drain(..).unzip();
+        tracing::trace!(items = items.len(), "batch");
+        // A reply whose caller has gone (dropped its future) is not an error.
+        for (reply, output) in replies.into_iter().zip(run(items).await) {
+            let _ = reply.send(output);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// Runs a batcher whose task records the size of each batch and doubles
+    /// each item.
+    fn doubling(linger: Duration) -> (Batcher<u32, u32>, Arc<Mutex<Vec<usize>>>) {
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let recorded = sizes.clone();
+        let batcher = Batcher::start(linger, move |items: Vec<u32>| {
+            let recorded = recorded.clone();
+            async move {
+                recorded.lock().map(|mut sizes| sizes.push(items.len())).ok();
+                items.into_iter().map(|item| item * 2).collect::<Vec<_>>()
+            }
+        });
+        (batcher, sizes)
+    }
+
+    #[tokio::test]
+    async fn concurrent_items_share_a_batch_and_each_gets_its_own_output() {
+        let (batcher, sizes) = doubling(Duration::from_millis(50));
+        let submits: Vec<_> = (0..10)
+            .map(|item| {
+                let batcher = batcher.clone();
+                tokio::spawn(async move { batcher.submit(item).await })
+            })
+            .collect();
+        let mut outputs = Vec::new();
+        for submit in submits {
+            outputs.push(submit.await.ok().and_then(Result::ok));
+        }
+        assert_eq!(outputs, (0..10).map(|item| Some(item * 2)).collect::<Vec<_>>());
+        assert_eq!(*sizes.lock().unwrap(), vec![10]);
+    }
+
+    #[tokio::test]
+    async fn without_linger_a_lone_item_is_written_at_once() {
+        let (batcher, sizes) = doubling(Duration::ZERO);
+        assert_eq!(batcher.submit(21).await.ok(), Some(42));
+        assert_eq!(batcher.submit(4).await.ok(), Some(8));
+        assert_eq!(*sizes.lock().unwrap(), vec![1, 1]);
+    }
+
+    #[tokio::test]
+    async fn an_item_the_task_drops_comes_back_to_the_caller() {
+        // A task that returns no outputs drops every reply.
+        let batcher: Batcher<u32, u32> = Batcher::start(Duration::ZERO, |_items: Vec<u32>| async { Vec::new() });
+        assert_eq!(batcher.submit(7).await.err(), Some(7));
+    }
+}

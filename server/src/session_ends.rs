@@ -1,0 +1,74 @@
+//! ReportDisconnect's session ends, written as a group commit.
+//!
+//! Ending a session on a disconnect report is one statement and one flushed
+//! commit that the reporting box waits for: after the claim, the largest
+//! part of an allocation cycle. Reports that arrive while one is being
+//! written queue up, and the next write takes all of them in one statement
+//! or transaction (`Store::end_sessions_by_token`) and one commit. There is
+//! no linger: a lone report is written at once, so a quiet system pays
+//! nothing, and under load a batch is whatever queued during the previous
+//! write.
+//!
+//! A batch that fails is written again one by one, so each report gets its
+//! own result (ending an already ended session changes nothing). With
+//! `allocation.group_disconnect_reports = false` every report goes straight
+//! to the store.
+
+use crate::batcher::Batcher;
+use crate::model::EndReason;
+use crate::store::{DisconnectReport, DynStore, StoreResult, TokenEnd};
+
+/// ReportDisconnect's writes, grouped (cheap to clone).
+#[derive(Clone)]
+pub struct SessionEnds {
+    store: DynStore,
+    /// None: every report written alone.
+    group: Option<Batcher<DisconnectReport, StoreResult<TokenEnd>>>,
+}
+
+impl SessionEnds {
+    /// The reason every session ended here gets.
+    pub const REASON: EndReason = EndReason::ClientDisconnected;
+
+    /// Starts the writer task when `grouped`; it stops when the last clone is
+    /// dropped, once it has written what was queued.
+    pub fn start(store: DynStore, grouped: bool) -> SessionEnds {
+        let group = grouped.then(|| {
+            let store = store.clone();
+            Batcher::start(std::time::Duration::ZERO, move |reports: Vec<DisconnectReport>| {
+                let store = store.clone();
+                async move {
+                    match store.end_sessions_by_token(&reports, SessionEnds::REASON).await {
+                        Ok(ends) if ends.len() == reports.len() => return ends.into_iter().map(Ok).collect(),
+                        Ok(_) => {}
+                        Err(error) => {
+                            tracing::warn!(reports = reports.len(), %error, "disconnect batch failed; writing one by one");
+                        }
+                    }
+                    let mut ends = Vec::with_capacity(reports.len());
+                    for report in &reports {
+                        ends.push(alone(&store, report).await);
+                    }
+                    ends
+                }
+            })
+        });
+        SessionEnds { store, group }
+    }
+
+    /// `Store::end_session_by_token` with `ClientDisconnected`, in the next
+    /// group.
+    pub async fn end_by_token(&self, report: DisconnectReport) -> StoreResult<TokenEnd> {
+        let Some(group) = &self.group else {
+            return alone(&self.store, &report).await;
+        };
+        match group.submit(report).await {
+            Ok(end) => end,
+            Err(report) => alone(&self.store, &report).await,
+        }
+    }
+}
+
+async fn alone(store: &DynStore, report: &DisconnectReport) -> StoreResult<TokenEnd> {
+    store.end_session_by_token(report.mandelbox_id, &report.token_hash, SessionEnds::REASON).await
+}
