@@ -576,7 +576,8 @@ pub trait Store: Send + Sync + 'static {
     /// Ends the session on box `mandelbox_id` if `token_hash` is the hash of
     /// the box's token and the box is assigned (ALLOCATED or RUNNING), as
     /// `end_session` does. PostgreSQL does the check and the end in one
-    /// statement; this default takes two calls.
+    /// statement, SQLite in one write transaction; this default takes two
+    /// calls.
     async fn end_session_by_token(
         &self,
         mandelbox_id: Uuid,
