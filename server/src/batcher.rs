@@ -17,6 +17,23 @@ const MAX_BATCH: usize = 256;
 /// Items queued before submitters wait for the task (backpressure).
 const QUEUE_DEPTH: usize = 4_096;
 
+/// A batch's results, one per item, if the batch was written as a whole;
+/// None (logged if it failed) when it must be written again one by one.
+pub(crate) fn whole<T, E: std::fmt::Display>(
+    outcome: Result<Vec<T>, E>,
+    items: usize,
+    kind: &str,
+) -> Option<Vec<Result<T, E>>> {
+    match outcome {
+        Ok(results) if results.len() == items => Some(results.into_iter().map(Ok).collect()),
+        Ok(_) => None,
+        Err(error) => {
+            tracing::warn!(kind, items, %error, "batch failed; writing one by one");
+            None
+        }
+    }
+}
+
 /// A queue of `I` and the task that runs them in batches, one `O` per `I`.
 pub(crate) struct Batcher<I, O> {
     queue: mpsc::Sender<(I, oneshot::Sender<O>)>,

@@ -19,7 +19,7 @@
 
 use std::time::Duration;
 
-use crate::batcher::Batcher;
+use crate::batcher::{Batcher, whole};
 
 use crate::model::MandelboxRecord;
 use crate::store::{DynStore, Recycled, SpawnReport, StoreResult, TornDown};
@@ -84,19 +84,6 @@ impl Bookkeeper {
         match self.torn_down.submit(item).await {
             Ok(result) => result,
             Err(item) => recycled_alone(&self.store, &item).await,
-        }
-    }
-}
-
-/// A batch's results, one per item, if the batch was written as a whole;
-/// None (logged if it failed) when it must be written again one by one.
-fn whole<T>(outcome: StoreResult<Vec<T>>, items: usize, kind: &str) -> Option<Vec<StoreResult<T>>> {
-    match outcome {
-        Ok(results) if results.len() == items => Some(results.into_iter().map(Ok).collect()),
-        Ok(_) => None,
-        Err(error) => {
-            tracing::warn!(kind, boxes = items, %error, "bookkeeping batch failed; writing one by one");
-            None
         }
     }
 }

@@ -14,7 +14,7 @@
 //! `allocation.group_disconnect_reports = false` every report goes straight
 //! to the store.
 
-use crate::batcher::Batcher;
+use crate::batcher::{Batcher, whole};
 use crate::model::EndReason;
 use crate::store::{DisconnectReport, DynStore, StoreResult, TokenEnd};
 
@@ -38,12 +38,12 @@ impl SessionEnds {
             Batcher::start(std::time::Duration::ZERO, move |reports: Vec<DisconnectReport>| {
                 let store = store.clone();
                 async move {
-                    match store.end_sessions_by_token(&reports, SessionEnds::REASON).await {
-                        Ok(ends) if ends.len() == reports.len() => return ends.into_iter().map(Ok).collect(),
-                        Ok(_) => {}
-                        Err(error) => {
-                            tracing::warn!(reports = reports.len(), %error, "disconnect batch failed; writing one by one");
-                        }
+                    if let Some(ends) = whole(
+                        store.end_sessions_by_token(&reports, SessionEnds::REASON).await,
+                        reports.len(),
+                        "disconnect",
+                    ) {
+                        return ends;
                     }
                     let mut ends = Vec::with_capacity(reports.len());
                     for report in &reports {
