@@ -114,6 +114,10 @@ struct RunArgs {
     /// "before" of the group commit, for same-day comparisons.
     #[arg(long)]
     separate_disconnects: bool,
+    /// How many group commits of ReportDisconnects the server and the store
+    /// cycle write at once (`allocation.disconnect_writers`).
+    #[arg(long, default_value_t = switchboard::config::AllocationConfig::default().disconnect_writers)]
+    disconnect_writers: usize,
     #[arg(long, env = "SWITCHBOARD_TEST_POSTGRES_URL", default_value = DEFAULT_POSTGRES)]
     postgres_url: String,
     #[arg(long, default_value = "target/loadgen")]
@@ -121,6 +125,10 @@ struct RunArgs {
 }
 
 impl RunArgs {
+    fn disconnects(&self) -> server::Disconnects {
+        server::Disconnects { separate: self.separate_disconnects, writers: self.disconnect_writers }
+    }
+
     fn smoke(out: PathBuf, postgres_url: String) -> RunArgs {
         RunArgs {
             backends: vec![Backend::Postgres, Backend::Sqlite],
@@ -141,6 +149,7 @@ impl RunArgs {
             failure_hosts: 2,
             failure_heartbeat_ms: 200,
             separate_disconnects: false,
+            disconnect_writers: switchboard::config::AllocationConfig::default().disconnect_writers,
             postgres_url,
             out,
         }
@@ -226,7 +235,7 @@ async fn run_backend(
         let db = TempDb::create(backend, &args.postgres_url).await?;
         let outcome = async {
             let server =
-                ServerProcess::start(db.url(), &secret, args.fleet_heartbeat_ms, 1, args.separate_disconnects).await?;
+                ServerProcess::start(db.url(), &secret, args.fleet_heartbeat_ms, 1, args.disconnects()).await?;
             let settings = FleetSettings {
                 hosts: args.fleet_hosts,
                 per_process: args.fleet_per_process,
@@ -248,8 +257,7 @@ async fn run_backend(
         let db = TempDb::create(backend, &args.postgres_url).await?;
         let outcome = async {
             let server =
-                ServerProcess::start(db.url(), &secret, args.failure_heartbeat_ms, 1, args.separate_disconnects)
-                    .await?;
+                ServerProcess::start(db.url(), &secret, args.failure_heartbeat_ms, 1, args.disconnects()).await?;
             let failure = scenarios::failure_detection(
                 &server.info,
                 &secret,
@@ -279,7 +287,7 @@ async fn allocation_scenarios(
     progress: &Progress,
 ) -> anyhow::Result<()> {
     let wants = |scenario| args.scenarios.contains(&scenario);
-    let server = ServerProcess::start(db.url(), secret, 5_000, max_clients, args.separate_disconnects).await?;
+    let server = ServerProcess::start(db.url(), secret, 5_000, max_clients, args.disconnects()).await?;
     let observatory = runtime::Observatory::new();
     let outcome = async {
         let agents = scenarios::start_agents(&server.info, secret, args.hosts, args.capacity, &observatory).await?;
@@ -318,7 +326,7 @@ async fn allocation_scenarios(
             // must be warm first: a replacement still spawning after the
             // allocation points would be claimed later without its token.
             scenarios::wait_warm(&mut admin, boxes, warm_timeout).await?;
-            let cycle = store_cycle::StoreCycle::prepare(backend, db.url(), !args.separate_disconnects).await?;
+            let cycle = store_cycle::StoreCycle::prepare(backend, db.url(), args.disconnects()).await?;
             for &clients in &args.clients {
                 scenarios::wait_warm(&mut admin, boxes, warm_timeout).await?;
                 scenarios::analyze(backend, db.url()).await?;

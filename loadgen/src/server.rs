@@ -57,6 +57,18 @@ pub(crate) struct ServeArgs {
     /// `allocation.group_disconnect_reports = false`.
     #[arg(long)]
     pub(crate) separate_disconnects: bool,
+    /// `allocation.disconnect_writers`.
+    #[arg(long, default_value_t = switchboard::config::AllocationConfig::default().disconnect_writers)]
+    pub(crate) disconnect_writers: usize,
+}
+
+/// How the server under test writes ReportDisconnect's session ends.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Disconnects {
+    /// `allocation.group_disconnect_reports = false`.
+    pub(crate) separate: bool,
+    /// `allocation.disconnect_writers`.
+    pub(crate) writers: usize,
 }
 
 /// Child side: runs the control plane until stdin closes.
@@ -77,6 +89,7 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.billing.provider = "dev".into();
     config.shutdown_grace_ms = 2_000;
     config.allocation.group_disconnect_reports = !args.separate_disconnects;
+    config.allocation.disconnect_writers = args.disconnect_writers;
     let issuer = Arc::new(DevIssuer::generate(&config.auth.issuer, &config.auth.audience)?);
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let app = Application::build_with_store(
@@ -174,13 +187,14 @@ impl ServerProcess {
         secret: &str,
         heartbeat_ms: u64,
         users: usize,
-        separate_disconnects: bool,
+        disconnects: Disconnects,
     ) -> anyhow::Result<ServerProcess> {
         let exe = std::env::current_exe()?;
         let mut child = Command::new(exe)
             .args(["serve", "--db", db_url, "--heartbeat-ms", &heartbeat_ms.to_string()])
             .args(["--users", &users.to_string()])
-            .args(separate_disconnects.then_some("--separate-disconnects"))
+            .args(disconnects.separate.then_some("--separate-disconnects"))
+            .args(["--disconnect-writers", &disconnects.writers.to_string()])
             .env("LOADGEN_HOST_SECRET", secret)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -79,13 +79,17 @@ pub(crate) struct StoreCycle {
 impl StoreCycle {
     /// Opens a store on `url` (migrated already by the server) with the pool
     /// a server gets from its configuration, and reads the token hashes of the
-    /// warm boxes. `group_disconnects`: `allocation.group_disconnect_reports`.
-    pub(crate) async fn prepare(backend: Backend, url: &str, group_disconnects: bool) -> anyhow::Result<StoreCycle> {
+    /// warm boxes, writing disconnects as the server under test does.
+    pub(crate) async fn prepare(
+        backend: Backend,
+        url: &str,
+        disconnects: crate::server::Disconnects,
+    ) -> anyhow::Result<StoreCycle> {
         let config = switchboard::config::Config::default();
         let store = switchboard::store::connect_with(url, config.database.max_connections).await?;
         let bookkeeping =
             Bookkeeper::start(store.clone(), Duration::from_millis(config.allocation.bookkeeping_linger_ms));
-        let session_ends = SessionEnds::start(store.clone(), group_disconnects);
+        let session_ends = SessionEnds::start(store.clone(), !disconnects.separate, disconnects.writers);
         const WAITING: &str = "SELECT id, token_hash FROM mandelboxes WHERE state = 'WAITING'";
         let mut tokens = HashMap::new();
         match backend {

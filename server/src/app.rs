@@ -184,8 +184,11 @@ impl Application {
             store.clone(),
             Duration::from_millis(config.allocation.bookkeeping_linger_ms),
         );
-        let session_ends =
-            crate::session_ends::SessionEnds::start(store.clone(), config.allocation.group_disconnect_reports);
+        let session_ends = crate::session_ends::SessionEnds::start(
+            store.clone(),
+            config.allocation.group_disconnect_reports,
+            config.allocation.disconnect_writers,
+        );
         let core: SharedCore = Arc::new(Core {
             router,
             events,

@@ -2,14 +2,19 @@
 //! pool's bookkeeping (`crate::bookkeeping`) and ReportDisconnect's group
 //! commit (`crate::session_ends`).
 //!
-//! The task takes the first item, then whatever else arrives within the
+//! A writer takes the first item, then whatever else arrives within the
 //! linger (with no linger: whatever is already queued, so a batch is what
 //! queued while the previous one was written), up to `MAX_BATCH`, and runs
 //! them in one call that returns one output per item.
+//!
+//! There may be several writers on one queue. While one writes its batch the
+//! next waits at the queue, so an item that arrives then is taken at once
+//! instead of waiting for that batch's commit; items that arrive while every
+//! writer is busy make up the next batch.
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::time::Instant;
 
 /// Most items run in one batch (one statement's parameter arrays).
@@ -46,13 +51,28 @@ impl<I, O> Clone for Batcher<I, O> {
 }
 
 impl<I: Send + Clone + 'static, O: Send + 'static> Batcher<I, O> {
+    /// One writer.
     pub(crate) fn start<F, Fut>(linger: Duration, run: F) -> Batcher<I, O>
     where
-        F: Fn(Vec<I>) -> Fut + Send + 'static,
+        F: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Vec<O>> + Send + 'static,
+    {
+        Batcher::start_writers(1, linger, run)
+    }
+
+    /// `writers` tasks (at least one) taking batches from one queue, each
+    /// running its batch while the others take the next.
+    pub(crate) fn start_writers<F, Fut>(writers: usize, linger: Duration, run: F) -> Batcher<I, O>
+    where
+        F: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Vec<O>> + Send + 'static,
     {
         let (queue, receiver) = mpsc::channel(QUEUE_DEPTH);
-        tokio::spawn(run_batches(receiver, linger, run));
+        let receiver = Arc::new(Mutex::new(receiver));
+        let run = Arc::new(run);
+        for _ in 0..writers.max(1) {
+            tokio::spawn(write_batches(receiver.clone(), linger, run.clone()));
+        }
         Batcher { queue }
     }
 
@@ -67,27 +87,35 @@ impl<I: Send + Clone + 'static, O: Send + 'static> Batcher<I, O> {
     }
 }
 
-async fn run_batches<I, O, F, Fut>(mut queue: mpsc::Receiver<(I, oneshot::Sender<O>)>, linger: Duration, run: F)
+type Queue<I, O> = Arc<Mutex<mpsc::Receiver<(I, oneshot::Sender<O>)>>>;
+
+/// One writer: takes a batch from the queue (holding it while it gathers,
+/// so batches do not interleave), lets go of it, and runs the batch.
+async fn write_batches<I, O, F, Fut>(queue: Queue<I, O>, linger: Duration, run: Arc<F>)
 where
     F: Fn(Vec<I>) -> Fut,
     Fut: Future<Output = Vec<O>>,
 {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = queue.recv().await {
-        batch.push(first);
-        let deadline = Instant::now() + linger;
-        while batch.len() < MAX_BATCH {
-            let next = if linger.is_zero() {
-                queue.try_recv().ok()
-            } else {
-                tokio::select! {
-                    next = queue.recv() => next,
-                    () = tokio::time::sleep_until(deadline) => None,
+    loop {
+        {
+            let mut queue = queue.lock().await;
+            let Some(first) = queue.recv().await else { return };
+            batch.push(first);
+            let deadline = Instant::now() + linger;
+            while batch.len() < MAX_BATCH {
+                let next = if linger.is_zero() {
+                    queue.try_recv().ok()
+                } else {
+                    tokio::select! {
+                        next = queue.recv() => next,
+                        () = tokio::time::sleep_until(deadline) => None,
+                    }
+                };
+                match next {
+                    Some(item) => batch.push(item),
+                    None => break,
                 }
-            };
-            match next {
-                Some(item) => batch.push(item),
-                None => break,
             }
         }
         let (items, replies): (Vec<I>, Vec<oneshot::Sender<O>>) = batch.drain(..).unzip();
@@ -145,6 +173,34 @@ mod tests {
         assert_eq!(batcher.submit(21).await.ok(), Some(42));
         assert_eq!(batcher.submit(4).await.ok(), Some(8));
         assert_eq!(*sizes.lock().unwrap(), vec![1, 1]);
+    }
+
+    #[tokio::test]
+    async fn with_two_writers_an_item_is_taken_while_a_batch_is_written() {
+        // The batch holding item 1 waits until the test lets it go; item 2,
+        // submitted while it waits, must be written by the other writer.
+        let (release, held) = tokio::sync::watch::channel(false);
+        let (holding, mut started) = mpsc::unbounded_channel();
+        let batcher: Batcher<u32, u32> = Batcher::start_writers(2, Duration::ZERO, move |items: Vec<u32>| {
+            let mut held = held.clone();
+            let holding = holding.clone();
+            async move {
+                if items.contains(&1) {
+                    let _ = holding.send(());
+                    let _ = held.wait_for(|released| *released).await;
+                }
+                items.into_iter().map(|item| item * 2).collect::<Vec<_>>()
+            }
+        });
+        let first = tokio::spawn({
+            let batcher = batcher.clone();
+            async move { batcher.submit(1).await }
+        });
+        started.recv().await.unwrap();
+        let second = tokio::time::timeout(Duration::from_secs(5), batcher.submit(2)).await;
+        assert_eq!(second.ok().and_then(Result::ok), Some(4));
+        release.send(true).unwrap();
+        assert_eq!(first.await.ok().and_then(Result::ok), Some(2));
     }
 
     #[tokio::test]

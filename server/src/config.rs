@@ -145,6 +145,12 @@ pub struct AllocationConfig {
     /// statement and commit (a group commit, no waiting). Off, each is
     /// written alone.
     pub group_disconnect_reports: bool,
+    /// How many of those group commits may be written at once (at least
+    /// one). With two, a report that arrives while a batch is being written
+    /// does not wait for that batch's commit, but batches are smaller: on
+    /// one machine with PostgreSQL local, two writers were 3–14% slower than
+    /// one (BENCHMARKS.md, run L). A database further away may gain.
+    pub disconnect_writers: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -284,6 +290,7 @@ impl Default for AllocationConfig {
             warm_pool: true,
             bookkeeping_linger_ms: 5,
             group_disconnect_reports: true,
+            disconnect_writers: 1,
         }
     }
 }

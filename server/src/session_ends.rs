@@ -2,12 +2,18 @@
 //!
 //! Ending a session on a disconnect report is one statement and one flushed
 //! commit that the reporting box waits for: after the claim, the largest
-//! part of an allocation cycle. Reports that arrive while one is being
-//! written queue up, and the next write takes all of them in one statement
-//! or transaction (`Store::end_sessions_by_token`) and one commit. There is
-//! no linger: a lone report is written at once, so a quiet system pays
-//! nothing, and under load a batch is whatever queued during the previous
-//! write.
+//! part of an allocation cycle. Reports queue to a writer (or several:
+//! `allocation.disconnect_writers`, default 1) that takes every report
+//! queued in one statement or transaction (`Store::end_sessions_by_token`)
+//! and one commit. There is no linger: a lone report is written at once, so
+//! a quiet system pays nothing, and under load a batch is whatever queued
+//! during the previous write. With two writers a report that arrives while
+//! a batch is being written is taken at once by the other, but batches are
+//! smaller and there are more commits: with PostgreSQL on the same machine
+//! that was 3–14% slower than one writer (BENCHMARKS.md, run L), so one is
+//! the default. Two batches touch the same rows only if one box is reported
+//! twice at once; should they then deadlock, the loser is written again one
+//! by one.
 //!
 //! A batch that fails is written again one by one, so each report gets its
 //! own result (ending an already ended session changes nothing). With
@@ -30,12 +36,12 @@ impl SessionEnds {
     /// The reason every session ended here gets.
     pub const REASON: EndReason = EndReason::ClientDisconnected;
 
-    /// Starts the writer task when `grouped`; it stops when the last clone is
-    /// dropped, once it has written what was queued.
-    pub fn start(store: DynStore, grouped: bool) -> SessionEnds {
+    /// Starts `writers` writer tasks when `grouped`; they stop when the last
+    /// clone is dropped, once they have written what was queued.
+    pub fn start(store: DynStore, grouped: bool, writers: usize) -> SessionEnds {
         let group = grouped.then(|| {
             let store = store.clone();
-            Batcher::start(std::time::Duration::ZERO, move |reports: Vec<DisconnectReport>| {
+            Batcher::start_writers(writers, std::time::Duration::ZERO, move |reports: Vec<DisconnectReport>| {
                 let store = store.clone();
                 async move {
                     if let Some(ends) = whole(

@@ -122,8 +122,22 @@ async fn concurrent_allocations_never_share_a_box(backend: Backend) {
 /// commits. Every session ends, every box is torn down once at its host, and
 /// the pool refills.
 async fn concurrent_disconnect_reports_end_each_session_once(backend: Backend) {
+    disconnect_reports_race(backend, 1).await;
+}
+
+/// With two disconnect writers, batches are written at the same time and may
+/// hold reports for the same box.
+async fn concurrent_disconnect_reports_with_two_writers_end_each_session_once(backend: Backend) {
+    disconnect_reports_race(backend, 2).await;
+}
+
+async fn disconnect_reports_race(backend: Backend, writers: usize) {
     let hosts: Vec<HostSpec> = (1..=10).map(|i| HostSpec::new(&format!("host-{i}"), "us-east-1", 4)).collect();
-    let app = TestApp::spawn(backend, TestOptions { hosts, ..Default::default() }).await.unwrap();
+    let app = TestApp::spawn_with(backend, TestOptions { hosts, ..Default::default() }, |config| {
+        config.allocation.disconnect_writers = writers;
+    })
+    .await
+    .unwrap();
     app.wait_warm(40, Duration::from_secs(10)).await.unwrap();
     let calls = (0..40).map(|i| {
         let mut client = app.user_client(&format!("user-{i}"));
@@ -262,6 +276,7 @@ on_both_backends!(
     whole_loop,
     concurrent_allocations_never_share_a_box,
     concurrent_disconnect_reports_end_each_session_once,
+    concurrent_disconnect_reports_with_two_writers_end_each_session_once,
     pending_session_is_fulfilled_and_watched,
     user_session_limit,
     first_region_with_a_warm_box_wins,

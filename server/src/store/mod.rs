@@ -271,6 +271,18 @@ impl TokenEnd {
             _ => Err(TokenEnd::NoSession(state)),
         }
     }
+
+    /// The session a report with `token_hash` may end on the box `auth`
+    /// describes (None: there is no such box), or the answer instead.
+    pub(crate) fn session_for_report(auth: Option<&MandelboxAuth>, token_hash: &str) -> Result<Uuid, TokenEnd> {
+        let Some(auth) = auth else {
+            return Err(TokenEnd::UnknownBox);
+        };
+        if !crate::auth::mandelbox_token::hashes_match(token_hash, &auth.token_hash) {
+            return Err(TokenEnd::WrongToken);
+        }
+        TokenEnd::session_to_end(auth.mandelbox.state, auth.mandelbox.session_id)
+    }
 }
 
 /// Work the housekeeping sweep did.
@@ -584,15 +596,10 @@ pub trait Store: Send + Sync + 'static {
         token_hash: &str,
         reason: EndReason,
     ) -> StoreResult<TokenEnd> {
-        let Some(auth) = self.mandelbox_auth(mandelbox_id).await? else {
-            return Ok(TokenEnd::UnknownBox);
-        };
-        if !crate::auth::mandelbox_token::hashes_match(token_hash, &auth.token_hash) {
-            return Ok(TokenEnd::WrongToken);
-        }
-        let session_id = match TokenEnd::session_to_end(auth.mandelbox.state, auth.mandelbox.session_id) {
+        let auth = self.mandelbox_auth(mandelbox_id).await?;
+        let session_id = match TokenEnd::session_for_report(auth.as_ref(), token_hash) {
             Ok(session_id) => session_id,
-            Err(no_session) => return Ok(no_session),
+            Err(answer) => return Ok(answer),
         };
         let ended = self.end_session(session_id, reason).await?.filter(|ended| ended.changed).map(Box::new);
         Ok(TokenEnd::Ended { session_id, ended })

@@ -384,6 +384,26 @@ async fn ended_in(
 }
 
 /// `Store::end_session_by_token` inside the caller's write transaction.
+/// A box and its token hash, read on the reader pool or inside a write
+/// transaction.
+async fn mandelbox_auth_on<'c>(
+    executor: impl sqlx::SqliteExecutor<'c>,
+    id: Uuid,
+) -> StoreResult<Option<MandelboxAuth>> {
+    let Some(row) = sqlx::query_as::<_, MandelboxAuthRow>(concat!(
+        "SELECT ",
+        mandelbox_columns!(),
+        ", token_hash FROM mandelboxes WHERE id = ?1"
+    ))
+    .bind(id.to_string())
+    .fetch_optional(executor)
+    .await?
+    else {
+        return Ok(None);
+    };
+    Ok(Some(MandelboxAuth { mandelbox: row.mandelbox.into_record()?, token_hash: row.token_hash }))
+}
+
 async fn ended_by_token_in(
     conn: &mut SqliteConnection,
     mandelbox_id: Uuid,
@@ -391,24 +411,10 @@ async fn ended_by_token_in(
     reason: EndReason,
     at: DateTime<Utc>,
 ) -> StoreResult<TokenEnd> {
-    let Some(auth) = sqlx::query_as::<_, MandelboxAuthRow>(concat!(
-        "SELECT ",
-        mandelbox_columns!(),
-        ", token_hash FROM mandelboxes WHERE id = ?1"
-    ))
-    .bind(mandelbox_id.to_string())
-    .fetch_optional(&mut *conn)
-    .await?
-    else {
-        return Ok(TokenEnd::UnknownBox);
-    };
-    if !crate::auth::mandelbox_token::hashes_match(token_hash, &auth.token_hash) {
-        return Ok(TokenEnd::WrongToken);
-    }
-    let mandelbox = auth.mandelbox.into_record()?;
-    let session_id = match TokenEnd::session_to_end(mandelbox.state, mandelbox.session_id) {
+    let auth = mandelbox_auth_on(&mut *conn, mandelbox_id).await?;
+    let session_id = match TokenEnd::session_for_report(auth.as_ref(), token_hash) {
         Ok(session_id) => session_id,
-        Err(no_session) => return Ok(no_session),
+        Err(answer) => return Ok(answer),
     };
     let ended = ended_in(conn, session_id, reason, at).await?.filter(|ended| ended.changed).map(Box::new);
     Ok(TokenEnd::Ended { session_id, ended })
@@ -1133,18 +1139,7 @@ impl Store for SqliteStore {
     }
 
     async fn mandelbox_auth(&self, id: Uuid) -> StoreResult<Option<MandelboxAuth>> {
-        let Some(row) = sqlx::query_as::<_, MandelboxAuthRow>(concat!(
-            "SELECT ",
-            mandelbox_columns!(),
-            ", token_hash FROM mandelboxes WHERE id = ?1"
-        ))
-        .bind(id.to_string())
-        .fetch_optional(&self.reader)
-        .await?
-        else {
-            return Ok(None);
-        };
-        Ok(Some(MandelboxAuth { mandelbox: row.mandelbox.into_record()?, token_hash: row.token_hash }))
+        mandelbox_auth_on(&self.reader, id).await
     }
 
     async fn list_mandelboxes(&self, filter: &MandelboxFilter) -> StoreResult<Vec<MandelboxRecord>> {
