@@ -7,9 +7,11 @@ use std::{
     time::Duration,
 };
 
+use prost::Message as _;
 use switchboard::model::{EndReason, MandelboxState, SessionState};
 use switchboard_proto::v1::{
-    AllocateRequest, EndSessionRequest, ReportDisconnectRequest, SessionState as WireState, WatchSessionRequest,
+    AllocateRequest, EndSessionRequest, ListMandelboxesRequest, ReportDisconnectRequest, SessionState as WireState,
+    WatchSessionRequest,
 };
 use switchboard_tests::{Backend, HostSpec, TestApp, TestOptions, app::reason, on_both_backends};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -272,11 +274,53 @@ async fn first_region_with_a_warm_box_wins(backend: Backend) {
     assert_eq!(second.get_ref().region, "us-east-1");
 }
 
+/// h2 is patched to start each connection's buffers small (2 KiB to write,
+/// 1 KiB to read, 512 B of HPACK scratch: third_party/h2). Frames larger than
+/// those still cross both ways: a request with a 6 KiB header and 15 KiB of
+/// client data, 40 calls multiplexed on one connection at once, and a
+/// response larger than the write buffer.
+async fn large_frames_cross_the_small_h2_buffers(backend: Backend) {
+    let hosts: Vec<HostSpec> = (1..=10).map(|i| HostSpec::new(&format!("host-{i}"), "us-east-1", 4)).collect();
+    let app = TestApp::spawn(backend, TestOptions { hosts, ..Default::default() }).await.unwrap();
+    app.wait_warm(40, Duration::from_secs(10)).await.unwrap();
+
+    let mut big = tonic::Request::new(AllocateRequest {
+        client_data_json: format!(r#"{{"blob":"{}"}}"#, "x".repeat(15 * 1024)),
+        ..request(&["us-east-1"])
+    });
+    big.metadata_mut().insert("x-padding", "p".repeat(6 * 1024).parse().unwrap());
+    let response = app.user_client("big-frames").allocate(big).await.unwrap().into_inner();
+    assert_eq!(response.state, WireState::Running as i32);
+
+    // One channel is one HTTP/2 connection: these share its buffers.
+    let calls = (0..39).map(|i| {
+        let mut client = app.user_client(&format!("multiplexed-{i}"));
+        tokio::spawn(async move { client.allocate(request(&["us-east-1"])).await })
+    });
+    for call in futures::future::join_all(calls).await {
+        assert_eq!(call.unwrap().unwrap().into_inner().state, WireState::Running as i32);
+    }
+
+    let listed = app
+        .admin_client(Some(&app.admin_token()))
+        .list_mandelboxes(ListMandelboxesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.mandelboxes.len() >= 40, "{} boxes listed", listed.mandelboxes.len());
+    assert!(
+        listed.encoded_len() > 4 * 1024,
+        "the response ({} bytes) is not larger than the write buffer",
+        listed.encoded_len()
+    );
+}
+
 on_both_backends!(
     whole_loop,
     concurrent_allocations_never_share_a_box,
     concurrent_disconnect_reports_end_each_session_once,
     concurrent_disconnect_reports_with_two_writers_end_each_session_once,
+    large_frames_cross_the_small_h2_buffers,
     pending_session_is_fulfilled_and_watched,
     user_session_limit,
     first_region_with_a_warm_box_wins,
