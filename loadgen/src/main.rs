@@ -118,6 +118,10 @@ struct RunArgs {
     /// cycle write at once (`allocation.disconnect_writers`).
     #[arg(long, default_value_t = switchboard::config::AllocationConfig::default().disconnect_writers)]
     disconnect_writers: usize,
+    /// How long the server and the store cycle wait to batch spawn and
+    /// teardown confirmations (`allocation.bookkeeping_linger_ms`).
+    #[arg(long, default_value_t = switchboard::config::AllocationConfig::default().bookkeeping_linger_ms)]
+    bookkeeping_linger_ms: u64,
     #[arg(long, env = "SWITCHBOARD_TEST_POSTGRES_URL", default_value = DEFAULT_POSTGRES)]
     postgres_url: String,
     #[arg(long, default_value = "target/loadgen")]
@@ -126,7 +130,11 @@ struct RunArgs {
 
 impl RunArgs {
     fn disconnects(&self) -> server::Disconnects {
-        server::Disconnects { separate: self.separate_disconnects, writers: self.disconnect_writers }
+        server::Disconnects {
+            separate: self.separate_disconnects,
+            writers: self.disconnect_writers,
+            bookkeeping_linger_ms: self.bookkeeping_linger_ms,
+        }
     }
 
     fn smoke(out: PathBuf, postgres_url: String) -> RunArgs {
@@ -150,6 +158,7 @@ impl RunArgs {
             failure_heartbeat_ms: 200,
             separate_disconnects: false,
             disconnect_writers: switchboard::config::AllocationConfig::default().disconnect_writers,
+            bookkeeping_linger_ms: switchboard::config::AllocationConfig::default().bookkeeping_linger_ms,
             postgres_url,
             out,
         }

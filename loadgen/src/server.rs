@@ -60,15 +60,21 @@ pub(crate) struct ServeArgs {
     /// `allocation.disconnect_writers`.
     #[arg(long, default_value_t = switchboard::config::AllocationConfig::default().disconnect_writers)]
     pub(crate) disconnect_writers: usize,
+    /// `allocation.bookkeeping_linger_ms`.
+    #[arg(long, default_value_t = switchboard::config::AllocationConfig::default().bookkeeping_linger_ms)]
+    pub(crate) bookkeeping_linger_ms: u64,
 }
 
-/// How the server under test writes ReportDisconnect's session ends.
+/// How the server under test batches its writes: ReportDisconnect's session
+/// ends and the warm pool's bookkeeping.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Disconnects {
     /// `allocation.group_disconnect_reports = false`.
     pub(crate) separate: bool,
     /// `allocation.disconnect_writers`.
     pub(crate) writers: usize,
+    /// `allocation.bookkeeping_linger_ms`.
+    pub(crate) bookkeeping_linger_ms: u64,
 }
 
 /// Child side: runs the control plane until stdin closes.
@@ -90,6 +96,7 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.shutdown_grace_ms = 2_000;
     config.allocation.group_disconnect_reports = !args.separate_disconnects;
     config.allocation.disconnect_writers = args.disconnect_writers;
+    config.allocation.bookkeeping_linger_ms = args.bookkeeping_linger_ms;
     let issuer = Arc::new(DevIssuer::generate(&config.auth.issuer, &config.auth.audience)?);
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let app = Application::build_with_store(
@@ -195,6 +202,7 @@ impl ServerProcess {
             .args(["--users", &users.to_string()])
             .args(disconnects.separate.then_some("--separate-disconnects"))
             .args(["--disconnect-writers", &disconnects.writers.to_string()])
+            .args(["--bookkeeping-linger-ms", &disconnects.bookkeeping_linger_ms.to_string()])
             .env("LOADGEN_HOST_SECRET", secret)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -87,8 +87,7 @@ impl StoreCycle {
     ) -> anyhow::Result<StoreCycle> {
         let config = switchboard::config::Config::default();
         let store = switchboard::store::connect_with(url, config.database.max_connections).await?;
-        let bookkeeping =
-            Bookkeeper::start(store.clone(), Duration::from_millis(config.allocation.bookkeeping_linger_ms));
+        let bookkeeping = Bookkeeper::start(store.clone(), Duration::from_millis(disconnects.bookkeeping_linger_ms));
         let session_ends = SessionEnds::start(store.clone(), !disconnects.separate, disconnects.writers);
         const WAITING: &str = "SELECT id, token_hash FROM mandelboxes WHERE state = 'WAITING'";
         let mut tokens = HashMap::new();
