@@ -129,9 +129,9 @@ struct RunArgs {
 }
 
 impl RunArgs {
-    fn disconnects(&self) -> server::Disconnects {
-        server::Disconnects {
-            separate: self.separate_disconnects,
+    fn write_batching(&self) -> server::WriteBatching {
+        server::WriteBatching {
+            separate_disconnects: self.separate_disconnects,
             writers: self.disconnect_writers,
             bookkeeping_linger_ms: self.bookkeeping_linger_ms,
         }
@@ -244,7 +244,7 @@ async fn run_backend(
         let db = TempDb::create(backend, &args.postgres_url).await?;
         let outcome = async {
             let server =
-                ServerProcess::start(db.url(), &secret, args.fleet_heartbeat_ms, 1, args.disconnects()).await?;
+                ServerProcess::start(db.url(), &secret, args.fleet_heartbeat_ms, 1, args.write_batching()).await?;
             let settings = FleetSettings {
                 hosts: args.fleet_hosts,
                 per_process: args.fleet_per_process,
@@ -266,7 +266,7 @@ async fn run_backend(
         let db = TempDb::create(backend, &args.postgres_url).await?;
         let outcome = async {
             let server =
-                ServerProcess::start(db.url(), &secret, args.failure_heartbeat_ms, 1, args.disconnects()).await?;
+                ServerProcess::start(db.url(), &secret, args.failure_heartbeat_ms, 1, args.write_batching()).await?;
             let failure = scenarios::failure_detection(
                 &server.info,
                 &secret,
@@ -296,7 +296,7 @@ async fn allocation_scenarios(
     progress: &Progress,
 ) -> anyhow::Result<()> {
     let wants = |scenario| args.scenarios.contains(&scenario);
-    let server = ServerProcess::start(db.url(), secret, 5_000, max_clients, args.disconnects()).await?;
+    let server = ServerProcess::start(db.url(), secret, 5_000, max_clients, args.write_batching()).await?;
     let observatory = runtime::Observatory::new();
     let outcome = async {
         let agents = scenarios::start_agents(&server.info, secret, args.hosts, args.capacity, &observatory).await?;
@@ -335,7 +335,7 @@ async fn allocation_scenarios(
             // must be warm first: a replacement still spawning after the
             // allocation points would be claimed later without its token.
             scenarios::wait_warm(&mut admin, boxes, warm_timeout).await?;
-            let cycle = store_cycle::StoreCycle::prepare(backend, db.url(), args.disconnects()).await?;
+            let cycle = store_cycle::StoreCycle::prepare(backend, db.url(), args.write_batching()).await?;
             for &clients in &args.clients {
                 scenarios::wait_warm(&mut admin, boxes, warm_timeout).await?;
                 scenarios::analyze(backend, db.url()).await?;

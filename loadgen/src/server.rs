@@ -68,9 +68,9 @@ pub(crate) struct ServeArgs {
 /// How the server under test batches its writes: ReportDisconnect's session
 /// ends and the warm pool's bookkeeping.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Disconnects {
+pub(crate) struct WriteBatching {
     /// `allocation.group_disconnect_reports = false`.
-    pub(crate) separate: bool,
+    pub(crate) separate_disconnects: bool,
     /// `allocation.disconnect_writers`.
     pub(crate) writers: usize,
     /// `allocation.bookkeeping_linger_ms`.
@@ -194,15 +194,15 @@ impl ServerProcess {
         secret: &str,
         heartbeat_ms: u64,
         users: usize,
-        disconnects: Disconnects,
+        batching: WriteBatching,
     ) -> anyhow::Result<ServerProcess> {
         let exe = std::env::current_exe()?;
         let mut child = Command::new(exe)
             .args(["serve", "--db", db_url, "--heartbeat-ms", &heartbeat_ms.to_string()])
             .args(["--users", &users.to_string()])
-            .args(disconnects.separate.then_some("--separate-disconnects"))
-            .args(["--disconnect-writers", &disconnects.writers.to_string()])
-            .args(["--bookkeeping-linger-ms", &disconnects.bookkeeping_linger_ms.to_string()])
+            .args(batching.separate_disconnects.then_some("--separate-disconnects"))
+            .args(["--disconnect-writers", &batching.writers.to_string()])
+            .args(["--bookkeeping-linger-ms", &batching.bookkeeping_linger_ms.to_string()])
             .env("LOADGEN_HOST_SECRET", secret)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

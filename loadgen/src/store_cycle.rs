@@ -79,16 +79,16 @@ pub(crate) struct StoreCycle {
 impl StoreCycle {
     /// Opens a store on `url` (migrated already by the server) with the pool
     /// a server gets from its configuration, and reads the token hashes of the
-    /// warm boxes, writing disconnects as the server under test does.
+    /// warm boxes, batching its writes as the server under test does.
     pub(crate) async fn prepare(
         backend: Backend,
         url: &str,
-        disconnects: crate::server::Disconnects,
+        batching: crate::server::WriteBatching,
     ) -> anyhow::Result<StoreCycle> {
         let config = switchboard::config::Config::default();
         let store = switchboard::store::connect_with(url, config.database.max_connections).await?;
-        let bookkeeping = Bookkeeper::start(store.clone(), Duration::from_millis(disconnects.bookkeeping_linger_ms));
-        let session_ends = SessionEnds::start(store.clone(), !disconnects.separate, disconnects.writers);
+        let bookkeeping = Bookkeeper::start(store.clone(), Duration::from_millis(batching.bookkeeping_linger_ms));
+        let session_ends = SessionEnds::start(store.clone(), !batching.separate_disconnects, batching.writers);
         const WAITING: &str = "SELECT id, token_hash FROM mandelboxes WHERE state = 'WAITING'";
         let mut tokens = HashMap::new();
         match backend {

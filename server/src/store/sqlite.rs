@@ -383,7 +383,6 @@ async fn ended_in(
     Ok(Some(EndedSession { session, teardown, changed: true }))
 }
 
-/// `Store::end_session_by_token` inside the caller's write transaction.
 /// A box and its token hash, read on the reader pool or inside a write
 /// transaction.
 async fn mandelbox_auth_on<'c>(
@@ -404,6 +403,7 @@ async fn mandelbox_auth_on<'c>(
     Ok(Some(MandelboxAuth { mandelbox: row.mandelbox.into_record()?, token_hash: row.token_hash }))
 }
 
+/// `Store::end_session_by_token` inside the caller's write transaction.
 async fn ended_by_token_in(
     conn: &mut SqliteConnection,
     mandelbox_id: Uuid,
