@@ -11,6 +11,7 @@ mod postgres;
 mod postgres_fleet;
 mod rows;
 mod sqlite;
+mod sqlite_batches;
 mod sqlite_fleet;
 
 pub use postgres::{CLAIM_WAITING_SQL as POSTGRES_CLAIM_SQL, PgStore};

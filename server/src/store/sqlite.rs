@@ -22,6 +22,7 @@ use sqlx::sqlite::{
 use uuid::Uuid;
 
 use super::rows::{self, host_columns, live_box_states, mandelbox_columns, now, session_columns};
+use super::sqlite_batches as batches;
 use super::sqlite_fleet as fleet;
 use super::{
     Claim, ClaimOutcome, DisconnectReport, EndedSession, HeartbeatMark, MandelboxAuth, MandelboxFilter, NewMandelbox,
@@ -122,7 +123,7 @@ pub(super) fn optional_uuid(column: &str, text: Option<&str>) -> StoreResult<Opt
 }
 
 /// A list parameter, as the JSON array `json_each` reads.
-fn json_list<T: ToString>(items: &[T]) -> StoreResult<String> {
+pub(super) fn json_list<T: ToString>(items: &[T]) -> StoreResult<String> {
     let items: Vec<String> = items.iter().map(ToString::to_string).collect();
     rows::to_json_text(&items)
 }
@@ -130,7 +131,7 @@ fn json_list<T: ToString>(items: &[T]) -> StoreResult<String> {
 // ----- rows ------------------------------------------------------------------
 
 #[derive(sqlx::FromRow)]
-struct HostRow {
+pub(super) struct HostRow {
     id: String,
     region: String,
     state: String,
@@ -147,7 +148,7 @@ struct HostRow {
 }
 
 impl HostRow {
-    fn into_record(self) -> StoreResult<HostRecord> {
+    pub(super) fn into_record(self) -> StoreResult<HostRecord> {
         Ok(HostRecord {
             state: rows::parse_enum("hosts.state", &self.state, HostState::parse)?,
             capacity: rows::to_u32("hosts.capacity", self.capacity)?,
@@ -187,8 +188,8 @@ impl HostSummaryRow {
 }
 
 #[derive(sqlx::FromRow)]
-struct MandelboxRow {
-    id: String,
+pub(super) struct MandelboxRow {
+    pub(super) id: String,
     host_id: String,
     region: String,
     app: String,
@@ -200,7 +201,7 @@ struct MandelboxRow {
 }
 
 impl MandelboxRow {
-    fn into_record(self) -> StoreResult<MandelboxRecord> {
+    pub(super) fn into_record(self) -> StoreResult<MandelboxRecord> {
         Ok(MandelboxRecord {
             id: uuid("mandelboxes.id", &self.id)?,
             state: rows::parse_enum("mandelboxes.state", &self.state, MandelboxState::parse)?,
@@ -216,14 +217,14 @@ impl MandelboxRow {
 }
 
 #[derive(sqlx::FromRow)]
-struct MandelboxAuthRow {
+pub(super) struct MandelboxAuthRow {
     #[sqlx(flatten)]
-    mandelbox: MandelboxRow,
-    token_hash: String,
+    pub(super) mandelbox: MandelboxRow,
+    pub(super) token_hash: String,
 }
 
 #[derive(sqlx::FromRow)]
-struct SessionRow {
+pub(super) struct SessionRow {
     id: String,
     user_id: String,
     state: String,
@@ -240,7 +241,7 @@ struct SessionRow {
 }
 
 impl SessionRow {
-    fn into_record(self) -> StoreResult<SessionRecord> {
+    pub(super) fn into_record(self) -> StoreResult<SessionRecord> {
         Ok(SessionRecord {
             id: uuid("sessions.id", &self.id)?,
             state: rows::parse_enum("sessions.state", &self.state, SessionState::parse)?,
@@ -451,13 +452,6 @@ macro_rules! sqlite_claim_waiting {
 /// Allocate's claim as one statement returning only the id (for benchmarks).
 pub const CLAIM_WAITING_SQL: &str = concat!(sqlite_claim_waiting!("RUNNING"), " RETURNING id");
 
-/// Which state a claim puts its box in (as in the PostgreSQL store).
-#[derive(Clone, Copy)]
-enum ClaimAs {
-    Running,
-    Allocated,
-}
-
 /// Takes the best WAITING box for a session and marks it ALLOCATED to it.
 ///
 /// Best = first region in `regions` (position in the JSON array), then the
@@ -465,18 +459,13 @@ enum ClaimAs {
 /// box age for a stable order. Same choice as the PostgreSQL store.
 async fn claim_waiting(
     conn: &mut SqliteConnection,
-    claim_as: ClaimAs,
     regions: &[String],
     app: &str,
     exclude_hosts: &[String],
     session_id: Uuid,
     at: DateTime<Utc>,
 ) -> StoreResult<Option<MandelboxRecord>> {
-    let sql = match claim_as {
-        ClaimAs::Running => concat!(sqlite_claim_waiting!("RUNNING"), " RETURNING ", mandelbox_columns!()),
-        ClaimAs::Allocated => concat!(sqlite_claim_waiting!("ALLOCATED"), " RETURNING ", mandelbox_columns!()),
-    };
-    sqlx::query_as::<_, MandelboxRow>(sql)
+    sqlx::query_as::<_, MandelboxRow>(concat!(sqlite_claim_waiting!("ALLOCATED"), " RETURNING ", mandelbox_columns!()))
         .bind(json_list(regions)?)
         .bind(app)
         .bind(json_list(exclude_hosts)?)
@@ -486,6 +475,32 @@ async fn claim_waiting(
         .await?
         .map(MandelboxRow::into_record)
         .transpose()
+}
+
+/// Allocate's claim: `claim_waiting` (RUNNING) for a user that has a row and
+/// is under `limit`; None otherwise, as when no box matched.
+async fn claim_for_user(
+    conn: &mut SqliteConnection,
+    new: &NewSession,
+    limit: u32,
+    at: DateTime<Utc>,
+) -> StoreResult<Option<MandelboxRecord>> {
+    sqlx::query_as::<_, MandelboxRow>(concat!(
+        sqlite_claim_waiting!("RUNNING"),
+        " AND (SELECT live_sessions FROM users WHERE id = ?6) < ?7 RETURNING ",
+        mandelbox_columns!()
+    ))
+    .bind(json_list(&new.regions)?)
+    .bind(&new.app)
+    .bind("[]")
+    .bind(new.id.to_string())
+    .bind(micros(at))
+    .bind(&new.user_id)
+    .bind(i64::from(limit))
+    .fetch_optional(conn)
+    .await?
+    .map(MandelboxRow::into_record)
+    .transpose()
 }
 
 /// Puts a PENDING session onto a claimed box.
@@ -513,7 +528,7 @@ async fn assign_session(
 /// Inserts SPAWNING boxes on `host_id`, as many of `news` as the host has free
 /// slots, if it is ACTIVE (the write transaction serialises reservations).
 /// `mandelbox_spawned` inside the caller's write transaction.
-async fn spawned_in(
+pub(super) async fn spawned_in(
     conn: &mut SqliteConnection,
     id: Uuid,
     ports: &[PortSpec],
@@ -1076,10 +1091,15 @@ impl Store for SqliteStore {
         // one commit instead of one per box.
         let at = now();
         let mut tx = self.begin_write().await?;
-        let mut spawned = Vec::with_capacity(reports.len());
-        for report in reports {
-            spawned.push(spawned_in(&mut tx, report.id, &report.ports, at).await?);
-        }
+        let spawned = if reports.len() < 2 {
+            let mut spawned = Vec::with_capacity(reports.len());
+            for report in reports {
+                spawned.push(spawned_in(&mut tx, report.id, &report.ports, at).await?);
+            }
+            spawned
+        } else {
+            batches::spawned(&mut tx, reports, at).await?
+        };
         tx.commit().await?;
         Ok(spawned)
     }
@@ -1099,10 +1119,15 @@ impl Store for SqliteStore {
     async fn recycle_torn_down_many(&self, torn_down: &[TornDown]) -> StoreResult<Vec<Recycled>> {
         let at = now();
         let mut tx = self.begin_write().await?;
-        let mut recycled = Vec::with_capacity(torn_down.len());
-        for item in torn_down {
-            recycled.push(recycled_in(&mut tx, &item.host_id, item.id, item.replacement.as_ref(), at).await?);
-        }
+        let recycled = if torn_down.len() < 2 || batches::has_duplicates(torn_down.iter().map(|item| item.id)) {
+            let mut recycled = Vec::with_capacity(torn_down.len());
+            for item in torn_down {
+                recycled.push(recycled_in(&mut tx, &item.host_id, item.id, item.replacement.as_ref(), at).await?);
+            }
+            recycled
+        } else {
+            batches::recycled(&mut tx, torn_down, at).await?
+        };
         tx.commit().await?;
         Ok(recycled)
     }
@@ -1181,25 +1206,33 @@ impl Store for SqliteStore {
         let at = now();
         let mut tx = self.begin_write().await?;
         // `live_sessions` is kept by triggers (migration 0005); the write
-        // lock serialises this with every other session change. The user row
-        // exists from the user's first authenticated call on; it is created
-        // here only for a caller that skipped that.
-        let live: Option<i64> = sqlx::query_scalar("SELECT live_sessions FROM users WHERE id = ?1")
-            .bind(&new.user_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-        if live.is_none() {
-            sqlx::query("INSERT INTO users (id, created_at) VALUES (?1, ?2)")
+        // lock serialises this with every other session change. The common
+        // case, a user under the limit and a warm box, is the claim alone
+        // (one hand-off to the writer fewer than reading the user first).
+        let mut claimed = claim_for_user(&mut tx, new, limit, at).await?;
+        if claimed.is_none() {
+            // No box, the user at the limit, or no user row: told apart here.
+            // The row exists from the user's first authenticated call on; it
+            // is created here only for a caller that skipped that, and the
+            // claim tried once more.
+            let live: Option<i64> = sqlx::query_scalar("SELECT live_sessions FROM users WHERE id = ?1")
                 .bind(&new.user_id)
-                .bind(micros(at))
-                .execute(&mut *tx)
+                .fetch_optional(&mut *tx)
                 .await?;
+            if live.is_none() {
+                sqlx::query("INSERT INTO users (id, created_at) VALUES (?1, ?2)")
+                    .bind(&new.user_id)
+                    .bind(micros(at))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            if live.unwrap_or(0) >= i64::from(limit) {
+                return Err(StoreError::SessionLimit { limit });
+            }
+            if live.is_none() {
+                claimed = claim_for_user(&mut tx, new, limit, at).await?;
+            }
         }
-        if live.unwrap_or(0) >= i64::from(limit) {
-            return Err(StoreError::SessionLimit { limit });
-        }
-
-        let claimed = claim_waiting(&mut tx, ClaimAs::Running, &new.regions, &new.app, &[], new.id, at).await?;
         let session = sqlx::query_as::<_, SessionRow>(concat!(
             "INSERT INTO sessions (id, user_id, state, app, client_version, requested_regions, \
              region, mandelbox_id, host_id, created_at, updated_at) \
@@ -1240,16 +1273,8 @@ impl Store for SqliteStore {
         if session.state != SessionState::Pending {
             return Ok(None);
         }
-        let Some(mandelbox) = claim_waiting(
-            &mut tx,
-            ClaimAs::Allocated,
-            &session.requested_regions,
-            &session.app,
-            exclude_hosts,
-            session_id,
-            at,
-        )
-        .await?
+        let Some(mandelbox) =
+            claim_waiting(&mut tx, &session.requested_regions, &session.app, exclude_hosts, session_id, at).await?
         else {
             return Ok(None);
         };
@@ -1375,13 +1400,26 @@ impl Store for SqliteStore {
         reports: &[DisconnectReport],
         reason: EndReason,
     ) -> StoreResult<Vec<TokenEnd>> {
-        // One write transaction for the batch, each report as alone.
+        // One write transaction for the batch: a statement per step for
+        // distinct boxes (`sqlite_batches`), else each report as alone.
         let at = now();
         let mut tx = self.begin_write().await?;
-        let mut ends = Vec::with_capacity(reports.len());
-        for report in reports {
-            ends.push(ended_by_token_in(&mut tx, report.mandelbox_id, &report.token_hash, reason, at).await?);
-        }
+        let batched = if reports.len() < 2 || batches::has_duplicates(reports.iter().map(|report| report.mandelbox_id))
+        {
+            None
+        } else {
+            batches::ended_by_token(&mut tx, reports, reason, at).await?
+        };
+        let ends = match batched {
+            Some(ends) => ends,
+            None => {
+                let mut ends = Vec::with_capacity(reports.len());
+                for report in reports {
+                    ends.push(ended_by_token_in(&mut tx, report.mandelbox_id, &report.token_hash, reason, at).await?);
+                }
+                ends
+            }
+        };
         tx.commit().await?;
         Ok(ends)
     }
