@@ -130,7 +130,9 @@ pub(super) fn json_list<T: ToString>(items: &[T]) -> StoreResult<String> {
 
 // ----- rows ------------------------------------------------------------------
 
-#[derive(sqlx::FromRow)]
+/// Also read from JSON (`host_json!`), where a statement returns a host
+/// beside another table's row.
+#[derive(sqlx::FromRow, serde::Deserialize)]
 pub(super) struct HostRow {
     id: String,
     region: String,
@@ -221,6 +223,25 @@ pub(super) struct MandelboxAuthRow {
     #[sqlx(flatten)]
     pub(super) mandelbox: MandelboxRow,
     pub(super) token_hash: String,
+}
+
+/// A session and, as JSON (`host_json!`), the host it was put on.
+#[derive(sqlx::FromRow)]
+struct SessionWithHostRow {
+    #[sqlx(flatten)]
+    session: SessionRow,
+    host_json: Option<String>,
+}
+
+/// A host row as one JSON object, in `HostRow`'s fields.
+macro_rules! host_json {
+    () => {
+        "json_object('id', id, 'region', region, 'state', state, 'image', image, \
+         'agent_version', agent_version, 'address', address, 'capacity', capacity, \
+         'generation', generation, 'last_heartbeat_at', last_heartbeat_at, \
+         'disconnected_at', disconnected_at, 'terminated_at', terminated_at, \
+         'created_at', created_at, 'updated_at', updated_at)"
+    };
 }
 
 #[derive(sqlx::FromRow)]
@@ -1233,11 +1254,16 @@ impl Store for SqliteStore {
                 claimed = claim_for_user(&mut tx, new, limit, at).await?;
             }
         }
-        let session = sqlx::query_as::<_, SessionRow>(concat!(
+        // The claimed box's host comes back with the session (one hand-off
+        // to the writer fewer than reading it after).
+        let inserted = sqlx::query_as::<_, SessionWithHostRow>(concat!(
             "INSERT INTO sessions (id, user_id, state, app, client_version, requested_regions, \
              region, mandelbox_id, host_id, created_at, updated_at) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10) RETURNING ",
-            session_columns!()
+            session_columns!(),
+            ", (SELECT ",
+            host_json!(),
+            " FROM hosts WHERE hosts.id = sessions.host_id) AS host_json"
         ))
         .bind(new.id.to_string())
         .bind(&new.user_id)
@@ -1250,15 +1276,22 @@ impl Store for SqliteStore {
         .bind(claimed.as_ref().map(|mandelbox| mandelbox.host_id.as_str()))
         .bind(micros(at))
         .fetch_one(&mut *tx)
-        .await?
-        .into_record()?;
+        .await?;
+        let session = inserted.session.into_record()?;
 
-        let outcome = match claimed {
-            Some(mandelbox) => {
-                let host = host_of(&mut tx, &mandelbox).await?;
-                ClaimOutcome::Claimed(Claim { session, mandelbox, host })
+        let outcome = match (claimed, inserted.host_json) {
+            (Some(mandelbox), Some(host)) => {
+                let host: HostRow = serde_json::from_str(&host)
+                    .map_err(|error| StoreError::Corrupt(format!("the claimed box's host: {error}")))?;
+                ClaimOutcome::Claimed(Claim { session, mandelbox, host: host.into_record()? })
             }
-            None => ClaimOutcome::Pending(session),
+            (Some(mandelbox), None) => {
+                return Err(StoreError::Corrupt(format!(
+                    "mandelbox {} is on unknown host {}",
+                    mandelbox.id, mandelbox.host_id
+                )));
+            }
+            (None, _) => ClaimOutcome::Pending(session),
         };
         tx.commit().await?;
         Ok(outcome)
