@@ -549,7 +549,7 @@ async fn assign_session(
 /// Inserts SPAWNING boxes on `host_id`, as many of `news` as the host has free
 /// slots, if it is ACTIVE (the write transaction serialises reservations).
 /// `mandelbox_spawned` inside the caller's write transaction.
-pub(super) async fn spawned_in(
+async fn spawned_in(
     conn: &mut SqliteConnection,
     id: Uuid,
     ports: &[PortSpec],
@@ -1108,20 +1108,24 @@ impl Store for SqliteStore {
     }
 
     async fn mandelboxes_spawned(&self, reports: &[SpawnReport]) -> StoreResult<Vec<Option<MandelboxRecord>>> {
-        // One write transaction for the batch: one hand-off to the writer and
-        // one commit instead of one per box.
-        let at = now();
-        let mut tx = self.begin_write().await?;
-        let spawned = if reports.len() < 2 {
+        if reports.len() < 2 {
             let mut spawned = Vec::with_capacity(reports.len());
             for report in reports {
-                spawned.push(spawned_in(&mut tx, report.id, &report.ports, at).await?);
+                spawned.push(self.mandelbox_spawned(report.id, &report.ports).await?);
             }
-            spawned
-        } else {
-            batches::spawned(&mut tx, reports, at).await?
-        };
-        tx.commit().await?;
+            return Ok(spawned);
+        }
+        // The common case for all at once (one statement, one hand-off to
+        // the writer), then any other report on its own, as PostgreSQL does.
+        let mut warm = batches::spawned_warm(&self.writer, reports, now()).await?;
+        let mut spawned = Vec::with_capacity(reports.len());
+        for report in reports {
+            match warm.remove(&report.id.to_string()) {
+                Some(row) => spawned.push(Some(row.into_record()?)),
+                // Reserved for a session, or no longer SPAWNING: the general case.
+                None => spawned.push(self.mandelbox_spawned(report.id, &report.ports).await?),
+            }
+        }
         Ok(spawned)
     }
 

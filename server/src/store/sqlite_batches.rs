@@ -5,7 +5,8 @@
 //! and back, and the write lock is held across all of a transaction's
 //! hand-offs, so on SQLite a cycle's cost is mostly its number of statements.
 //! Row by row these batches cost three or four statements per item; here
-//! they cost three per batch. Lists go in as JSON arrays (`json_each`), as
+//! they cost three per batch (the spawn acks' common case one, without a
+//! transaction). Lists go in as JSON arrays (`json_each`), as
 //! elsewhere in this store. Each function runs inside the caller's write
 //! transaction and gives what the row-by-row version (in `sqlite.rs`) gives;
 //! the store contract suite checks both backends against one expectation.
@@ -14,11 +15,11 @@ use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use serde_json::json;
-use sqlx::SqliteConnection;
+use sqlx::{SqliteConnection, SqliteExecutor};
 use uuid::Uuid;
 
 use super::rows::{self, host_columns, live_box_states, mandelbox_columns, session_columns};
-use super::sqlite::{HostRow, MandelboxAuthRow, MandelboxRow, SessionRow, json_list, micros, spawned_in};
+use super::sqlite::{HostRow, MandelboxAuthRow, MandelboxRow, SessionRow, json_list, micros};
 use super::{DisconnectReport, EndedSession, MandelboxAuth, Recycled, SpawnReport, StoreResult, TokenEnd, TornDown};
 use crate::model::{EndReason, HostState, MandelboxRecord, SessionRecord};
 
@@ -29,13 +30,15 @@ pub(super) fn has_duplicates(ids: impl Iterator<Item = Uuid>) -> bool {
     ids.into_iter().any(|id| !seen.insert(id))
 }
 
-/// `mandelboxes_spawned`: warm boxes reserved for no session (the common
-/// case) in one statement; any other report as `spawned_in` does it.
-pub(super) async fn spawned(
-    conn: &mut SqliteConnection,
+/// `mandelboxes_spawned`'s common case for a whole batch: warm boxes
+/// reserved for no session → WAITING, in one statement (so no transaction of
+/// its own: on the writer pool it is one hand-off). The boxes it changed, by
+/// id; every other report is left to `mandelbox_spawned`.
+pub(super) async fn spawned_warm<'c>(
+    executor: impl SqliteExecutor<'c>,
     reports: &[SpawnReport],
     at: DateTime<Utc>,
-) -> StoreResult<Vec<Option<MandelboxRecord>>> {
+) -> StoreResult<HashMap<String, MandelboxRow>> {
     let input = reports
         .iter()
         .map(|report| Ok(json!({ "id": report.id.to_string(), "ports": rows::to_json_text(&report.ports)? })))
@@ -51,18 +54,9 @@ pub(super) async fn spawned(
     ))
     .bind(rows::to_json_text(&input)?)
     .bind(micros(at))
-    .fetch_all(&mut *conn)
+    .fetch_all(executor)
     .await?;
-    let mut warm: HashMap<String, MandelboxRow> = warm.into_iter().map(|row| (row.id.clone(), row)).collect();
-    let mut spawned = Vec::with_capacity(reports.len());
-    for report in reports {
-        match warm.remove(&report.id.to_string()) {
-            Some(row) => spawned.push(Some(row.into_record()?)),
-            // Reserved for a session, or no longer SPAWNING: the general case.
-            None => spawned.push(spawned_in(&mut *conn, report.id, &report.ports, at).await?),
-        }
-    }
-    Ok(spawned)
+    Ok(warm.into_iter().map(|row| (row.id.clone(), row)).collect())
 }
 
 /// `end_sessions_by_token` for distinct boxes: their tokens read in one
