@@ -470,7 +470,8 @@ macro_rules! sqlite_claim_waiting {
     };
 }
 
-/// Allocate's claim as one statement returning only the id (for benchmarks).
+/// Allocate's claim as one statement returning only the id (for benchmarks);
+/// `claim_for_user` runs it with the session-limit check added.
 pub const CLAIM_WAITING_SQL: &str = concat!(sqlite_claim_waiting!("RUNNING"), " RETURNING id");
 
 /// Takes the best WAITING box for a session and marks it ALLOCATED to it.
