@@ -7,9 +7,10 @@
 //! Row by row these batches cost three or four statements per item; here
 //! they cost three per batch (the spawn acks' common case one, without a
 //! transaction). Lists go in as JSON arrays (`json_each`), as
-//! elsewhere in this store. Each function runs inside the caller's write
-//! transaction and gives what the row-by-row version (in `sqlite.rs`) gives;
-//! the store contract suite checks both backends against one expectation.
+//! elsewhere in this store. The disconnect and teardown batches run inside
+//! the caller's write transaction; each function gives what the row-by-row
+//! version (in `sqlite.rs`) gives, and the store contract suite checks both
+//! backends against one expectation.
 
 use std::collections::{HashMap, HashSet};
 
