@@ -285,11 +285,11 @@ fn hosts(rows: Vec<HostRow>) -> StoreResult<Vec<HostRecord>> {
     rows.into_iter().map(HostRow::into_record).collect()
 }
 
-fn mandelboxes(rows: Vec<MandelboxRow>) -> StoreResult<Vec<MandelboxRecord>> {
+pub(super) fn mandelboxes(rows: Vec<MandelboxRow>) -> StoreResult<Vec<MandelboxRecord>> {
     rows.into_iter().map(MandelboxRow::into_record).collect()
 }
 
-fn sessions(rows: Vec<SessionRow>) -> StoreResult<Vec<SessionRecord>> {
+pub(super) fn sessions(rows: Vec<SessionRow>) -> StoreResult<Vec<SessionRecord>> {
     rows.into_iter().map(SessionRow::into_record).collect()
 }
 

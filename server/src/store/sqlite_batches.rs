@@ -20,7 +20,7 @@ use sqlx::{SqliteConnection, SqliteExecutor};
 use uuid::Uuid;
 
 use super::rows::{self, host_columns, live_box_states, mandelbox_columns, session_columns};
-use super::sqlite::{HostRow, MandelboxAuthRow, MandelboxRow, SessionRow, json_list, micros};
+use super::sqlite::{HostRow, MandelboxAuthRow, MandelboxRow, SessionRow, json_list, mandelboxes, micros, sessions};
 use super::{DisconnectReport, EndedSession, MandelboxAuth, Recycled, SpawnReport, StoreResult, TokenEnd, TornDown};
 use crate::model::{EndReason, HostState, MandelboxRecord, SessionRecord};
 
@@ -29,6 +29,11 @@ use crate::model::{EndReason, HostState, MandelboxRecord, SessionRecord};
 pub(super) fn has_duplicates(ids: impl Iterator<Item = Uuid>) -> bool {
     let mut seen = HashSet::new();
     ids.into_iter().any(|id| !seen.insert(id))
+}
+
+/// Returned box rows, by id.
+fn by_id(rows: Vec<MandelboxRow>) -> StoreResult<HashMap<Uuid, MandelboxRecord>> {
+    Ok(mandelboxes(rows)?.into_iter().map(|mandelbox| (mandelbox.id, mandelbox)).collect())
 }
 
 /// `mandelboxes_spawned`'s common case for a whole batch: warm boxes
@@ -106,13 +111,8 @@ pub(super) async fn ended_by_token(
     .bind(micros(at))
     .fetch_all(&mut *conn)
     .await?;
-    let mut ended: HashMap<Uuid, SessionRecord> = ended
-        .into_iter()
-        .map(|row| {
-            let session = row.into_record()?;
-            Ok((session.id, session))
-        })
-        .collect::<StoreResult<_>>()?;
+    let mut ended: HashMap<Uuid, SessionRecord> =
+        sessions(ended)?.into_iter().map(|session| (session.id, session)).collect();
 
     // Each ended session's own box (as `ended_in` tears it down).
     let on_boxes: Vec<serde_json::Value> = ended
@@ -136,10 +136,7 @@ pub(super) async fn ended_by_token(
         .bind(micros(at))
         .fetch_all(&mut *conn)
         .await?;
-        for row in rows {
-            let mandelbox = row.into_record()?;
-            dying.insert(mandelbox.id, mandelbox);
-        }
+        dying = by_id(rows)?;
     }
 
     Ok(Some(
@@ -251,10 +248,7 @@ pub(super) async fn recycled(
         .bind(micros(at))
         .fetch_all(&mut *conn)
         .await?;
-        for row in rows {
-            let mandelbox = row.into_record()?;
-            inserted.insert(mandelbox.id, mandelbox);
-        }
+        inserted = by_id(rows)?;
     }
     Ok(outcomes
         .into_iter()
