@@ -78,6 +78,12 @@ struct RunArgs {
     /// Measured window of each allocation and limit point.
     #[arg(long, default_value_t = 10.0)]
     window_s: f64,
+    /// With both `alloc` and `limit`: measure each point's Allocate, bare
+    /// claim and bare RPC in this many rounds of `window_s / rounds` each,
+    /// taken in turn, so that the ratio's two sides see the same minutes of a
+    /// machine whose speed drifts (the store cycle still runs last).
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Hosts (real HostAgents, instant runtime) for allocation and teardown.
     #[arg(long, default_value_t = 32)]
     hosts: usize,
@@ -122,6 +128,11 @@ struct RunArgs {
     /// teardown confirmations (`allocation.bookkeeping_linger_ms`).
     #[arg(long, default_value_t = switchboard::config::AllocationConfig::default().bookkeeping_linger_ms)]
     bookkeeping_linger_ms: u64,
+    /// The allocation loops' client sends its box's ReportDisconnect itself
+    /// and waits for it before allocating again (runs A–M), instead of the box
+    /// reporting on its own connection as in the product.
+    #[arg(long)]
+    client_waits_for_disconnect: bool,
     #[arg(long, env = "SWITCHBOARD_TEST_POSTGRES_URL", default_value = DEFAULT_POSTGRES)]
     postgres_url: String,
     #[arg(long, default_value = "target/loadgen")]
@@ -137,6 +148,14 @@ impl RunArgs {
         }
     }
 
+    fn disconnect_model(&self) -> scenarios::DisconnectModel {
+        if self.client_waits_for_disconnect {
+            scenarios::DisconnectModel::ClientWaits
+        } else {
+            scenarios::DisconnectModel::FromTheBox
+        }
+    }
+
     fn smoke(out: PathBuf, postgres_url: String) -> RunArgs {
         RunArgs {
             backends: vec![Backend::Postgres, Backend::Sqlite],
@@ -144,6 +163,7 @@ impl RunArgs {
             clients: vec![4],
             warmup_s: 0.3,
             window_s: 1.5,
+            rounds: 1,
             hosts: 4,
             capacity: 4,
             teardown_iterations: 10,
@@ -159,6 +179,7 @@ impl RunArgs {
             separate_disconnects: false,
             disconnect_writers: switchboard::config::AllocationConfig::default().disconnect_writers,
             bookkeeping_linger_ms: switchboard::config::AllocationConfig::default().bookkeeping_linger_ms,
+            client_waits_for_disconnect: false,
             postgres_url,
             out,
         }
@@ -196,6 +217,7 @@ async fn run(args: RunArgs, command: String) -> anyhow::Result<()> {
     let mut report = RunReport {
         started_at: chrono::Utc::now().format("%Y-%m-%d %H:%M:%S UTC").to_string(),
         command,
+        disconnect_model: args.disconnect_model(),
         machine,
         backends: Vec::new(),
     };
@@ -316,13 +338,37 @@ async fn allocation_scenarios(
         }
         let window = Duration::from_secs_f64(args.window_s);
         let warmup = Duration::from_secs_f64(args.warmup_s);
+        // Rounds of Allocate, bare claim and bare RPC in turn: the bare claim
+        // puts every box back, so the server's pool is as it was.
+        let interleaved = args.rounds > 1 && wants(Scenario::Alloc) && wants(Scenario::Limit);
         if wants(Scenario::Alloc) {
+            let rounds = if interleaved { args.rounds } else { 1 };
+            let round_window = window / rounds as u32;
             for &clients in &args.clients {
-                scenarios::wait_warm(&mut admin, boxes, warm_timeout).await?;
-                scenarios::analyze(backend, db.url()).await?;
-                let point =
-                    scenarios::warm_allocation(&server.info, &observatory, clients, warmup, window, progress).await?;
-                report.allocation.push(point);
+                let (mut allocation, mut claim, mut rpc) = (Vec::new(), Vec::new(), Vec::new());
+                for _ in 0..rounds {
+                    scenarios::wait_warm(&mut admin, boxes, warm_timeout).await?;
+                    scenarios::analyze(backend, db.url()).await?;
+                    allocation.push(
+                        scenarios::warm_allocation(
+                            &server.info,
+                            &observatory,
+                            clients,
+                            (warmup, round_window),
+                            args.disconnect_model(),
+                            progress,
+                        )
+                        .await?,
+                    );
+                    if interleaved {
+                        scenarios::wait_warm(&mut admin, boxes, warm_timeout).await?;
+                        claim.push(scenarios::bare_claim(backend, db.url(), clients, round_window, progress).await?);
+                        rpc.push(scenarios::bare_rpc(&server.info, clients, round_window, progress).await?);
+                    }
+                }
+                report.allocation.extend(scenarios::AllocPoint::merge(allocation));
+                report.bare_claim.extend(scenarios::LimitPoint::merge(claim));
+                report.bare_rpc.extend(scenarios::LimitPoint::merge(rpc));
             }
         }
         if wants(Scenario::Teardown) {
@@ -339,9 +385,11 @@ async fn allocation_scenarios(
             for &clients in &args.clients {
                 scenarios::wait_warm(&mut admin, boxes, warm_timeout).await?;
                 scenarios::analyze(backend, db.url()).await?;
-                report.bare_claim.push(scenarios::bare_claim(backend, db.url(), clients, window, progress).await?);
-                report.bare_rpc.push(scenarios::bare_rpc(&server.info, clients, window, progress).await?);
-                report.store_cycle.push(cycle.run(clients, warmup, window, progress).await?);
+                if !interleaved {
+                    report.bare_claim.push(scenarios::bare_claim(backend, db.url(), clients, window, progress).await?);
+                    report.bare_rpc.push(scenarios::bare_rpc(&server.info, clients, window, progress).await?);
+                }
+                report.store_cycle.push(cycle.run(clients, (warmup, window), args.disconnect_model(), progress).await?);
             }
         }
         for agent in &agents {

@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use crate::{
     measure::{Machine, Percentiles},
-    scenarios::{AllocPoint, Failure, Fleet, LimitPoint, Teardown},
+    scenarios::{AllocPoint, DisconnectModel, Failure, Fleet, LimitPoint, Teardown},
     server::Backend,
 };
 
@@ -14,6 +14,8 @@ use crate::{
 pub(crate) struct RunReport {
     pub(crate) started_at: String,
     pub(crate) command: String,
+    /// Who sends ReportDisconnect in the allocation loops, and who waits.
+    pub(crate) disconnect_model: DisconnectModel,
     pub(crate) machine: Machine,
     pub(crate) backends: Vec<BackendReport>,
 }
@@ -121,7 +123,13 @@ pub(crate) fn markdown(report: &RunReport) -> String {
             let _ = writeln!(out, "{pool}\n");
         }
         if !backend.allocation.is_empty() {
-            let _ = writeln!(out, "### Warm allocation (Allocate, then ReportDisconnect returns the box)\n");
+            let returned = match report.disconnect_model {
+                DisconnectModel::FromTheBox => {
+                    "the box's ReportDisconnect returns the box while the client allocates again"
+                }
+                DisconnectModel::ClientWaits => "then ReportDisconnect returns the box, the client waiting for it",
+            };
+            let _ = writeln!(out, "### Warm allocation (Allocate; {returned})\n");
             let _ = writeln!(
                 out,
                 "| clients | allocations/s | Allocate p50 / p90 / p99 / max (ms) | ReportDisconnect p50 / p90 / p99 / max (ms) | server CPU (cores) | errors |"

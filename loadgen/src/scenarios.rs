@@ -15,8 +15,8 @@ use serde::Serialize;
 use sqlx::Row as _;
 use switchboard::{auth::host_credential::HostCredentials, config::Secret};
 use switchboard_proto::v1::{
-    AllocateRequest, DrainHostRequest, HostState, ListHostsRequest, ListMandelboxesRequest, MandelboxState,
-    ReportDisconnectRequest, admin_service_client::AdminServiceClient,
+    AllocateRequest, DrainHostRequest, EndSessionRequest, HostState, ListHostsRequest, ListMandelboxesRequest,
+    MandelboxState, ReportDisconnectRequest, admin_service_client::AdminServiceClient,
     allocation_service_client::AllocationServiceClient, session_events_service_client::SessionEventsServiceClient,
 };
 use tokio::{
@@ -240,16 +240,69 @@ pub(crate) struct AllocPoint {
     pub(crate) errors: BTreeMap<String, u64>,
     /// CPU the server process used during the window, in cores (1.0 = one core busy).
     pub(crate) server_cpu_cores: f64,
+    /// The latencies behind `allocate` and `report_disconnect`, kept so that
+    /// the rounds of an interleaved point can be merged.
+    #[serde(skip)]
+    samples: (Vec<Duration>, Vec<Duration>),
 }
 
-/// N clients, each: Allocate, then ReportDisconnect with the box's token (as
-/// the protocol server would), which returns the box; until the window ends.
+impl AllocPoint {
+    /// One point from the rounds of an interleaved measurement.
+    pub(crate) fn merge(rounds: Vec<AllocPoint>) -> Option<AllocPoint> {
+        let clients = rounds.first()?.clients;
+        let seconds: f64 = rounds.iter().map(|round| round.seconds).sum();
+        let cpu_seconds: f64 = rounds.iter().map(|round| round.server_cpu_cores * round.seconds).sum();
+        let (mut allocate, mut disconnect) = (Vec::new(), Vec::new());
+        let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+        for round in rounds {
+            allocate.extend(round.samples.0);
+            disconnect.extend(round.samples.1);
+            for (key, value) in round.errors {
+                *errors.entry(key).or_default() += value;
+            }
+        }
+        Some(AllocPoint {
+            clients,
+            seconds,
+            allocations: allocate.len(),
+            allocations_per_s: allocate.len() as f64 / seconds,
+            allocate: Percentiles::of(&mut allocate),
+            report_disconnect: Percentiles::of(&mut disconnect),
+            errors,
+            server_cpu_cores: cpu_seconds / seconds,
+            samples: (allocate, disconnect),
+        })
+    }
+}
+
+/// Who sends a session's ReportDisconnect in the allocation loops, and
+/// whether the next Allocate waits for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum DisconnectModel {
+    /// As in the product (PRODUCT.md: the protocol server inside the
+    /// mandelbox reports), on a connection of its own: the box reports as soon
+    /// as Allocate has answered and the client allocates again meanwhile. A
+    /// client has at most one report in flight (its next report waits for the
+    /// previous one), so a user holds at most two live sessions.
+    FromTheBox,
+    /// The client sends its box's report itself and waits for it before its
+    /// next Allocate (runs A–M): two durable round trips in sequence per loop.
+    ClientWaits,
+}
+
+/// One ReportDisconnect's outcome: its latency, or the reason it failed.
+type ReportOutcome = Result<Duration, String>;
+
+/// N clients, each: Allocate, then its box's ReportDisconnect with the box's
+/// token (as the protocol server would), which returns the box; until the
+/// window ends. `model` says who waits for the report.
 pub(crate) async fn warm_allocation(
     info: &ServerInfo,
     observatory: &Observatory,
     clients: usize,
-    warmup: Duration,
-    window: Duration,
+    (warmup, window): (Duration, Duration),
+    model: DisconnectModel,
     progress: &Progress,
 ) -> anyhow::Result<AllocPoint> {
     progress.phase(format!("allocate x{clients}"));
@@ -259,15 +312,23 @@ pub(crate) async fn warm_allocation(
     let mut tasks = Vec::new();
     for index in 0..clients {
         let token = info.user_tokens.get(index).context("more clients than user tokens")?.clone();
-        let channel = channel(&info.endpoint).await?;
+        let client_channel = channel(&info.endpoint).await?;
+        // The box's own connection when it reports (the client's otherwise).
+        let box_channel = match model {
+            DisconnectModel::FromTheBox => channel(&info.endpoint).await?,
+            DisconnectModel::ClientWaits => client_channel.clone(),
+        };
         let observatory = observatory.clone();
         let progress = progress.clone();
         tasks.push(tokio::spawn(async move {
-            let mut allocation = AllocationServiceClient::with_interceptor(channel.clone(), bearer(&token)?);
-            let mut events = SessionEventsServiceClient::new(channel);
+            let mut allocation = AllocationServiceClient::with_interceptor(client_channel, bearer(&token)?);
+            let events = SessionEventsServiceClient::new(box_channel);
             let mut allocate = Vec::new();
             let mut disconnect = Vec::new();
             let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+            // The box's report still in flight (FromTheBox), and whether its
+            // Allocate was in the window.
+            let mut in_flight: Option<(tokio::task::JoinHandle<ReportOutcome>, bool)> = None;
             while Instant::now() < end {
                 let started = Instant::now();
                 let result = allocation.allocate(allocate_request()).await;
@@ -288,17 +349,36 @@ pub(crate) async fn warm_allocation(
                     allocate.push(took);
                 }
                 progress.add(1);
+                if response.mandelbox_id.is_empty() {
+                    // No warm box (PENDING): give the session up, or it would
+                    // take the next box that warms and hold it for good.
+                    *errors.entry("PENDING".into()).or_default() += 1;
+                    let request = EndSessionRequest { session_id: response.session_id };
+                    if let Err(status) = allocation.end_session(request).await {
+                        *errors.entry(format!("end pending {}", reason(&status))).or_default() += 1;
+                    }
+                    continue;
+                }
                 let Some(token) = observatory.token_of(&response.mandelbox_id) else {
                     *errors.entry("NO_DISCONNECT_TOKEN".into()).or_default() += 1;
                     continue;
                 };
-                let started = Instant::now();
                 let request = ReportDisconnectRequest { mandelbox_id: response.mandelbox_id, token };
-                match events.report_disconnect(request).await {
-                    Ok(_) if counted => disconnect.push(started.elapsed()),
-                    Ok(_) => {}
-                    Err(status) => *errors.entry(format!("disconnect {}", reason(&status))).or_default() += 1,
+                let report = report_disconnect(events.clone(), request);
+                match model {
+                    DisconnectModel::ClientWaits => record(report.await, counted, &mut disconnect, &mut errors),
+                    DisconnectModel::FromTheBox => {
+                        if let Some((previous, was_counted)) = in_flight.take() {
+                            let outcome = previous.await.unwrap_or_else(|error| Err(error.to_string()));
+                            record(outcome, was_counted, &mut disconnect, &mut errors);
+                        }
+                        in_flight = Some((tokio::spawn(report), counted));
+                    }
                 }
+            }
+            if let Some((last, was_counted)) = in_flight.take() {
+                let outcome = last.await.unwrap_or_else(|error| Err(error.to_string()));
+                record(outcome, was_counted, &mut disconnect, &mut errors);
             }
             anyhow::Ok((allocate, disconnect, errors))
         }));
@@ -334,7 +414,29 @@ pub(crate) async fn warm_allocation(
         report_disconnect: Percentiles::of(&mut disconnect),
         errors,
         server_cpu_cores,
+        samples: (allocate, disconnect),
     })
+}
+
+/// Files one report's outcome: its latency if its Allocate was in the window.
+fn record(outcome: ReportOutcome, counted: bool, latencies: &mut Vec<Duration>, errors: &mut BTreeMap<String, u64>) {
+    match outcome {
+        Ok(took) if counted => latencies.push(took),
+        Ok(_) => {}
+        Err(reason) => *errors.entry(format!("disconnect {reason}")).or_default() += 1,
+    }
+}
+
+/// Sends one ReportDisconnect and times it.
+async fn report_disconnect(
+    mut events: SessionEventsServiceClient<Channel>,
+    request: ReportDisconnectRequest,
+) -> ReportOutcome {
+    let started = Instant::now();
+    match events.report_disconnect(request).await {
+        Ok(_) => Ok(started.elapsed()),
+        Err(status) => Err(reason(&status)),
+    }
 }
 
 // ----- 2. teardown ------------------------------------------------------------
@@ -449,6 +551,31 @@ pub(crate) struct LimitPoint {
     pub(crate) per_s: f64,
     pub(crate) latency: Percentiles,
     pub(crate) errors: u64,
+    /// The measured window and its latencies, kept so that the rounds of an
+    /// interleaved point can be merged.
+    #[serde(skip)]
+    window: Duration,
+    #[serde(skip)]
+    samples: Vec<Duration>,
+}
+
+impl LimitPoint {
+    /// One point from the rounds of an interleaved measurement.
+    pub(crate) fn merge(rounds: Vec<LimitPoint>) -> Option<LimitPoint> {
+        let clients = rounds.first()?.clients;
+        let window: Duration = rounds.iter().map(|round| round.window).sum();
+        let errors = rounds.iter().map(|round| round.errors).sum();
+        let mut samples: Vec<Duration> = rounds.into_iter().flat_map(|round| round.samples).collect();
+        Some(LimitPoint {
+            clients,
+            operations: samples.len(),
+            per_s: samples.len() as f64 / window.as_secs_f64(),
+            latency: Percentiles::of(&mut samples),
+            errors,
+            window,
+            samples,
+        })
+    }
 }
 
 /// The PostgreSQL store's own claim statement (the same string the store runs).
@@ -628,6 +755,8 @@ pub(crate) async fn collect_limit(
         per_s: samples.len() as f64 / window.as_secs_f64(),
         latency: Percentiles::of(&mut samples),
         errors,
+        window,
+        samples,
     })
 }
 

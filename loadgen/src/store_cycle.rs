@@ -44,7 +44,7 @@ use uuid::Uuid;
 
 use crate::{
     measure::Progress,
-    scenarios::{LimitPoint, collect_limit},
+    scenarios::{DisconnectModel, LimitPoint, collect_limit},
     server::{Backend, REGION},
 };
 
@@ -117,13 +117,14 @@ impl StoreCycle {
         })
     }
 
-    /// `clients` concurrent clients, each its own user, looping over `cycle`
-    /// for `window` after `warmup`.
+    /// `clients` concurrent clients, each its own user, looping over a claim
+    /// and its box's disconnect for `window` after `warmup`; `model` says
+    /// whether the client waits for the disconnect (as in `warm_allocation`).
     pub(crate) async fn run(
         &self,
         clients: usize,
-        warmup: Duration,
-        window: Duration,
+        (warmup, window): (Duration, Duration),
+        model: DisconnectModel,
         progress: &Progress,
     ) -> anyhow::Result<LimitPoint> {
         progress.phase(format!("store cycle x{clients}"));
@@ -138,18 +139,33 @@ impl StoreCycle {
             store.ensure_user(&user_id, None).await?;
             tasks.push(tokio::spawn(async move {
                 let (mut samples, mut errors) = (Vec::new(), 0_u64);
+                let mut in_flight: Option<tokio::task::JoinHandle<()>> = None;
                 while Instant::now() < end {
                     let at = Instant::now();
-                    let ok = match cycle(&store, &session_ends, &tokens, &user_id).await {
-                        Ok(Some(torn_down)) => {
-                            let (bookkeeping, tokens) = (bookkeeping.clone(), tokens.clone());
-                            let errors = bookkeeping_errors.clone();
-                            tokio::spawn(async move {
-                                if !matches!(keep_pool(&bookkeeping, &tokens, torn_down).await, Ok(true)) {
-                                    errors.fetch_add(1, Ordering::Relaxed);
+                    let ok = match claim(&store, &tokens, &user_id).await {
+                        Ok(Some(claimed)) => {
+                            let returned = return_box(
+                                session_ends.clone(),
+                                bookkeeping.clone(),
+                                tokens.clone(),
+                                bookkeeping_errors.clone(),
+                                claimed,
+                            );
+                            match model {
+                                DisconnectModel::ClientWaits => returned.await,
+                                DisconnectModel::FromTheBox => {
+                                    if let Some(previous) = in_flight.take() {
+                                        let _ = previous.await;
+                                    }
+                                    let errors = bookkeeping_errors.clone();
+                                    in_flight = Some(tokio::spawn(async move {
+                                        if !returned.await {
+                                            errors.fetch_add(1, Ordering::Relaxed);
+                                        }
+                                    }));
+                                    true
                                 }
-                            });
-                            true
+                            }
                         }
                         _ => false,
                     };
@@ -164,6 +180,9 @@ impl StoreCycle {
                         progress.error();
                     }
                 }
+                if let Some(last) = in_flight {
+                    let _ = last.await;
+                }
                 (samples, errors)
             }));
         }
@@ -175,15 +194,15 @@ impl StoreCycle {
     }
 }
 
-/// A client's part of one allocation cycle through the store: the teardown
-/// its host will confirm. Ok(None): no warm box was there, or the end found
-/// nothing to do (counted as an error).
-async fn cycle(
-    store: &DynStore,
-    session_ends: &SessionEnds,
-    tokens: &Tokens,
-    user_id: &str,
-) -> anyhow::Result<Option<TornDown>> {
+/// A box a client's session was given, with what its disconnect needs.
+struct Claimed {
+    host_id: String,
+    box_id: Uuid,
+    token_hash: String,
+}
+
+/// Allocate's store call. Ok(None): no warm box was there.
+async fn claim(store: &DynStore, tokens: &Tokens, user_id: &str) -> anyhow::Result<Option<Claimed>> {
     let new = NewSession {
         id: Uuid::now_v7(),
         user_id: user_id.into(),
@@ -202,12 +221,31 @@ async fn cycle(
     let Some(token_hash) = tokens.lock().await.remove(&box_id) else {
         anyhow::bail!("claimed box {box_id} is not one of the scenario's");
     };
-    let TokenEnd::Ended { ended: Some(_), .. } =
-        session_ends.end_by_token(DisconnectReport { mandelbox_id: box_id, token_hash }).await?
-    else {
-        return Ok(None);
+    Ok(Some(Claimed { host_id: claim.host.id, box_id, token_hash }))
+}
+
+/// The box's disconnect report (ReportDisconnect's store call, grouped as on
+/// the server), then, in the background as on the server, the pool's
+/// bookkeeping. False if the report ended nothing; the bookkeeping's
+/// failures are counted in `errors`.
+async fn return_box(
+    session_ends: SessionEnds,
+    bookkeeping: Bookkeeper,
+    tokens: Tokens,
+    errors: Arc<AtomicU64>,
+    claimed: Claimed,
+) -> bool {
+    let report = DisconnectReport { mandelbox_id: claimed.box_id, token_hash: claimed.token_hash };
+    let Ok(TokenEnd::Ended { ended: Some(_), .. }) = session_ends.end_by_token(report).await else {
+        return false;
     };
-    Ok(Some(TornDown { host_id: claim.host.id, id: box_id, replacement: None }))
+    let torn_down = TornDown { host_id: claimed.host_id, id: claimed.box_id, replacement: None };
+    tokio::spawn(async move {
+        if !matches!(keep_pool(&bookkeeping, &tokens, torn_down).await, Ok(true)) {
+            errors.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    true
 }
 
 /// The server's bookkeeping after a teardown: the box DEAD and its

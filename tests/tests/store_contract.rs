@@ -1668,6 +1668,47 @@ mod contract {
         assert!(!ended.changed, "mandelbox_finished already ended it");
     }
 
+    /// EndSession on a pending session while the dispatcher claims a box
+    /// for it: whichever wins, the box is not left claimed for an ended
+    /// session (on PostgreSQL one statement read the box as it was before
+    /// the claim committed and left it ALLOCATED for good).
+    pub(crate) async fn end_session_racing_a_claim_frees_the_box(db: &TestDatabase, store: DynStore) {
+        host(&store, "h1", "r1", "img", 100).await;
+        let (mut claimed_first, mut ended_first) = (0, 0);
+        for round in 0..40 {
+            let queued =
+                pending(store.create_session_and_claim(&new_session(&format!("u{round}"), &["r1"]), 3).await.unwrap());
+            let warm = warm_box(&store, "h1", APP).await;
+            let (claimer, ender) = (store.clone(), store.clone());
+            let claim = tokio::spawn(async move { claimer.claim_for_session(queued.id, &[]).await });
+            let end = tokio::spawn(async move { ender.end_session(queued.id, EndReason::UserEnded).await });
+            let (claim, end) = (claim.await.unwrap().unwrap(), end.await.unwrap().unwrap().unwrap());
+            assert_eq!(end.session.state, SessionState::Ended);
+            let the_box = store.get_mandelbox(warm.id).await.unwrap().unwrap();
+            if claim.is_some() {
+                claimed_first += 1;
+                assert_eq!(the_box.state, MandelboxState::Dying, "round {round}: claimed, then ended");
+                assert_eq!(end.teardown.map(|teardown| teardown.id), Some(warm.id), "round {round}: torn down");
+            } else {
+                ended_first += 1;
+                assert_eq!(the_box.state, MandelboxState::Waiting, "round {round}: never claimed");
+                // Out of the pool, so that the next round's session waits.
+                store.mandelbox_finished(warm.id, MandelboxState::Dead, EndReason::UserEnded).await.unwrap();
+            }
+        }
+        let stuck = db
+            .query_i64(
+                "SELECT count(*) FROM mandelboxes m JOIN sessions s ON s.id = m.session_id \
+                 WHERE m.state IN ('ALLOCATED', 'RUNNING') AND s.state = 'ENDED'",
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            stuck, 0,
+            "boxes held for ended sessions ({claimed_first} claimed first, {ended_first} ended first)"
+        );
+    }
+
     pub(crate) async fn list_sessions_filters_newest_first(_db: &TestDatabase, store: DynStore) {
         let mut created = Vec::new();
         for user in ["u1", "u2", "u1", "u1"] {
@@ -1859,6 +1900,7 @@ macro_rules! store_contract_suite {
             mandelboxes_spawned_writes_a_batch_as_one_by_one,
             reconcile_host_releases_stale_claims_the_host_never_got,
             end_session_tears_down_its_box_once,
+            end_session_racing_a_claim_frees_the_box,
             list_sessions_filters_newest_first,
             sweep_expires_old_pending_sessions_and_spawns,
             sweep_keeps_the_session_of_an_expired_spawn_pending,

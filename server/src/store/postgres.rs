@@ -247,43 +247,6 @@ impl RecycledRow {
     }
 }
 
-/// `end_session`'s row: the ended session and, if one went DYING, its box
-/// (columns prefixed `m_`, NULL without a box).
-#[derive(sqlx::FromRow)]
-struct EndedRow {
-    #[sqlx(flatten)]
-    session: SessionRow,
-    m_id: Option<Uuid>,
-    m_host_id: Option<String>,
-    m_region: Option<String>,
-    m_app: Option<String>,
-    m_state: Option<String>,
-    m_session_id: Option<Uuid>,
-    m_ports: Option<serde_json::Value>,
-    m_created_at: Option<DateTime<Utc>>,
-    m_updated_at: Option<DateTime<Utc>>,
-}
-
-impl EndedRow {
-    /// The session and the box that went DYING, if any.
-    fn into_parts(self) -> (SessionRow, Option<MandelboxRow>) {
-        let mandelbox = (|| {
-            Some(MandelboxRow {
-                id: self.m_id?,
-                host_id: self.m_host_id?,
-                region: self.m_region?,
-                app: self.m_app?,
-                state: self.m_state?,
-                session_id: self.m_session_id,
-                ports: self.m_ports?,
-                created_at: self.m_created_at?,
-                updated_at: self.m_updated_at?,
-            })
-        })();
-        (self.session, mandelbox)
-    }
-}
-
 #[derive(sqlx::FromRow, serde::Deserialize)]
 struct SessionRow {
     id: Uuid,
@@ -1489,32 +1452,24 @@ impl Store for PgStore {
 
     async fn end_session(&self, session_id: Uuid, reason: EndReason) -> StoreResult<Option<EndedSession>> {
         let at = now();
-        // One statement, so one round trip and one commit: the session, then
-        // (reading its box from the first update, so in the sessions →
-        // mandelboxes lock order) its live box → DYING. "Not ended" is
-        // written `ended_at IS NULL` (the same thing, by a CHECK of the
-        // table): `state <> 'ENDED'` would match the partial index of a
+        let mut tx = self.pool.begin().await?;
+        // The session first (sessions → mandelboxes is the lock order). "Not
+        // ended" is written `ended_at IS NULL` (the same thing, by a CHECK of
+        // the table): `state <> 'ENDED'` would match the partial index of a
         // user's live sessions, and a generic plan can pick it and read every
         // live session instead of one row by primary key.
-        let ended = sqlx::query_as::<_, EndedRow>(concat!(
-            "WITH ended AS ( \
-                 UPDATE sessions SET state = 'ENDED', end_reason = $2, ended_at = $3, updated_at = $3 \
-                 WHERE id = $1 AND ended_at IS NULL RETURNING ",
-            session_columns!(),
-            "), dying AS ( \
-                 UPDATE mandelboxes SET state = 'DYING', updated_at = $3 \
-                 WHERE id = (SELECT mandelbox_id FROM ended) AND session_id = $1 AND state IN ",
-            live_box_states!(),
-            " RETURNING id AS m_id, host_id AS m_host_id, region AS m_region, app AS m_app, state AS m_state, \
-                 session_id AS m_session_id, ports AS m_ports, created_at AS m_created_at, updated_at AS m_updated_at) \
-             SELECT ended.*, dying.* FROM ended LEFT JOIN dying ON true"
+        let ended = sqlx::query_as::<_, SessionRow>(concat!(
+            "UPDATE sessions SET state = 'ENDED', end_reason = $2, ended_at = $3, updated_at = $3 \
+             WHERE id = $1 AND ended_at IS NULL RETURNING ",
+            session_columns!()
         ))
         .bind(session_id)
         .bind(reason.as_str())
         .bind(at)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
         let Some(ended) = ended else {
+            drop(tx);
             // Already ended, or unknown.
             return Ok(self.get_session(session_id).await?.map(|session| EndedSession {
                 session,
@@ -1522,9 +1477,30 @@ impl Store for PgStore {
                 changed: false,
             }));
         };
-        let (session, teardown) = ended.into_parts();
-        let teardown = teardown.map(MandelboxRow::into_record).transpose()?;
-        Ok(Some(EndedSession { session: session.into_record()?, teardown, changed: true }))
+        // Then its live box → DYING, in a statement of its own: a claim for
+        // this (pending) session that committed while the update above waited
+        // for the session's lock is only seen by a later statement's snapshot.
+        // In one statement the box was read as it was before that claim, and
+        // stayed ALLOCATED for an ended session for good.
+        let teardown = match ended.mandelbox_id {
+            Some(mandelbox_id) => sqlx::query_as::<_, MandelboxRow>(concat!(
+                "UPDATE mandelboxes SET state = 'DYING', updated_at = $3 \
+                 WHERE id = $1 AND session_id = $2 AND state IN ",
+                live_box_states!(),
+                " RETURNING ",
+                mandelbox_columns!()
+            ))
+            .bind(mandelbox_id)
+            .bind(session_id)
+            .bind(at)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(MandelboxRow::into_record)
+            .transpose()?,
+            None => None,
+        };
+        tx.commit().await?;
+        Ok(Some(EndedSession { session: ended.into_record()?, teardown, changed: true }))
     }
 
     async fn end_session_by_token(
