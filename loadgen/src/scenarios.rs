@@ -345,20 +345,23 @@ pub(crate) async fn warm_allocation(
                         continue;
                     }
                 };
-                if counted {
-                    allocate.push(took);
-                }
-                progress.add(1);
                 if response.mandelbox_id.is_empty() {
                     // No warm box (PENDING): give the session up, or it would
                     // take the next box that warms and hold it for good.
-                    *errors.entry("PENDING".into()).or_default() += 1;
+                    progress.error();
+                    if counted {
+                        *errors.entry("PENDING".into()).or_default() += 1;
+                    }
                     let request = EndSessionRequest { session_id: response.session_id };
                     if let Err(status) = allocation.end_session(request).await {
                         *errors.entry(format!("end pending {}", reason(&status))).or_default() += 1;
                     }
                     continue;
                 }
+                if counted {
+                    allocate.push(took);
+                }
+                progress.add(1);
                 let Some(token) = observatory.token_of(&response.mandelbox_id) else {
                     *errors.entry("NO_DISCONNECT_TOKEN".into()).or_default() += 1;
                     continue;
