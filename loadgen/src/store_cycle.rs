@@ -2,11 +2,12 @@
 //! allocation as the product's data model has it, with no gRPC, no host round
 //! trip and no server.
 //!
-//! Each client runs, in sequence, the two calls the server makes for one warm
-//! allocation on a client's behalf: `create_session_and_claim` (Allocate) and
-//! `end_session_by_token` (ReportDisconnect, through the server's own
-//! `SessionEnds`, so grouped with the other clients' reports as on the
-//! server). The warm pool's bookkeeping
+//! Each client runs the two calls the server makes for one warm allocation:
+//! `create_session_and_claim` (Allocate) and `end_session_by_token`
+//! (ReportDisconnect, through the server's own `SessionEnds`, so grouped with
+//! the other clients' reports as on the server), the second in the
+//! background while the client claims again (or, with the client waiting,
+//! in sequence), as `warm_allocation` does. The warm pool's bookkeeping
 //! that follows, `recycle_torn_down` (the host's teardown ack, with the
 //! replacement's reservation) and `mandelbox_spawned` (the replacement warm),
 //! goes through the server's own `Bookkeeper`, in the background as on the
