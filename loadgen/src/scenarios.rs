@@ -261,7 +261,18 @@ impl AllocPoint {
                 *errors.entry(key).or_default() += value;
             }
         }
-        Some(AllocPoint {
+        Some(AllocPoint::of(clients, seconds, (allocate, disconnect), errors, cpu_seconds / seconds))
+    }
+
+    /// The point of `samples` (Allocate's latencies, ReportDisconnect's) over `seconds`.
+    fn of(
+        clients: usize,
+        seconds: f64,
+        (mut allocate, mut disconnect): (Vec<Duration>, Vec<Duration>),
+        errors: BTreeMap<String, u64>,
+        server_cpu_cores: f64,
+    ) -> AllocPoint {
+        AllocPoint {
             clients,
             seconds,
             allocations: allocate.len(),
@@ -269,9 +280,9 @@ impl AllocPoint {
             allocate: Percentiles::of(&mut allocate),
             report_disconnect: Percentiles::of(&mut disconnect),
             errors,
-            server_cpu_cores: cpu_seconds / seconds,
+            server_cpu_cores,
             samples: (allocate, disconnect),
-        })
+        }
     }
 }
 
@@ -408,17 +419,7 @@ pub(crate) async fn warm_allocation(
         _ => 0.0,
     };
     progress.finish_line();
-    Ok(AllocPoint {
-        clients,
-        seconds,
-        allocations: allocate.len(),
-        allocations_per_s: allocate.len() as f64 / seconds,
-        allocate: Percentiles::of(&mut allocate),
-        report_disconnect: Percentiles::of(&mut disconnect),
-        errors,
-        server_cpu_cores,
-        samples: (allocate, disconnect),
-    })
+    Ok(AllocPoint::of(clients, seconds, (allocate, disconnect), errors, server_cpu_cores))
 }
 
 /// Files one report's outcome: its latency if its Allocate was in the window.
@@ -568,8 +569,13 @@ impl LimitPoint {
         let clients = rounds.first()?.clients;
         let window: Duration = rounds.iter().map(|round| round.window).sum();
         let errors = rounds.iter().map(|round| round.errors).sum();
-        let mut samples: Vec<Duration> = rounds.into_iter().flat_map(|round| round.samples).collect();
-        Some(LimitPoint {
+        let samples: Vec<Duration> = rounds.into_iter().flat_map(|round| round.samples).collect();
+        Some(LimitPoint::of(clients, window, samples, errors))
+    }
+
+    /// The point of `samples` (one latency per operation) over `window`.
+    fn of(clients: usize, window: Duration, mut samples: Vec<Duration>, errors: u64) -> LimitPoint {
+        LimitPoint {
             clients,
             operations: samples.len(),
             per_s: samples.len() as f64 / window.as_secs_f64(),
@@ -577,7 +583,7 @@ impl LimitPoint {
             errors,
             window,
             samples,
-        })
+        }
     }
 }
 
@@ -752,15 +758,7 @@ pub(crate) async fn collect_limit(
         samples.extend(s);
         errors += e;
     }
-    Ok(LimitPoint {
-        clients,
-        operations: samples.len(),
-        per_s: samples.len() as f64 / window.as_secs_f64(),
-        latency: Percentiles::of(&mut samples),
-        errors,
-        window,
-        samples,
-    })
+    Ok(LimitPoint::of(clients, window, samples, errors))
 }
 
 // ----- 3. fleet size -----------------------------------------------------------------
