@@ -53,8 +53,9 @@ fn ports() -> Vec<PortSpec> {
     ]
 }
 
+// Ids are UUIDv7, as the server makes them: listings are newest first by id.
 fn new_box(app: &str, session_id: Option<Uuid>) -> NewMandelbox {
-    let id = Uuid::new_v4();
+    let id = Uuid::now_v7();
     NewMandelbox { id, app: app.to_owned(), token_hash: format!("sha256-of-{id}"), session_id }
 }
 
@@ -72,7 +73,7 @@ async fn warm_box(store: &DynStore, host_id: &str, app: &str) -> MandelboxRecord
 
 fn new_session(user_id: &str, regions: &[&str]) -> NewSession {
     NewSession {
-        id: Uuid::new_v4(),
+        id: Uuid::now_v7(),
         user_id: user_id.to_owned(),
         app: APP.to_owned(),
         client_version: "3.1.0".to_owned(),

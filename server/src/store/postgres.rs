@@ -1282,7 +1282,7 @@ impl Store for PgStore {
             " FROM mandelboxes \
              WHERE ($1::text IS NULL OR host_id = $1) AND ($2::text IS NULL OR state = $2) \
                AND ($3 OR state NOT IN ('DEAD', 'LOST')) \
-             ORDER BY created_at DESC, id DESC LIMIT 1000"
+             ORDER BY id DESC LIMIT 1000"
         ))
         .bind(filter.host_id.as_deref())
         .bind(filter.state.map(MandelboxState::as_str))
@@ -1615,17 +1615,29 @@ impl Store for PgStore {
     }
 
     async fn list_sessions(&self, filter: &SessionFilter) -> StoreResult<Vec<SessionRecord>> {
-        let rows = sqlx::query_as::<_, SessionRow>(concat!(
-            "SELECT ",
-            session_columns!(),
-            " FROM sessions WHERE ($1::text IS NULL OR user_id = $1) AND ($2 OR state <> 'ENDED') \
-             ORDER BY created_at DESC, id DESC LIMIT $3"
-        ))
-        .bind(filter.user_id.as_deref())
-        .bind(filter.include_ended)
-        .bind(i64::from(rows::session_list_limit(filter.limit)))
-        .fetch_all(&self.pool)
-        .await?;
+        // Newest first by id (UUIDv7: creation time first). The live listing
+        // is a statement of its own that names `state <> 'ENDED'`, so even a
+        // generic plan may read the live rows through `sessions_live_by_state`
+        // instead of walking the whole history backwards through the key.
+        let sql = if filter.include_ended {
+            concat!(
+                "SELECT ",
+                session_columns!(),
+                " FROM sessions WHERE ($1::text IS NULL OR user_id = $1) ORDER BY id DESC LIMIT $2"
+            )
+        } else {
+            concat!(
+                "SELECT ",
+                session_columns!(),
+                " FROM sessions WHERE ($1::text IS NULL OR user_id = $1) AND state <> 'ENDED' \
+                 ORDER BY id DESC LIMIT $2"
+            )
+        };
+        let rows = sqlx::query_as::<_, SessionRow>(sql)
+            .bind(filter.user_id.as_deref())
+            .bind(i64::from(rows::session_list_limit(filter.limit)))
+            .fetch_all(&self.pool)
+            .await?;
         sessions(rows)
     }
 
@@ -1642,10 +1654,14 @@ impl Store for PgStore {
     }
 
     async fn count_live_sessions(&self, user_id: &str) -> StoreResult<u32> {
-        let live: i64 = sqlx::query_scalar("SELECT count(*) FROM sessions WHERE user_id = $1 AND state <> 'ENDED'")
-            .bind(user_id)
-            .fetch_one(&self.pool)
-            .await?;
+        // The live states named, so that `sessions_user_state` is read by three
+        // seeks instead of through the user's whole history.
+        let live: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM sessions WHERE user_id = $1 AND state IN ('PENDING', 'ASSIGNING', 'RUNNING')",
+        )
+        .bind(user_id)
+        .fetch_one(&self.pool)
+        .await?;
         rows::to_u32("count", live)
     }
 

@@ -1200,7 +1200,7 @@ impl Store for SqliteStore {
             " FROM mandelboxes \
              WHERE (?1 IS NULL OR host_id = ?1) AND (?2 IS NULL OR state = ?2) \
                AND (?3 OR state NOT IN ('DEAD', 'LOST')) \
-             ORDER BY created_at DESC, id DESC LIMIT 1000"
+             ORDER BY id DESC LIMIT 1000"
         ))
         .bind(filter.host_id.as_deref())
         .bind(filter.state.map(MandelboxState::as_str))
@@ -1472,7 +1472,7 @@ impl Store for SqliteStore {
             "SELECT ",
             session_columns!(),
             " FROM sessions WHERE (?1 IS NULL OR user_id = ?1) AND (?2 OR state <> 'ENDED') \
-             ORDER BY created_at DESC, id DESC LIMIT ?3"
+             ORDER BY id DESC LIMIT ?3"
         ))
         .bind(filter.user_id.as_deref())
         .bind(filter.include_ended)
