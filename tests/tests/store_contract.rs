@@ -1710,6 +1710,38 @@ mod contract {
         );
     }
 
+    /// PostgreSQL's sessions carry no foreign keys (migration 0010): every
+    /// path that names a user or a box must name rows that exist.
+    pub(crate) async fn sessions_name_existing_users_and_boxes(db: &TestDatabase, store: DynStore) {
+        host(&store, "h1", "r1", "img", 10).await;
+        let warm = warm_box(&store, "h1", APP).await;
+        // A first session for a user with no row yet: the store creates it.
+        let running = claimed(store.create_session_and_claim(&new_session("fresh", &["r1"]), 3).await.unwrap());
+        assert_eq!(running.mandelbox.id, warm.id);
+        let queued = pending(store.create_session_and_claim(&new_session("u1", &["r1"]), 3).await.unwrap());
+        warm_box(&store, "h1", APP).await;
+        let assigned = store.claim_for_session(queued.id, &[]).await.unwrap().expect("a warm box");
+        store.end_session(running.session.id, EndReason::UserEnded).await.unwrap();
+        store.end_session(assigned.session.id, EndReason::UserEnded).await.unwrap();
+        let orphans = |sql: &'static str| async move { db.query_i64(sql).await.unwrap() };
+        assert_eq!(
+            orphans(
+                "SELECT count(*) FROM sessions s WHERE s.mandelbox_id IS NOT NULL \
+                 AND NOT EXISTS (SELECT 1 FROM mandelboxes m WHERE m.id = s.mandelbox_id)"
+            )
+            .await,
+            0,
+            "every session's box exists"
+        );
+        assert_eq!(
+            orphans("SELECT count(*) FROM sessions s WHERE NOT EXISTS (SELECT 1 FROM users u WHERE u.id = s.user_id)")
+                .await,
+            0,
+            "every session's user exists"
+        );
+        assert_eq!(db.query_i64("SELECT count(*) FROM sessions").await.unwrap(), 2);
+    }
+
     pub(crate) async fn list_sessions_filters_newest_first(_db: &TestDatabase, store: DynStore) {
         let mut created = Vec::new();
         for user in ["u1", "u2", "u1", "u1"] {
@@ -1902,6 +1934,7 @@ macro_rules! store_contract_suite {
             reconcile_host_releases_stale_claims_the_host_never_got,
             end_session_tears_down_its_box_once,
             end_session_racing_a_claim_frees_the_box,
+            sessions_name_existing_users_and_boxes,
             list_sessions_filters_newest_first,
             sweep_expires_old_pending_sessions_and_spawns,
             sweep_keeps_the_session_of_an_expired_spawn_pending,
