@@ -1615,29 +1615,31 @@ impl Store for PgStore {
     }
 
     async fn list_sessions(&self, filter: &SessionFilter) -> StoreResult<Vec<SessionRecord>> {
-        // Newest first by id (UUIDv7: creation time first). The live listing
-        // is a statement of its own that names `state <> 'ENDED'`, so even a
-        // generic plan may read the live rows through `sessions_live_by_state`
-        // instead of walking the whole history backwards through the key.
-        let sql = if filter.include_ended {
-            concat!(
-                "SELECT ",
-                session_columns!(),
-                " FROM sessions WHERE ($1::text IS NULL OR user_id = $1) ORDER BY id DESC LIMIT $2"
-            )
-        } else {
-            concat!(
-                "SELECT ",
-                session_columns!(),
-                " FROM sessions WHERE ($1::text IS NULL OR user_id = $1) AND state <> 'ENDED' \
-                 ORDER BY id DESC LIMIT $2"
-            )
+        // Newest first by id (UUIDv7: creation time first). One statement per
+        // kind of listing, each naming what it filters on, so that even a
+        // generic plan reads an index that fits: a user's rows through
+        // `sessions_user_state` (the live ones by the live states named),
+        // every live row through `sessions_live_by_state`, the whole history
+        // backwards through the primary key.
+        macro_rules! listing {
+            ($where:literal, $limit:literal) => {
+                concat!("SELECT ", session_columns!(), " FROM sessions ", $where, " ORDER BY id DESC LIMIT ", $limit)
+            };
+        }
+        let limit = i64::from(rows::session_list_limit(filter.limit));
+        let query = match (filter.user_id.as_deref(), filter.include_ended) {
+            (Some(user_id), true) => {
+                sqlx::query_as::<_, SessionRow>(listing!("WHERE user_id = $1", "$2")).bind(user_id)
+            }
+            (Some(user_id), false) => sqlx::query_as::<_, SessionRow>(listing!(
+                "WHERE user_id = $1 AND state IN ('PENDING', 'ASSIGNING', 'RUNNING')",
+                "$2"
+            ))
+            .bind(user_id),
+            (None, true) => sqlx::query_as::<_, SessionRow>(listing!("", "$1")),
+            (None, false) => sqlx::query_as::<_, SessionRow>(listing!("WHERE state <> 'ENDED'", "$1")),
         };
-        let rows = sqlx::query_as::<_, SessionRow>(sql)
-            .bind(filter.user_id.as_deref())
-            .bind(i64::from(rows::session_list_limit(filter.limit)))
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = query.bind(limit).fetch_all(&self.pool).await?;
         sessions(rows)
     }
 
