@@ -1516,7 +1516,8 @@ impl Store for PgStore {
         // in SQL leaks nothing a caller could use to guess the token. The
         // session is found by primary key: `ended_at IS NULL` as in
         // `end_session` (with `state <> 'ENDED'` the planner read every live
-        // session through `sessions_live_by_user`, pg_stat_user_indexes showed).
+        // session through a partial index over live sessions, the since
+        // dropped `sessions_live_by_user`, pg_stat_user_indexes showed).
         let row = sqlx::query_as::<_, TokenEndRow>(concat!(
             "WITH auth AS ( \
                  SELECT id, state, session_id, token_hash = $2 AS token_ok FROM mandelboxes WHERE id = $1 \
