@@ -33,7 +33,7 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::postgres_fleet as fleet;
-use super::rows::{self, host_columns, live_box_states, mandelbox_columns, now, session_columns};
+use super::rows::{self, host_columns, live_box_states, live_session_states, mandelbox_columns, now, session_columns};
 use super::{
     Claim, ClaimOutcome, DisconnectReport, EndedSession, HeartbeatMark, MandelboxAuth, MandelboxFilter, NewMandelbox,
     NewSession, Reconciliation, Recycled, ReportedMandelbox, SessionFilter, SpawnReport, Store, StoreError,
@@ -1623,7 +1623,7 @@ impl Store for PgStore {
         // every live row through `sessions_live_by_state`, the whole history
         // backwards through the primary key.
         macro_rules! listing {
-            ($where:literal, $limit:literal) => {
+            ($where:expr, $limit:literal) => {
                 concat!("SELECT ", session_columns!(), " FROM sessions ", $where, " ORDER BY id DESC LIMIT ", $limit)
             };
         }
@@ -1633,7 +1633,7 @@ impl Store for PgStore {
                 sqlx::query_as::<_, SessionRow>(listing!("WHERE user_id = $1", "$2")).bind(user_id)
             }
             (Some(user_id), false) => sqlx::query_as::<_, SessionRow>(listing!(
-                "WHERE user_id = $1 AND state IN ('PENDING', 'ASSIGNING', 'RUNNING')",
+                concat!("WHERE user_id = $1 AND state IN ", live_session_states!()),
                 "$2"
             ))
             .bind(user_id),
@@ -1659,9 +1659,10 @@ impl Store for PgStore {
     async fn count_live_sessions(&self, user_id: &str) -> StoreResult<u32> {
         // The live states named, so that `sessions_user_state` is read by three
         // seeks instead of through the user's whole history.
-        let live: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM sessions WHERE user_id = $1 AND state IN ('PENDING', 'ASSIGNING', 'RUNNING')",
-        )
+        let live: i64 = sqlx::query_scalar(concat!(
+            "SELECT count(*) FROM sessions WHERE user_id = $1 AND state IN ",
+            live_session_states!()
+        ))
         .bind(user_id)
         .fetch_one(&self.pool)
         .await?;

@@ -211,6 +211,15 @@ macro_rules! live_box_states {
     };
 }
 
+/// SQL list of the session states that count against a user's limit
+/// (`SessionState::is_live`): named, rather than `<> 'ENDED'`, so that an
+/// index on (user_id, state) is read by seeks.
+macro_rules! live_session_states {
+    () => {
+        "('PENDING', 'ASSIGNING', 'RUNNING')"
+    };
+}
+
 macro_rules! instance_columns {
     () => {
         "host_id, region, instance_id, instance_type, capacity, image, state, launch_token, rollout_id, \
@@ -231,8 +240,8 @@ macro_rules! region_columns {
 }
 
 pub(super) use {
-    host_columns, instance_columns, live_box_states, mandelbox_columns, operation_columns, region_columns,
-    session_columns,
+    host_columns, instance_columns, live_box_states, live_session_states, mandelbox_columns, operation_columns,
+    region_columns, session_columns,
 };
 
 /// A lease epoch as a database parameter (epochs start at 1 and grow by one,
@@ -259,5 +268,18 @@ pub(super) fn list_limit(limit: u32) -> u32 {
     match limit {
         0 => 100,
         limit => limit.min(1000),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::model::SessionState;
+
+    #[test]
+    fn live_session_states_lists_exactly_the_live_states() {
+        let all = [SessionState::Pending, SessionState::Assigning, SessionState::Running, SessionState::Ended];
+        let live: Vec<String> =
+            all.into_iter().filter(|state| state.is_live()).map(|state| format!("'{}'", state.as_str())).collect();
+        assert_eq!(live_session_states!(), format!("({})", live.join(", ")));
     }
 }
