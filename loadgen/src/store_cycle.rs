@@ -8,10 +8,10 @@
 //! the other clients' reports as on the server), the second in the
 //! background while the client claims again (or, with the client waiting,
 //! in sequence), as `warm_allocation` does. The warm pool's bookkeeping
-//! that follows, `recycle_torn_down` (the host's teardown ack, with the
-//! replacement's reservation) and `mandelbox_spawned` (the replacement warm),
-//! goes through the server's own `Bookkeeper`, in the background as on the
-//! server (no client waits for it), batched with the other clients'.
+//! that follows, `recycle_torn_down` (the host confirmed the teardown and the
+//! replacement's spawn: the box DEAD and the replacement WAITING in one
+//! write), goes through the server's own `Bookkeeper`, in the background as
+//! on the server (no client waits for it), batched with the other clients'.
 //! Put next to the bare claim, it splits Allocate's
 //! cost ratio in two: what the cycle's SQL adds to the bare claim, and what
 //! the server adds to the cycle's SQL.
@@ -38,7 +38,7 @@ use switchboard::{
     bookkeeping::Bookkeeper,
     model::{EndReason, PortSpec},
     session_ends::SessionEnds,
-    store::{ClaimOutcome, DisconnectReport, DynStore, NewMandelbox, NewSession, SpawnReport, TokenEnd, TornDown},
+    store::{ClaimOutcome, DisconnectReport, DynStore, NewSession, TokenEnd, TornDown, WarmReplacement},
 };
 use tokio::{sync::Mutex, time::Instant};
 use uuid::Uuid;
@@ -57,13 +57,11 @@ const APP: &str = "chrome";
 /// presents a box's own token hash, as the box's protocol server would.
 type Tokens = Arc<Mutex<HashMap<Uuid, String>>>;
 
-fn new_box() -> (NewMandelbox, String) {
+/// A replacement as its host confirmed it: warm, with its ports.
+fn new_box() -> WarmReplacement {
     let token_hash = mandelbox_token::hash(&mandelbox_token::generate());
-    (NewMandelbox { id: Uuid::now_v7(), app: APP.into(), token_hash: token_hash.clone(), session_id: None }, token_hash)
-}
-
-fn ports() -> Vec<PortSpec> {
-    vec![PortSpec { name: "protocol".into(), port: 32_262, protocol: "tcp".into() }]
+    let ports = vec![PortSpec { name: "protocol".into(), port: 32_262, protocol: "tcp".into() }];
+    WarmReplacement { id: Uuid::now_v7(), app: APP.into(), token_hash, ports }
 }
 
 /// The scenario's store (with the server's pool size) and boxes, kept from
@@ -250,14 +248,18 @@ async fn return_box(
 }
 
 /// The server's bookkeeping after a teardown: the box DEAD and its
-/// replacement reserved, then warm. Ok(false) if a step found nothing to do.
+/// replacement, spawned already, WAITING in its slot. Ok(false) if the
+/// replacement was refused.
 async fn keep_pool(bookkeeping: &Bookkeeper, tokens: &Tokens, mut torn_down: TornDown) -> anyhow::Result<bool> {
-    let (replacement, hash) = new_box();
+    let replacement = new_box();
+    let (id, hash) = (replacement.id, replacement.token_hash.clone());
+    // Known before the write: once written, the box can be claimed.
+    tokens.lock().await.insert(id, hash);
     torn_down.replacement = Some(replacement);
     let recycled = bookkeeping.torn_down(torn_down).await?;
-    let Some(reserved) = recycled.replacement else {
+    if recycled.replacement.is_none() {
+        tokens.lock().await.remove(&id);
         return Ok(false);
-    };
-    tokens.lock().await.insert(reserved.id, hash);
-    Ok(bookkeeping.spawned(SpawnReport { id: reserved.id, ports: ports() }).await?.is_some())
+    }
+    Ok(true)
 }

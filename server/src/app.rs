@@ -198,6 +198,7 @@ impl Application {
             public_endpoint,
             bookkeeping,
             session_ends,
+            unrecorded: Default::default(),
             store: store.clone(),
             scaling: scaling.clone(),
             replica_id,

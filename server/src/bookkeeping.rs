@@ -1,11 +1,12 @@
 //! The warm pool's bookkeeping, written in batches.
 //!
-//! Every allocation cycle ends with two writes no client waits for: the host
-//! confirmed the old box's teardown (the box → DEAD and a replacement reserved
-//! in its slot, `Store::recycle_torn_down`) and then the replacement's spawn
-//! (→ WAITING, `Store::mandelbox_spawned`). Written one by one they are half
-//! of a cycle's statements and commits. Here each kind has a queue and one
-//! task that writes whatever has queued up, after waiting up to
+//! Every allocation cycle ends with a write no client waits for: the host
+//! confirmed the old box's teardown and the spawn of its replacement (the box
+//! → DEAD and the replacement WAITING in its slot, `Store::recycle_torn_down`).
+//! A warm-pool fill writes another: a reserved box's spawn (→ WAITING,
+//! `Store::mandelbox_spawned`). Written one by one they were half of a
+//! cycle's statements and commits. Here each kind has a queue and one task
+//! that writes whatever has queued up, after waiting up to
 //! `allocation.bookkeeping_linger_ms` for more, in one statement or
 //! transaction (`Store::recycle_torn_down_many`, `Store::mandelboxes_spawned`).
 //! Under load a batch holds many boxes; an idle system writes each one
@@ -15,7 +16,7 @@
 //! A batch that fails is written again one by one, so each caller gets its
 //! own result; a queue whose task is gone is bypassed (the store is called
 //! directly). Both writes are safe to apply twice: they change only a box
-//! still SPAWNING or DYING.
+//! still SPAWNING or DYING (a replacement is written only with its DYING box).
 
 use std::time::Duration;
 

@@ -32,6 +32,8 @@ pub struct Core {
     pub bookkeeping: crate::bookkeeping::Bookkeeper,
     /// ReportDisconnect's session ends, grouped into shared commits.
     pub session_ends: crate::session_ends::SessionEnds,
+    /// Warm replacements spawned and not yet written (`crate::replacements`).
+    pub unrecorded: crate::replacements::UnrecordedReplacements,
 }
 
 pub type SharedCore = Arc<Core>;

@@ -25,6 +25,7 @@ pub mod liveness;
 pub mod maintenance;
 pub mod model;
 pub mod regions;
+pub mod replacements;
 pub mod scaling;
 pub mod session_ends;
 pub mod sessions;

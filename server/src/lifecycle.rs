@@ -4,16 +4,17 @@
 
 use std::{sync::Arc, time::Duration};
 
-use switchboard_proto::v1::{DrainHost, TeardownMandelbox, command};
+use switchboard_proto::v1::{DrainHost, SpawnMandelbox, TeardownMandelbox, command};
 use uuid::Uuid;
 
 use crate::{
+    api::convert::port_from_proto,
     core::Core,
     error::ApiResult,
     events::{Event, SessionChange},
     fleet::{RouteError, pool},
     model::{EndReason, HostRecord, MandelboxRecord, MandelboxState, SessionRecord},
-    store::{EndedSession, Recycled, TornDown},
+    store::{EndedSession, Recycled, TornDown, WarmReplacement},
 };
 
 impl Core {
@@ -66,9 +67,10 @@ impl Core {
     }
 
     /// Tells the box's host to tear it down, in the background. On the host's
-    /// confirmation the box is DEAD and its slot refilled with a warm box in the
-    /// same transaction (`recycle_torn_down`). If the host is unreachable the
-    /// box stays DYING, and the host's next Hello reconciles it.
+    /// confirmation a warm replacement is spawned in its slot, and the box's
+    /// death and the replacement are written together (`torn_down`). If the
+    /// host is unreachable the box stays DYING, and the host's next Hello
+    /// reconciles it.
     pub fn spawn_teardown(self: &Arc<Self>, mandelbox: MandelboxRecord, reason: &str) {
         let core = self.clone();
         let timeout = Duration::from_millis(self.config.hosts.command_timeout_ms);
@@ -89,37 +91,106 @@ impl Core {
         });
     }
 
-    /// The host confirmed a teardown: the box is DEAD and, with the warm pool
-    /// on, a replacement is reserved in the same transaction and spawned. A box
-    /// that was not DYING (already written off) goes through
-    /// `mandelbox_finished`, and the host's filler refills the slot.
+    /// The host confirmed a teardown. With the warm pool on (and the host not
+    /// known to drain) the replacement is spawned first, with nothing written,
+    /// and the box's slot stays taken by the DYING box meanwhile; then one
+    /// bookkeeping write marks the box DEAD and inserts the replacement
+    /// WAITING (`Store::recycle_torn_down`). A replacement the store refuses
+    /// (the box was written off meanwhile, the host drains or is full) is
+    /// torn down again; a box that was not DYING any more goes through
+    /// `mandelbox_finished`; a slot left empty is refilled by the host's
+    /// filler.
     async fn torn_down(self: &Arc<Self>, mandelbox: &MandelboxRecord) {
-        let replacement = self.config.allocation.warm_pool.then(|| pool::new_warm_box(self));
+        let host_id = &mandelbox.host_id;
+        let draining = self.registry.is_draining(host_id);
+        let replacement = match self.config.allocation.warm_pool && !draining {
+            true => self.spawn_replacement(host_id).await,
+            false => None,
+        };
         let recycled = self
             .bookkeeping
-            .torn_down(TornDown {
-                host_id: mandelbox.host_id.clone(),
-                id: mandelbox.id,
-                replacement: replacement.as_ref().map(|(new, _)| new.clone()),
-            })
+            .torn_down(TornDown { host_id: host_id.clone(), id: mandelbox.id, replacement: replacement.clone() })
             .await;
-        match (recycled, replacement) {
-            (Ok(Recycled { finished: true, replacement: Some(reserved) }), Some((_, token))) => {
-                tokio::spawn(pool::spawn_warm(self.clone(), reserved, token));
-            }
-            (Ok(Recycled { finished: true, .. }), _) => {}
-            (Ok(Recycled { finished: false, .. }), _) => {
-                if let Err(error) =
-                    self.store.mandelbox_finished(mandelbox.id, MandelboxState::Dead, EndReason::MandelboxExited).await
-                {
-                    tracing::warn!(mandelbox_id = %mandelbox.id, %error, "could not record teardown");
-                }
-                self.registry.refill(&mandelbox.host_id);
-            }
-            (Err(error), _) => {
+        let exited = replacement.as_ref().is_some_and(|warm| self.unrecorded.settled(warm.id));
+        let (finished, recorded) = match recycled {
+            Ok(Recycled { finished, replacement }) => (finished, replacement),
+            Err(error) => {
                 tracing::warn!(mandelbox_id = %mandelbox.id, %error, "could not record teardown");
-                self.registry.refill(&mandelbox.host_id);
+                (true, None)
             }
+        };
+        match (recorded, &replacement) {
+            (Some(recorded), _) if exited => {
+                tracing::info!(%host_id, mandelbox_id = %recorded.id, "replacement exited before it was recorded");
+                self.finish_exited(recorded.id).await;
+            }
+            (Some(recorded), _) => {
+                tracing::debug!(%host_id, mandelbox_id = %recorded.id, "warm replacement ready");
+                self.events.publish(Event::MandelboxWarm { region: recorded.region });
+                return;
+            }
+            (None, Some(refused)) if !exited => self.teardown_unrecorded(host_id, refused.id).await,
+            (None, _) => {}
+        }
+        if !finished
+            && let Err(error) =
+                self.store.mandelbox_finished(mandelbox.id, MandelboxState::Dead, EndReason::MandelboxExited).await
+        {
+            tracing::warn!(mandelbox_id = %mandelbox.id, %error, "could not record teardown");
+        }
+        if !draining {
+            self.registry.refill(host_id);
+        }
+    }
+
+    /// Spawns a warm box on the host to take a torn-down box's slot; the box
+    /// is listed as unrecorded until its write (`crate::replacements`). None
+    /// if the host did not confirm.
+    async fn spawn_replacement(self: &Arc<Self>, host_id: &str) -> Option<WarmReplacement> {
+        let (new, token) = pool::new_warm_box(self);
+        self.unrecorded.spawning(host_id, new.id);
+        let timeout = Duration::from_millis(self.config.allocation.spawn_timeout_ms);
+        let kind = command::Kind::Spawn(SpawnMandelbox {
+            mandelbox_id: new.id.to_string(),
+            app: new.app.clone(),
+            disconnect_token: token,
+        });
+        match self.router.send(host_id, kind, timeout).await {
+            Ok(result) => Some(WarmReplacement {
+                id: new.id,
+                app: new.app,
+                token_hash: new.token_hash,
+                ports: result.ports.iter().filter_map(port_from_proto).collect(),
+            }),
+            Err(error) => {
+                tracing::warn!(%host_id, mandelbox_id = %new.id, %error, "replacement spawn failed");
+                self.unrecorded.settled(new.id);
+                // A host that answers late may still start it.
+                if matches!(error, RouteError::Timeout(_)) {
+                    self.teardown_unrecorded(host_id, new.id).await;
+                }
+                None
+            }
+        }
+    }
+
+    /// Tears down a box its host runs and the database does not hold (a
+    /// refused replacement); what it was is of no further interest.
+    async fn teardown_unrecorded(&self, host_id: &str, id: Uuid) {
+        let timeout = Duration::from_millis(self.config.hosts.command_timeout_ms);
+        let kind = command::Kind::Teardown(TeardownMandelbox {
+            mandelbox_id: id.to_string(),
+            reason: "replacement not recorded".to_owned(),
+        });
+        if let Err(error) = self.router.send(host_id, kind, timeout).await {
+            tracing::debug!(%host_id, mandelbox_id = %id, %error, "teardown of an unrecorded replacement failed");
+        }
+    }
+
+    /// A box the host said exited before it was recorded: DEAD now.
+    async fn finish_exited(&self, id: Uuid) {
+        if let Err(error) = self.store.mandelbox_finished(id, MandelboxState::Dead, EndReason::MandelboxExited).await {
+            tracing::warn!(mandelbox_id = %id, %error, "could not record exit");
         }
     }
 

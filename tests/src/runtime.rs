@@ -20,6 +20,10 @@ pub struct ObservedRuntime {
     assign_delay: Arc<Mutex<Duration>>,
     /// Teardown commands received, by box.
     teardowns: Arc<Mutex<HashMap<String, usize>>>,
+    /// Boxes whose spawn began, in order.
+    spawned: Arc<Mutex<Vec<String>>>,
+    /// The next spawned box crashes right after its spawn is confirmed.
+    crash_next_spawn: Arc<std::sync::atomic::AtomicBool>,
     exits: broadcast::Sender<ExitNotice>,
 }
 
@@ -47,8 +51,21 @@ impl ObservedRuntime {
             spawn_delay: Arc::default(),
             assign_delay: Arc::default(),
             teardowns: Arc::default(),
+            spawned: Arc::default(),
+            crash_next_spawn: Arc::default(),
             exits,
         }
+    }
+
+    /// The boxes whose spawn has begun (before any spawn delay), in order.
+    pub fn spawned(&self) -> Vec<String> {
+        self.spawned.lock().map(|spawned| spawned.clone()).unwrap_or_default()
+    }
+
+    /// The next box spawned dies a few milliseconds after its spawn is
+    /// confirmed (a box that crashes as it starts).
+    pub fn crash_next_spawn(&self) {
+        self.crash_next_spawn.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Makes every later assign take this long (a host that does not answer in time).
@@ -86,6 +103,9 @@ impl ObservedRuntime {
 #[async_trait]
 impl MandelboxRuntime for ObservedRuntime {
     async fn spawn(&self, spec: SpawnSpec) -> Result<Vec<Port>, RuntimeError> {
+        if let Ok(mut spawned) = self.spawned.lock() {
+            spawned.push(spec.mandelbox_id.clone());
+        }
         let delay = self.spawn_delay.lock().map(|delay| *delay).unwrap_or_default();
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
@@ -93,7 +113,17 @@ impl MandelboxRuntime for ObservedRuntime {
         if let Ok(mut tokens) = self.tokens.lock() {
             tokens.insert(spec.mandelbox_id.clone(), spec.disconnect_token.clone());
         }
-        self.inner.spawn(spec).await
+        let id = spec.mandelbox_id.clone();
+        let ports = self.inner.spawn(spec).await?;
+        if self.crash_next_spawn.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            let runtime = self.clone();
+            tokio::spawn(async move {
+                // After the agent has sent the spawn's result.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let _ = runtime.crash(&id).await;
+            });
+        }
+        Ok(ports)
     }
 
     async fn assign(&self, spec: AssignSpec) -> Result<Assignment, RuntimeError> {

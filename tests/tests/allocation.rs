@@ -10,8 +10,8 @@ use std::{
 use prost::Message as _;
 use switchboard::model::{EndReason, MandelboxState, SessionState};
 use switchboard_proto::v1::{
-    AllocateRequest, EndSessionRequest, ListMandelboxesRequest, ReportDisconnectRequest, SessionState as WireState,
-    WatchSessionRequest,
+    AllocateRequest, DrainHostRequest, EndSessionRequest, ListMandelboxesRequest, ReportDisconnectRequest,
+    SessionState as WireState, WatchSessionRequest,
 };
 use switchboard_tests::{Backend, HostSpec, TestApp, TestOptions, app::reason, on_both_backends};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -207,14 +207,17 @@ async fn pending_session_is_fulfilled_and_watched(backend: Backend) {
     let first = app.user_client("alice").allocate(request(&["us-east-1"])).await.unwrap().into_inner();
     assert_eq!(first.state, WireState::Running as i32);
 
-    // The replacement will take a while to warm.
-    app.host("host-1").unwrap().2.set_spawn_delay(Duration::from_millis(800));
+    // The replacement will take a while to warm. Until it is, its slot shows
+    // the torn-down box, DYING: capacity that is coming all the same.
+    let runtime = &app.host("host-1").unwrap().2;
+    runtime.set_spawn_delay(Duration::from_millis(800));
+    let spawned_before = runtime.spawned().len();
     app.user_client("alice").end_session(EndSessionRequest { session_id: first.session_id.clone() }).await.unwrap();
-    switchboard_tests::app::eventually(Duration::from_secs(5), async || {
-        Ok(app.count_boxes(MandelboxState::Spawning).await? == 1)
-    })
-    .await
-    .unwrap();
+    switchboard_tests::app::eventually(Duration::from_secs(5), async || Ok(runtime.spawned().len() > spawned_before))
+        .await
+        .unwrap();
+    assert_eq!(app.count_boxes(MandelboxState::Dying).await.unwrap(), 1);
+    assert_eq!(app.count_boxes(MandelboxState::Waiting).await.unwrap(), 0);
 
     let mut bob = app.user_client("bob");
     let second = bob.allocate(request(&["us-east-1"])).await.unwrap().into_inner();
@@ -315,8 +318,66 @@ async fn large_frames_cross_the_small_h2_buffers(backend: Backend) {
     );
 }
 
+/// A draining host gets no replacement for a box it tears down: its
+/// connection remembers the Drain it relayed, so nothing is spawned there
+/// only for the store to refuse it and the host to tear it down again.
+async fn draining_host_spawns_no_replacement(backend: Backend) {
+    let app = TestApp::spawn(backend, TestOptions::default()).await.unwrap();
+    let response = app.user_client("alice").allocate(request(&["us-east-1"])).await.unwrap().into_inner();
+    let (_, _, runtime) = app.host("host-1").unwrap();
+    let admin_token = app.admin_token();
+    app.admin_client(Some(&admin_token)).drain_host(DrainHostRequest { host_id: "host-1".into() }).await.unwrap();
+    let spawned_before = runtime.spawned();
+
+    app.user_client("alice").end_session(EndSessionRequest { session_id: response.session_id.clone() }).await.unwrap();
+    // The box's death is written after any replacement's spawn (they are
+    // written together), so once it is DEAD a replacement would have shown.
+    let used = uuid::Uuid::parse_str(&response.mandelbox_id).unwrap();
+    switchboard_tests::app::eventually(Duration::from_secs(5), async || {
+        Ok(app.store.get_mandelbox(used).await?.map(|m| m.state) == Some(MandelboxState::Dead))
+    })
+    .await
+    .unwrap();
+    assert_eq!(runtime.teardowns_of(&response.mandelbox_id), 1);
+    assert_eq!(runtime.spawned(), spawned_before, "no box spawned on a draining host");
+    assert_eq!(app.store.host_summary("host-1").await.unwrap().unwrap().live, 0, "every box torn down");
+}
+
+/// A replacement that dies before its spawn is written (the host's exit
+/// notice overtakes the bookkeeping write) is written DEAD, not WAITING, and
+/// its slot is refilled.
+async fn replacement_exiting_before_it_is_recorded_is_recorded_dead(backend: Backend) {
+    let app = TestApp::spawn_with(backend, TestOptions::default(), |config| {
+        // The write waits in its batch long after the box's exit.
+        config.allocation.bookkeeping_linger_ms = 300;
+    })
+    .await
+    .unwrap();
+    let response = app.user_client("alice").allocate(request(&["us-east-1"])).await.unwrap().into_inner();
+    let (_, _, runtime) = app.host("host-1").unwrap();
+    let spawned_before = runtime.spawned().len();
+    runtime.crash_next_spawn();
+
+    app.user_client("alice").end_session(EndSessionRequest { session_id: response.session_id.clone() }).await.unwrap();
+    switchboard_tests::app::eventually(Duration::from_secs(5), async || Ok(runtime.spawned().len() > spawned_before))
+        .await
+        .unwrap();
+    let replacement = uuid::Uuid::parse_str(&runtime.spawned()[spawned_before]).unwrap();
+    switchboard_tests::app::eventually(Duration::from_secs(5), async || {
+        Ok(app.store.get_mandelbox(replacement).await?.map(|m| m.state) == Some(MandelboxState::Dead))
+    })
+    .await
+    .unwrap();
+    app.wait_warm(2, Duration::from_secs(5)).await.unwrap();
+    let warm = warm_ids(&app, "host-1").await;
+    assert!(!warm.contains(&replacement.to_string()), "the dead replacement is not offered");
+    assert!(!warm.contains(&response.mandelbox_id));
+}
+
 on_both_backends!(
     whole_loop,
+    draining_host_spawns_no_replacement,
+    replacement_exiting_before_it_is_recorded_is_recorded_dead,
     concurrent_allocations_never_share_a_box,
     concurrent_disconnect_reports_end_each_session_once,
     concurrent_disconnect_reports_with_two_writers_end_each_session_once,

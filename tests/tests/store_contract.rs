@@ -13,7 +13,7 @@ use switchboard::model::{
 };
 use switchboard::store::{
     Claim, ClaimOutcome, DisconnectReport, DynStore, HeartbeatMark, MandelboxFilter, NewMandelbox, NewSession,
-    Recycled, ReportedMandelbox, SessionFilter, SpawnReport, StoreError, TokenEnd, TornDown,
+    Recycled, ReportedMandelbox, SessionFilter, SpawnReport, StoreError, TokenEnd, TornDown, WarmReplacement,
 };
 use switchboard_tests::db::TestDatabase;
 use uuid::Uuid;
@@ -57,6 +57,12 @@ fn ports() -> Vec<PortSpec> {
 fn new_box(app: &str, session_id: Option<Uuid>) -> NewMandelbox {
     let id = Uuid::now_v7();
     NewMandelbox { id, app: app.to_owned(), token_hash: format!("sha256-of-{id}"), session_id }
+}
+
+/// A replacement its host has spawned already (`recycle_torn_down`).
+fn warm_replacement() -> WarmReplacement {
+    let id = Uuid::now_v7();
+    WarmReplacement { id, app: APP.to_owned(), token_hash: format!("sha256-of-{id}"), ports: ports() }
 }
 
 async fn spawning_box(store: &DynStore, host_id: &str, app: &str) -> MandelboxRecord {
@@ -1453,35 +1459,84 @@ mod contract {
             "a DYING box holds its slot"
         );
 
-        let replacement = new_box(APP, None);
+        let replacement = warm_replacement();
         assert_eq!(
             store.recycle_torn_down("h2", dying.id, Some(&replacement)).await.unwrap(),
             Recycled::default(),
             "not that host's box"
         );
+        assert_eq!(store.get_mandelbox(replacement.id).await.unwrap(), None, "a refused replacement is not written");
         let recycled = store.recycle_torn_down("h1", dying.id, Some(&replacement)).await.unwrap();
         assert!(recycled.finished);
-        let reserved = recycled.replacement.unwrap();
-        assert_eq!((reserved.id, reserved.state), (replacement.id, MandelboxState::Spawning));
-        assert_eq!((reserved.host_id.as_str(), reserved.region.as_str()), ("h1", "r1"));
+        let warm = recycled.replacement.unwrap();
+        assert_eq!((warm.id, warm.state, warm.session_id), (replacement.id, MandelboxState::Waiting, None));
+        assert_eq!((warm.host_id.as_str(), warm.region.as_str(), warm.app.as_str()), ("h1", "r1", APP));
+        assert_eq!(warm.ports, ports());
+        assert_eq!(store.get_mandelbox(warm.id).await.unwrap(), Some(warm.clone()));
         assert_eq!(box_state(&store, dying.id).await, MandelboxState::Dead);
         assert_eq!(session(&store, first.session.id).await.state, SessionState::Ended, "unchanged");
+        let again = warm_replacement();
         assert_eq!(
-            store.recycle_torn_down("h1", dying.id, Some(&new_box(APP, None))).await.unwrap(),
+            store.recycle_torn_down("h1", dying.id, Some(&again)).await.unwrap(),
             Recycled::default(),
-            "already DEAD: nothing changes, nothing is reserved"
+            "already DEAD: nothing changes, the replacement is refused"
         );
+        assert_eq!(store.get_mandelbox(again.id).await.unwrap(), None);
         assert_eq!(store.reserve_mandelbox("h1", &new_box(APP, None)).await.unwrap(), None, "the host is full again");
+        // The replacement is warm: the next Allocate in its region claims it,
+        // with the ports its host published and the token it was given.
+        let next = claim(&store, "u3", &["r1"]).await;
+        assert_eq!((next.mandelbox.id, next.mandelbox.ports.clone()), (warm.id, ports()));
+        assert_eq!(
+            store.mandelbox_auth(warm.id).await.unwrap().map(|auth| auth.token_hash),
+            Some(replacement.token_hash.clone())
+        );
 
         // Without a replacement, or on a host that stopped taking boxes, the
         // slot is only freed.
         let ended = store.end_session(second.session.id, EndReason::UserEnded).await.unwrap().unwrap();
         store.drain_host("h1").await.unwrap();
-        let recycled = store.recycle_torn_down("h1", ended.teardown.unwrap().id, Some(&new_box(APP, None))).await;
+        let refused = warm_replacement();
+        let recycled = store.recycle_torn_down("h1", ended.teardown.unwrap().id, Some(&refused)).await;
         assert_eq!(recycled.unwrap(), Recycled { finished: true, replacement: None });
+        assert_eq!(store.get_mandelbox(refused.id).await.unwrap(), None);
         // A live box that is not DYING is left to `mandelbox_finished`.
-        assert_eq!(store.recycle_torn_down("h1", reserved.id, None).await.unwrap(), Recycled::default());
-        assert_eq!(box_state(&store, reserved.id).await, MandelboxState::Spawning);
+        assert_eq!(store.recycle_torn_down("h1", warm.id, None).await.unwrap(), Recycled::default());
+        assert_eq!(box_state(&store, warm.id).await, MandelboxState::Running);
+    }
+
+    pub(crate) async fn recycle_torn_down_refuses_a_replacement_once_the_box_is_written_off(
+        _db: &TestDatabase,
+        store: DynStore,
+    ) {
+        // The host reconnected while the replacement was spawning: its Hello
+        // no longer lists the torn-down box, so reconciliation wrote it off
+        // (LOST), and a late confirmation must not add a box the host's
+        // reconciliation has just torn down as unknown.
+        host(&store, "h1", "r1", "img", 2).await;
+        let running = running_session(&store, "h1", "r1", "u1").await;
+        let dying = store.end_session(running.session.id, EndReason::ClientDisconnected).await.unwrap().unwrap();
+        let dying = dying.teardown.unwrap();
+        let reconciled = store.reconcile_host("h1", &[], Utc::now()).await.unwrap();
+        assert_eq!(reconciled.lost, vec![dying.id]);
+        let replacement = warm_replacement();
+        assert_eq!(store.recycle_torn_down("h1", dying.id, Some(&replacement)).await.unwrap(), Recycled::default());
+        assert_eq!(store.get_mandelbox(replacement.id).await.unwrap(), None);
+        assert_eq!(box_state(&store, dying.id).await, MandelboxState::Lost);
+
+        // A host at capacity with the DYING box counted (its capacity lowered
+        // on reconnect) frees the slot and refuses the replacement.
+        let running = running_session(&store, "h1", "r1", "u2").await;
+        warm_box(&store, "h1", APP).await;
+        let dying = store.end_session(running.session.id, EndReason::ClientDisconnected).await.unwrap().unwrap();
+        host(&store, "h1", "r1", "img", 1).await;
+        let replacement = warm_replacement();
+        assert_eq!(
+            store.recycle_torn_down("h1", dying.teardown.unwrap().id, Some(&replacement)).await.unwrap(),
+            Recycled { finished: true, replacement: None }
+        );
+        assert_eq!(store.get_mandelbox(replacement.id).await.unwrap(), None);
+        assert_eq!(store.host_summary("h1").await.unwrap().unwrap().live, 1);
     }
 
     pub(crate) async fn mandelboxes_spawned_writes_a_batch_as_one_by_one(_db: &TestDatabase, store: DynStore) {
@@ -1533,9 +1588,9 @@ mod contract {
         let torn = |index: usize, host_id: &str, replacement: bool| TornDown {
             host_id: host_id.to_owned(),
             id: dying[index].id,
-            replacement: replacement.then(|| new_box(APP, None)),
+            replacement: replacement.then(warm_replacement),
         };
-        let unknown = TornDown { host_id: "h1".to_owned(), id: Uuid::new_v4(), replacement: Some(new_box(APP, None)) };
+        let unknown = TornDown { host_id: "h1".to_owned(), id: Uuid::new_v4(), replacement: Some(warm_replacement()) };
         let batch = [
             torn(0, "h1", true),
             torn(4, "h1", true), // not that host's box
@@ -1553,9 +1608,9 @@ mod contract {
         assert_eq!(
             outcome,
             vec![
-                (true, Some((replacement_of(0), "h1".to_owned(), MandelboxState::Spawning))),
+                (true, Some((replacement_of(0), "h1".to_owned(), MandelboxState::Waiting))),
                 (false, None),
-                (true, Some((replacement_of(2), "h1".to_owned(), MandelboxState::Spawning))),
+                (true, Some((replacement_of(2), "h1".to_owned(), MandelboxState::Waiting))),
                 (true, None),
                 (true, None),
                 (false, None),
@@ -1563,6 +1618,20 @@ mod contract {
         );
         for finished in &dying[..4] {
             assert_eq!(box_state(&store, finished.id).await, MandelboxState::Dead);
+        }
+        // Written as alone: WAITING with the ports its host published; the
+        // refused ones not at all.
+        for (index, item) in batch.iter().enumerate() {
+            let Some(replacement) = &item.replacement else { continue };
+            let written = store.get_mandelbox(replacement.id).await.unwrap();
+            assert_eq!(written.is_some(), [0, 2].contains(&index), "replacement {index}");
+            if let Some(written) = written {
+                assert_eq!((written.ports, written.session_id), (ports(), None));
+                assert_eq!(
+                    store.mandelbox_auth(written.id).await.unwrap().map(|auth| auth.token_hash),
+                    Some(replacement.token_hash.clone())
+                );
+            }
         }
         assert_eq!(box_state(&store, dying[4].id).await, MandelboxState::Dying);
         let live: Vec<_> =
@@ -1574,7 +1643,7 @@ mod contract {
         let running = running_session(&store, "h1", "r1", "u5").await;
         let ended = store.end_session(running.session.id, EndReason::UserEnded).await.unwrap().unwrap();
         let id = ended.teardown.unwrap().id;
-        let twice = [0, 1].map(|_| TornDown { host_id: "h1".to_owned(), id, replacement: Some(new_box(APP, None)) });
+        let twice = [0, 1].map(|_| TornDown { host_id: "h1".to_owned(), id, replacement: Some(warm_replacement()) });
         let recycled = store.recycle_torn_down_many(&twice).await.unwrap();
         assert_eq!(
             recycled.iter().map(|r| (r.finished, r.replacement.is_some())).collect::<Vec<_>>(),
@@ -1590,7 +1659,7 @@ mod contract {
             let running = running_session(&store, "h1", "r1", user).await;
             let ended = store.end_session(running.session.id, EndReason::ClientDisconnected).await.unwrap().unwrap();
             let id = ended.teardown.unwrap().id;
-            batch.push(TornDown { host_id: "h1".to_owned(), id, replacement: Some(new_box(APP, None)) });
+            batch.push(TornDown { host_id: "h1".to_owned(), id, replacement: Some(warm_replacement()) });
         }
         let recycle = {
             let store = store.clone();
@@ -1928,6 +1997,7 @@ macro_rules! store_contract_suite {
             confirm_assignment_runs_both,
             release_claim_puts_the_session_back_in_the_queue,
             recycle_torn_down_frees_and_refills_the_slot_at_once,
+            recycle_torn_down_refuses_a_replacement_once_the_box_is_written_off,
             recycle_torn_down_many_recycles_each_as_alone,
             recycle_batches_racing_reservations_respect_capacity,
             mandelboxes_spawned_writes_a_batch_as_one_by_one,

@@ -26,7 +26,7 @@ use crate::{
     auth::host_credential::HostCredentials,
     core::SharedCore,
     error::{ApiError, ApiResult},
-    model::{EndReason, MandelboxState},
+    model::{EndReason, HostState, MandelboxState},
     regions::RegionCache,
     store::ReportedMandelbox,
 };
@@ -102,6 +102,9 @@ impl Fleet {
         let (commands, commands_rx) = mpsc::channel(COMMAND_BUFFER);
         let stop = self.shutdown.child_token();
         let connection = HostConnection::new(generation, host.region.clone(), commands, stop.clone());
+        if record.state == HostState::Draining {
+            connection.draining();
+        }
         self.core.registry.register(&host.host_id, connection.clone());
 
         let welcome = ControlMessage {
@@ -257,6 +260,9 @@ impl ConnectionTask {
                     }
                 },
                 Some(outbound) = commands.recv() => {
+                    if matches!(outbound.command.kind, Some(command::Kind::Drain(_))) {
+                        self.connection.draining();
+                    }
                     let id = outbound.command.command_id.clone();
                     let message = ControlMessage { body: Some(control_message::Body::Command(outbound.command)) };
                     if self.outbound.send(Box::new(Ok(message))).await.is_err() {
@@ -360,6 +366,12 @@ async fn mandelbox_exited(core: SharedCore, host_id: String, mandelbox_id: Strin
         tracing::warn!(%host_id, %mandelbox_id, "exit notice for a malformed mandelbox id");
         return;
     };
+    // Before the database: a replacement not written yet is finished by its
+    // writer (see `crate::replacements`).
+    if core.unrecorded.exited(&host_id, id) {
+        tracing::info!(%host_id, %mandelbox_id, %reason, "replacement mandelbox exited before it was recorded");
+        return;
+    }
     match core.store.get_mandelbox(id).await {
         Ok(Some(mandelbox)) if mandelbox.host_id == host_id => {}
         Ok(_) => {

@@ -49,6 +49,9 @@ struct Shared {
     stop_reason: std::sync::Mutex<Option<StopReason>>,
     /// A heartbeat arrived since the heartbeat writer last looked.
     heard: AtomicBool,
+    /// The host is draining (it was DRAINING when it connected, or this
+    /// connection relayed it a Drain): no replacement is spawned on it.
+    draining: AtomicBool,
 }
 
 impl HostConnection {
@@ -85,6 +88,15 @@ impl HostConnection {
     /// Notes a heartbeat; the heartbeat writer stores it with the next batch.
     pub fn heard(&self) {
         self.shared.heard.store(true, Ordering::Relaxed);
+    }
+
+    /// Notes that the host drains (for good: a host never leaves DRAINING).
+    pub fn draining(&self) {
+        self.shared.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.shared.draining.load(Ordering::Relaxed)
     }
 }
 
@@ -123,6 +135,13 @@ impl ConnectionRegistry {
 
     pub fn get(&self, host_id: &str) -> Option<HostConnection> {
         self.lock().get(host_id).cloned()
+    }
+
+    /// Whether a host connected here is known to drain. False for a host
+    /// connected elsewhere: the store's check (the host must be ACTIVE) is the
+    /// one that holds; this one only saves a spawn that would be refused.
+    pub fn is_draining(&self, host_id: &str) -> bool {
+        self.lock().get(host_id).is_some_and(HostConnection::is_draining)
     }
 
     pub fn is_connected(&self, host_id: &str) -> bool {

@@ -41,9 +41,11 @@ pub trait CapacityPlanner: Send + Sync + 'static {
 
 pub type DynCapacityPlanner = Arc<dyn CapacityPlanner>;
 
-/// Capacity is coming if a connected host is warming a box, or if the region
-/// is scaled (it has instance types and room below its maximum): the region's
-/// scaler is woken and launches.
+/// Capacity is coming if an active host is warming a box or tearing one down
+/// (a torn-down box's replacement is spawned before it is written: its slot
+/// shows DYING until the replacement is warm), or if the region is scaled (it
+/// has instance types and room below its maximum): the region's scaler is
+/// woken and launches.
 pub struct ScalingPlanner {
     store: DynStore,
     scaler: ScalerHandle,
@@ -63,7 +65,8 @@ impl CapacityPlanner for ScalingPlanner {
         }
         for region in regions {
             let hosts = self.store.list_hosts(Some(region)).await?;
-            if hosts.iter().any(|summary| summary.host.state == HostState::Active && summary.warm > 0) {
+            // Live and not assigned: SPAWNING, WAITING or DYING.
+            if hosts.iter().any(|summary| summary.host.state == HostState::Active && summary.live > summary.assigned) {
                 return Ok(true);
             }
         }

@@ -173,7 +173,21 @@ pub struct DisconnectReport {
 pub struct TornDown {
     pub host_id: String,
     pub id: Uuid,
-    pub replacement: Option<NewMandelbox>,
+    /// The warm box the host already spawned in the torn-down box's place.
+    pub replacement: Option<WarmReplacement>,
+}
+
+/// A warm box its host has spawned to take a torn-down box's slot: it enters
+/// the database only with the dead box (`recycle_torn_down`), so a cycle
+/// writes no SPAWNING version of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WarmReplacement {
+    pub id: Uuid,
+    pub app: String,
+    /// SHA-256 (hex) of the disconnect token; the token itself is never stored.
+    pub token_hash: String,
+    /// The ports the host published for it.
+    pub ports: Vec<PortSpec>,
 }
 
 /// A mandelbox as a reconnecting host reports it.
@@ -211,7 +225,10 @@ pub struct Reconciliation {
 pub struct Recycled {
     /// The box was DYING and is DEAD now.
     pub finished: bool,
-    /// The replacement, reserved (SPAWNING) in the freed slot.
+    /// The replacement, WAITING in the freed slot. None when it was refused
+    /// (no replacement given, the box was not DYING, the host is not ACTIVE
+    /// or is full): its host runs a box the database does not hold, which the
+    /// caller must tear down.
     pub replacement: Option<MandelboxRecord>,
 }
 
@@ -488,19 +505,22 @@ pub trait Store: Send + Sync + 'static {
     /// box is not SPAWNING any more.
     async fn mandelbox_spawned(&self, id: Uuid, ports: &[PortSpec]) -> StoreResult<Option<MandelboxRecord>>;
 
-    /// Its host confirmed the teardown of DYING box `id`, and the slot is
-    /// refilled, in one transaction: the box → DEAD, then a slot reserved for
-    /// `replacement` on `host_id` exactly as `reserve_mandelboxes` would (none
-    /// if the host is not ACTIVE or has no free slot). A DYING box carries no
-    /// live session (its session ended, or its claim was released, first), so
-    /// no session changes. Nothing changes, and `finished` is false, if the box
-    /// is not a DYING box of that host; the caller then uses
-    /// `mandelbox_finished`.
+    /// Its host confirmed the teardown of DYING box `id` and, with
+    /// `replacement`, the spawn of the warm box that takes its slot, in one
+    /// transaction: the box → DEAD, then the replacement inserted WAITING with
+    /// its ports on `host_id` if the host is ACTIVE and was within its
+    /// capacity with the dying box counted (the replacement swaps one box for
+    /// another). A DYING box carries no live session (its session ended, or
+    /// its claim was released, first), so no session changes. Nothing changes,
+    /// and `finished` is false, if the box is not a DYING box of that host
+    /// (reconciliation or the host's loss wrote it off meanwhile): then the
+    /// replacement is refused too, since what the host runs is no longer what
+    /// the database knew when it was spawned.
     async fn recycle_torn_down(
         &self,
         host_id: &str,
         id: Uuid,
-        replacement: Option<&NewMandelbox>,
+        replacement: Option<&WarmReplacement>,
     ) -> StoreResult<Recycled>;
 
     /// `mandelbox_spawned` for several boxes at once, one result per report in

@@ -37,7 +37,8 @@ use super::rows::{self, host_columns, live_box_states, live_session_states, mand
 use super::{
     Claim, ClaimOutcome, DisconnectReport, EndedSession, HeartbeatMark, MandelboxAuth, MandelboxFilter, NewMandelbox,
     NewSession, Reconciliation, Recycled, ReportedMandelbox, SessionFilter, SpawnReport, Store, StoreError,
-    StoreResult, SweepOutcome, TokenEnd, TornDown, ended_one_by_one, recycled_one_by_one, spawned_one_by_one,
+    StoreResult, SweepOutcome, TokenEnd, TornDown, WarmReplacement, ended_one_by_one, recycled_one_by_one,
+    spawned_one_by_one,
 };
 use crate::model::{
     EndReason, HostHello, HostRecord, HostState, HostSummary, InstanceRecord, InstanceState, Lease, MandelboxRecord,
@@ -1077,20 +1078,22 @@ impl Store for PgStore {
         &self,
         host_id: &str,
         id: Uuid,
-        replacement: Option<&NewMandelbox>,
+        replacement: Option<&WarmReplacement>,
     ) -> StoreResult<Recycled> {
         let at = now();
-        // Warm-pool bookkeeping, like the reservation it includes: one
-        // statement on the relaxed pool, so one round trip.
+        let ports = replacement.map(|warm| rows::to_json_text(&warm.ports)).transpose()?;
+        // Warm-pool bookkeeping: one statement on the relaxed pool, so one
+        // round trip.
         // 1. `host` locks the host first (the lock order of reconciliation;
         //    `finished` waits for it).
         // 2. `finished`: the DYING box → DEAD.
-        // 3. `replaced`: the replacement takes the slot the dead box frees, if
-        //    the host is ACTIVE and was within its capacity with that box
-        //    counted. The count reads the statement's snapshot, taken before
-        //    the host lock, so it can miss a reservation committed while this
-        //    waited; that reservation counted the DYING box as taken, so the
-        //    swap of one box for another still leaves the host within capacity.
+        // 3. `replaced`: the replacement, warm already, takes the slot the dead
+        //    box frees, if the host is ACTIVE and was within its capacity with
+        //    that box counted. The count reads the statement's snapshot, taken
+        //    before the host lock, so it can miss a reservation committed while
+        //    this waited; that reservation counted the DYING box as taken, so
+        //    the swap of one box for another still leaves the host within
+        //    capacity.
         let row = sqlx::query_as::<_, RecycledRow>(concat!(
             "WITH host AS ( \
                  SELECT id, region, state, capacity FROM hosts WHERE id = $2 FOR UPDATE \
@@ -1101,7 +1104,7 @@ impl Store for PgStore {
              ), replaced AS ( \
                  INSERT INTO mandelboxes (id, host_id, region, app, state, session_id, token_hash, ports, \
                  created_at, updated_at) \
-                 SELECT $4, h.id, h.region, $5, 'SPAWNING', $6, $7, '[]', $3, $3 FROM host h \
+                 SELECT $4, h.id, h.region, $5, 'WAITING', NULL, $6, $7::jsonb, $3, $3 FROM host h \
                  WHERE $4::uuid IS NOT NULL AND h.state = 'ACTIVE' AND EXISTS (SELECT 1 FROM finished) \
                    AND (SELECT count(*) FROM mandelboxes m WHERE m.host_id = h.id AND m.state IN ",
             live_box_states!(),
@@ -1114,10 +1117,10 @@ impl Store for PgStore {
         .bind(id)
         .bind(host_id)
         .bind(at)
-        .bind(replacement.map(|new| new.id))
-        .bind(replacement.map(|new| new.app.as_str()))
-        .bind(replacement.and_then(|new| new.session_id))
-        .bind(replacement.map(|new| new.token_hash.as_str()))
+        .bind(replacement.map(|warm| warm.id))
+        .bind(replacement.map(|warm| warm.app.as_str()))
+        .bind(replacement.map(|warm| warm.token_hash.as_str()))
+        .bind(ports)
         .fetch_one(&self.relaxed)
         .await?;
         row.into_recycled()
@@ -1134,9 +1137,13 @@ impl Store for PgStore {
         let mut hosts: Vec<&str> = torn_down.iter().map(|item| item.host_id.as_str()).collect();
         hosts.sort_unstable();
         hosts.dedup();
-        fn replacement(item: &TornDown) -> Option<&NewMandelbox> {
+        fn replacement(item: &TornDown) -> Option<&WarmReplacement> {
             item.replacement.as_ref()
         }
+        let ports = torn_down
+            .iter()
+            .map(|item| replacement(item).map(|warm| rows::to_json_text(&warm.ports)).transpose())
+            .collect::<StoreResult<Vec<_>>>()?;
         let mut tx = self.relaxed.begin().await?;
         // The hosts first, in id order (the lock order of reconciliation and
         // of every reservation), so the statement below counts each host's
@@ -1151,15 +1158,15 @@ impl Store for PgStore {
         // replacement swaps one of them, so the host stays within capacity).
         let rows = sqlx::query_as::<_, RecycledRow>(concat!(
             "WITH input AS ( \
-                 SELECT * FROM unnest($1::uuid[], $2::text[], $4::uuid[], $5::text[], $6::uuid[], $7::text[]) \
-                 WITH ORDINALITY AS i(id, host_id, new_id, new_app, new_session, new_token, n) \
+                 SELECT * FROM unnest($1::uuid[], $2::text[], $4::uuid[], $5::text[], $6::text[], $7::text[]) \
+                 WITH ORDINALITY AS i(id, host_id, new_id, new_app, new_token, new_ports, n) \
              ), finished AS ( \
                  UPDATE mandelboxes m SET state = 'DEAD', updated_at = $3 FROM input i \
                  WHERE m.id = i.id AND m.host_id = i.host_id AND m.state = 'DYING' RETURNING m.id \
              ), replaced AS ( \
                  INSERT INTO mandelboxes (id, host_id, region, app, state, session_id, token_hash, ports, \
                  created_at, updated_at) \
-                 SELECT i.new_id, h.id, h.region, i.new_app, 'SPAWNING', i.new_session, i.new_token, '[]', $3, $3 \
+                 SELECT i.new_id, h.id, h.region, i.new_app, 'WAITING', NULL, i.new_token, i.new_ports::jsonb, $3, $3 \
                  FROM input i JOIN hosts h ON h.id = i.host_id \
                  WHERE i.new_id IS NOT NULL AND h.state = 'ACTIVE' AND i.id IN (SELECT id FROM finished) \
                    AND (SELECT count(*) FROM mandelboxes m WHERE m.host_id = h.id AND m.state IN ",
@@ -1174,10 +1181,10 @@ impl Store for PgStore {
         .bind(torn_down.iter().map(|item| item.id).collect::<Vec<_>>())
         .bind(torn_down.iter().map(|item| item.host_id.as_str()).collect::<Vec<_>>())
         .bind(at)
-        .bind(torn_down.iter().map(|item| replacement(item).map(|new| new.id)).collect::<Vec<_>>())
-        .bind(torn_down.iter().map(|item| replacement(item).map(|new| new.app.as_str())).collect::<Vec<_>>())
-        .bind(torn_down.iter().map(|item| replacement(item).and_then(|new| new.session_id)).collect::<Vec<_>>())
-        .bind(torn_down.iter().map(|item| replacement(item).map(|new| new.token_hash.as_str())).collect::<Vec<_>>())
+        .bind(torn_down.iter().map(|item| replacement(item).map(|warm| warm.id)).collect::<Vec<_>>())
+        .bind(torn_down.iter().map(|item| replacement(item).map(|warm| warm.app.as_str())).collect::<Vec<_>>())
+        .bind(torn_down.iter().map(|item| replacement(item).map(|warm| warm.token_hash.as_str())).collect::<Vec<_>>())
+        .bind(ports)
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;

@@ -27,7 +27,7 @@ use super::sqlite_fleet as fleet;
 use super::{
     Claim, ClaimOutcome, DisconnectReport, EndedSession, HeartbeatMark, MandelboxAuth, MandelboxFilter, NewMandelbox,
     NewSession, Reconciliation, Recycled, ReportedMandelbox, SessionFilter, SpawnReport, Store, StoreError,
-    StoreResult, SweepOutcome, TokenEnd, TornDown,
+    StoreResult, SweepOutcome, TokenEnd, TornDown, WarmReplacement,
 };
 use crate::model::{
     EndReason, HostHello, HostRecord, HostState, HostSummary, InstanceRecord, InstanceState, Lease, MandelboxRecord,
@@ -603,7 +603,7 @@ async fn recycled_in(
     conn: &mut SqliteConnection,
     host_id: &str,
     id: Uuid,
-    replacement: Option<&NewMandelbox>,
+    replacement: Option<&WarmReplacement>,
     at: DateTime<Utc>,
 ) -> StoreResult<Recycled> {
     let finished = sqlx::query(
@@ -620,11 +620,50 @@ async fn recycled_in(
     if !finished {
         return Ok(Recycled::default());
     }
-    let replacement = match replacement {
-        Some(new) => reserve_on_host(conn, host_id, std::slice::from_ref(new), at).await?.pop(),
-        None => None,
+    let replacement = match (replacement, select_host(conn, host_id).await?) {
+        (Some(warm), Some(host)) => warm_on_locked_host(conn, &host, warm, at).await?,
+        _ => None,
     };
     Ok(Recycled { finished, replacement })
+}
+
+/// Inserts a box its host has already spawned, WAITING with its ports, if the
+/// host is ACTIVE and has a free slot (the write transaction holds the host).
+async fn warm_on_locked_host(
+    conn: &mut SqliteConnection,
+    host: &HostRecord,
+    warm: &WarmReplacement,
+    at: DateTime<Utc>,
+) -> StoreResult<Option<MandelboxRecord>> {
+    if host.state != HostState::Active {
+        return Ok(None);
+    }
+    let live: i64 = sqlx::query_scalar(concat!(
+        "SELECT count(*) FROM mandelboxes WHERE host_id = ?1 AND state IN ",
+        live_box_states!()
+    ))
+    .bind(&host.id)
+    .fetch_one(&mut *conn)
+    .await?;
+    if live >= i64::from(host.capacity) {
+        return Ok(None);
+    }
+    let record = sqlx::query_as::<_, MandelboxRow>(concat!(
+        "INSERT INTO mandelboxes (id, host_id, region, app, state, session_id, token_hash, ports, \
+         created_at, updated_at) VALUES (?1, ?2, ?3, ?4, 'WAITING', NULL, ?5, ?6, ?7, ?7) RETURNING ",
+        mandelbox_columns!()
+    ))
+    .bind(warm.id.to_string())
+    .bind(&host.id)
+    .bind(&host.region)
+    .bind(&warm.app)
+    .bind(&warm.token_hash)
+    .bind(rows::to_json_text(&warm.ports)?)
+    .bind(micros(at))
+    .fetch_one(&mut *conn)
+    .await?
+    .into_record()?;
+    Ok(Some(record))
 }
 
 async fn reserve_on_host(
@@ -1134,7 +1173,7 @@ impl Store for SqliteStore {
         &self,
         host_id: &str,
         id: Uuid,
-        replacement: Option<&NewMandelbox>,
+        replacement: Option<&WarmReplacement>,
     ) -> StoreResult<Recycled> {
         let mut tx = self.begin_write().await?;
         let recycled = recycled_in(&mut tx, host_id, id, replacement, now()).await?;

@@ -164,9 +164,9 @@ struct HostLoadRow {
 }
 
 /// `recycle_torn_down_many` for distinct boxes, item by item as
-/// `recycled_in` would do them in order: each DYING box → DEAD, then its
-/// replacement reserved if the host is ACTIVE and has a free slot with the
-/// boxes still DYING after it counted. The hosts' live counts are read before
+/// `recycled_in` would do them in order: each DYING box → DEAD, then its warm
+/// replacement inserted WAITING if the host is ACTIVE and has a free slot with
+/// the boxes still DYING after it counted. The hosts' live counts are read before
 /// the boxes die and kept in step in memory; the write transaction keeps
 /// them true.
 pub(super) async fn recycled(
@@ -226,8 +226,9 @@ pub(super) async fn recycled(
                     "host": host.id,
                     "region": host.region,
                     "app": new.app,
-                    "session": new.session_id.map(|id| id.to_string()),
                     "token": new.token_hash,
+                    // As text: the column holds the JSON's text.
+                    "ports": rows::to_json_text(&new.ports)?,
                 }));
             }
         }
@@ -240,7 +241,7 @@ pub(super) async fn recycled(
             "INSERT INTO mandelboxes (id, host_id, region, app, state, session_id, token_hash, ports, \
              created_at, updated_at) \
              SELECT v.value ->> '$.id', v.value ->> '$.host', v.value ->> '$.region', v.value ->> '$.app', \
-                    'SPAWNING', v.value ->> '$.session', v.value ->> '$.token', '[]', ?2, ?2 \
+                    'WAITING', NULL, v.value ->> '$.token', v.value ->> '$.ports', ?2, ?2 \
              FROM json_each(?1) AS v ORDER BY v.key RETURNING ",
             mandelbox_columns!()
         ))
