@@ -638,13 +638,7 @@ async fn warm_on_locked_host(
     if host.state != HostState::Active {
         return Ok(None);
     }
-    let live: i64 = sqlx::query_scalar(concat!(
-        "SELECT count(*) FROM mandelboxes WHERE host_id = ?1 AND state IN ",
-        live_box_states!()
-    ))
-    .bind(&host.id)
-    .fetch_one(&mut *conn)
-    .await?;
+    let live = live_boxes_on(conn, &host.id).await?;
     if live >= i64::from(host.capacity) {
         return Ok(None);
     }
@@ -664,6 +658,17 @@ async fn warm_on_locked_host(
     .await?
     .into_record()?;
     Ok(Some(record))
+}
+
+/// The host's live boxes (the ones that take a slot).
+async fn live_boxes_on(conn: &mut SqliteConnection, host_id: &str) -> StoreResult<i64> {
+    Ok(sqlx::query_scalar(concat!(
+        "SELECT count(*) FROM mandelboxes WHERE host_id = ?1 AND state IN ",
+        live_box_states!()
+    ))
+    .bind(host_id)
+    .fetch_one(&mut *conn)
+    .await?)
 }
 
 async fn reserve_on_host(
@@ -688,13 +693,7 @@ async fn reserve_on_locked_host(
     if host.state != HostState::Active {
         return Ok(Vec::new());
     }
-    let live: i64 = sqlx::query_scalar(concat!(
-        "SELECT count(*) FROM mandelboxes WHERE host_id = ?1 AND state IN ",
-        live_box_states!()
-    ))
-    .bind(&host.id)
-    .fetch_one(&mut *conn)
-    .await?;
+    let live = live_boxes_on(conn, &host.id).await?;
     let free = usize::try_from(i64::from(host.capacity).saturating_sub(live)).unwrap_or(0);
     let mut reserved = Vec::with_capacity(free.min(news.len()));
     for new in news.iter().take(free) {
