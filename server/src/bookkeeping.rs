@@ -16,7 +16,10 @@
 //! A batch that fails is written again one by one, so each caller gets its
 //! own result; a queue whose task is gone is bypassed (the store is called
 //! directly). Both writes are safe to apply twice: they change only a box
-//! still SPAWNING or DYING (a replacement is written only with its DYING box).
+//! still SPAWNING or DYING (a replacement is written only with its DYING box),
+//! and a replacement written before is returned, not refused, so a batch
+//! whose commit landed but whose acknowledgement was lost, written again one
+//! by one, does not have its replacements torn down.
 
 use std::time::Duration;
 

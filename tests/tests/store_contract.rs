@@ -1475,6 +1475,18 @@ mod contract {
         assert_eq!(store.get_mandelbox(warm.id).await.unwrap(), Some(warm.clone()));
         assert_eq!(box_state(&store, dying.id).await, MandelboxState::Dead);
         assert_eq!(session(&store, first.session.id).await.state, SessionState::Ended, "unchanged");
+        // The same write again (a retry after a lost commit acknowledgement):
+        // nothing changes, and the replacement the database holds is not
+        // refused (its caller would tear it down).
+        assert_eq!(
+            store.recycle_torn_down("h1", dying.id, Some(&replacement)).await.unwrap(),
+            Recycled { finished: false, replacement: Some(warm.clone()) }
+        );
+        assert_eq!(
+            store.recycle_torn_down("h2", dying.id, Some(&replacement)).await.unwrap(),
+            Recycled::default(),
+            "recorded on another host"
+        );
         let again = warm_replacement();
         assert_eq!(
             store.recycle_torn_down("h1", dying.id, Some(&again)).await.unwrap(),
@@ -1637,6 +1649,19 @@ mod contract {
         let live: Vec<_> =
             store.list_hosts(None).await.unwrap().into_iter().map(|summary| (summary.host.id, summary.live)).collect();
         assert_eq!(live, vec![("h1".to_owned(), 2), ("h2".to_owned(), 1)]);
+        // The whole batch again (a retry after a lost commit acknowledgement):
+        // nothing changes; the recorded replacements are returned as they are.
+        let again = store.recycle_torn_down_many(&batch).await.unwrap();
+        let again: Vec<_> =
+            again.iter().map(|r| (r.finished, r.replacement.as_ref().map(|b| (b.id, b.state)))).collect();
+        let waiting = |index: usize| Some((replacement_of(index), MandelboxState::Waiting));
+        assert_eq!(
+            again,
+            vec![(false, waiting(0)), (false, None), (false, waiting(2)), (false, None), (false, None), (false, None)]
+        );
+        let live_again: Vec<_> =
+            store.list_hosts(None).await.unwrap().into_iter().map(|summary| (summary.host.id, summary.live)).collect();
+        assert_eq!(live_again, live);
 
         // The same box twice, as two confirmations of one teardown would be:
         // recycled once, one replacement.

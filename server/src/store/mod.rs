@@ -225,7 +225,8 @@ pub struct Reconciliation {
 pub struct Recycled {
     /// The box was DYING and is DEAD now.
     pub finished: bool,
-    /// The replacement, WAITING in the freed slot. None when it was refused
+    /// The replacement, WAITING in the freed slot (or as an earlier
+    /// application of the same write recorded it). None when it was refused
     /// (no replacement given, the box was not DYING, the host is not ACTIVE
     /// or is full): its host runs a box the database does not hold, which the
     /// caller must tear down.
@@ -515,7 +516,11 @@ pub trait Store: Send + Sync + 'static {
     /// and `finished` is false, if the box is not a DYING box of that host
     /// (reconciliation or the host's loss wrote it off meanwhile): then the
     /// replacement is refused too, since what the host runs is no longer what
-    /// the database knew when it was spawned.
+    /// the database knew when it was spawned. Unless the replacement is
+    /// already recorded on that host: the write was applied before (a retry
+    /// after a lost commit acknowledgement), and the recorded box is returned
+    /// as it is now, so that the retry does not tear down a box the database
+    /// holds.
     async fn recycle_torn_down(
         &self,
         host_id: &str,

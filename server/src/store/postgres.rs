@@ -1094,6 +1094,10 @@ impl Store for PgStore {
         //    this waited; that reservation counted the DYING box as taken, so
         //    the swap of one box for another still leaves the host within
         //    capacity.
+        // 4. Else the replacement as an earlier application of this write
+        //    recorded it (a retry after a lost commit acknowledgement; its id
+        //    is new to every other write). COALESCE reads it only when
+        //    nothing was inserted, in the statement's snapshot.
         let row = sqlx::query_as::<_, RecycledRow>(concat!(
             "WITH host AS ( \
                  SELECT id, region, state, capacity FROM hosts WHERE id = $2 FOR UPDATE \
@@ -1112,7 +1116,9 @@ impl Store for PgStore {
              RETURNING ",
             mandelbox_columns!(),
             ") SELECT EXISTS (SELECT 1 FROM finished) AS finished, \
-                 (SELECT to_jsonb(r) FROM replaced r) AS replacement"
+                 COALESCE((SELECT to_jsonb(r) FROM replaced r), (SELECT to_jsonb(e) FROM (SELECT ",
+            mandelbox_columns!(),
+            " FROM mandelboxes WHERE id = $4 AND host_id = $2) e)) AS replacement"
         ))
         .bind(id)
         .bind(host_id)
@@ -1155,7 +1161,8 @@ impl Store for PgStore {
         // `recycle_torn_down` row by row: each DYING box → DEAD, and its
         // replacement in the slot it frees if its host is ACTIVE and was
         // within capacity with the batch's dying boxes counted (each
-        // replacement swaps one of them, so the host stays within capacity).
+        // replacement swaps one of them, so the host stays within capacity);
+        // a replacement an earlier application recorded is returned as it is.
         let rows = sqlx::query_as::<_, RecycledRow>(concat!(
             "WITH input AS ( \
                  SELECT * FROM unnest($1::uuid[], $2::text[], $4::uuid[], $5::text[], $6::text[], $7::text[]) \
@@ -1175,7 +1182,9 @@ impl Store for PgStore {
              RETURNING ",
             mandelbox_columns!(),
             ") SELECT i.id IN (SELECT id FROM finished) AS finished, \
-                 (SELECT to_jsonb(r) FROM replaced r WHERE r.id = i.new_id) AS replacement \
+                 COALESCE((SELECT to_jsonb(r) FROM replaced r WHERE r.id = i.new_id), (SELECT to_jsonb(e) FROM (SELECT ",
+            mandelbox_columns!(),
+            " FROM mandelboxes m WHERE m.id = i.new_id AND m.host_id = i.host_id) e)) AS replacement \
              FROM input i ORDER BY i.n"
         ))
         .bind(torn_down.iter().map(|item| item.id).collect::<Vec<_>>())

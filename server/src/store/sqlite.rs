@@ -618,13 +618,25 @@ async fn recycled_in(
     .rows_affected()
         == 1;
     if !finished {
-        return Ok(Recycled::default());
+        return Ok(Recycled { finished, replacement: recorded_earlier(conn, host_id, replacement).await? });
     }
     let replacement = match (replacement, select_host(conn, host_id).await?) {
         (Some(warm), Some(host)) => warm_on_locked_host(conn, &host, warm, at).await?,
         _ => None,
     };
     Ok(Recycled { finished, replacement })
+}
+
+/// The replacement as an earlier application of the same write recorded it
+/// (a retry after a lost commit acknowledgement): its id is new to every
+/// write but that one, so a row with it on that host is that write's.
+pub(super) async fn recorded_earlier(
+    conn: &mut SqliteConnection,
+    host_id: &str,
+    replacement: Option<&WarmReplacement>,
+) -> StoreResult<Option<MandelboxRecord>> {
+    let Some(warm) = replacement else { return Ok(None) };
+    Ok(select_mandelbox(conn, warm.id).await?.filter(|recorded| recorded.host_id == host_id))
 }
 
 /// Inserts a box its host has already spawned, WAITING with its ports, if the

@@ -20,7 +20,9 @@ use sqlx::{SqliteConnection, SqliteExecutor};
 use uuid::Uuid;
 
 use super::rows::{self, host_columns, live_box_states, mandelbox_columns, session_columns};
-use super::sqlite::{HostRow, MandelboxAuthRow, MandelboxRow, SessionRow, json_list, mandelboxes, micros, sessions};
+use super::sqlite::{
+    HostRow, MandelboxAuthRow, MandelboxRow, SessionRow, json_list, mandelboxes, micros, recorded_earlier, sessions,
+};
 use super::{DisconnectReport, EndedSession, MandelboxAuth, Recycled, SpawnReport, StoreResult, TokenEnd, TornDown};
 use crate::model::{EndReason, HostState, MandelboxRecord, SessionRecord};
 
@@ -234,6 +236,17 @@ pub(super) async fn recycled(
         }
         outcomes.push((item_finished, replaced));
     }
+    // Replacements an earlier application of the same write recorded (a
+    // retry after a lost commit acknowledgement), looked up before this
+    // batch inserts any.
+    let mut earlier: HashMap<Uuid, MandelboxRecord> = HashMap::new();
+    for (item, (item_finished, _)) in torn_down.iter().zip(&outcomes) {
+        if !item_finished
+            && let Some(recorded) = recorded_earlier(conn, &item.host_id, item.replacement.as_ref()).await?
+        {
+            earlier.insert(item.id, recorded);
+        }
+    }
 
     let mut inserted: HashMap<Uuid, MandelboxRecord> = HashMap::new();
     if !replacements.is_empty() {
@@ -251,8 +264,12 @@ pub(super) async fn recycled(
         .await?;
         inserted = by_id(rows)?;
     }
-    Ok(outcomes
-        .into_iter()
-        .map(|(finished, replaced)| Recycled { finished, replacement: replaced.and_then(|id| inserted.remove(&id)) })
+    Ok(torn_down
+        .iter()
+        .zip(outcomes)
+        .map(|(item, (finished, replaced))| Recycled {
+            finished,
+            replacement: replaced.and_then(|id| inserted.remove(&id)).or_else(|| earlier.remove(&item.id)),
+        })
         .collect())
 }
