@@ -128,11 +128,23 @@ struct RunArgs {
     /// teardown confirmations (`allocation.bookkeeping_linger_ms`).
     #[arg(long, default_value_t = switchboard::config::AllocationConfig::default().bookkeeping_linger_ms)]
     bookkeeping_linger_ms: u64,
+    /// The server's PostgreSQL pool (`database.max_connections`), also the
+    /// store cycle's.
+    #[arg(long, default_value_t = switchboard::config::DatabaseConfig::default().max_connections)]
+    max_connections: u32,
     /// The allocation loops' client sends its box's ReportDisconnect itself
     /// and waits for it before allocating again (runs A–M), instead of the box
     /// reporting on its own connection as in the product.
     #[arg(long)]
     client_waits_for_disconnect: bool,
+    /// Users each allocation loop's client allocates as, in turn, with as
+    /// many of its boxes' reports in flight (a user holds at most two live
+    /// sessions). A client holds up to one box more than this (and the boxes
+    /// being recycled): keep the clients' boxes within hosts × capacity, or
+    /// the pool runs dry. 1: each Allocate after the first waits for the
+    /// previous report (runs N–Q).
+    #[arg(long, default_value_t = 2)]
+    users_per_client: usize,
     #[arg(long, env = "SWITCHBOARD_TEST_POSTGRES_URL", default_value = DEFAULT_POSTGRES)]
     postgres_url: String,
     #[arg(long, default_value = "target/loadgen")]
@@ -140,11 +152,12 @@ struct RunArgs {
 }
 
 impl RunArgs {
-    fn write_batching(&self) -> server::WriteBatching {
-        server::WriteBatching {
+    fn server_settings(&self) -> server::ServerSettings {
+        server::ServerSettings {
             separate_disconnects: self.separate_disconnects,
             writers: self.disconnect_writers,
             bookkeeping_linger_ms: self.bookkeeping_linger_ms,
+            max_connections: self.max_connections,
         }
     }
 
@@ -152,7 +165,7 @@ impl RunArgs {
         if self.client_waits_for_disconnect {
             scenarios::DisconnectModel::ClientWaits
         } else {
-            scenarios::DisconnectModel::FromTheBox
+            scenarios::DisconnectModel::FromTheBox { users: self.users_per_client.max(1) }
         }
     }
 
@@ -179,7 +192,9 @@ impl RunArgs {
             separate_disconnects: false,
             disconnect_writers: switchboard::config::AllocationConfig::default().disconnect_writers,
             bookkeeping_linger_ms: switchboard::config::AllocationConfig::default().bookkeeping_linger_ms,
+            max_connections: switchboard::config::DatabaseConfig::default().max_connections,
             client_waits_for_disconnect: false,
+            users_per_client: 2,
             postgres_url,
             out,
         }
@@ -266,7 +281,7 @@ async fn run_backend(
         let db = TempDb::create(backend, &args.postgres_url).await?;
         let outcome = async {
             let server =
-                ServerProcess::start(db.url(), &secret, args.fleet_heartbeat_ms, 1, args.write_batching()).await?;
+                ServerProcess::start(db.url(), &secret, args.fleet_heartbeat_ms, 1, args.server_settings()).await?;
             let settings = FleetSettings {
                 hosts: args.fleet_hosts,
                 per_process: args.fleet_per_process,
@@ -288,7 +303,7 @@ async fn run_backend(
         let db = TempDb::create(backend, &args.postgres_url).await?;
         let outcome = async {
             let server =
-                ServerProcess::start(db.url(), &secret, args.failure_heartbeat_ms, 1, args.write_batching()).await?;
+                ServerProcess::start(db.url(), &secret, args.failure_heartbeat_ms, 1, args.server_settings()).await?;
             let failure = scenarios::failure_detection(
                 &server.info,
                 &secret,
@@ -318,7 +333,8 @@ async fn allocation_scenarios(
     progress: &Progress,
 ) -> anyhow::Result<()> {
     let wants = |scenario| args.scenarios.contains(&scenario);
-    let server = ServerProcess::start(db.url(), secret, 5_000, max_clients, args.write_batching()).await?;
+    let users = max_clients * args.disconnect_model().users_per_client();
+    let server = ServerProcess::start(db.url(), secret, 5_000, users, args.server_settings()).await?;
     let observatory = runtime::Observatory::new();
     let outcome = async {
         let agents = scenarios::start_agents(&server.info, secret, args.hosts, args.capacity, &observatory).await?;
@@ -381,7 +397,7 @@ async fn allocation_scenarios(
             // must be warm first: a replacement still spawning after the
             // allocation points would be claimed later without its token.
             scenarios::wait_warm(&mut admin, boxes, warm_timeout).await?;
-            let cycle = store_cycle::StoreCycle::prepare(backend, db.url(), args.write_batching()).await?;
+            let cycle = store_cycle::StoreCycle::prepare(backend, db.url(), args.server_settings()).await?;
             for &clients in &args.clients {
                 scenarios::wait_warm(&mut admin, boxes, warm_timeout).await?;
                 scenarios::analyze(backend, db.url()).await?;

@@ -124,10 +124,13 @@ pub(crate) fn markdown(report: &RunReport) -> String {
         }
         if !backend.allocation.is_empty() {
             let returned = match report.disconnect_model {
-                DisconnectModel::FromTheBox => {
-                    "the box's ReportDisconnect returns the box while the client allocates again"
+                DisconnectModel::FromTheBox { users } => format!(
+                    "the box's ReportDisconnect returns the box while the client allocates again, as {users} \
+                     user(s) in turn with up to {users} report(s) in flight"
+                ),
+                DisconnectModel::ClientWaits => {
+                    "then ReportDisconnect returns the box, the client waiting for it".into()
                 }
-                DisconnectModel::ClientWaits => "then ReportDisconnect returns the box, the client waiting for it",
             };
             let _ = writeln!(out, "### Warm allocation (Allocate; {returned})\n");
             let _ = writeln!(

@@ -2,7 +2,7 @@
 //! fleet size and failure detection.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, VecDeque},
     process::Stdio,
     sync::Arc,
     time::{Duration, Instant},
@@ -294,12 +294,26 @@ pub(crate) enum DisconnectModel {
     /// As in the product (PRODUCT.md: the protocol server inside the
     /// mandelbox reports), on a connection of its own: the box reports as soon
     /// as Allocate has answered and the client allocates again meanwhile. A
-    /// client has at most one report in flight (its next report waits for the
-    /// previous one), so a user holds at most two live sessions.
-    FromTheBox,
+    /// client allocates as `users` users in turn and has at most `users`
+    /// reports in flight (the oldest is awaited before another is sent), so
+    /// a user holds at most two live sessions (the limit is three) while the
+    /// client's Allocates need not wait for the reports: in the product no
+    /// client waits for another session's end. `users = 1` is runs N–Q's loop,
+    /// where each Allocate after the first waited for the previous report.
+    FromTheBox { users: usize },
     /// The client sends its box's report itself and waits for it before its
     /// next Allocate (runs A–M): two durable round trips in sequence per loop.
     ClientWaits,
+}
+
+impl DisconnectModel {
+    /// The users each client allocates as, in turn.
+    pub(crate) fn users_per_client(self) -> usize {
+        match self {
+            DisconnectModel::FromTheBox { users } => users.max(1),
+            DisconnectModel::ClientWaits => 1,
+        }
+    }
 }
 
 /// One ReportDisconnect's outcome: its latency, or the reason it failed.
@@ -321,26 +335,35 @@ pub(crate) async fn warm_allocation(
     let measure_from = start + warmup;
     let end = measure_from + window;
     let mut tasks = Vec::new();
+    let users = model.users_per_client();
     for index in 0..clients {
-        let token = info.user_tokens.get(index).context("more clients than user tokens")?.clone();
+        let tokens =
+            info.user_tokens.get(index * users..(index + 1) * users).context("more clients than user tokens")?.to_vec();
         let client_channel = channel(&info.endpoint).await?;
         // The box's own connection when it reports (the client's otherwise).
         let box_channel = match model {
-            DisconnectModel::FromTheBox => channel(&info.endpoint).await?,
+            DisconnectModel::FromTheBox { .. } => channel(&info.endpoint).await?,
             DisconnectModel::ClientWaits => client_channel.clone(),
         };
         let observatory = observatory.clone();
         let progress = progress.clone();
         tasks.push(tokio::spawn(async move {
-            let mut allocation = AllocationServiceClient::with_interceptor(client_channel, bearer(&token)?);
+            // One client, its users in turn: one connection, a token each.
+            let mut as_users = tokens
+                .iter()
+                .map(|token| Ok(AllocationServiceClient::with_interceptor(client_channel.clone(), bearer(token)?)))
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let events = SessionEventsServiceClient::new(box_channel);
             let mut allocate = Vec::new();
             let mut disconnect = Vec::new();
             let mut errors: BTreeMap<String, u64> = BTreeMap::new();
-            // The box's report still in flight (FromTheBox), and whether its
-            // Allocate was in the window.
-            let mut in_flight: Option<(tokio::task::JoinHandle<ReportOutcome>, bool)> = None;
+            // The boxes' reports still in flight (FromTheBox), oldest first,
+            // and whether their Allocate was in the window.
+            let mut in_flight: VecDeque<(tokio::task::JoinHandle<ReportOutcome>, bool)> = VecDeque::new();
+            let mut turn = 0_usize;
             while Instant::now() < end {
+                let allocation = &mut as_users[turn % users];
+                turn += 1;
                 let started = Instant::now();
                 let result = allocation.allocate(allocate_request()).await;
                 let took = started.elapsed();
@@ -381,16 +404,18 @@ pub(crate) async fn warm_allocation(
                 let report = report_disconnect(events.clone(), request);
                 match model {
                     DisconnectModel::ClientWaits => record(report.await, counted, &mut disconnect, &mut errors),
-                    DisconnectModel::FromTheBox => {
-                        if let Some((previous, was_counted)) = in_flight.take() {
-                            let outcome = previous.await.unwrap_or_else(|error| Err(error.to_string()));
+                    DisconnectModel::FromTheBox { .. } => {
+                        if in_flight.len() >= users
+                            && let Some((oldest, was_counted)) = in_flight.pop_front()
+                        {
+                            let outcome = oldest.await.unwrap_or_else(|error| Err(error.to_string()));
                             record(outcome, was_counted, &mut disconnect, &mut errors);
                         }
-                        in_flight = Some((tokio::spawn(report), counted));
+                        in_flight.push_back((tokio::spawn(report), counted));
                     }
                 }
             }
-            if let Some((last, was_counted)) = in_flight.take() {
+            for (last, was_counted) in in_flight {
                 let outcome = last.await.unwrap_or_else(|error| Err(error.to_string()));
                 record(outcome, was_counted, &mut disconnect, &mut errors);
             }

@@ -63,12 +63,18 @@ pub(crate) struct ServeArgs {
     /// `allocation.bookkeeping_linger_ms`.
     #[arg(long, default_value_t = switchboard::config::AllocationConfig::default().bookkeeping_linger_ms)]
     pub(crate) bookkeeping_linger_ms: u64,
+    /// `database.max_connections`.
+    #[arg(long, default_value_t = switchboard::config::DatabaseConfig::default().max_connections)]
+    pub(crate) max_connections: u32,
 }
 
-/// How the server under test batches its writes: ReportDisconnect's session
-/// ends and the warm pool's bookkeeping.
+/// How the server under test is set beyond its defaults: its PostgreSQL pool,
+/// and how it batches its writes (ReportDisconnect's session ends and the
+/// warm pool's bookkeeping).
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct WriteBatching {
+pub(crate) struct ServerSettings {
+    /// `database.max_connections`.
+    pub(crate) max_connections: u32,
     /// `allocation.group_disconnect_reports = false`.
     pub(crate) separate_disconnects: bool,
     /// `allocation.disconnect_writers`.
@@ -80,6 +86,7 @@ pub(crate) struct WriteBatching {
 /// Child side: runs the control plane until stdin closes.
 pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut config = Config::default();
+    config.database.max_connections = args.max_connections;
     // The pool a server gets from its configuration (`database.max_connections`).
     let store = switchboard::store::connect_with(&args.db, config.database.max_connections)
         .await
@@ -194,15 +201,16 @@ impl ServerProcess {
         secret: &str,
         heartbeat_ms: u64,
         users: usize,
-        batching: WriteBatching,
+        settings: ServerSettings,
     ) -> anyhow::Result<ServerProcess> {
         let exe = std::env::current_exe()?;
         let mut child = Command::new(exe)
             .args(["serve", "--db", db_url, "--heartbeat-ms", &heartbeat_ms.to_string()])
             .args(["--users", &users.to_string()])
-            .args(batching.separate_disconnects.then_some("--separate-disconnects"))
-            .args(["--disconnect-writers", &batching.writers.to_string()])
-            .args(["--bookkeeping-linger-ms", &batching.bookkeeping_linger_ms.to_string()])
+            .args(settings.separate_disconnects.then_some("--separate-disconnects"))
+            .args(["--disconnect-writers", &settings.writers.to_string()])
+            .args(["--bookkeeping-linger-ms", &settings.bookkeeping_linger_ms.to_string()])
+            .args(["--max-connections", &settings.max_connections.to_string()])
             .env("LOADGEN_HOST_SECRET", secret)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -24,7 +24,7 @@
 //! the limit points are the last of their server: nothing runs on it after them.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -76,18 +76,17 @@ pub(crate) struct StoreCycle {
 }
 
 impl StoreCycle {
-    /// Opens a store on `url` (migrated already by the server) with the pool
-    /// a server gets from its configuration, and reads the token hashes of the
+    /// Opens a store on `url` (migrated already by the server) with the
+    /// server's pool size, and reads the token hashes of the
     /// warm boxes, batching its writes as the server under test does.
     pub(crate) async fn prepare(
         backend: Backend,
         url: &str,
-        batching: crate::server::WriteBatching,
+        settings: crate::server::ServerSettings,
     ) -> anyhow::Result<StoreCycle> {
-        let config = switchboard::config::Config::default();
-        let store = switchboard::store::connect_with(url, config.database.max_connections).await?;
-        let bookkeeping = Bookkeeper::start(store.clone(), Duration::from_millis(batching.bookkeeping_linger_ms));
-        let session_ends = SessionEnds::start(store.clone(), !batching.separate_disconnects, batching.writers);
+        let store = switchboard::store::connect_with(url, settings.max_connections).await?;
+        let bookkeeping = Bookkeeper::start(store.clone(), Duration::from_millis(settings.bookkeeping_linger_ms));
+        let session_ends = SessionEnds::start(store.clone(), !settings.separate_disconnects, settings.writers);
         const WAITING: &str = "SELECT id, token_hash FROM mandelboxes WHERE state = 'WAITING'";
         let mut tokens = HashMap::new();
         match backend {
@@ -116,9 +115,10 @@ impl StoreCycle {
         })
     }
 
-    /// `clients` concurrent clients, each its own user, looping over a claim
-    /// and its box's disconnect for `window` after `warmup`; `model` says
-    /// whether the client waits for the disconnect (as in `warm_allocation`).
+    /// `clients` concurrent clients, each with its users in turn, looping
+    /// over a claim and its box's disconnect for `window` after `warmup`;
+    /// `model` says whether and when the client waits for the disconnect (as
+    /// in `warm_allocation`).
     pub(crate) async fn run(
         &self,
         clients: usize,
@@ -134,14 +134,22 @@ impl StoreCycle {
             let (store, tokens, progress) = (self.store.clone(), self.tokens.clone(), progress.clone());
             let session_ends = self.session_ends.clone();
             let (bookkeeping, bookkeeping_errors) = (self.bookkeeping.clone(), self.bookkeeping_errors.clone());
-            let user_id = format!("loadgen-store-cycle-{client}");
-            store.ensure_user(&user_id, None).await?;
+            let users = model.users_per_client();
+            let mut user_ids = Vec::with_capacity(users);
+            for user in 0..users {
+                let user_id = format!("loadgen-store-cycle-{client}-{user}");
+                store.ensure_user(&user_id, None).await?;
+                user_ids.push(user_id);
+            }
             tasks.push(tokio::spawn(async move {
                 let (mut samples, mut errors) = (Vec::new(), 0_u64);
-                let mut in_flight: Option<tokio::task::JoinHandle<()>> = None;
+                let mut in_flight: VecDeque<tokio::task::JoinHandle<()>> = VecDeque::new();
+                let mut turn = 0_usize;
                 while Instant::now() < end {
+                    let user_id = &user_ids[turn % users];
+                    turn += 1;
                     let at = Instant::now();
-                    let ok = match claim(&store, &tokens, &user_id).await {
+                    let ok = match claim(&store, &tokens, user_id).await {
                         Ok(Some(claimed)) => {
                             let returned = return_box(
                                 session_ends.clone(),
@@ -152,12 +160,14 @@ impl StoreCycle {
                             );
                             match model {
                                 DisconnectModel::ClientWaits => returned.await,
-                                DisconnectModel::FromTheBox => {
-                                    if let Some(previous) = in_flight.take() {
-                                        let _ = previous.await;
+                                DisconnectModel::FromTheBox { .. } => {
+                                    if in_flight.len() >= users
+                                        && let Some(oldest) = in_flight.pop_front()
+                                    {
+                                        let _ = oldest.await;
                                     }
                                     let errors = bookkeeping_errors.clone();
-                                    in_flight = Some(tokio::spawn(async move {
+                                    in_flight.push_back(tokio::spawn(async move {
                                         if !returned.await {
                                             errors.fetch_add(1, Ordering::Relaxed);
                                         }
@@ -179,7 +189,7 @@ impl StoreCycle {
                         progress.error();
                     }
                 }
-                if let Some(last) = in_flight {
+                for last in in_flight {
                     let _ = last.await;
                 }
                 (samples, errors)
