@@ -87,7 +87,10 @@ struct RunArgs {
     /// Hosts (real HostAgents, instant runtime) for allocation and teardown.
     #[arg(long, default_value_t = 32)]
     hosts: usize,
-    #[arg(long, default_value_t = 8)]
+    /// Boxes per host. 32 × 12 leaves room for 64 clients that each hold up
+    /// to `users_per_client` + 1 boxes and the boxes being recycled (with 8,
+    /// the pool ran dry now and then at 64 clients and 2 users each).
+    #[arg(long, default_value_t = 12)]
     capacity: u32,
     #[arg(long, default_value_t = 200)]
     teardown_iterations: usize,
@@ -178,7 +181,7 @@ impl RunArgs {
             window_s: 1.5,
             rounds: 1,
             hosts: 4,
-            capacity: 4,
+            capacity: 6,
             teardown_iterations: 10,
             history: 1_000,
             fleet_hosts: 100,
