@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use switchboard_proto::v1::command::Kind;
-use switchboard_proto::v1::{AssignMandelbox, Command, CommandResult, SpawnMandelbox, TeardownMandelbox};
+use switchboard_proto::v1::{
+    AssignMandelbox, Command, CommandResult, ReplacementResult, SpawnMandelbox, TeardownMandelbox,
+};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::handle::Shared;
@@ -115,13 +117,38 @@ async fn run_assign(ctx: &CommandContext, assign: AssignMandelbox) -> Result<Com
     Ok(CommandResult { ports: assignment.ports, session_key: assignment.session_key, ..CommandResult::default() })
 }
 
+/// Tears a box down and, when the command names one, spawns its replacement
+/// in the freed slot: the result's `ok` is the teardown's, and its
+/// `replacement` says whether the new box runs (its ports are the result's).
 async fn run_teardown(ctx: &CommandContext, teardown: TeardownMandelbox) -> Result<CommandResult, String> {
     check_id("mandelbox_id", &teardown.mandelbox_id)?;
     info!(mandelbox_id = teardown.mandelbox_id, reason = teardown.reason, "tearing down mandelbox");
     match ctx.runtime.teardown(&teardown.mandelbox_id).await {
         // Teardown is idempotent: a box that is already gone is torn down.
-        Ok(()) | Err(RuntimeError::NotFound(_)) => Ok(CommandResult::default()),
-        Err(e) => Err(e.to_string()),
+        Ok(()) | Err(RuntimeError::NotFound(_)) => {}
+        Err(e) => return Err(e.to_string()),
+    }
+    let Some(replacement) = teardown.replacement else {
+        return Ok(CommandResult::default());
+    };
+    // A Drain may have overtaken the teardown: a draining host starts nothing.
+    if ctx.shared.status.borrow().draining {
+        debug!(mandelbox_id = replacement.mandelbox_id, "draining: replacement not spawned");
+        return Ok(replaced(Err("host is draining".to_owned())));
+    }
+    Ok(replaced(run_spawn(ctx, replacement).await))
+}
+
+/// A teardown's result with its replacement's outcome.
+fn replaced(spawn: Result<CommandResult, String>) -> CommandResult {
+    match spawn {
+        Ok(spawned) => {
+            CommandResult { replacement: Some(ReplacementResult { spawned: true, error: String::new() }), ..spawned }
+        }
+        Err(error) => {
+            warn!(%error, "replacement not spawned");
+            CommandResult { replacement: Some(ReplacementResult { spawned: false, error }), ..CommandResult::default() }
+        }
     }
 }
 
@@ -207,8 +234,13 @@ mod tests {
         assert_eq!(r.session_key.len(), 32);
         assert_eq!(r.ports.len(), 1);
 
-        let teardown =
-            || Some(Kind::Teardown(TeardownMandelbox { mandelbox_id: "mb-1".to_owned(), reason: "test".to_owned() }));
+        let teardown = || {
+            Some(Kind::Teardown(TeardownMandelbox {
+                mandelbox_id: "mb-1".to_owned(),
+                reason: "test".to_owned(),
+                replacement: None,
+            }))
+        };
         let r = execute(&ctx, command("c3", teardown())).await;
         assert!(r.ok && r.error.is_empty());
         let r = execute(&ctx, command("c4", teardown())).await;
@@ -220,5 +252,72 @@ mod tests {
         let r = execute(&ctx, command("c5", Some(drain))).await;
         assert!(r.ok);
         assert!(ctx.shared.status.borrow().draining);
+    }
+
+    fn teardown_replacing(id: &str, replacement: &str) -> Option<Kind> {
+        Some(Kind::Teardown(TeardownMandelbox {
+            mandelbox_id: id.to_owned(),
+            reason: "test".to_owned(),
+            replacement: Some(SpawnMandelbox {
+                mandelbox_id: replacement.to_owned(),
+                app: "chrome".to_owned(),
+                disconnect_token: "t2".to_owned(),
+            }),
+        }))
+    }
+
+    fn running(ctx: &CommandContext) -> Vec<String> {
+        let mut ids: Vec<String> = ctx.runtime.running().into_iter().map(|b| b.mandelbox_id).collect();
+        ids.sort();
+        ids
+    }
+
+    #[tokio::test]
+    async fn a_teardown_spawns_its_replacement_in_the_same_command() {
+        let ctx = ctx();
+        assert!(execute(&ctx, command("c1", spawn("mb-1"))).await.ok);
+
+        let r = execute(&ctx, command("c2", teardown_replacing("mb-1", "mb-2"))).await;
+        assert!(r.ok, "{}", r.error);
+        let replacement = r.replacement.unwrap();
+        assert!(replacement.spawned && replacement.error.is_empty(), "{replacement:?}");
+        assert_eq!(r.ports.len(), 1, "the replacement's ports");
+        assert_eq!(running(&ctx), ["mb-2"]);
+
+        // A box already gone is torn down; its replacement still starts.
+        let r = execute(&ctx, command("c3", teardown_replacing("mb-1", "mb-3"))).await;
+        assert!(r.ok && r.replacement.unwrap().spawned);
+        assert_eq!(running(&ctx), ["mb-2", "mb-3"]);
+
+        // A replacement that cannot start leaves the teardown done.
+        let r = execute(&ctx, command("c4", teardown_replacing("mb-2", "bad\nid"))).await;
+        assert!(r.ok, "the teardown itself succeeded");
+        let replacement = r.replacement.unwrap();
+        assert_eq!((replacement.spawned, replacement.error.as_str()), (false, "malformed mandelbox_id"));
+        assert!(r.ports.is_empty());
+        assert_eq!(running(&ctx), ["mb-3"]);
+    }
+
+    #[tokio::test]
+    async fn a_draining_host_tears_down_without_replacing() {
+        let ctx = ctx();
+        assert!(execute(&ctx, command("c1", spawn("mb-1"))).await.ok);
+        let drain = Kind::Drain(DrainHost { reason: "maintenance".to_owned() });
+        assert!(execute(&ctx, command("c2", Some(drain))).await.ok);
+
+        let r = execute(&ctx, command("c3", teardown_replacing("mb-1", "mb-2"))).await;
+        assert!(r.ok, "{}", r.error);
+        let replacement = r.replacement.unwrap();
+        assert_eq!((replacement.spawned, replacement.error.as_str()), (false, "host is draining"));
+        assert!(running(&ctx).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_failed_teardown_spawns_nothing() {
+        let ctx = ctx();
+        let r = execute(&ctx, command("c1", teardown_replacing("bad\nid", "mb-2"))).await;
+        assert_eq!((r.ok, r.error.as_str()), (false, "malformed mandelbox_id"));
+        assert!(r.replacement.is_none());
+        assert!(running(&ctx).is_empty());
     }
 }

@@ -198,6 +198,7 @@ pub(crate) async fn run(cx: &ConnectionContext<'_>, tasks: &mut JoinSet<()>, shu
                 Ok(Some(ControlMessage { body: Some(control_message::Body::Command(command)) })) => {
                     let command_id = command.command_id.clone();
                     debug!(command_id, kind = commands::kind_name(command.kind.as_ref()), "command received");
+                    command_cx.shared.commands_received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let command_cx = command_cx.clone();
                     let results_tx = results_tx.clone();
                     tasks.spawn(

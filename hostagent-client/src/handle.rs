@@ -1,7 +1,7 @@
 //! Controlling a running agent: status, shutdown, and fault injection for tests.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::anyhow;
@@ -31,6 +31,8 @@ pub struct AgentStatus {
 pub(crate) struct Shared {
     pub(crate) status: watch::Sender<AgentStatus>,
     pub(crate) heartbeats_paused: AtomicBool,
+    /// Commands received from the control plane, over every connection.
+    pub(crate) commands_received: AtomicU64,
     /// Bumped to drop the current stream.
     pub(crate) drop_connection: watch::Sender<u64>,
 }
@@ -40,6 +42,7 @@ impl Shared {
         Self {
             status: watch::Sender::new(AgentStatus::default()),
             heartbeats_paused: AtomicBool::new(false),
+            commands_received: AtomicU64::new(0),
             drop_connection: watch::Sender::new(0),
         }
     }
@@ -148,6 +151,12 @@ impl AgentHandle {
     /// Fault injection: keep the stream open but stop (or resume) heartbeats.
     pub fn pause_heartbeats(&self, paused: bool) {
         self.inner.shared.heartbeats_paused.store(paused, Ordering::Relaxed);
+    }
+
+    /// Commands received from the control plane so far, over every
+    /// connection (each gets one result).
+    pub fn commands_received(&self) -> u64 {
+        self.inner.shared.commands_received.load(Ordering::Relaxed)
     }
 
     /// Whether the agent task has ended.

@@ -331,6 +331,7 @@ async fn hello_welcome_heartbeats_commands_and_goodbye() {
             Some(command::Kind::Teardown(TeardownMandelbox {
                 mandelbox_id: "mb-1".to_owned(),
                 reason: "test".to_owned(),
+                replacement: None,
             })),
         );
         let result = conn.result().await;

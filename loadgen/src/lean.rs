@@ -134,6 +134,9 @@ pub(crate) async fn connect(options: LeanOptions, counters: Arc<HostCounters>) -
                         error: String::new(),
                         ports,
                         session_key: "00112233445566778899aabbccddeeff".into(),
+                        // A lean host spawns nothing: a teardown's replacement
+                        // is left to the control plane's own spawn.
+                        replacement: None,
                     };
                     if outbound.send(HostMessage { body: Some(host_message::Body::Result(result)) }).await.is_err() {
                         break;

@@ -14,7 +14,7 @@ use crate::{
     events::{Event, SessionChange},
     fleet::{RouteError, pool},
     model::{EndReason, HostRecord, MandelboxRecord, MandelboxState, SessionRecord},
-    store::{EndedSession, Recycled, TornDown, WarmReplacement},
+    store::{EndedSession, NewMandelbox, Recycled, TornDown, WarmReplacement},
 };
 
 impl Core {
@@ -66,47 +66,80 @@ impl Core {
         }
     }
 
-    /// Tells the box's host to tear it down, in the background. On the host's
-    /// confirmation a warm replacement is spawned in its slot, and the box's
-    /// death and the replacement are written together (`torn_down`). If the
+    /// Tells the box's host to tear it down, in the background, and (with the
+    /// warm pool on and the host not known to drain) to spawn a warm
+    /// replacement in its slot in the same command; the box's death and the
+    /// replacement are then written together (`record_teardown`). If the
     /// host is unreachable the box stays DYING, and the host's next Hello
     /// reconciles it.
     pub fn spawn_teardown(self: &Arc<Self>, mandelbox: MandelboxRecord, reason: &str) {
         let core = self.clone();
-        let timeout = Duration::from_millis(self.config.hosts.command_timeout_ms);
-        let kind = command::Kind::Teardown(TeardownMandelbox {
-            mandelbox_id: mandelbox.id.to_string(),
-            reason: reason.to_owned(),
-        });
-        tokio::spawn(async move {
-            match core.router.send(&mandelbox.host_id, kind, timeout).await {
-                Ok(_) => core.torn_down(&mandelbox).await,
-                Err(RouteError::NotConnected) => {
-                    tracing::info!(mandelbox_id = %mandelbox.id, host_id = %mandelbox.host_id, "host offline; teardown waits for its reconnect");
-                }
-                Err(error) => {
-                    tracing::warn!(mandelbox_id = %mandelbox.id, host_id = %mandelbox.host_id, %error, "teardown not confirmed");
-                }
-            }
-        });
+        let reason = reason.to_owned();
+        tokio::spawn(async move { core.teardown_and_replace(mandelbox, reason).await });
     }
 
-    /// The host confirmed a teardown. With the warm pool on (and the host not
-    /// known to drain) the replacement is spawned first, with nothing written,
-    /// and the box's slot stays taken by the DYING box meanwhile; then one
-    /// bookkeeping write marks the box DEAD and inserts the replacement
-    /// WAITING (`Store::recycle_torn_down`). A replacement the store refuses
-    /// (the box was written off meanwhile, the host drains or is full) is
-    /// torn down again; a box that was not DYING any more goes through
+    /// One host round trip per recycled slot: the teardown names the
+    /// replacement, the host spawns it once the old box is gone and answers
+    /// both at once. The replacement is listed as unrecorded
+    /// (`crate::replacements`) from before the command until its write. An
+    /// agent that does not know replacements ignores the field and answers
+    /// the teardown alone; the replacement is then spawned on its own.
+    async fn teardown_and_replace(self: &Arc<Self>, mandelbox: MandelboxRecord, reason: String) {
+        let host_id = &mandelbox.host_id;
+        let replacing = self.config.allocation.warm_pool && !self.registry.is_draining(host_id);
+        let new = replacing.then(|| pool::new_warm_box(self));
+        let mut timeout = Duration::from_millis(self.config.hosts.command_timeout_ms);
+        if let Some((new, _)) = &new {
+            self.unrecorded.spawning(host_id, new.id);
+            timeout += Duration::from_millis(self.config.allocation.spawn_timeout_ms);
+        }
+        let kind = command::Kind::Teardown(TeardownMandelbox {
+            mandelbox_id: mandelbox.id.to_string(),
+            reason,
+            replacement: new.as_ref().map(|(new, token)| spawn_command(new, token)),
+        });
+        let result = match self.router.send(host_id, kind, timeout).await {
+            Ok(result) => result,
+            Err(error) => {
+                match &error {
+                    RouteError::NotConnected => {
+                        tracing::info!(mandelbox_id = %mandelbox.id, %host_id, "host offline; teardown waits for its reconnect");
+                    }
+                    error => tracing::warn!(mandelbox_id = %mandelbox.id, %host_id, %error, "teardown not confirmed"),
+                }
+                if let Some((new, _)) = new {
+                    self.unrecorded.settled(new.id);
+                    // A host that answers late may still start it.
+                    if matches!(error, RouteError::Timeout(_)) {
+                        self.teardown_unrecorded(host_id, new.id).await;
+                    }
+                }
+                return;
+            }
+        };
+        let replacement = match (new, result.replacement) {
+            (None, _) => None,
+            (Some((new, _)), Some(outcome)) if outcome.spawned => Some(warm_replacement(new, &result.ports)),
+            (Some((new, _)), Some(outcome)) => {
+                tracing::warn!(%host_id, mandelbox_id = %new.id, error = %outcome.error, "replacement not spawned");
+                self.unrecorded.settled(new.id);
+                None
+            }
+            (Some((new, token)), None) => self.spawn_replacement(host_id, new, token).await,
+        };
+        self.record_teardown(&mandelbox, replacement).await;
+    }
+
+    /// The host confirmed a teardown, and spawned the replacement if there is
+    /// one (the DYING box kept the slot meanwhile): one bookkeeping write marks
+    /// the box DEAD and inserts the replacement WAITING
+    /// (`Store::recycle_torn_down`). A replacement the store refuses (the box
+    /// was written off meanwhile, the host drains or is full) is torn down
+    /// again; a box that was not DYING any more goes through
     /// `mandelbox_finished`; a slot left empty is refilled by the host's
     /// filler.
-    async fn torn_down(self: &Arc<Self>, mandelbox: &MandelboxRecord) {
+    async fn record_teardown(self: &Arc<Self>, mandelbox: &MandelboxRecord, replacement: Option<WarmReplacement>) {
         let host_id = &mandelbox.host_id;
-        let draining = self.registry.is_draining(host_id);
-        let replacement = match self.config.allocation.warm_pool && !draining {
-            true => self.spawn_replacement(host_id).await,
-            false => None,
-        };
         let recycled = self
             .bookkeeping
             .torn_down(TornDown { host_id: host_id.clone(), id: mandelbox.id, replacement: replacement.clone() })
@@ -138,30 +171,19 @@ impl Core {
         {
             tracing::warn!(mandelbox_id = %mandelbox.id, %error, "could not record teardown");
         }
-        if !draining {
+        if !self.registry.is_draining(host_id) {
             self.registry.refill(host_id);
         }
     }
 
-    /// Spawns a warm box on the host to take a torn-down box's slot; the box
-    /// is listed as unrecorded until its write (`crate::replacements`). None
-    /// if the host did not confirm.
-    async fn spawn_replacement(self: &Arc<Self>, host_id: &str) -> Option<WarmReplacement> {
-        let (new, token) = pool::new_warm_box(self);
-        self.unrecorded.spawning(host_id, new.id);
+    /// Spawns a torn-down box's replacement with a command of its own (for an
+    /// agent that does not know replacements); the caller listed it as
+    /// unrecorded. None if the host did not confirm.
+    async fn spawn_replacement(&self, host_id: &str, new: NewMandelbox, token: String) -> Option<WarmReplacement> {
         let timeout = Duration::from_millis(self.config.allocation.spawn_timeout_ms);
-        let kind = command::Kind::Spawn(SpawnMandelbox {
-            mandelbox_id: new.id.to_string(),
-            app: new.app.clone(),
-            disconnect_token: token,
-        });
+        let kind = command::Kind::Spawn(spawn_command(&new, &token));
         match self.router.send(host_id, kind, timeout).await {
-            Ok(result) => Some(WarmReplacement {
-                id: new.id,
-                app: new.app,
-                token_hash: new.token_hash,
-                ports: result.ports.iter().filter_map(port_from_proto).collect(),
-            }),
+            Ok(result) => Some(warm_replacement(new, &result.ports)),
             Err(error) => {
                 tracing::warn!(%host_id, mandelbox_id = %new.id, %error, "replacement spawn failed");
                 self.unrecorded.settled(new.id);
@@ -181,6 +203,7 @@ impl Core {
         let kind = command::Kind::Teardown(TeardownMandelbox {
             mandelbox_id: id.to_string(),
             reason: "replacement not recorded".to_owned(),
+            replacement: None,
         });
         if let Err(error) = self.router.send(host_id, kind, timeout).await {
             tracing::debug!(%host_id, mandelbox_id = %id, %error, "teardown of an unrecorded replacement failed");
@@ -232,5 +255,20 @@ impl Core {
             change.ports = mandelbox.ports;
         }
         change
+    }
+}
+
+/// The command that starts a warm box (its disconnect token goes only to the host).
+fn spawn_command(new: &NewMandelbox, token: &str) -> SpawnMandelbox {
+    SpawnMandelbox { mandelbox_id: new.id.to_string(), app: new.app.clone(), disconnect_token: token.to_owned() }
+}
+
+/// A replacement the host confirmed, with the ports it published.
+fn warm_replacement(new: NewMandelbox, ports: &[switchboard_proto::v1::Port]) -> WarmReplacement {
+    WarmReplacement {
+        id: new.id,
+        app: new.app,
+        token_hash: new.token_hash,
+        ports: ports.iter().filter_map(port_from_proto).collect(),
     }
 }

@@ -1,9 +1,9 @@
 //! Warm replacements a host runs before the database holds them.
 //!
-//! When a host confirms a box's teardown, the box's replacement is spawned at
-//! once, with nothing written: the replacement enters the database only with
-//! the dead box, in one bookkeeping write, once its host confirms the spawn
-//! (`Core::torn_down`, `Store::recycle_torn_down`). That saves the
+//! A box's teardown names its replacement, which the host spawns in the freed
+//! slot as part of the same command, with nothing written: the replacement
+//! enters the database only with the dead box, in one bookkeeping write, once
+//! its host confirms both (`Core::record_teardown`, `Store::recycle_torn_down`). That saves the
 //! replacement's SPAWNING version and a write per allocation, but for those
 //! milliseconds the host runs a box the database has no row for. An exit
 //! notice for it would find nothing and be dropped, and the box would then

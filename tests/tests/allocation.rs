@@ -4,14 +4,16 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use prost::Message as _;
 use switchboard::model::{EndReason, MandelboxState, SessionState};
 use switchboard_proto::v1::{
-    AllocateRequest, DrainHostRequest, EndSessionRequest, ListMandelboxesRequest, ReportDisconnectRequest,
-    SessionState as WireState, WatchSessionRequest,
+    AllocateRequest, CommandResult, DrainHostRequest, EndSessionRequest, Hello, HostMessage, ListMandelboxesRequest,
+    Port, ReportDisconnectRequest, SessionState as WireState, TeardownMandelbox, WatchSessionRequest, command,
+    control_message, host_message, host_service_client::HostServiceClient,
 };
 use switchboard_tests::{Backend, HostSpec, TestApp, TestOptions, app::reason, on_both_backends};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -374,8 +376,113 @@ async fn replacement_exiting_before_it_is_recorded_is_recorded_dead(backend: Bac
     assert!(!warm.contains(&response.mandelbox_id));
 }
 
+/// A recycled slot costs its host one command: the teardown names the
+/// replacement, and the host's one answer confirms both.
+async fn a_recycled_slot_is_one_host_command(backend: Backend) {
+    let app = TestApp::spawn(backend, TestOptions::default()).await.unwrap();
+    let response = app.user_client("alice").allocate(request(&["us-east-1"])).await.unwrap().into_inner();
+    let (_, agent, runtime) = app.host("host-1").unwrap();
+    let spawned_before = runtime.spawned().len();
+    let commands_before = agent.commands_received();
+
+    app.user_client("alice").end_session(EndSessionRequest { session_id: response.session_id.clone() }).await.unwrap();
+    let used = uuid::Uuid::parse_str(&response.mandelbox_id).unwrap();
+    switchboard_tests::app::eventually(Duration::from_secs(5), async || {
+        Ok(app.store.get_mandelbox(used).await?.map(|m| m.state) == Some(MandelboxState::Dead))
+    })
+    .await
+    .unwrap();
+    app.wait_warm(2, Duration::from_secs(5)).await.unwrap();
+
+    assert_eq!(runtime.teardowns_of(&response.mandelbox_id), 1);
+    let spawned = runtime.spawned();
+    assert_eq!(spawned.len(), spawned_before + 1, "one replacement");
+    assert!(warm_ids(&app, "host-1").await.contains(&spawned[spawned_before]), "the replacement is warm");
+    assert_eq!(agent.commands_received() - commands_before, 1, "the teardown and the spawn were one command");
+}
+
+/// An agent that does not know replacements (it ignores the teardown's
+/// replacement field, as an older agent does) still gets its slot refilled:
+/// the control plane sends the replacement it named as a spawn of its own.
+async fn an_agent_without_replacements_gets_the_spawn_separately(backend: Backend) {
+    let options = TestOptions { hosts: vec![], wait_warm: false, ..TestOptions::default() };
+    let app = TestApp::spawn(backend, options).await.unwrap();
+    let (outbound, receiver) = tokio::sync::mpsc::channel(16);
+    outbound.send(old_agent_hello(&app, "old-agent")).await.unwrap();
+    let mut client = HostServiceClient::new(app.channel.clone());
+    let mut inbound = client.connect(tokio_stream::wrappers::ReceiverStream::new(receiver)).await.unwrap().into_inner();
+    let received: Arc<Mutex<Vec<command::Kind>>> = Arc::default();
+    let log = received.clone();
+    let answering = tokio::spawn(async move {
+        while let Ok(Some(message)) = inbound.message().await {
+            let Some(control_message::Body::Command(command)) = message.body else { continue };
+            log.lock().unwrap().extend(command.kind.clone());
+            // What an agent built before replacements answers: the command's
+            // own result, with no `replacement`.
+            let result = CommandResult {
+                command_id: command.command_id,
+                ok: true,
+                ports: vec![Port { name: "tcp_32262".into(), port: 40001, protocol: "tcp".into() }],
+                session_key: "00112233445566778899aabbccddeeff".into(),
+                ..CommandResult::default()
+            };
+            if outbound.send(HostMessage { body: Some(host_message::Body::Result(result)) }).await.is_err() {
+                break;
+            }
+        }
+    });
+    app.wait_warm(1, Duration::from_secs(5)).await.unwrap();
+
+    let response = app.user_client("alice").allocate(request(&["us-east-1"])).await.unwrap().into_inner();
+    app.user_client("alice").end_session(EndSessionRequest { session_id: response.session_id.clone() }).await.unwrap();
+    let used = uuid::Uuid::parse_str(&response.mandelbox_id).unwrap();
+    switchboard_tests::app::eventually(Duration::from_secs(5), async || {
+        Ok(app.store.get_mandelbox(used).await?.map(|m| m.state) == Some(MandelboxState::Dead))
+    })
+    .await
+    .unwrap();
+    app.wait_warm(1, Duration::from_secs(5)).await.unwrap();
+
+    let received = received.lock().unwrap().clone();
+    let teardown = received
+        .iter()
+        .position(|kind| matches!(kind, command::Kind::Teardown(t) if t.mandelbox_id == response.mandelbox_id))
+        .expect("the used box was torn down");
+    let Some(command::Kind::Teardown(TeardownMandelbox { replacement: Some(named), .. })) = received.get(teardown)
+    else {
+        panic!("the teardown names a replacement: {:?}", received[teardown]);
+    };
+    let spawned_after: Vec<&str> = received[teardown + 1..]
+        .iter()
+        .filter_map(|kind| match kind {
+            command::Kind::Spawn(spawn) => Some(spawn.mandelbox_id.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(spawned_after, [named.mandelbox_id.as_str()], "the named replacement, spawned on its own");
+    assert_eq!(warm_ids(&app, "old-agent").await, HashSet::from([named.mandelbox_id.clone()]));
+    answering.abort();
+}
+
+fn old_agent_hello(app: &TestApp, host_id: &str) -> HostMessage {
+    HostMessage {
+        body: Some(host_message::Body::Hello(Hello {
+            host_id: host_id.into(),
+            region: "us-east-1".into(),
+            image: "dev".into(),
+            agent_version: "0.9.0".into(),
+            capacity: 1,
+            address: "127.0.0.1".into(),
+            mandelboxes: vec![],
+            credential: app.credentials.issue(host_id),
+        })),
+    }
+}
+
 on_both_backends!(
     whole_loop,
+    a_recycled_slot_is_one_host_command,
+    an_agent_without_replacements_gets_the_spawn_separately,
     draining_host_spawns_no_replacement,
     replacement_exiting_before_it_is_recorded_is_recorded_dead,
     concurrent_allocations_never_share_a_box,

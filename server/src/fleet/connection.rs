@@ -187,8 +187,11 @@ async fn reconcile(
     let timeout = Duration::from_millis(core.config.hosts.command_timeout_ms);
     let ids = outcome.teardown.iter().map(Uuid::to_string).chain(foreign);
     for mandelbox_id in ids {
-        let kind =
-            command::Kind::Teardown(TeardownMandelbox { mandelbox_id, reason: "unknown to the control plane".into() });
+        let kind = command::Kind::Teardown(TeardownMandelbox {
+            mandelbox_id,
+            reason: "unknown to the control plane".into(),
+            replacement: None,
+        });
         if let Err(error) = core.router.send(&host_id, kind, timeout).await {
             tracing::warn!(%host_id, %error, "reconciliation teardown failed");
         }
