@@ -33,6 +33,15 @@ async fn warm_ids(app: &TestApp, host_id: &str) -> HashSet<String> {
     warm.into_iter().map(|m| m.id.to_string()).collect()
 }
 
+/// Waits until the box is written DEAD.
+async fn wait_dead(app: &TestApp, id: uuid::Uuid) {
+    switchboard_tests::app::eventually(Duration::from_secs(5), async || {
+        Ok(app.store.get_mandelbox(id).await?.map(|m| m.state) == Some(MandelboxState::Dead))
+    })
+    .await
+    .unwrap();
+}
+
 /// allocate → connect to the box → disconnect → teardown → a replacement warms.
 async fn whole_loop(backend: Backend) {
     let app = TestApp::spawn(backend, TestOptions::default()).await.unwrap();
@@ -63,11 +72,7 @@ async fn whole_loop(backend: Backend) {
 
     // The box is torn down and a fresh one takes its slot.
     let used = uuid::Uuid::parse_str(&response.mandelbox_id).unwrap();
-    switchboard_tests::app::eventually(Duration::from_secs(5), async || {
-        Ok(app.store.get_mandelbox(used).await?.map(|m| m.state) == Some(MandelboxState::Dead))
-    })
-    .await
-    .unwrap();
+    wait_dead(&app, used).await;
     app.wait_warm(2, Duration::from_secs(5)).await.unwrap();
     let warm_after = warm_ids(&app, "host-1").await;
     assert!(!warm_after.contains(&response.mandelbox_id));
@@ -335,11 +340,7 @@ async fn draining_host_spawns_no_replacement(backend: Backend) {
     // The box's death is written after any replacement's spawn (they are
     // written together), so once it is DEAD a replacement would have shown.
     let used = uuid::Uuid::parse_str(&response.mandelbox_id).unwrap();
-    switchboard_tests::app::eventually(Duration::from_secs(5), async || {
-        Ok(app.store.get_mandelbox(used).await?.map(|m| m.state) == Some(MandelboxState::Dead))
-    })
-    .await
-    .unwrap();
+    wait_dead(&app, used).await;
     assert_eq!(runtime.teardowns_of(&response.mandelbox_id), 1);
     assert_eq!(runtime.spawned(), spawned_before, "no box spawned on a draining host");
     assert_eq!(app.store.host_summary("host-1").await.unwrap().unwrap().live, 0, "every box torn down");
@@ -365,11 +366,7 @@ async fn replacement_exiting_before_it_is_recorded_is_recorded_dead(backend: Bac
         .await
         .unwrap();
     let replacement = uuid::Uuid::parse_str(&runtime.spawned()[spawned_before]).unwrap();
-    switchboard_tests::app::eventually(Duration::from_secs(5), async || {
-        Ok(app.store.get_mandelbox(replacement).await?.map(|m| m.state) == Some(MandelboxState::Dead))
-    })
-    .await
-    .unwrap();
+    wait_dead(&app, replacement).await;
     app.wait_warm(2, Duration::from_secs(5)).await.unwrap();
     let warm = warm_ids(&app, "host-1").await;
     assert!(!warm.contains(&replacement.to_string()), "the dead replacement is not offered");
@@ -387,11 +384,7 @@ async fn a_recycled_slot_is_one_host_command(backend: Backend) {
 
     app.user_client("alice").end_session(EndSessionRequest { session_id: response.session_id.clone() }).await.unwrap();
     let used = uuid::Uuid::parse_str(&response.mandelbox_id).unwrap();
-    switchboard_tests::app::eventually(Duration::from_secs(5), async || {
-        Ok(app.store.get_mandelbox(used).await?.map(|m| m.state) == Some(MandelboxState::Dead))
-    })
-    .await
-    .unwrap();
+    wait_dead(&app, used).await;
     app.wait_warm(2, Duration::from_secs(5)).await.unwrap();
 
     assert_eq!(runtime.teardowns_of(&response.mandelbox_id), 1);
@@ -436,11 +429,7 @@ async fn an_agent_without_replacements_gets_the_spawn_separately(backend: Backen
     let response = app.user_client("alice").allocate(request(&["us-east-1"])).await.unwrap().into_inner();
     app.user_client("alice").end_session(EndSessionRequest { session_id: response.session_id.clone() }).await.unwrap();
     let used = uuid::Uuid::parse_str(&response.mandelbox_id).unwrap();
-    switchboard_tests::app::eventually(Duration::from_secs(5), async || {
-        Ok(app.store.get_mandelbox(used).await?.map(|m| m.state) == Some(MandelboxState::Dead))
-    })
-    .await
-    .unwrap();
+    wait_dead(&app, used).await;
     app.wait_warm(1, Duration::from_secs(5)).await.unwrap();
 
     let received = received.lock().unwrap().clone();
