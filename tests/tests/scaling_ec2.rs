@@ -191,9 +191,16 @@ async fn scale_up_launches_tagged_instances_and_scale_down_terminates_them() {
     app.user_client("u1").end_session(EndSessionRequest { session_id: session.session_id.clone() }).await.unwrap();
     app.store.put_region(&scaled_region("us-east-1", OLD_AMI, 0, 0, 5, GPU, 2)).await.unwrap();
     wait_running_in_ec2(&moto, "us-east-1", 0).await.unwrap();
-    let all = app.store.list_instances(Some("us-east-1"), true).await.unwrap();
+    // EC2 answers TerminateInstances before the scaler records TERMINATED:
+    // the last instance may still be TERMINATING in the store for a moment.
+    let mut all = Vec::new();
+    let recorded = eventually(WAIT, async || {
+        all = app.store.list_instances(Some("us-east-1"), true).await?;
+        Ok(all.iter().all(|i| i.state == InstanceState::Terminated))
+    })
+    .await;
+    assert!(recorded.is_ok(), "every instance recorded terminated: {all:?}");
     assert_eq!(all.len(), 3);
-    assert!(all.iter().all(|i| i.state == InstanceState::Terminated), "{all:?}");
     let reasons: Vec<&str> = all.iter().filter_map(|i| i.reason.as_deref()).collect();
     assert_eq!(reasons, vec!["drained"; 3], "each drained, then terminated once empty");
     drop(agents);
@@ -352,11 +359,16 @@ async fn a_rollout_switches_every_region_and_old_hosts_go() {
         .with_context(|| format!("old hosts left running in {region}"))
         .unwrap();
     }
-    let instances = app.store.list_instances(None, true).await.unwrap();
-    for old in &old_hosts {
-        let record = instances.iter().find(|i| &i.host_id == old).unwrap();
-        assert_eq!(record.state, InstanceState::Terminated, "{record:?}");
-    }
+    // As above, EC2 may show an instance gone a moment before the store does.
+    let mut instances = Vec::new();
+    let recorded = eventually(WAIT, async || {
+        instances = app.store.list_instances(None, true).await?;
+        Ok(old_hosts
+            .iter()
+            .all(|old| instances.iter().any(|i| &i.host_id == old && i.state == InstanceState::Terminated)))
+    })
+    .await;
+    assert!(recorded.is_ok(), "every old host recorded terminated: {instances:?}");
     drop(agents);
 }
 
