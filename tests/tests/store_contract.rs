@@ -130,6 +130,40 @@ async fn assigning_claim(store: &DynStore, host_id: &str, user_id: &str, region:
     claim
 }
 
+/// A small deterministic generator (xorshift64), so that a failing random
+/// fleet is the same fleet on the next run.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// The box the claim rule picks for `wanted`, read from the store's listings.
+async fn chosen_by_the_rule(store: &DynStore, wanted: &[&str]) -> Option<Uuid> {
+    let hosts = store.list_hosts(None).await.unwrap();
+    let images: std::collections::HashMap<String, String> =
+        store.list_regions().await.unwrap().into_iter().map(|region| (region.name, region.image)).collect();
+    let boxes = store.list_mandelboxes(&MandelboxFilter::default()).await.unwrap();
+    boxes
+        .iter()
+        .filter(|candidate| candidate.state == MandelboxState::Waiting && candidate.app == APP)
+        .filter_map(|candidate| {
+            let position = wanted.iter().position(|region| *region == candidate.region)?;
+            let summary = hosts.iter().find(|summary| summary.host.id == candidate.host_id)?;
+            let image = images.get(&candidate.region).map_or("", String::as_str);
+            let fits = summary.host.state == HostState::Active && (image.is_empty() || summary.host.image == image);
+            let free = i64::from(summary.host.capacity) - i64::from(summary.assigned);
+            fits.then_some((position, free, summary.host.id.clone(), candidate.created_at, candidate.id))
+        })
+        .min()
+        .map(|(.., id)| id)
+}
+
 async fn box_state(store: &DynStore, id: Uuid) -> MandelboxState {
     store.get_mandelbox(id).await.unwrap().unwrap().state
 }
@@ -325,6 +359,51 @@ mod contract {
         // A generation beyond what the database can hold is ignored, not an error.
         store.record_heartbeats(&[mark("h1", u64::MAX)], at + chrono::Duration::seconds(1)).await.unwrap();
         assert_eq!(store.get_host("h1").await.unwrap().unwrap().last_heartbeat_at, Some(at));
+    }
+
+    /// Heartbeat batches and bookkeeping batches (which lock their hosts in
+    /// id order) racing over the same hosts: every write succeeds. The hosts
+    /// are created in reverse id order, so a statement that locks rows in
+    /// the order it finds them on disk takes them against id order; that is
+    /// how a heartbeat batch deadlocked with the bookkeeping in run R.
+    pub(crate) async fn heartbeat_and_bookkeeping_batches_do_not_deadlock(_db: &TestDatabase, store: DynStore) {
+        let ids: Vec<String> = (0..40).rev().map(|i| format!("h{i:02}")).collect();
+        for id in &ids {
+            host(&store, id, "r1", "img", 4).await;
+        }
+        let mut tasks = Vec::new();
+        for task in 0..8_usize {
+            let store = store.clone();
+            let mut order = ids.clone();
+            if task % 2 == 1 {
+                order.reverse();
+            }
+            tasks.push(tokio::spawn(async move {
+                for round in 0..25 {
+                    if task < 6 {
+                        let beats: Vec<HeartbeatMark> =
+                            order.iter().map(|id| HeartbeatMark { host_id: id.clone(), generation: 1 }).collect();
+                        store.record_heartbeats(&beats, Utc::now()).await?;
+                    } else {
+                        // Unknown boxes: nothing is recycled, but the batch
+                        // locks every host it names, as a real one does.
+                        let batch: Vec<TornDown> = order
+                            .iter()
+                            .skip(round % 3)
+                            .map(|id| TornDown { host_id: id.clone(), id: Uuid::new_v4(), replacement: None })
+                            .collect();
+                        store.recycle_torn_down_many(&batch).await?;
+                    }
+                }
+                Ok::<_, StoreError>(())
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        let beaten = store.list_hosts(None).await.unwrap();
+        assert_eq!(beaten.len(), 40);
+        assert!(beaten.iter().all(|summary| summary.host.last_heartbeat_at.is_some()));
     }
 
     pub(crate) async fn drain_host_moves_only_active_hosts(_db: &TestDatabase, store: DynStore) {
@@ -944,6 +1023,59 @@ mod contract {
         assert_eq!(claim(&store, "u1", &["r1"]).await.mandelbox.id, small.id); // 2 free
         assert_eq!(claim(&store, "u2", &["r1"]).await.mandelbox.id, half.id); // 3 free
         assert_eq!(claim(&store, "u3", &["r1"]).await.mandelbox.id, big.id); // 10 free
+    }
+
+    /// The claim's choice, on a random fleet and a run of random claims and
+    /// session ends, against a model of the rule: the first region in the
+    /// client's order with a fit box (ACTIVE host, right image, right app),
+    /// then the fullest host (fewest free slots, counting ALLOCATED and
+    /// RUNNING boxes), then host id, box age and box id.
+    pub(crate) async fn claim_choice_matches_the_rule_on_a_random_fleet(_db: &TestDatabase, store: DynStore) {
+        let mut rng = XorShift(0x5eed_c1a1_u64 ^ 0x9e37_79b9_7f4a_7c15);
+        region(&store, "r1", "img-a").await;
+        region(&store, "r2", "").await;
+        region(&store, "r3", "img-b").await;
+        for i in 0..14_u64 {
+            let host_id = format!("h{i:02}");
+            let image = if i % 4 == 0 { "img-b" } else { "img-a" };
+            let capacity = 2 + (rng.next() % 5) as u32;
+            host(&store, &host_id, ["r1", "r2", "r3"][(i % 3) as usize], image, capacity).await;
+            for _ in 0..rng.next() % u64::from(capacity + 1) {
+                warm_box(&store, &host_id, if rng.next().is_multiple_of(5) { "other-app" } else { APP }).await;
+            }
+        }
+        store.drain_host("h05").await.unwrap();
+        let mut running = Vec::new();
+        for turn in 0..60 {
+            if turn % 7 == 3 {
+                // Boxes for the choice to move between hosts.
+                let host_id = format!("h{:02}", rng.next() % 14);
+                store.reserve_mandelbox(&host_id, &new_box(APP, None)).await.unwrap();
+                for spawning in store.host_mandelboxes(&host_id, &[MandelboxState::Spawning]).await.unwrap() {
+                    store.mandelbox_spawned(spawning.id, &ports()).await.unwrap();
+                }
+            }
+            if !running.is_empty() && rng.next().is_multiple_of(3) {
+                let session_id: Uuid = running.swap_remove((rng.next() as usize) % running.len());
+                store.end_session(session_id, EndReason::UserEnded).await.unwrap();
+            }
+            let mut wanted = vec!["r1", "r2", "r3", "r-unknown"];
+            for i in (1..wanted.len()).rev() {
+                wanted.swap(i, (rng.next() as usize) % (i + 1));
+            }
+            wanted.truncate(1 + (rng.next() as usize) % 3);
+
+            let expected = chosen_by_the_rule(&store, &wanted).await;
+            let outcome = store.create_session_and_claim(&new_session(&format!("u{turn}"), &wanted), NO_LIMIT).await;
+            match (outcome.unwrap(), expected) {
+                (ClaimOutcome::Claimed(claim), Some(expected)) => {
+                    assert_eq!(claim.mandelbox.id, expected, "turn {turn}, regions {wanted:?}");
+                    running.push(claim.session.id);
+                }
+                (ClaimOutcome::Pending(_), None) => {}
+                (outcome, expected) => panic!("turn {turn}, regions {wanted:?}: {outcome:?}, expected {expected:?}"),
+            }
+        }
     }
 
     pub(crate) async fn claim_breaks_ties_by_host_then_age(_db: &TestDatabase, store: DynStore) {
@@ -1984,6 +2116,7 @@ macro_rules! store_contract_suite {
             host_disconnected_honours_the_generation,
             record_heartbeat_ignores_other_generations,
             record_heartbeats_writes_a_batch_of_current_generations,
+            heartbeat_and_bookkeeping_batches_do_not_deadlock,
             drain_host_moves_only_active_hosts,
             mark_host_lost_loses_boxes_and_ends_their_sessions,
             mark_host_lost_honours_the_generation,
@@ -2007,6 +2140,7 @@ macro_rules! store_contract_suite {
             claim_takes_the_first_region_with_a_box,
             claim_prefers_the_fullest_host,
             claim_breaks_ties_by_host_then_age,
+            claim_choice_matches_the_rule_on_a_random_fleet,
             claim_skips_unfit_boxes,
             pending_session_is_stored_and_queued,
             session_limit_counts_live_sessions,

@@ -403,27 +403,37 @@ async fn end_sessions_on(
 /// runs exactly this (`CLAIM_WAITING_SQL`) to measure the database's limit.
 macro_rules! pg_claim_waiting {
     ($state:literal) => {
-        // Hosts first, each host's load counted once (LATERAL), then its
-        // WAITING boxes: counting per candidate box instead made the claim
-        // cost grow with the number of warm boxes.
+        // The hosts with a WAITING box of the app first (`best`: region
+        // order, fullest, id; each host's load counted once), then, host by host in that order, its oldest
+        // WAITING box not locked by another claim: the same choice as one
+        // ORDER BY over every candidate box, which joined and sorted the
+        // whole warm pool on every claim. The outer query has no ORDER BY on
+        // purpose: the nested loop walks `best` in its order and stops at
+        // the first box, so only that box is locked (sorting after the join
+        // would lock one box on every host).
         concat!(
             "UPDATE mandelboxes SET state = '",
             $state,
             "', session_id = $4, updated_at = $5 \
          WHERE id = ( \
-             SELECT m.id FROM hosts h \
-             LEFT JOIN regions r ON r.name = h.region \
-             CROSS JOIN LATERAL (SELECT count(*) AS busy FROM mandelboxes a \
-                                 WHERE a.host_id = h.id AND a.state IN ('ALLOCATED', 'RUNNING')) load \
-             JOIN mandelboxes m ON m.host_id = h.id \
-             WHERE m.state = 'WAITING' AND m.app = $2 AND m.region = ANY($1) \
-               AND h.state = 'ACTIVE' \
-               AND (COALESCE(r.image, '') = '' OR h.image = r.image) \
-               AND h.id <> ALL($3) \
-             ORDER BY array_position($1::text[], m.region), h.capacity - load.busy, \
-                      h.id, m.created_at, m.id \
-             LIMIT 1 \
-             FOR UPDATE OF m SKIP LOCKED) \
+             WITH best AS MATERIALIZED ( \
+                 SELECT h.id FROM hosts h \
+                 LEFT JOIN regions r ON r.name = h.region \
+                 CROSS JOIN LATERAL (SELECT count(*) AS busy FROM mandelboxes a \
+                                     WHERE a.host_id = h.id AND a.state IN ('ALLOCATED', 'RUNNING')) load \
+                 WHERE h.state = 'ACTIVE' AND h.region = ANY($1) \
+                   AND h.id IN (SELECT w.host_id FROM mandelboxes w \
+                                WHERE w.state = 'WAITING' AND w.app = $2 AND w.region = ANY($1)) \
+                   AND (COALESCE(r.image, '') = '' OR h.image = r.image) \
+                   AND h.id <> ALL($3) \
+                 ORDER BY array_position($1::text[], h.region), h.capacity - load.busy, h.id) \
+             SELECT c.id FROM best CROSS JOIN LATERAL ( \
+                 SELECT m.id FROM mandelboxes m \
+                 WHERE m.host_id = best.id AND m.state = 'WAITING' AND m.app = $2 AND m.region = ANY($1) \
+                 ORDER BY m.created_at, m.id \
+                 LIMIT 1 \
+                 FOR UPDATE SKIP LOCKED) c \
+             LIMIT 1) \
          "
         )
     };
@@ -790,10 +800,17 @@ impl Store for PgStore {
         if ids.is_empty() {
             return Ok(());
         }
+        // The rows are locked in id order first, the lock order of every
+        // other statement that locks several hosts (`recycle_torn_down_many`,
+        // reconciliation): an UPDATE ... FROM locks in the order its plan
+        // meets the rows, and deadlocked with the bookkeeping batch (run R).
         sqlx::query(
-            "UPDATE hosts h SET last_heartbeat_at = $3 \
-             FROM UNNEST($1::text[], $2::bigint[]) AS beat(id, generation) \
-             WHERE h.id = beat.id AND h.generation = beat.generation",
+            "WITH beat AS (SELECT * FROM UNNEST($1::text[], $2::bigint[]) AS beat(id, generation)), \
+             locked AS ( \
+                 SELECT h.id FROM hosts h JOIN beat ON h.id = beat.id AND h.generation = beat.generation \
+                 ORDER BY h.id FOR UPDATE OF h \
+             ) \
+             UPDATE hosts h SET last_heartbeat_at = $3 FROM locked WHERE h.id = locked.id",
         )
         .bind(&ids)
         .bind(&generations)

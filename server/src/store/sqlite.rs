@@ -446,24 +446,38 @@ async fn ended_by_token_in(
 /// runs exactly this (`CLAIM_WAITING_SQL`) to measure the database's limit.
 macro_rules! sqlite_claim_waiting {
     ($state:literal) => {
+        // The host first (region order, fullest, id), each candidate host's
+        // load counted once, then its oldest WAITING box: the same choice as
+        // one ORDER BY over every candidate box, for a fraction of the work
+        // (that form counted a host's load once per candidate box and sorted
+        // the whole warm pool: 2.6× the textbook claim at 384 warm boxes,
+        // run R). SQLite has one writer, so the chosen host's box cannot be
+        // taken between the two steps.
         concat!(
             "UPDATE mandelboxes SET state = '",
             $state,
             "', session_id = ?4, updated_at = ?5 \
          WHERE id = ( \
              SELECT m.id FROM mandelboxes m \
-             JOIN (SELECT value, min(key) AS position FROM json_each(?1) GROUP BY value) wanted \
-               ON wanted.value = m.region \
-             JOIN hosts h ON h.id = m.host_id \
-             LEFT JOIN regions r ON r.name = m.region \
              WHERE m.state = 'WAITING' AND m.app = ?2 \
-               AND h.state = 'ACTIVE' \
-               AND (COALESCE(r.image, '') = '' OR h.image = r.image) \
-               AND h.id NOT IN (SELECT value FROM json_each(?3)) \
-             ORDER BY wanted.position, \
-                      h.capacity - (SELECT count(*) FROM mandelboxes a \
-                                    WHERE a.host_id = h.id AND a.state IN ('ALLOCATED', 'RUNNING')), \
-                      h.id, m.created_at, m.id \
+               AND m.region IN (SELECT value FROM json_each(?1)) \
+               AND m.host_id = ( \
+                 SELECT h.id FROM (SELECT DISTINCT host_id, region FROM mandelboxes \
+                                   WHERE state = 'WAITING' AND app = ?2 \
+                                     AND region IN (SELECT value FROM json_each(?1))) c \
+                 JOIN (SELECT value, min(key) AS position FROM json_each(?1) GROUP BY value) wanted \
+                   ON wanted.value = c.region \
+                 JOIN hosts h ON h.id = c.host_id \
+                 LEFT JOIN regions r ON r.name = c.region \
+                 WHERE h.state = 'ACTIVE' \
+                   AND (COALESCE(r.image, '') = '' OR h.image = r.image) \
+                   AND h.id NOT IN (SELECT value FROM json_each(?3)) \
+                 ORDER BY wanted.position, \
+                          h.capacity - (SELECT count(*) FROM mandelboxes a \
+                                        WHERE a.host_id = h.id AND a.state IN ('ALLOCATED', 'RUNNING')), \
+                          h.id \
+                 LIMIT 1) \
+             ORDER BY m.created_at, m.id \
              LIMIT 1) \
          "
         )
