@@ -25,7 +25,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::{
     measure::{Machine, Progress},
     report::{BackendReport, RunReport},
-    scenarios::FleetSettings,
+    scenarios::{ClaimSql, FleetSettings},
     server::{Backend, ServerProcess, TempDb},
 };
 
@@ -131,6 +131,12 @@ struct RunArgs {
     /// teardown confirmations (`allocation.bookkeeping_linger_ms`).
     #[arg(long, default_value_t = switchboard::config::AllocationConfig::default().bookkeeping_linger_ms)]
     bookkeeping_linger_ms: u64,
+    /// With `limit`: also time the textbook claim (any WAITING box, no host
+    /// ranking) beside the bare claim, in the same rounds. Not part of the
+    /// ratio: it shows what one claim commit costs on this database whatever
+    /// the choice of box, which bounds allocations per second.
+    #[arg(long)]
+    minimal_claim: bool,
     /// The server's PostgreSQL pool (`database.max_connections`), also the
     /// store cycle's.
     #[arg(long, default_value_t = switchboard::config::DatabaseConfig::default().max_connections)]
@@ -192,6 +198,7 @@ impl RunArgs {
             push_limit: 0,
             failure_hosts: 2,
             failure_heartbeat_ms: 200,
+            minimal_claim: true,
             separate_disconnects: false,
             disconnect_writers: switchboard::config::AllocationConfig::default().disconnect_writers,
             bookkeeping_linger_ms: switchboard::config::AllocationConfig::default().bookkeeping_linger_ms,
@@ -364,7 +371,7 @@ async fn allocation_scenarios(
             let rounds = if interleaved { args.rounds } else { 1 };
             let round_window = window / rounds as u32;
             for &clients in &args.clients {
-                let (mut allocation, mut claim, mut rpc) = (Vec::new(), Vec::new(), Vec::new());
+                let (mut allocation, mut claim, mut minimal, mut rpc) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
                 for _ in 0..rounds {
                     scenarios::wait_warm(&mut admin, boxes, warm_timeout).await?;
                     scenarios::analyze(backend, db.url()).await?;
@@ -381,13 +388,24 @@ async fn allocation_scenarios(
                     );
                     if interleaved {
                         scenarios::wait_warm(&mut admin, boxes, warm_timeout).await?;
-                        claim.push(scenarios::bare_claim(backend, db.url(), clients, round_window, progress).await?);
+                        claim.push(
+                            scenarios::bare_claim(backend, db.url(), ClaimSql::Store, clients, round_window, progress)
+                                .await?,
+                        );
                         rpc.push(scenarios::bare_rpc(&server.info, clients, round_window, progress).await?);
+                        if args.minimal_claim {
+                            scenarios::wait_warm(&mut admin, boxes, warm_timeout).await?;
+                            minimal.push(
+                                scenarios::bare_claim(backend, db.url(), ClaimSql::Minimal, clients, round_window, progress)
+                                    .await?,
+                            );
+                        }
                     }
                 }
                 report.allocation.extend(scenarios::AllocPoint::merge(allocation));
                 report.bare_claim.extend(scenarios::LimitPoint::merge(claim));
                 report.bare_rpc.extend(scenarios::LimitPoint::merge(rpc));
+                report.minimal_claim.extend(scenarios::LimitPoint::merge(minimal));
             }
         }
         if wants(Scenario::Teardown) {
@@ -405,8 +423,17 @@ async fn allocation_scenarios(
                 scenarios::wait_warm(&mut admin, boxes, warm_timeout).await?;
                 scenarios::analyze(backend, db.url()).await?;
                 if !interleaved {
-                    report.bare_claim.push(scenarios::bare_claim(backend, db.url(), clients, window, progress).await?);
+                    report.bare_claim.push(
+                        scenarios::bare_claim(backend, db.url(), ClaimSql::Store, clients, window, progress).await?,
+                    );
                     report.bare_rpc.push(scenarios::bare_rpc(&server.info, clients, window, progress).await?);
+                    if args.minimal_claim {
+                        scenarios::wait_warm(&mut admin, boxes, warm_timeout).await?;
+                        report.minimal_claim.push(
+                            scenarios::bare_claim(backend, db.url(), ClaimSql::Minimal, clients, window, progress)
+                                .await?,
+                        );
+                    }
                 }
                 report.store_cycle.push(cycle.run(clients, (warmup, window), args.disconnect_model(), progress).await?);
             }

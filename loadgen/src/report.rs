@@ -28,6 +28,9 @@ pub(crate) struct BackendReport {
     pub(crate) teardown: Option<Teardown>,
     pub(crate) bare_claim: Vec<LimitPoint>,
     pub(crate) bare_rpc: Vec<LimitPoint>,
+    /// The textbook claim (`--minimal-claim`): not the limit, but what one
+    /// claim commit costs on this database with the cheapest choice of box.
+    pub(crate) minimal_claim: Vec<LimitPoint>,
     /// The allocation cycle's store calls alone (`store_cycle.rs`): not part
     /// of the limit, but what splits the cost ratio into the SQL's part and
     /// the server's.
@@ -61,6 +64,7 @@ impl BackendReport {
             teardown: None,
             bare_claim: Vec::new(),
             bare_rpc: Vec::new(),
+            minimal_claim: Vec::new(),
             store_cycle: Vec::new(),
             ratios: Vec::new(),
             fleet: None,
@@ -160,6 +164,7 @@ pub(crate) fn markdown(report: &RunReport) -> String {
                 ("bare claim transaction", &backend.bare_claim),
                 ("bare tonic unary", &backend.bare_rpc),
                 ("(not the limit) the cycle's store calls, no gRPC", &backend.store_cycle),
+                ("(not the limit) minimal claim: any WAITING box, no ranking", &backend.minimal_claim),
             ] {
                 for point in points {
                     let _ = writeln!(

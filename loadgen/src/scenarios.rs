@@ -620,6 +620,29 @@ const PG_RELEASE: &str = "UPDATE mandelboxes SET state = 'WAITING', session_id =
 const SQLITE_CLAIM: &str = switchboard::store::SQLITE_CLAIM_SQL;
 const SQLITE_RELEASE: &str = "UPDATE mandelboxes SET state = 'WAITING', session_id = NULL WHERE id = ?1";
 
+/// The textbook claim the issue quotes for scale (`UPDATE … WHERE id =
+/// (SELECT … FOR UPDATE SKIP LOCKED)`): any WAITING box of the app and region,
+/// no host ranking. Not the limit (the store's claim is): it shows what a
+/// claim of one commit costs on this machine's database with the cheapest
+/// possible choice of box, which is what bounds allocations per second
+/// whatever the choice.
+const PG_MINIMAL_CLAIM: &str = "UPDATE mandelboxes SET state = 'RUNNING', session_id = $3, updated_at = $4 \
+     WHERE id = (SELECT id FROM mandelboxes WHERE state = 'WAITING' AND region = $1 AND app = $2 \
+                 LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING id";
+/// SQLite's form of the textbook claim (one writer, so nothing to skip).
+const SQLITE_MINIMAL_CLAIM: &str = "UPDATE mandelboxes SET state = 'RUNNING', session_id = ?3, updated_at = ?4 \
+     WHERE id = (SELECT id FROM mandelboxes WHERE state = 'WAITING' AND region = ?1 AND app = ?2 LIMIT 1) \
+     RETURNING id";
+
+/// Which claim statement a bare claim transaction runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ClaimSql {
+    /// The store's own claim: the limit.
+    Store,
+    /// The textbook claim (`PG_MINIMAL_CLAIM`): a reference, not the limit.
+    Minimal,
+}
+
 enum ClaimPool {
     Postgres(sqlx::PgPool),
     /// One writer connection, as the SQLite store has.
@@ -649,23 +672,27 @@ impl ClaimPool {
         })
     }
 
-    /// One transaction: claim a WAITING box with the store's SQL, put it back
-    /// (so the pool never runs dry), commit. Ok(false) when no box matched.
-    async fn claim_once(&self) -> anyhow::Result<bool> {
+    /// One transaction: claim a WAITING box with `sql`, put it back (so the
+    /// pool never runs dry), commit. Ok(false) when no box matched.
+    async fn claim_once(&self, sql: ClaimSql) -> anyhow::Result<bool> {
         let regions = vec![REGION.to_owned()];
         let session = uuid::Uuid::new_v4();
         let at = chrono::Utc::now();
         match self {
             ClaimPool::Postgres(pool) => {
                 let mut tx = pool.begin().await?;
-                let row = sqlx::query(PG_CLAIM)
-                    .bind(&regions)
-                    .bind("chrome")
-                    .bind(Vec::<String>::new())
-                    .bind(session)
-                    .bind(at)
-                    .fetch_optional(&mut *tx)
-                    .await?;
+                let claim = match sql {
+                    ClaimSql::Store => sqlx::query(PG_CLAIM)
+                        .bind(&regions)
+                        .bind("chrome")
+                        .bind(Vec::<String>::new())
+                        .bind(session)
+                        .bind(at),
+                    ClaimSql::Minimal => {
+                        sqlx::query(PG_MINIMAL_CLAIM).bind(REGION).bind("chrome").bind(session).bind(at)
+                    }
+                };
+                let row = claim.fetch_optional(&mut *tx).await?;
                 let Some(row) = row else { return Ok(false) };
                 let id: uuid::Uuid = row.try_get("id")?;
                 sqlx::query(PG_RELEASE).bind(id).execute(&mut *tx).await?;
@@ -674,14 +701,20 @@ impl ClaimPool {
             }
             ClaimPool::Sqlite(pool) => {
                 let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-                let row = sqlx::query(SQLITE_CLAIM)
-                    .bind(serde_json::to_string(&regions)?)
-                    .bind("chrome")
-                    .bind("[]")
-                    .bind(session.to_string())
-                    .bind(at.timestamp_micros())
-                    .fetch_optional(&mut *tx)
-                    .await?;
+                let claim = match sql {
+                    ClaimSql::Store => sqlx::query(SQLITE_CLAIM)
+                        .bind(serde_json::to_string(&regions)?)
+                        .bind("chrome")
+                        .bind("[]")
+                        .bind(session.to_string())
+                        .bind(at.timestamp_micros()),
+                    ClaimSql::Minimal => sqlx::query(SQLITE_MINIMAL_CLAIM)
+                        .bind(REGION)
+                        .bind("chrome")
+                        .bind(session.to_string())
+                        .bind(at.timestamp_micros()),
+                };
+                let row = claim.fetch_optional(&mut *tx).await?;
                 let Some(row) = row else { return Ok(false) };
                 let id: String = row.try_get("id")?;
                 sqlx::query(SQLITE_RELEASE).bind(id).execute(&mut *tx).await?;
@@ -692,15 +725,20 @@ impl ClaimPool {
     }
 }
 
-/// The bare claim transaction on the server's own database, no gRPC.
+/// The bare claim transaction (`sql`) on the server's own database, no gRPC.
 pub(crate) async fn bare_claim(
     backend: Backend,
     url: &str,
+    sql: ClaimSql,
     clients: usize,
     window: Duration,
     progress: &Progress,
 ) -> anyhow::Result<LimitPoint> {
-    progress.phase(format!("bare claim x{clients}"));
+    let name = match sql {
+        ClaimSql::Store => "bare claim",
+        ClaimSql::Minimal => "minimal claim",
+    };
+    progress.phase(format!("{name} x{clients}"));
     let pool = Arc::new(ClaimPool::open(backend, url, clients).await?);
     let end = Instant::now() + window;
     let mut tasks = Vec::new();
@@ -711,7 +749,7 @@ pub(crate) async fn bare_claim(
             let (mut samples, mut errors) = (Vec::new(), 0_u64);
             while Instant::now() < end {
                 let started = Instant::now();
-                match pool.claim_once().await {
+                match pool.claim_once(sql).await {
                     Ok(true) => {
                         samples.push(started.elapsed());
                         progress.add(1);
