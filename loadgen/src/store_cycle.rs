@@ -22,6 +22,10 @@
 //! from the database once; the replacements are the scenario's own. The
 //! server is not told (no host hears of these boxes), which is harmless because
 //! the limit points are the last of their server: nothing runs on it after them.
+//! The idle server still keeps its hosts full, though: its refill sweep may
+//! warm a box in a slot it sees free, and a claim may take that box. Its token
+//! hash is then read from the database (`BoxTokens::take`), so that the cycle
+//! returns it like any other instead of failing and leaving its session live.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -53,9 +57,53 @@ use crate::{
 /// the clients ask for too.
 const APP: &str = "chrome";
 
-/// Disconnect-token hashes of the scenario's boxes, by box id: the cycle
-/// presents a box's own token hash, as the box's protocol server would.
-type Tokens = Arc<Mutex<HashMap<Uuid, String>>>;
+/// Disconnect-token hashes of the boxes, by box id: the cycle presents a
+/// box's own token hash, as the box's protocol server would.
+type Tokens = Arc<BoxTokens>;
+
+/// The token hashes the scenario knows (the warm boxes it found, the
+/// replacements it wrote), and the database for a box the server warmed since.
+struct BoxTokens {
+    known: Mutex<HashMap<Uuid, String>>,
+    database: TokenDatabase,
+}
+
+enum TokenDatabase {
+    Postgres(sqlx::PgPool),
+    Sqlite(sqlx::SqlitePool),
+}
+
+impl BoxTokens {
+    fn new(known: HashMap<Uuid, String>, database: TokenDatabase) -> BoxTokens {
+        BoxTokens { known: Mutex::new(known), database }
+    }
+
+    async fn insert(&self, id: Uuid, token_hash: String) {
+        self.known.lock().await.insert(id, token_hash);
+    }
+
+    async fn forget(&self, id: &Uuid) {
+        self.known.lock().await.remove(id);
+    }
+
+    /// The token hash of a box just claimed: known, or else read from the
+    /// database (a box the server's refill sweep warmed during the cycle).
+    async fn take(&self, id: Uuid) -> anyhow::Result<String> {
+        if let Some(token_hash) = self.known.lock().await.remove(&id) {
+            return Ok(token_hash);
+        }
+        const TOKEN: &str = "SELECT token_hash FROM mandelboxes WHERE id = ";
+        let token_hash: Option<String> = match &self.database {
+            TokenDatabase::Postgres(pool) => {
+                sqlx::query_scalar(&format!("{TOKEN}$1")).bind(id).fetch_optional(pool).await?
+            }
+            TokenDatabase::Sqlite(pool) => {
+                sqlx::query_scalar(&format!("{TOKEN}?1")).bind(id.to_string()).fetch_optional(pool).await?
+            }
+        };
+        token_hash.ok_or_else(|| anyhow::anyhow!("claimed box {id} is not in the database"))
+    }
+}
 
 /// A replacement as its host confirmed it: warm, with its ports.
 fn new_box() -> WarmReplacement {
@@ -89,13 +137,13 @@ impl StoreCycle {
         let session_ends = SessionEnds::start(store.clone(), !settings.separate_disconnects, settings.writers);
         const WAITING: &str = "SELECT id, token_hash FROM mandelboxes WHERE state = 'WAITING'";
         let mut tokens = HashMap::new();
-        match backend {
+        let database = match backend {
             Backend::Postgres => {
                 let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(url).await?;
                 for row in sqlx::query(WAITING).fetch_all(&pool).await? {
                     tokens.insert(row.try_get::<Uuid, _>("id")?, row.try_get::<String, _>("token_hash")?);
                 }
-                pool.close().await;
+                TokenDatabase::Postgres(pool)
             }
             Backend::Sqlite => {
                 let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect(url).await?;
@@ -103,14 +151,14 @@ impl StoreCycle {
                     let id: String = row.try_get("id")?;
                     tokens.insert(id.parse()?, row.try_get::<String, _>("token_hash")?);
                 }
-                pool.close().await;
+                TokenDatabase::Sqlite(pool)
             }
-        }
+        };
         Ok(StoreCycle {
             store,
             bookkeeping,
             session_ends,
-            tokens: Arc::new(Mutex::new(tokens)),
+            tokens: Arc::new(BoxTokens::new(tokens, database)),
             bookkeeping_errors: Arc::new(AtomicU64::new(0)),
         })
     }
@@ -227,8 +275,13 @@ async fn claim(store: &DynStore, tokens: &Tokens, user_id: &str) -> anyhow::Resu
         }
     };
     let box_id = claim.mandelbox.id;
-    let Some(token_hash) = tokens.lock().await.remove(&box_id) else {
-        anyhow::bail!("claimed box {box_id} is not one of the scenario's");
+    let token_hash = match tokens.take(box_id).await {
+        Ok(token_hash) => token_hash,
+        Err(error) => {
+            // Not returned, so at least not left live: the user's place back.
+            store.end_session(claim.session.id, EndReason::UserEnded).await?;
+            return Err(error);
+        }
     };
     Ok(Some(Claimed { host_id: claim.host.id, box_id, token_hash }))
 }
@@ -264,11 +317,11 @@ async fn keep_pool(bookkeeping: &Bookkeeper, tokens: &Tokens, mut torn_down: Tor
     let replacement = new_box();
     let (id, hash) = (replacement.id, replacement.token_hash.clone());
     // Known before the write: once written, the box can be claimed.
-    tokens.lock().await.insert(id, hash);
+    tokens.insert(id, hash).await;
     torn_down.replacement = Some(replacement);
     let recycled = bookkeeping.torn_down(torn_down).await?;
     if recycled.replacement.is_none() {
-        tokens.lock().await.remove(&id);
+        tokens.forget(&id).await;
         return Ok(false);
     }
     Ok(true)
