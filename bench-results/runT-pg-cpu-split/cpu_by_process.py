@@ -17,7 +17,6 @@ def snap():
         elif 'loadgen' in cmd and ' serve' in cmd: g = 'server'
         elif 'loadgen' in cmd and ' hosts' in cmd: g = 'loadgen-hosts'
         elif 'loadgen' in cmd: g = 'loadgen'
-        elif cmd.startswith('postgres'): g = 'postgres'
         else: g = 'other'
         groups[(g, pid)] = ticks
     return groups

@@ -92,13 +92,18 @@ impl BoxTokens {
         if let Some(token_hash) = self.known.lock().await.remove(&id) {
             return Ok(token_hash);
         }
-        const TOKEN: &str = "SELECT token_hash FROM mandelboxes WHERE id = ";
         let token_hash: Option<String> = match &self.database {
             TokenDatabase::Postgres(pool) => {
-                sqlx::query_scalar(&format!("{TOKEN}$1")).bind(id).fetch_optional(pool).await?
+                sqlx::query_scalar("SELECT token_hash FROM mandelboxes WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(pool)
+                    .await?
             }
             TokenDatabase::Sqlite(pool) => {
-                sqlx::query_scalar(&format!("{TOKEN}?1")).bind(id.to_string()).fetch_optional(pool).await?
+                sqlx::query_scalar("SELECT token_hash FROM mandelboxes WHERE id = ?1")
+                    .bind(id.to_string())
+                    .fetch_optional(pool)
+                    .await?
             }
         };
         token_hash.ok_or_else(|| anyhow::anyhow!("claimed box {id} is not in the database"))
