@@ -9,6 +9,7 @@
 
 mod postgres;
 mod postgres_fleet;
+mod postgres_joined;
 mod rows;
 mod sqlite;
 mod sqlite_batches;

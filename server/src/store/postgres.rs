@@ -33,6 +33,10 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::postgres_fleet as fleet;
+use super::postgres_joined::{
+    BoxColumns, ClaimedHostColumns, EndedSessionColumns, box_columns_of, claimed_host_columns_of,
+    ended_session_columns_of,
+};
 use super::rows::{self, host_columns, live_box_states, live_session_states, mandelbox_columns, now, session_columns};
 use super::{
     Claim, ClaimOutcome, DisconnectReport, EndedSession, HeartbeatMark, MandelboxAuth, MandelboxFilter, NewMandelbox,
@@ -92,20 +96,20 @@ fn pool_options(max_connections: u32) -> PgPoolOptions {
 // ----- rows ---------------------------------------------------------------
 
 #[derive(sqlx::FromRow, serde::Deserialize)]
-struct HostRow {
-    id: String,
-    region: String,
-    state: String,
-    image: String,
-    agent_version: String,
-    address: String,
-    capacity: i64,
-    generation: i64,
-    last_heartbeat_at: Option<DateTime<Utc>>,
-    disconnected_at: Option<DateTime<Utc>>,
-    terminated_at: Option<DateTime<Utc>>,
-    created_at: DateTime<Utc>,
-    updated_at: DateTime<Utc>,
+pub(super) struct HostRow {
+    pub(super) id: String,
+    pub(super) region: String,
+    pub(super) state: String,
+    pub(super) image: String,
+    pub(super) agent_version: String,
+    pub(super) address: String,
+    pub(super) capacity: i64,
+    pub(super) generation: i64,
+    pub(super) last_heartbeat_at: Option<DateTime<Utc>>,
+    pub(super) disconnected_at: Option<DateTime<Utc>>,
+    pub(super) terminated_at: Option<DateTime<Utc>>,
+    pub(super) created_at: DateTime<Utc>,
+    pub(super) updated_at: DateTime<Utc>,
 }
 
 impl HostRow {
@@ -149,16 +153,16 @@ impl HostSummaryRow {
 }
 
 #[derive(sqlx::FromRow, serde::Deserialize)]
-struct MandelboxRow {
-    id: Uuid,
-    host_id: String,
-    region: String,
-    app: String,
-    state: String,
-    session_id: Option<Uuid>,
-    ports: serde_json::Value,
-    created_at: DateTime<Utc>,
-    updated_at: DateTime<Utc>,
+pub(super) struct MandelboxRow {
+    pub(super) id: Uuid,
+    pub(super) host_id: String,
+    pub(super) region: String,
+    pub(super) app: String,
+    pub(super) state: String,
+    pub(super) session_id: Option<Uuid>,
+    pub(super) ports: serde_json::Value,
+    pub(super) created_at: DateTime<Utc>,
+    pub(super) updated_at: DateTime<Utc>,
 }
 
 impl MandelboxRow {
@@ -185,44 +189,48 @@ struct MandelboxAuthRow {
 }
 
 /// `create_session_and_claim`'s row: the inserted session and, if a box was
-/// claimed, the box and its host (as JSON objects; NULL without a claim).
+/// claimed, the box and its host.
 #[derive(sqlx::FromRow)]
 struct SessionClaimRow {
     #[sqlx(flatten)]
     session: SessionRow,
-    claimed_box: Option<Json<MandelboxRow>>,
-    claimed_host: Option<Json<HostRow>>,
+    #[sqlx(flatten)]
+    claimed_box: BoxColumns,
+    #[sqlx(flatten)]
+    claimed_host: ClaimedHostColumns,
 }
 
 /// `end_session_by_token`'s row: the box's state, session and whether the
-/// token matched, and what was ended (JSON objects, NULL if nothing was).
+/// token matched, and what was ended (NULL columns if nothing was).
 #[derive(sqlx::FromRow)]
 struct TokenEndRow {
     /// NULL: no such box.
-    box_state: Option<String>,
-    box_session_id: Option<Uuid>,
+    auth_state: Option<String>,
+    auth_session_id: Option<Uuid>,
     token_ok: bool,
-    ended_session: Option<Json<SessionRow>>,
-    dying_box: Option<Json<MandelboxRow>>,
+    #[sqlx(flatten)]
+    ended_session: EndedSessionColumns,
+    #[sqlx(flatten)]
+    dying_box: BoxColumns,
 }
 
 impl TokenEndRow {
     fn into_token_end(self) -> StoreResult<TokenEnd> {
-        let Some(box_state) = self.box_state else {
+        let Some(box_state) = self.auth_state else {
             return Ok(TokenEnd::UnknownBox);
         };
         if !self.token_ok {
             return Ok(TokenEnd::WrongToken);
         }
         let state = rows::parse_enum("mandelboxes.state", &box_state, MandelboxState::parse)?;
-        let session_id = match TokenEnd::session_to_end(state, self.box_session_id) {
+        let session_id = match TokenEnd::session_to_end(state, self.auth_session_id) {
             Ok(session_id) => session_id,
             Err(no_session) => return Ok(no_session),
         };
-        let ended = match self.ended_session {
-            Some(Json(session)) => Some(Box::new(EndedSession {
+        let ended = match self.ended_session.into_row()? {
+            Some(session) => Some(Box::new(EndedSession {
                 session: session.into_record()?,
-                teardown: self.dying_box.map(|Json(mandelbox)| mandelbox.into_record()).transpose()?,
+                teardown: self.dying_box.into_row()?.map(MandelboxRow::into_record).transpose()?,
                 changed: true,
             })),
             // Ended by someone else between the box's read and the update.
@@ -236,33 +244,34 @@ impl TokenEndRow {
 #[derive(sqlx::FromRow)]
 struct RecycledRow {
     finished: bool,
-    replacement: Option<Json<MandelboxRow>>,
+    #[sqlx(flatten)]
+    replacement: BoxColumns,
 }
 
 impl RecycledRow {
     fn into_recycled(self) -> StoreResult<Recycled> {
         Ok(Recycled {
             finished: self.finished,
-            replacement: self.replacement.map(|Json(mandelbox)| mandelbox.into_record()).transpose()?,
+            replacement: self.replacement.into_row()?.map(MandelboxRow::into_record).transpose()?,
         })
     }
 }
 
 #[derive(sqlx::FromRow, serde::Deserialize)]
-struct SessionRow {
-    id: Uuid,
-    user_id: String,
-    state: String,
-    app: String,
-    client_version: String,
-    requested_regions: serde_json::Value,
-    region: Option<String>,
-    mandelbox_id: Option<Uuid>,
-    host_id: Option<String>,
-    end_reason: Option<String>,
-    created_at: DateTime<Utc>,
-    updated_at: DateTime<Utc>,
-    ended_at: Option<DateTime<Utc>>,
+pub(super) struct SessionRow {
+    pub(super) id: Uuid,
+    pub(super) user_id: String,
+    pub(super) state: String,
+    pub(super) app: String,
+    pub(super) client_version: String,
+    pub(super) requested_regions: serde_json::Value,
+    pub(super) region: Option<String>,
+    pub(super) mandelbox_id: Option<Uuid>,
+    pub(super) host_id: Option<String>,
+    pub(super) end_reason: Option<String>,
+    pub(super) created_at: DateTime<Utc>,
+    pub(super) updated_at: DateTime<Utc>,
+    pub(super) ended_at: Option<DateTime<Utc>>,
 }
 
 impl SessionRow {
@@ -477,10 +486,11 @@ async fn claim_for_new_session(
                  FROM account LEFT JOIN claimed c ON true \
                  RETURNING ",
         session_columns!(),
-        ") SELECT inserted.*, \
-                 CASE WHEN c.id IS NULL THEN NULL ELSE to_jsonb(c) END AS claimed_box, \
-                 CASE WHEN h.id IS NULL THEN NULL ELSE to_jsonb(h) END AS claimed_host \
-             FROM inserted LEFT JOIN claimed c ON true LEFT JOIN hosts h ON h.id = c.host_id"
+        ") SELECT inserted.*, ",
+        box_columns_of!("c"),
+        ", ",
+        claimed_host_columns_of!("h"),
+        " FROM inserted LEFT JOIN claimed c ON true LEFT JOIN hosts h ON h.id = c.host_id"
     ))
     .bind(&new.regions)
     .bind(&new.app)
@@ -1113,8 +1123,9 @@ impl Store for PgStore {
         //    capacity.
         // 4. Else the replacement as an earlier application of this write
         //    recorded it (a retry after a lost commit acknowledgement; its id
-        //    is new to every other write). COALESCE reads it only when
-        //    nothing was inserted, in the statement's snapshot.
+        //    is new to every other write), in the statement's snapshot. At
+        //    most one of the two exists: had the row been there, the insert
+        //    would have failed on its id.
         let row = sqlx::query_as::<_, RecycledRow>(concat!(
             "WITH host AS ( \
                  SELECT id, region, state, capacity FROM hosts WHERE id = $2 FOR UPDATE \
@@ -1132,10 +1143,15 @@ impl Store for PgStore {
             ") <= h.capacity \
              RETURNING ",
             mandelbox_columns!(),
-            ") SELECT EXISTS (SELECT 1 FROM finished) AS finished, \
-                 COALESCE((SELECT to_jsonb(r) FROM replaced r), (SELECT to_jsonb(e) FROM (SELECT ",
+            ") SELECT EXISTS (SELECT 1 FROM finished) AS finished, ",
+            box_columns_of!("r"),
+            " FROM (SELECT 1) one LEFT JOIN LATERAL ( \
+                 SELECT * FROM replaced \
+                 UNION ALL \
+                 SELECT ",
             mandelbox_columns!(),
-            " FROM mandelboxes WHERE id = $4 AND host_id = $2) e)) AS replacement"
+            " FROM mandelboxes WHERE id = $4 AND host_id = $2 \
+                 LIMIT 1) r ON true"
         ))
         .bind(id)
         .bind(host_id)
@@ -1179,7 +1195,9 @@ impl Store for PgStore {
         // replacement in the slot it frees if its host is ACTIVE and was
         // within capacity with the batch's dying boxes counted (each
         // replacement swaps one of them, so the host stays within capacity);
-        // a replacement an earlier application recorded is returned as it is.
+        // a replacement an earlier application recorded is returned as it is (at
+        // most one of the two exists: had the row been there, the insert would
+        // have failed on its id).
         let rows = sqlx::query_as::<_, RecycledRow>(concat!(
             "WITH input AS ( \
                  SELECT * FROM unnest($1::uuid[], $2::text[], $4::uuid[], $5::text[], $6::text[], $7::text[]) \
@@ -1198,11 +1216,16 @@ impl Store for PgStore {
             ") <= h.capacity \
              RETURNING ",
             mandelbox_columns!(),
-            ") SELECT i.id IN (SELECT id FROM finished) AS finished, \
-                 COALESCE((SELECT to_jsonb(r) FROM replaced r WHERE r.id = i.new_id), (SELECT to_jsonb(e) FROM (SELECT ",
+            ") SELECT i.id IN (SELECT id FROM finished) AS finished, ",
+            box_columns_of!("r"),
+            " FROM input i LEFT JOIN LATERAL ( \
+                 SELECT * FROM replaced WHERE id = i.new_id \
+                 UNION ALL \
+                 SELECT ",
             mandelbox_columns!(),
-            " FROM mandelboxes m WHERE m.id = i.new_id AND m.host_id = i.host_id) e)) AS replacement \
-             FROM input i ORDER BY i.n"
+            " FROM mandelboxes m WHERE m.id = i.new_id AND m.host_id = i.host_id \
+                 LIMIT 1) r ON true \
+             ORDER BY i.n"
         ))
         .bind(torn_down.iter().map(|item| item.id).collect::<Vec<_>>())
         .bind(torn_down.iter().map(|item| item.host_id.as_str()).collect::<Vec<_>>())
@@ -1360,8 +1383,8 @@ impl Store for PgStore {
             return Err(StoreError::SessionLimit { limit });
         };
         let session = row.session.into_record()?;
-        match (row.claimed_box, row.claimed_host) {
-            (Some(Json(mandelbox)), Some(Json(host))) => Ok(ClaimOutcome::Claimed(Claim {
+        match (row.claimed_box.into_row()?, row.claimed_host.into_row()?) {
+            (Some(mandelbox), Some(host)) => Ok(ClaimOutcome::Claimed(Claim {
                 session,
                 mandelbox: mandelbox.into_record()?,
                 host: host.into_record()?,
@@ -1565,10 +1588,11 @@ impl Store for PgStore {
             live_box_states!(),
             " RETURNING ",
             mandelbox_columns!(),
-            ") SELECT a.state AS box_state, a.session_id AS box_session_id, a.token_ok, \
-                 CASE WHEN e.id IS NULL THEN NULL ELSE to_jsonb(e) END AS ended_session, \
-                 CASE WHEN d.id IS NULL THEN NULL ELSE to_jsonb(d) END AS dying_box \
-             FROM auth a LEFT JOIN ended e ON true LEFT JOIN dying d ON true"
+            ") SELECT a.state AS auth_state, a.session_id AS auth_session_id, a.token_ok, ",
+            ended_session_columns_of!("e"),
+            ", ",
+            box_columns_of!("d"),
+            " FROM auth a LEFT JOIN ended e ON true LEFT JOIN dying d ON true"
         ))
         .bind(mandelbox_id)
         .bind(token_hash)
@@ -1620,11 +1644,12 @@ impl Store for PgStore {
             live_box_states!(),
             " RETURNING e.e_n AS d_n, ",
             mandelbox_columns!(),
-            ") SELECT a.a_state AS box_state, a.a_session AS box_session_id, \
-                 COALESCE(a.a_token_ok, false) AS token_ok, \
-                 CASE WHEN e.id IS NULL THEN NULL ELSE to_jsonb(e) END AS ended_session, \
-                 CASE WHEN d.id IS NULL THEN NULL ELSE to_jsonb(d) END AS dying_box \
-             FROM input i LEFT JOIN auth a ON a.a_n = i.n LEFT JOIN ended e ON e.e_n = i.n \
+            ") SELECT a.a_state AS auth_state, a.a_session AS auth_session_id, \
+                 COALESCE(a.a_token_ok, false) AS token_ok, ",
+            ended_session_columns_of!("e"),
+            ", ",
+            box_columns_of!("d"),
+            " FROM input i LEFT JOIN auth a ON a.a_n = i.n LEFT JOIN ended e ON e.e_n = i.n \
              LEFT JOIN dying d ON d.d_n = i.n ORDER BY i.n"
         ))
         .bind(reports.iter().map(|report| report.mandelbox_id).collect::<Vec<_>>())
