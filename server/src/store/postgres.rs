@@ -95,7 +95,7 @@ fn pool_options(max_connections: u32) -> PgPoolOptions {
 
 // ----- rows ---------------------------------------------------------------
 
-#[derive(sqlx::FromRow, serde::Deserialize)]
+#[derive(sqlx::FromRow)]
 pub(super) struct HostRow {
     pub(super) id: String,
     pub(super) region: String,
@@ -152,7 +152,7 @@ impl HostSummaryRow {
     }
 }
 
-#[derive(sqlx::FromRow, serde::Deserialize)]
+#[derive(sqlx::FromRow)]
 pub(super) struct MandelboxRow {
     pub(super) id: Uuid,
     pub(super) host_id: String,
@@ -257,7 +257,7 @@ impl RecycledRow {
     }
 }
 
-#[derive(sqlx::FromRow, serde::Deserialize)]
+#[derive(sqlx::FromRow)]
 pub(super) struct SessionRow {
     pub(super) id: Uuid,
     pub(super) user_id: String,

@@ -3,15 +3,14 @@
 //! the recycle), as prefixed columns that are all NULL when the statement had
 //! none to return.
 //!
-//! Why columns and not `to_jsonb(row)`: building a JSON object and printing
-//! it costs PostgreSQL about as much as the rest of a small statement's
-//! output, and the server then parses it again; these statements run once or
-//! twice per allocation. Columns travel in binary and decode in place.
+//! Why columns and not `to_jsonb(row)`: PostgreSQL spends about 6 µs
+//! building and printing a box's and a host's objects, the server parses
+//! them again, and these statements return three such pairs per allocation
+//! (BENCHMARKS.md, run U). Columns travel in binary and decode in place.
 //!
 //! Each set has its `SELECT` list as a macro that takes the alias of the row
-//! it reads (`claimed_box_columns!("c")`), so a list and its struct sit side
-//! by side and cannot drift apart unnoticed: a missing or misspelt column
-//! fails the statement's decode in every test that runs it.
+//! it reads (`box_columns_of!("c")`), beside its struct: a missing or
+//! misspelt column fails the statement's decode in every test that runs it.
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -39,27 +38,19 @@ pub(super) struct BoxColumns {
 }
 
 /// `BoxColumns`' `SELECT` list, from the box aliased `$alias`.
+#[rustfmt::skip]
 macro_rules! box_columns_of {
     ($alias:literal) => {
         concat!(
-            $alias,
-            ".id AS box_id, ",
-            $alias,
-            ".host_id AS box_host_id, ",
-            $alias,
-            ".region AS box_region, ",
-            $alias,
-            ".app AS box_app, ",
-            $alias,
-            ".state AS box_state, ",
-            $alias,
-            ".session_id AS box_session_id, ",
-            $alias,
-            ".ports AS box_ports, ",
-            $alias,
-            ".created_at AS box_created_at, ",
-            $alias,
-            ".updated_at AS box_updated_at"
+            $alias, ".id AS box_id, ",
+            $alias, ".host_id AS box_host_id, ",
+            $alias, ".region AS box_region, ",
+            $alias, ".app AS box_app, ",
+            $alias, ".state AS box_state, ",
+            $alias, ".session_id AS box_session_id, ",
+            $alias, ".ports AS box_ports, ",
+            $alias, ".created_at AS box_created_at, ",
+            $alias, ".updated_at AS box_updated_at"
         )
     };
 }
@@ -105,35 +96,23 @@ pub(super) struct ClaimedHostColumns {
 }
 
 /// `ClaimedHostColumns`' `SELECT` list, from the host aliased `$alias`.
+#[rustfmt::skip]
 macro_rules! claimed_host_columns_of {
     ($alias:literal) => {
         concat!(
-            $alias,
-            ".id AS claimed_host_id, ",
-            $alias,
-            ".region AS claimed_host_region, ",
-            $alias,
-            ".state AS claimed_host_state, ",
-            $alias,
-            ".image AS claimed_host_image, ",
-            $alias,
-            ".agent_version AS claimed_host_agent_version, ",
-            $alias,
-            ".address AS claimed_host_address, ",
-            $alias,
-            ".capacity AS claimed_host_capacity, ",
-            $alias,
-            ".generation AS claimed_host_generation, ",
-            $alias,
-            ".last_heartbeat_at AS claimed_host_last_heartbeat_at, ",
-            $alias,
-            ".disconnected_at AS claimed_host_disconnected_at, ",
-            $alias,
-            ".terminated_at AS claimed_host_terminated_at, ",
-            $alias,
-            ".created_at AS claimed_host_created_at, ",
-            $alias,
-            ".updated_at AS claimed_host_updated_at"
+            $alias, ".id AS claimed_host_id, ",
+            $alias, ".region AS claimed_host_region, ",
+            $alias, ".state AS claimed_host_state, ",
+            $alias, ".image AS claimed_host_image, ",
+            $alias, ".agent_version AS claimed_host_agent_version, ",
+            $alias, ".address AS claimed_host_address, ",
+            $alias, ".capacity AS claimed_host_capacity, ",
+            $alias, ".generation AS claimed_host_generation, ",
+            $alias, ".last_heartbeat_at AS claimed_host_last_heartbeat_at, ",
+            $alias, ".disconnected_at AS claimed_host_disconnected_at, ",
+            $alias, ".terminated_at AS claimed_host_terminated_at, ",
+            $alias, ".created_at AS claimed_host_created_at, ",
+            $alias, ".updated_at AS claimed_host_updated_at"
         )
     };
 }
@@ -183,35 +162,23 @@ pub(super) struct EndedSessionColumns {
 }
 
 /// `EndedSessionColumns`' `SELECT` list, from the session aliased `$alias`.
+#[rustfmt::skip]
 macro_rules! ended_session_columns_of {
     ($alias:literal) => {
         concat!(
-            $alias,
-            ".id AS ended_id, ",
-            $alias,
-            ".user_id AS ended_user_id, ",
-            $alias,
-            ".state AS ended_state, ",
-            $alias,
-            ".app AS ended_app, ",
-            $alias,
-            ".client_version AS ended_client_version, ",
-            $alias,
-            ".requested_regions AS ended_requested_regions, ",
-            $alias,
-            ".region AS ended_region, ",
-            $alias,
-            ".mandelbox_id AS ended_mandelbox_id, ",
-            $alias,
-            ".host_id AS ended_host_id, ",
-            $alias,
-            ".end_reason AS ended_end_reason, ",
-            $alias,
-            ".created_at AS ended_created_at, ",
-            $alias,
-            ".updated_at AS ended_updated_at, ",
-            $alias,
-            ".ended_at AS ended_ended_at"
+            $alias, ".id AS ended_id, ",
+            $alias, ".user_id AS ended_user_id, ",
+            $alias, ".state AS ended_state, ",
+            $alias, ".app AS ended_app, ",
+            $alias, ".client_version AS ended_client_version, ",
+            $alias, ".requested_regions AS ended_requested_regions, ",
+            $alias, ".region AS ended_region, ",
+            $alias, ".mandelbox_id AS ended_mandelbox_id, ",
+            $alias, ".host_id AS ended_host_id, ",
+            $alias, ".end_reason AS ended_end_reason, ",
+            $alias, ".created_at AS ended_created_at, ",
+            $alias, ".updated_at AS ended_updated_at, ",
+            $alias, ".ended_at AS ended_ended_at"
         )
     };
 }
