@@ -127,6 +127,11 @@ struct RunArgs {
     /// cycle write at once (`allocation.disconnect_writers`).
     #[arg(long, default_value_t = switchboard::config::AllocationConfig::default().disconnect_writers)]
     disconnect_writers: usize,
+    /// Write each Allocate's claim alone in the server
+    /// (`allocation.group_claims = false`): the "before" of its group commit,
+    /// for same-day comparisons with one binary.
+    #[arg(long)]
+    separate_claims: bool,
     /// How long the server and the store cycle wait to batch spawn and
     /// teardown confirmations (`allocation.bookkeeping_linger_ms`).
     #[arg(long, default_value_t = switchboard::config::AllocationConfig::default().bookkeeping_linger_ms)]
@@ -165,6 +170,7 @@ impl RunArgs {
         server::ServerSettings {
             separate_disconnects: self.separate_disconnects,
             writers: self.disconnect_writers,
+            separate_claims: self.separate_claims,
             bookkeeping_linger_ms: self.bookkeeping_linger_ms,
             max_connections: self.max_connections,
         }
@@ -201,6 +207,7 @@ impl RunArgs {
             minimal_claim: true,
             separate_disconnects: false,
             disconnect_writers: switchboard::config::AllocationConfig::default().disconnect_writers,
+            separate_claims: false,
             bookkeeping_linger_ms: switchboard::config::AllocationConfig::default().bookkeeping_linger_ms,
             max_connections: switchboard::config::DatabaseConfig::default().max_connections,
             client_waits_for_disconnect: false,

@@ -60,6 +60,9 @@ pub(crate) struct ServeArgs {
     /// `allocation.disconnect_writers`.
     #[arg(long, default_value_t = switchboard::config::AllocationConfig::default().disconnect_writers)]
     pub(crate) disconnect_writers: usize,
+    /// `allocation.group_claims = false`.
+    #[arg(long)]
+    pub(crate) separate_claims: bool,
     /// `allocation.bookkeeping_linger_ms`.
     #[arg(long, default_value_t = switchboard::config::AllocationConfig::default().bookkeeping_linger_ms)]
     pub(crate) bookkeeping_linger_ms: u64,
@@ -79,6 +82,8 @@ pub(crate) struct ServerSettings {
     pub(crate) separate_disconnects: bool,
     /// `allocation.disconnect_writers`.
     pub(crate) writers: usize,
+    /// `allocation.group_claims = false`.
+    pub(crate) separate_claims: bool,
     /// `allocation.bookkeeping_linger_ms`.
     pub(crate) bookkeeping_linger_ms: u64,
 }
@@ -103,6 +108,7 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.shutdown_grace_ms = 2_000;
     config.allocation.group_disconnect_reports = !args.separate_disconnects;
     config.allocation.disconnect_writers = args.disconnect_writers;
+    config.allocation.group_claims = !args.separate_claims;
     config.allocation.bookkeeping_linger_ms = args.bookkeeping_linger_ms;
     let issuer = Arc::new(DevIssuer::generate(&config.auth.issuer, &config.auth.audience)?);
     let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -209,6 +215,7 @@ impl ServerProcess {
             .args(["--users", &users.to_string()])
             .args(settings.separate_disconnects.then_some("--separate-disconnects"))
             .args(["--disconnect-writers", &settings.writers.to_string()])
+            .args(settings.separate_claims.then_some("--separate-claims"))
             .args(["--bookkeeping-linger-ms", &settings.bookkeeping_linger_ms.to_string()])
             .args(["--max-connections", &settings.max_connections.to_string()])
             .env("LOADGEN_HOST_SECRET", secret)

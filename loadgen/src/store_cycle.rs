@@ -3,7 +3,9 @@
 //! trip and no server.
 //!
 //! Each client runs the two calls the server makes for one warm allocation:
-//! `create_session_and_claim` (Allocate) and `end_session_by_token`
+//! `create_session_and_claim` (Allocate, through the server's own
+//! `SessionClaims`, so grouped with the other clients' claims as on the
+//! server) and `end_session_by_token`
 //! (ReportDisconnect, through the server's own `SessionEnds`, so grouped with
 //! the other clients' reports as on the server), the second in the
 //! background while the client claims again (or, with the client waiting,
@@ -41,6 +43,7 @@ use switchboard::{
     auth::mandelbox_token,
     bookkeeping::Bookkeeper,
     model::{EndReason, PortSpec},
+    session_claims::SessionClaims,
     session_ends::SessionEnds,
     store::{ClaimOutcome, DisconnectReport, DynStore, NewSession, TokenEnd, TornDown, WarmReplacement},
 };
@@ -123,6 +126,7 @@ pub(crate) struct StoreCycle {
     store: DynStore,
     bookkeeping: Bookkeeper,
     session_ends: SessionEnds,
+    session_claims: SessionClaims,
     tokens: Tokens,
     /// Background bookkeeping that failed or found nothing to do.
     bookkeeping_errors: Arc<AtomicU64>,
@@ -140,6 +144,7 @@ impl StoreCycle {
         let store = switchboard::store::connect_with(url, settings.max_connections).await?;
         let bookkeeping = Bookkeeper::start(store.clone(), Duration::from_millis(settings.bookkeeping_linger_ms));
         let session_ends = SessionEnds::start(store.clone(), !settings.separate_disconnects, settings.writers);
+        let session_claims = SessionClaims::start(store.clone(), !settings.separate_claims, SESSION_LIMIT);
         const WAITING: &str = "SELECT id, token_hash FROM mandelboxes WHERE state = 'WAITING'";
         let mut tokens = HashMap::new();
         let database = match backend {
@@ -163,6 +168,7 @@ impl StoreCycle {
             store,
             bookkeeping,
             session_ends,
+            session_claims,
             tokens: Arc::new(BoxTokens::new(tokens, database)),
             bookkeeping_errors: Arc::new(AtomicU64::new(0)),
         })
@@ -186,6 +192,7 @@ impl StoreCycle {
         for client in 0..clients {
             let (store, tokens, progress) = (self.store.clone(), self.tokens.clone(), progress.clone());
             let session_ends = self.session_ends.clone();
+            let session_claims = self.session_claims.clone();
             let (bookkeeping, bookkeeping_errors) = (self.bookkeeping.clone(), self.bookkeeping_errors.clone());
             let users = model.users_per_client();
             let mut user_ids = Vec::with_capacity(users);
@@ -202,7 +209,7 @@ impl StoreCycle {
                     let user_id = &user_ids[turn % users];
                     turn += 1;
                     let at = Instant::now();
-                    let ok = match claim(&store, &tokens, user_id).await {
+                    let ok = match claim(&store, &session_claims, &tokens, user_id).await {
                         Ok(Some(claimed)) => {
                             let returned = return_box(
                                 session_ends.clone(),
@@ -263,8 +270,17 @@ struct Claimed {
     token_hash: String,
 }
 
-/// Allocate's store call. Ok(None): no warm box was there.
-async fn claim(store: &DynStore, tokens: &Tokens, user_id: &str) -> anyhow::Result<Option<Claimed>> {
+/// The sessions a user may have live, as the server's default.
+const SESSION_LIMIT: u32 = 3;
+
+/// Allocate's store call (grouped with the other clients' claims, as on the
+/// server). Ok(None): no warm box was there.
+async fn claim(
+    store: &DynStore,
+    claims: &SessionClaims,
+    tokens: &Tokens,
+    user_id: &str,
+) -> anyhow::Result<Option<Claimed>> {
     let new = NewSession {
         id: Uuid::now_v7(),
         user_id: user_id.into(),
@@ -272,7 +288,7 @@ async fn claim(store: &DynStore, tokens: &Tokens, user_id: &str) -> anyhow::Resu
         client_version: "1.0.0".into(),
         regions: vec![REGION.into()],
     };
-    let claim = match store.create_session_and_claim(&new, 3).await? {
+    let claim = match claims.create_and_claim(new).await? {
         ClaimOutcome::Claimed(claim) => claim,
         ClaimOutcome::Pending(session) => {
             store.end_session(session.id, EndReason::NoCapacity).await?;

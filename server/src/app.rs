@@ -189,6 +189,11 @@ impl Application {
             config.allocation.group_disconnect_reports,
             config.allocation.disconnect_writers,
         );
+        let session_claims = crate::session_claims::SessionClaims::start(
+            store.clone(),
+            config.allocation.group_claims,
+            config.allocation.max_sessions_per_user,
+        );
         let core: SharedCore = Arc::new(Core {
             router,
             events,
@@ -198,6 +203,7 @@ impl Application {
             public_endpoint,
             bookkeeping,
             session_ends,
+            session_claims,
             unrecorded: Default::default(),
             store: store.clone(),
             scaling: scaling.clone(),

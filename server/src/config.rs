@@ -151,6 +151,10 @@ pub struct AllocationConfig {
     /// one machine with PostgreSQL local, two writers were 3–14% slower than
     /// one (BENCHMARKS.md, run L). A database further away may gain.
     pub disconnect_writers: usize,
+    /// Write the claims of concurrent Allocates in one statement and commit
+    /// (a group commit, no waiting; `crate::session_claims`). Off, each is
+    /// written alone.
+    pub group_claims: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -291,6 +295,7 @@ impl Default for AllocationConfig {
             bookkeeping_linger_ms: 5,
             group_disconnect_reports: true,
             disconnect_writers: 1,
+            group_claims: true,
         }
     }
 }

@@ -32,6 +32,8 @@ pub struct Core {
     pub bookkeeping: crate::bookkeeping::Bookkeeper,
     /// ReportDisconnect's session ends, grouped into shared commits.
     pub session_ends: crate::session_ends::SessionEnds,
+    /// Allocate's claims, grouped into shared commits.
+    pub session_claims: crate::session_claims::SessionClaims,
     /// Warm replacements spawned and not yet written (`crate::replacements`).
     pub unrecorded: crate::replacements::UnrecordedReplacements,
 }

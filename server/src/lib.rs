@@ -27,6 +27,7 @@ pub mod model;
 pub mod regions;
 pub mod replacements;
 pub mod scaling;
+pub mod session_claims;
 pub mod session_ends;
 pub mod sessions;
 pub mod shutdown;

@@ -268,6 +268,34 @@ async fn user_session_limit(backend: Backend) {
     assert_eq!(again.state, WireState::Running as i32);
 }
 
+/// One user's 20 concurrent Allocates, grouped into shared claims: exactly
+/// the limit (3) get a session, the rest USER_SESSION_LIMIT.
+async fn concurrent_allocations_of_one_user_respect_the_limit(backend: Backend) {
+    let hosts = vec![HostSpec::new("host-1", "us-east-1", 10)];
+    let app = TestApp::spawn(backend, TestOptions { hosts, ..Default::default() }).await.unwrap();
+    let calls = (0..20).map(|_| {
+        let mut client = app.user_client("dave");
+        tokio::spawn(async move { client.allocate(request(&["us-east-1"])).await })
+    });
+    let (mut accepted, mut refused) = (0, 0);
+    for result in futures::future::join_all(calls).await {
+        match result.unwrap() {
+            Ok(response) => {
+                assert_eq!(response.get_ref().state, WireState::Running as i32);
+                accepted += 1;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+                assert_eq!(reason(&status), "USER_SESSION_LIMIT");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((accepted, refused), (3, 17));
+    let live = "SELECT count(*) FROM sessions WHERE user_id = 'dave' AND state <> 'ENDED'";
+    assert_eq!(app.db.query_i64(live).await.unwrap(), 3);
+}
+
 /// The first region with a warm box wins; a region with none is skipped.
 async fn first_region_with_a_warm_box_wins(backend: Backend) {
     let options = TestOptions {
@@ -475,6 +503,7 @@ on_both_backends!(
     draining_host_spawns_no_replacement,
     replacement_exiting_before_it_is_recorded_is_recorded_dead,
     concurrent_allocations_never_share_a_box,
+    concurrent_allocations_of_one_user_respect_the_limit,
     concurrent_disconnect_reports_end_each_session_once,
     concurrent_disconnect_reports_with_two_writers_end_each_session_once,
     large_frames_cross_the_small_h2_buffers,

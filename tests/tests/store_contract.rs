@@ -1462,6 +1462,164 @@ mod contract {
         assert_eq!(store.count_live_sessions("u1").await.unwrap(), 3);
     }
 
+    /// Allocate's group commit: a batch writes each session as a claim of
+    /// its own would (the same boxes, in the same order, RUNNING or PENDING),
+    /// and leaves unwritten a user's second session and a user at the limit.
+    pub(crate) async fn claim_batch_writes_each_session_as_alone(_db: &TestDatabase, store: DynStore) {
+        const LIMIT: u32 = 2;
+        host(&store, "h-big", "r1", "img", 10).await;
+        host(&store, "h-small", "r1", "img", 2).await;
+        host(&store, "h-r2", "r2", "img", 4).await;
+        let big_old = warm_box(&store, "h-big", APP).await;
+        tick().await;
+        let small_old = warm_box(&store, "h-small", APP).await;
+        tick().await;
+        let big_new = warm_box(&store, "h-big", APP).await;
+        tick().await;
+        let small_new = warm_box(&store, "h-small", APP).await;
+        let in_r2 = warm_box(&store, "h-r2", APP).await;
+        for user in ["u1", "u2", "u3", "u4", "u5", "u6", "full"] {
+            store.ensure_user(user, None).await.unwrap();
+        }
+        for _ in 0..LIMIT {
+            pending(store.create_session_and_claim(&new_session("full", &["nowhere"]), LIMIT).await.unwrap());
+        }
+
+        let news = vec![
+            new_session("u1", &["r1"]),
+            new_session("u2", &["r1"]),
+            new_session("u1", &["r1"]),
+            new_session("full", &["r1"]),
+            new_session("u3", &["r2", "r1"]),
+            new_session("u4", &["r1"]),
+            new_session("u5", &["r1"]),
+            new_session("u6", &["r1"]),
+        ];
+        let outcomes = store.create_sessions_and_claim(&news, LIMIT).await.unwrap();
+        assert_eq!(outcomes.len(), news.len());
+        let [u1, u2, u1_again, full, u3, u4, u5, u6] = <[Option<ClaimOutcome>; 8]>::try_from(outcomes).unwrap();
+        assert!(u1_again.is_none(), "a user's second session in a batch is left to the caller");
+        assert!(full.is_none(), "a user at the limit is left to the caller");
+        // The fullest host first (h-small: 2 free slots), oldest box first.
+        let expected =
+            [(&u1, small_old.id), (&u2, small_new.id), (&u3, in_r2.id), (&u4, big_old.id), (&u5, big_new.id)];
+        for (index, (outcome, box_id)) in expected.into_iter().enumerate() {
+            let claim = claimed(outcome.clone().unwrap());
+            let new = &news[[0, 1, 4, 5, 6][index]];
+            assert_eq!(claim.mandelbox.id, box_id, "session {index}");
+            assert_eq!((claim.mandelbox.state, claim.mandelbox.session_id), (MandelboxState::Running, Some(new.id)));
+            assert_eq!(claim.host, store.get_host(&claim.mandelbox.host_id).await.unwrap().unwrap());
+            let session = &claim.session;
+            assert_eq!((session.id, session.user_id.as_str()), (new.id, new.user_id.as_str()));
+            assert_eq!((session.state, session.app.as_str()), (SessionState::Running, APP));
+            assert_eq!(session.client_version, "3.1.0");
+            assert_eq!(session.requested_regions, new.regions);
+            assert_eq!(session.region.as_deref(), Some(claim.mandelbox.region.as_str()));
+            assert_eq!(
+                (session.mandelbox_id, session.host_id.as_deref()),
+                (Some(box_id), Some(claim.host.id.as_str()))
+            );
+            assert_eq!((session.end_reason, session.ended_at), (None, None));
+            assert_eq!(store.get_session(new.id).await.unwrap().as_ref(), Some(session));
+            assert_eq!(store.get_mandelbox(box_id).await.unwrap(), Some(claim.mandelbox.clone()));
+        }
+        let queued = pending(u6.unwrap());
+        assert_eq!((queued.id, queued.state, queued.mandelbox_id), (news[7].id, SessionState::Pending, None));
+        assert_eq!(store.get_session(news[7].id).await.unwrap(), Some(queued));
+        for user in ["u1", "u2", "u3", "u4", "u5", "u6"] {
+            assert_eq!(store.count_live_sessions(user).await.unwrap(), 1, "{user} counted once");
+        }
+        assert_eq!(store.count_live_sessions("full").await.unwrap(), LIMIT);
+        assert_eq!(store.get_session(news[2].id).await.unwrap(), None, "left unwritten");
+        assert_eq!(store.get_session(news[3].id).await.unwrap(), None, "left unwritten");
+
+        // Run alone, as the caller does, they get their own answers.
+        pending(store.create_session_and_claim(&news[2], LIMIT).await.unwrap());
+        assert!(matches!(
+            store.create_session_and_claim(&news[3], LIMIT).await,
+            Err(StoreError::SessionLimit { limit: LIMIT })
+        ));
+        assert_eq!(store.create_sessions_and_claim(&[], LIMIT).await.unwrap(), Vec::new());
+    }
+
+    /// Batches racing each other and single claims never share a box.
+    pub(crate) async fn concurrent_claim_batches_take_distinct_boxes(db: &TestDatabase, store: DynStore) {
+        for host_index in 0..4 {
+            let host_id = format!("h{host_index}");
+            host(&store, &host_id, "r1", "img", 5).await;
+            for _ in 0..5 {
+                warm_box(&store, &host_id, APP).await;
+            }
+        }
+        let batches: Vec<Vec<NewSession>> =
+            (0..8).map(|batch| (0..5).map(|i| new_session(&format!("batch-{batch}-{i}"), &["r1"])).collect()).collect();
+        for new in batches.iter().flatten() {
+            store.ensure_user(&new.user_id, None).await.unwrap();
+        }
+        let start = Arc::new(tokio::sync::Barrier::new(batches.len() + 1));
+        let tasks: Vec<_> = batches
+            .into_iter()
+            .map(|news| {
+                let (store, start) = (store.clone(), start.clone());
+                tokio::spawn(async move {
+                    start.wait().await;
+                    store.create_sessions_and_claim(&news, 1).await
+                })
+            })
+            .collect();
+        let (singles, ()) = tokio::join!(race_claims(&store, 10, "single"), async {
+            start.wait().await;
+        });
+        let mut outcomes = singles;
+        for task in tasks {
+            for outcome in task.await.unwrap().unwrap() {
+                outcomes.push(outcome.expect("distinct users with rows, under the limit, are written"));
+            }
+        }
+        assert_eq!(outcomes.len(), 50);
+        assert_claims_are_distinct(&outcomes, 20);
+        assert_twenty_boxes_claimed_once(db, 30).await;
+    }
+
+    /// One user's sessions in concurrent batches and single claims: the
+    /// batches write what they can, the rest run alone (as Allocate does),
+    /// and the user ends with exactly the limit.
+    pub(crate) async fn concurrent_claim_batches_of_one_user_respect_the_limit(_db: &TestDatabase, store: DynStore) {
+        const LIMIT: u32 = 3;
+        host(&store, "h1", "r1", "img", 40).await;
+        for _ in 0..5 {
+            warm_box(&store, "h1", APP).await;
+        }
+        store.ensure_user("u1", None).await.unwrap();
+        let tasks: Vec<_> = (0..12)
+            .map(|task| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let news = vec![new_session("u1", &["r1"]), new_session(&format!("other-{task}"), &["r1"])];
+                    store.ensure_user(&news[1].user_id, None).await.unwrap();
+                    let outcomes = store.create_sessions_and_claim(&news, LIMIT).await.unwrap();
+                    let mine = match &outcomes[0] {
+                        Some(_) => Ok(()),
+                        None => store.create_session_and_claim(&news[0], LIMIT).await.map(|_| ()),
+                    };
+                    (mine, outcomes[1].is_some())
+                })
+            })
+            .collect();
+        let (mut accepted, mut refused) = (0, 0);
+        for task in tasks {
+            let (mine, other_written) = task.await.unwrap();
+            assert!(other_written, "the other user has a place and a row of its own");
+            match mine {
+                Ok(()) => accepted += 1,
+                Err(StoreError::SessionLimit { limit: LIMIT }) => refused += 1,
+                Err(error) => panic!("unexpected error: {error}"),
+            }
+        }
+        assert_eq!((accepted, refused), (3, 9));
+        assert_eq!(store.count_live_sessions("u1").await.unwrap(), LIMIT);
+    }
+
     pub(crate) async fn concurrent_claims_take_distinct_boxes(db: &TestDatabase, store: DynStore) {
         for host_index in 0..4 {
             let host_id = format!("h{host_index}");
@@ -2150,6 +2308,9 @@ macro_rules! store_contract_suite {
             concurrent_disconnect_batches_end_each_session_once,
             concurrent_requests_of_one_user_respect_the_limit,
             concurrent_claims_take_distinct_boxes,
+            claim_batch_writes_each_session_as_alone,
+            concurrent_claim_batches_take_distinct_boxes,
+            concurrent_claim_batches_of_one_user_respect_the_limit,
             concurrent_ends_of_one_session_tear_down_once,
             claim_for_session_claims_pending_sessions,
             attach_reserved_moves_the_session_onto_its_box,

@@ -97,7 +97,7 @@ impl Allocator {
             client_data_json: input.client_data_json,
             config_encryption_token: input.config_encryption_token,
         };
-        let outcome = self.core.store.create_session_and_claim(&new, config.max_sessions_per_user).await?;
+        let outcome = self.core.session_claims.create_and_claim(new).await?;
         let (session, claim) = match outcome {
             ClaimOutcome::Claimed(claim) => {
                 // A warm box fewer: the region's scaler tops the buffer up.

@@ -586,6 +586,20 @@ pub trait Store: Send + Sync + 'static {
     /// next Hello reports the box idle and `reconcile_host` ends the session.
     async fn create_session_and_claim(&self, new: &NewSession, limit: u32) -> StoreResult<ClaimOutcome>;
 
+    /// `create_session_and_claim` for several new sessions at once
+    /// (Allocate's group commit: `crate::session_claims`), one answer per
+    /// session in order: the outcome of a session written as
+    /// `create_session_and_claim` would have written it, or None for one this
+    /// call did not write: its user at the limit or without a row, its user
+    /// earlier in the same batch, or (PostgreSQL) its user's row held by
+    /// another transaction. The caller runs those alone, which tells them
+    /// apart. On `Err` none was written.
+    async fn create_sessions_and_claim(
+        &self,
+        news: &[NewSession],
+        limit: u32,
+    ) -> StoreResult<Vec<Option<ClaimOutcome>>>;
+
     /// Claims a WAITING box (same choice as above, skipping `exclude_hosts`) for
     /// a PENDING session: session → ASSIGNING, box → ALLOCATED. None if the
     /// session is not PENDING or no box matched.

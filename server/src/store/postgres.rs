@@ -200,6 +200,30 @@ struct SessionClaimRow {
     claimed_host: ClaimedHostColumns,
 }
 
+impl SessionClaimRow {
+    fn into_outcome(self) -> StoreResult<ClaimOutcome> {
+        let session = self.session.into_record()?;
+        match (self.claimed_box.into_row()?, self.claimed_host.into_row()?) {
+            (Some(mandelbox), Some(host)) => Ok(ClaimOutcome::Claimed(Claim {
+                session,
+                mandelbox: mandelbox.into_record()?,
+                host: host.into_record()?,
+            })),
+            (None, None) => Ok(ClaimOutcome::Pending(session)),
+            _ => Err(StoreError::Corrupt("a claimed box without its host".into())),
+        }
+    }
+}
+
+/// `create_sessions_and_claim`'s row: a session's row as above and its
+/// 1-based place in the batch.
+#[derive(sqlx::FromRow)]
+struct BatchClaimRow {
+    batch_n: i64,
+    #[sqlx(flatten)]
+    claim: SessionClaimRow,
+}
+
 /// `end_session_by_token`'s row: the box's state, session and whether the
 /// token matched, and what was ended (NULL columns if nothing was).
 #[derive(sqlx::FromRow)]
@@ -408,6 +432,24 @@ async fn end_sessions_on(
     Ok(ended)
 }
 
+/// The hosts a claim may take a WAITING box of app `$2` from, best first
+/// (region order in `$1`, then the fullest, then id; each host's load
+/// counted once), none of `$3`: the `best` CTE of both claim statements.
+macro_rules! pg_best_hosts {
+    () => {
+        "SELECT h.id FROM hosts h \
+         LEFT JOIN regions r ON r.name = h.region \
+         CROSS JOIN LATERAL (SELECT count(*) AS busy FROM mandelboxes a \
+                             WHERE a.host_id = h.id AND a.state IN ('ALLOCATED', 'RUNNING')) load \
+         WHERE h.state = 'ACTIVE' AND h.region = ANY($1) \
+           AND h.id IN (SELECT w.host_id FROM mandelboxes w \
+                        WHERE w.state = 'WAITING' AND w.app = $2 AND w.region = ANY($1)) \
+           AND (COALESCE(r.image, '') = '' OR h.image = r.image) \
+           AND h.id <> ALL($3) \
+         ORDER BY array_position($1::text[], h.region), h.capacity - load.busy, h.id"
+    };
+}
+
 /// The claim statement up to its RETURNING clause. Loadgen's "bare claim"
 /// runs exactly this (`CLAIM_WAITING_SQL`) to measure the database's limit.
 macro_rules! pg_claim_waiting {
@@ -425,17 +467,9 @@ macro_rules! pg_claim_waiting {
             $state,
             "', session_id = $4, updated_at = $5 \
          WHERE id = ( \
-             WITH best AS MATERIALIZED ( \
-                 SELECT h.id FROM hosts h \
-                 LEFT JOIN regions r ON r.name = h.region \
-                 CROSS JOIN LATERAL (SELECT count(*) AS busy FROM mandelboxes a \
-                                     WHERE a.host_id = h.id AND a.state IN ('ALLOCATED', 'RUNNING')) load \
-                 WHERE h.state = 'ACTIVE' AND h.region = ANY($1) \
-                   AND h.id IN (SELECT w.host_id FROM mandelboxes w \
-                                WHERE w.state = 'WAITING' AND w.app = $2 AND w.region = ANY($1)) \
-                   AND (COALESCE(r.image, '') = '' OR h.image = r.image) \
-                   AND h.id <> ALL($3) \
-                 ORDER BY array_position($1::text[], h.region), h.capacity - load.busy, h.id) \
+             WITH best AS MATERIALIZED (",
+            pg_best_hosts!(),
+            ") \
              SELECT c.id FROM best CROSS JOIN LATERAL ( \
                  SELECT m.id FROM mandelboxes m \
                  WHERE m.host_id = best.id AND m.state = 'WAITING' AND m.app = $2 AND m.region = ANY($1) \
@@ -502,6 +536,94 @@ async fn claim_for_new_session(
     .bind(Json(&new.regions))
     .bind(i64::from(limit))
     .fetch_optional(pool)
+    .await?)
+}
+
+/// `claim_for_new_session` for several sessions of one app and region list
+/// and of distinct users, as one statement (one round trip, one commit):
+/// Allocate's group commit (`crate::session_claims`). Returns a row for each
+/// session written, with its 1-based place in `news` as `batch_n`; a session
+/// whose user is at `limit`, has no row, or whose row another transaction
+/// holds is not written and has no row.
+async fn claim_for_new_sessions<'c>(
+    conn: impl sqlx::PgExecutor<'c>,
+    news: &[&NewSession],
+    limit: u32,
+    at: DateTime<Utc>,
+) -> StoreResult<Vec<BatchClaimRow>> {
+    let Some(first) = news.first() else {
+        return Ok(Vec::new());
+    };
+    // 1. `locked` takes the users under the limit, in id order, passing over
+    //    a row another transaction holds: a batch holds many user rows at
+    //    once, and waiting for one while holding others could deadlock with
+    //    a disconnect batch whose triggers count those users down (the
+    //    single claim waits, holding nothing). `account` counts a place
+    //    for each, as the single claim's `account` does.
+    // 2. `passed` numbers the sessions of the users that passed, `picked`
+    //    numbers as many WAITING boxes, host by host in `best`'s order (a
+    //    host that gives a box only gets fuller, so it stays first: the
+    //    boxes single claims in a row would take); the locking happens in
+    //    the nested loop before the LIMIT, as in the single claim.
+    // 3. `claimed` puts the n-th session on the n-th box, `inserted` writes
+    //    each session RUNNING on its box or PENDING without one.
+    // The CTEs' columns are renamed so that the box's and the session's
+    // columns can be returned unqualified.
+    Ok(sqlx::query_as::<_, BatchClaimRow>(concat!(
+        "WITH input AS ( \
+             SELECT * FROM unnest($4::uuid[], $6::text[], $7::text[]) \
+                 WITH ORDINALITY AS i(i_id, i_user, i_version, i_n) \
+         ), locked AS MATERIALIZED ( \
+             SELECT u.id AS l_user FROM users u WHERE u.id = ANY($6) AND u.live_sessions < $9 \
+             ORDER BY u.id FOR UPDATE SKIP LOCKED \
+         ), account AS ( \
+             UPDATE users u SET live_sessions = u.live_sessions + 1 FROM locked l WHERE u.id = l.l_user \
+             RETURNING u.id AS a_user \
+         ), passed AS ( \
+             SELECT i.*, row_number() OVER (ORDER BY i.i_n) AS p_rank \
+             FROM input i JOIN account a ON a.a_user = i.i_user \
+         ), best AS MATERIALIZED (",
+        pg_best_hosts!(),
+        "), picked AS MATERIALIZED ( \
+             SELECT k.k_id, row_number() OVER () AS k_rank FROM ( \
+                 SELECT c.id AS k_id FROM best CROSS JOIN LATERAL ( \
+                     SELECT m.id FROM mandelboxes m \
+                     WHERE m.host_id = best.id AND m.state = 'WAITING' AND m.app = $2 AND m.region = ANY($1) \
+                     ORDER BY m.created_at, m.id \
+                     LIMIT (SELECT count(*) FROM passed) \
+                     FOR UPDATE SKIP LOCKED) c \
+                 LIMIT (SELECT count(*) FROM passed)) k \
+         ), claimed AS ( \
+             UPDATE mandelboxes m SET state = 'RUNNING', session_id = p.i_id, updated_at = $5 \
+             FROM picked k JOIN passed p ON p.p_rank = k.k_rank \
+             WHERE m.id = k.k_id \
+             RETURNING p.i_n AS c_n, ",
+        mandelbox_columns!(),
+        "), inserted AS ( \
+             INSERT INTO sessions (id, user_id, state, app, client_version, requested_regions, \
+             region, mandelbox_id, host_id, created_at, updated_at) \
+             SELECT p.i_id, p.i_user, CASE WHEN c.id IS NULL THEN 'PENDING' ELSE 'RUNNING' END, $2, p.i_version, \
+                    $8, c.region, c.id, c.host_id, $5, $5 \
+             FROM passed p LEFT JOIN claimed c ON c.c_n = p.i_n \
+             RETURNING ",
+        session_columns!(),
+        ") SELECT p.i_n AS batch_n, inserted.*, ",
+        box_columns_of!("c"),
+        ", ",
+        claimed_host_columns_of!("h"),
+        " FROM inserted JOIN passed p ON p.i_id = inserted.id LEFT JOIN claimed c ON c.c_n = p.i_n \
+         LEFT JOIN hosts h ON h.id = c.host_id ORDER BY p.i_n"
+    ))
+    .bind(&first.regions)
+    .bind(&first.app)
+    .bind(Vec::<String>::new())
+    .bind(news.iter().map(|new| new.id).collect::<Vec<_>>())
+    .bind(at)
+    .bind(news.iter().map(|new| new.user_id.as_str()).collect::<Vec<_>>())
+    .bind(news.iter().map(|new| new.client_version.as_str()).collect::<Vec<_>>())
+    .bind(Json(&first.regions))
+    .bind(i64::from(limit))
+    .fetch_all(conn)
     .await?)
 }
 
@@ -1382,16 +1504,56 @@ impl Store for PgStore {
         let Some(row) = row else {
             return Err(StoreError::SessionLimit { limit });
         };
-        let session = row.session.into_record()?;
-        match (row.claimed_box.into_row()?, row.claimed_host.into_row()?) {
-            (Some(mandelbox), Some(host)) => Ok(ClaimOutcome::Claimed(Claim {
-                session,
-                mandelbox: mandelbox.into_record()?,
-                host: host.into_record()?,
-            })),
-            (None, None) => Ok(ClaimOutcome::Pending(session)),
-            _ => Err(StoreError::Corrupt("a claimed box without its host".into())),
+        row.into_outcome()
+    }
+
+    async fn create_sessions_and_claim(
+        &self,
+        news: &[NewSession],
+        limit: u32,
+    ) -> StoreResult<Vec<Option<ClaimOutcome>>> {
+        // One statement per app and region list, each for distinct users (the
+        // statement counts a user once); a user's second session is left to
+        // the caller. Several statements run in one transaction, so that an
+        // error leaves nothing written.
+        let mut seen = std::collections::HashSet::with_capacity(news.len());
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        for (index, new) in news.iter().enumerate() {
+            if !seen.insert(new.user_id.as_str()) {
+                continue;
+            }
+            let same = groups.iter_mut().find(|group| {
+                let first = &news[group[0]];
+                first.app == new.app && first.regions == new.regions
+            });
+            match same {
+                Some(group) => group.push(index),
+                None => groups.push(vec![index]),
+            }
         }
+        let at = now();
+        let mut outcomes: Vec<Option<ClaimOutcome>> = news.iter().map(|_| None).collect();
+        let mut place = |group: &[usize], rows: Vec<BatchClaimRow>| -> StoreResult<()> {
+            for row in rows {
+                let index = usize::try_from(row.batch_n - 1)
+                    .ok()
+                    .and_then(|n| group.get(n).copied())
+                    .ok_or_else(|| StoreError::Corrupt(format!("a claim batch returned place {}", row.batch_n)))?;
+                outcomes[index] = Some(row.claim.into_outcome()?);
+            }
+            Ok(())
+        };
+        let members = |group: &[usize]| group.iter().map(|&index| &news[index]).collect::<Vec<_>>();
+        if let [group] = groups.as_slice() {
+            place(group, claim_for_new_sessions(&self.pool, &members(group), limit, at).await?)?;
+        } else {
+            let mut tx = self.pool.begin().await?;
+            for group in &groups {
+                place(group, claim_for_new_sessions(&mut *tx, &members(group), limit, at).await?)?;
+            }
+            tx.commit().await?;
+        }
+        Ok(outcomes)
     }
 
     async fn claim_for_session(&self, session_id: Uuid, exclude_hosts: &[String]) -> StoreResult<Option<Claim>> {

@@ -539,6 +539,83 @@ async fn claim_for_user(
     .transpose()
 }
 
+/// `Store::create_session_and_claim` inside the caller's write transaction.
+async fn create_session_and_claim_in(
+    tx: &mut SqliteConnection,
+    new: &NewSession,
+    limit: u32,
+    at: DateTime<Utc>,
+) -> StoreResult<ClaimOutcome> {
+    // `live_sessions` is kept by triggers (migration 0005); the write
+    // lock serialises this with every other session change. The common
+    // case, a user under the limit and a warm box, is the claim alone
+    // (one hand-off to the writer fewer than reading the user first).
+    let mut claimed = claim_for_user(tx, new, limit, at).await?;
+    if claimed.is_none() {
+        // No box, the user at the limit, or no user row: told apart here.
+        // The row exists from the user's first authenticated call on; it
+        // is created here only for a caller that skipped that, and the
+        // claim tried once more.
+        let live: Option<i64> = sqlx::query_scalar("SELECT live_sessions FROM users WHERE id = ?1")
+            .bind(&new.user_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if live.is_none() {
+            sqlx::query("INSERT INTO users (id, created_at) VALUES (?1, ?2)")
+                .bind(&new.user_id)
+                .bind(micros(at))
+                .execute(&mut *tx)
+                .await?;
+        }
+        if live.unwrap_or(0) >= i64::from(limit) {
+            return Err(StoreError::SessionLimit { limit });
+        }
+        if live.is_none() {
+            claimed = claim_for_user(tx, new, limit, at).await?;
+        }
+    }
+    // The claimed box's host comes back with the session (one hand-off
+    // to the writer fewer than reading it after).
+    let inserted = sqlx::query_as::<_, SessionWithHostRow>(concat!(
+        "INSERT INTO sessions (id, user_id, state, app, client_version, requested_regions, \
+             region, mandelbox_id, host_id, created_at, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10) RETURNING ",
+        session_columns!(),
+        ", (SELECT ",
+        host_json!(),
+        " FROM hosts WHERE hosts.id = sessions.host_id) AS host_json"
+    ))
+    .bind(new.id.to_string())
+    .bind(&new.user_id)
+    .bind(if claimed.is_some() { SessionState::Running } else { SessionState::Pending }.as_str())
+    .bind(&new.app)
+    .bind(&new.client_version)
+    .bind(rows::to_json_text(&new.regions)?)
+    .bind(claimed.as_ref().map(|mandelbox| mandelbox.region.as_str()))
+    .bind(claimed.as_ref().map(|mandelbox| mandelbox.id.to_string()))
+    .bind(claimed.as_ref().map(|mandelbox| mandelbox.host_id.as_str()))
+    .bind(micros(at))
+    .fetch_one(&mut *tx)
+    .await?;
+    let session = inserted.session.into_record()?;
+
+    let outcome = match (claimed, inserted.host_json) {
+        (Some(mandelbox), Some(host)) => {
+            let host: HostRow = serde_json::from_str(&host)
+                .map_err(|error| StoreError::Corrupt(format!("the claimed box's host: {error}")))?;
+            ClaimOutcome::Claimed(Claim { session, mandelbox, host: host.into_record()? })
+        }
+        (Some(mandelbox), None) => {
+            return Err(StoreError::Corrupt(format!(
+                "mandelbox {} is on unknown host {}",
+                mandelbox.id, mandelbox.host_id
+            )));
+        }
+        (None, _) => ClaimOutcome::Pending(session),
+    };
+    Ok(outcome)
+}
+
 /// Puts a PENDING session onto a claimed box.
 async fn assign_session(
     conn: &mut SqliteConnection,
@@ -1293,77 +1370,38 @@ impl Store for SqliteStore {
     // ----- sessions and claims -----------------------------------------
 
     async fn create_session_and_claim(&self, new: &NewSession, limit: u32) -> StoreResult<ClaimOutcome> {
-        let at = now();
         let mut tx = self.begin_write().await?;
-        // `live_sessions` is kept by triggers (migration 0005); the write
-        // lock serialises this with every other session change. The common
-        // case, a user under the limit and a warm box, is the claim alone
-        // (one hand-off to the writer fewer than reading the user first).
-        let mut claimed = claim_for_user(&mut tx, new, limit, at).await?;
-        if claimed.is_none() {
-            // No box, the user at the limit, or no user row: told apart here.
-            // The row exists from the user's first authenticated call on; it
-            // is created here only for a caller that skipped that, and the
-            // claim tried once more.
-            let live: Option<i64> = sqlx::query_scalar("SELECT live_sessions FROM users WHERE id = ?1")
-                .bind(&new.user_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-            if live.is_none() {
-                sqlx::query("INSERT INTO users (id, created_at) VALUES (?1, ?2)")
-                    .bind(&new.user_id)
-                    .bind(micros(at))
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            if live.unwrap_or(0) >= i64::from(limit) {
-                return Err(StoreError::SessionLimit { limit });
-            }
-            if live.is_none() {
-                claimed = claim_for_user(&mut tx, new, limit, at).await?;
-            }
-        }
-        // The claimed box's host comes back with the session (one hand-off
-        // to the writer fewer than reading it after).
-        let inserted = sqlx::query_as::<_, SessionWithHostRow>(concat!(
-            "INSERT INTO sessions (id, user_id, state, app, client_version, requested_regions, \
-             region, mandelbox_id, host_id, created_at, updated_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10) RETURNING ",
-            session_columns!(),
-            ", (SELECT ",
-            host_json!(),
-            " FROM hosts WHERE hosts.id = sessions.host_id) AS host_json"
-        ))
-        .bind(new.id.to_string())
-        .bind(&new.user_id)
-        .bind(if claimed.is_some() { SessionState::Running } else { SessionState::Pending }.as_str())
-        .bind(&new.app)
-        .bind(&new.client_version)
-        .bind(rows::to_json_text(&new.regions)?)
-        .bind(claimed.as_ref().map(|mandelbox| mandelbox.region.as_str()))
-        .bind(claimed.as_ref().map(|mandelbox| mandelbox.id.to_string()))
-        .bind(claimed.as_ref().map(|mandelbox| mandelbox.host_id.as_str()))
-        .bind(micros(at))
-        .fetch_one(&mut *tx)
-        .await?;
-        let session = inserted.session.into_record()?;
-
-        let outcome = match (claimed, inserted.host_json) {
-            (Some(mandelbox), Some(host)) => {
-                let host: HostRow = serde_json::from_str(&host)
-                    .map_err(|error| StoreError::Corrupt(format!("the claimed box's host: {error}")))?;
-                ClaimOutcome::Claimed(Claim { session, mandelbox, host: host.into_record()? })
-            }
-            (Some(mandelbox), None) => {
-                return Err(StoreError::Corrupt(format!(
-                    "mandelbox {} is on unknown host {}",
-                    mandelbox.id, mandelbox.host_id
-                )));
-            }
-            (None, _) => ClaimOutcome::Pending(session),
-        };
+        let outcome = create_session_and_claim_in(&mut tx, new, limit, now()).await?;
         tx.commit().await?;
         Ok(outcome)
+    }
+
+    async fn create_sessions_and_claim(
+        &self,
+        news: &[NewSession],
+        limit: u32,
+    ) -> StoreResult<Vec<Option<ClaimOutcome>>> {
+        // One write transaction (one commit) for the batch: each session as
+        // `create_session_and_claim` writes it, in order. A user at the limit
+        // is left to the caller, as is a user's second session in the batch
+        // (as on PostgreSQL, whose batch statement counts a user once).
+        let at = now();
+        let mut tx = self.begin_write().await?;
+        let mut seen = std::collections::HashSet::with_capacity(news.len());
+        let mut outcomes = Vec::with_capacity(news.len());
+        for new in news {
+            if !seen.insert(new.user_id.as_str()) {
+                outcomes.push(None);
+                continue;
+            }
+            match create_session_and_claim_in(&mut tx, new, limit, at).await {
+                Ok(outcome) => outcomes.push(Some(outcome)),
+                Err(StoreError::SessionLimit { .. }) => outcomes.push(None),
+                Err(error) => return Err(error),
+            }
+        }
+        tx.commit().await?;
+        Ok(outcomes)
     }
 
     async fn claim_for_session(&self, session_id: Uuid, exclude_hosts: &[String]) -> StoreResult<Option<Claim>> {

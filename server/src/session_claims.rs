@@ -1,0 +1,101 @@
+//! Allocate's claims, written as a group commit.
+//!
+//! An Allocate's claim (the user's place counted, a warm box taken, the
+//! session written) is one statement and one flushed commit, and most of an
+//! allocation's database work: each claim also ranks the region's hosts
+//! anew. Concurrent Allocates queue to one writer that takes every claim
+//! queued in one call (`Store::create_sessions_and_claim`): on PostgreSQL
+//! one statement and one commit for the batch, its hosts ranked once; on
+//! SQLite one write transaction. There is no linger: the writer runs a lone
+//! claim at once as the single statement, so a quiet system pays nothing but
+//! a hand-off to the writer task and back, and under load a batch is
+//! whatever queued during the previous write.
+//!
+//! A session a batch did not write (its user at the limit or twice in the
+//! batch, its user's row held elsewhere) goes back to
+//! its caller, which runs it alone on its own task while the writer takes
+//! the next batch; so does every session of a batch that failed (`Err`
+//! means none was written). Each request thus gets the answer
+//! `Store::create_session_and_claim` gives it. With
+//! `allocation.group_claims = false` every claim goes straight to the store.
+
+use crate::batcher::Batcher;
+use crate::store::{ClaimOutcome, DynStore, NewSession, StoreResult};
+
+/// Allocate's claims, grouped (cheap to clone).
+#[derive(Clone)]
+pub struct SessionClaims {
+    store: DynStore,
+    limit: u32,
+    /// None: every claim run alone.
+    group: Option<Batcher<NewSession, Answer>>,
+}
+
+/// The writer's answer for one session.
+enum Answer {
+    /// Written (or refused) by the writer.
+    Claimed(StoreResult<ClaimOutcome>),
+    /// Left to the caller, to run alone.
+    Alone(NewSession),
+}
+
+impl SessionClaims {
+    /// Starts the writer task when `grouped`; it stops when the last clone
+    /// is dropped, once it has written what was queued. `limit` is the
+    /// sessions a user may have live (`allocation.max_sessions_per_user`).
+    pub fn start(store: DynStore, grouped: bool, limit: u32) -> SessionClaims {
+        let group = grouped.then(|| {
+            let store = store.clone();
+            Batcher::start(std::time::Duration::ZERO, move |news: Vec<NewSession>| {
+                let store = store.clone();
+                async move { claim_batch(&store, news, limit).await }
+            })
+        });
+        SessionClaims { store, limit, group }
+    }
+
+    /// `Store::create_session_and_claim` with the configured limit, in the
+    /// next group, or alone if the group gives it back (on this task, so
+    /// that the writer goes on to the next batch meanwhile).
+    pub async fn create_and_claim(&self, new: NewSession) -> StoreResult<ClaimOutcome> {
+        let new = match &self.group {
+            Some(group) => match group.submit(new).await {
+                Ok(Answer::Claimed(outcome)) => return outcome,
+                Ok(Answer::Alone(new)) | Err(new) => new,
+            },
+            None => new,
+        };
+        self.store.create_session_and_claim(&new, self.limit).await
+    }
+}
+
+/// One answer per session of `news`, in order.
+async fn claim_batch(store: &DynStore, news: Vec<NewSession>, limit: u32) -> Vec<Answer> {
+    if news.len() == 1 {
+        // The single statement is the cheaper one for one session. The
+        // writer runs it itself: while it does, the next batch gathers.
+        let outcome = match news.first() {
+            Some(new) => store.create_session_and_claim(new, limit).await,
+            None => return Vec::new(),
+        };
+        return vec![Answer::Claimed(outcome)];
+    }
+    let written = match store.create_sessions_and_claim(&news, limit).await {
+        Ok(outcomes) if outcomes.len() == news.len() => outcomes,
+        Ok(outcomes) => {
+            tracing::error!(items = news.len(), answers = outcomes.len(), "claim batch answered the wrong count");
+            Vec::new()
+        }
+        Err(error) => {
+            tracing::warn!(items = news.len(), %error, "claim batch failed; claiming one by one");
+            Vec::new()
+        }
+    };
+    let mut written = written.into_iter();
+    news.into_iter()
+        .map(|new| match written.next().flatten() {
+            Some(outcome) => Answer::Claimed(Ok(outcome)),
+            None => Answer::Alone(new),
+        })
+        .collect()
+}
