@@ -132,6 +132,10 @@ struct RunArgs {
     /// for same-day comparisons with one binary.
     #[arg(long)]
     separate_claims: bool,
+    /// How many group commits of claims the server and the store cycle
+    /// write at once (`allocation.claim_writers`).
+    #[arg(long, default_value_t = switchboard::config::AllocationConfig::default().claim_writers)]
+    claim_writers: usize,
     /// How long the server and the store cycle wait to batch spawn and
     /// teardown confirmations (`allocation.bookkeeping_linger_ms`).
     #[arg(long, default_value_t = switchboard::config::AllocationConfig::default().bookkeeping_linger_ms)]
@@ -171,6 +175,7 @@ impl RunArgs {
             separate_disconnects: self.separate_disconnects,
             writers: self.disconnect_writers,
             separate_claims: self.separate_claims,
+            claim_writers: self.claim_writers,
             bookkeeping_linger_ms: self.bookkeeping_linger_ms,
             max_connections: self.max_connections,
         }
@@ -208,6 +213,7 @@ impl RunArgs {
             separate_disconnects: false,
             disconnect_writers: switchboard::config::AllocationConfig::default().disconnect_writers,
             separate_claims: false,
+            claim_writers: switchboard::config::AllocationConfig::default().claim_writers,
             bookkeeping_linger_ms: switchboard::config::AllocationConfig::default().bookkeeping_linger_ms,
             max_connections: switchboard::config::DatabaseConfig::default().max_connections,
             client_waits_for_disconnect: false,

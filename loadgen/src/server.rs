@@ -63,6 +63,9 @@ pub(crate) struct ServeArgs {
     /// `allocation.group_claims = false`.
     #[arg(long)]
     pub(crate) separate_claims: bool,
+    /// `allocation.claim_writers`.
+    #[arg(long, default_value_t = switchboard::config::AllocationConfig::default().claim_writers)]
+    pub(crate) claim_writers: usize,
     /// `allocation.bookkeeping_linger_ms`.
     #[arg(long, default_value_t = switchboard::config::AllocationConfig::default().bookkeeping_linger_ms)]
     pub(crate) bookkeeping_linger_ms: u64,
@@ -84,6 +87,8 @@ pub(crate) struct ServerSettings {
     pub(crate) writers: usize,
     /// `allocation.group_claims = false`.
     pub(crate) separate_claims: bool,
+    /// `allocation.claim_writers`.
+    pub(crate) claim_writers: usize,
     /// `allocation.bookkeeping_linger_ms`.
     pub(crate) bookkeeping_linger_ms: u64,
 }
@@ -109,6 +114,7 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.allocation.group_disconnect_reports = !args.separate_disconnects;
     config.allocation.disconnect_writers = args.disconnect_writers;
     config.allocation.group_claims = !args.separate_claims;
+    config.allocation.claim_writers = args.claim_writers;
     config.allocation.bookkeeping_linger_ms = args.bookkeeping_linger_ms;
     let issuer = Arc::new(DevIssuer::generate(&config.auth.issuer, &config.auth.audience)?);
     let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -216,6 +222,7 @@ impl ServerProcess {
             .args(settings.separate_disconnects.then_some("--separate-disconnects"))
             .args(["--disconnect-writers", &settings.writers.to_string()])
             .args(settings.separate_claims.then_some("--separate-claims"))
+            .args(["--claim-writers", &settings.claim_writers.to_string()])
             .args(["--bookkeeping-linger-ms", &settings.bookkeeping_linger_ms.to_string()])
             .args(["--max-connections", &settings.max_connections.to_string()])
             .env("LOADGEN_HOST_SECRET", secret)

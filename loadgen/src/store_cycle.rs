@@ -144,7 +144,8 @@ impl StoreCycle {
         let store = switchboard::store::connect_with(url, settings.max_connections).await?;
         let bookkeeping = Bookkeeper::start(store.clone(), Duration::from_millis(settings.bookkeeping_linger_ms));
         let session_ends = SessionEnds::start(store.clone(), !settings.separate_disconnects, settings.writers);
-        let session_claims = SessionClaims::start(store.clone(), !settings.separate_claims, SESSION_LIMIT);
+        let session_claims =
+            SessionClaims::start(store.clone(), !settings.separate_claims, settings.claim_writers, SESSION_LIMIT);
         const WAITING: &str = "SELECT id, token_hash FROM mandelboxes WHERE state = 'WAITING'";
         let mut tokens = HashMap::new();
         let database = match backend {

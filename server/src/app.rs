@@ -192,6 +192,7 @@ impl Application {
         let session_claims = crate::session_claims::SessionClaims::start(
             store.clone(),
             config.allocation.group_claims,
+            config.allocation.claim_writers,
             config.allocation.max_sessions_per_user,
         );
         let core: SharedCore = Arc::new(Core {

@@ -155,6 +155,10 @@ pub struct AllocationConfig {
     /// (a group commit, no waiting; `crate::session_claims`). Off, each is
     /// written alone.
     pub group_claims: bool,
+    /// How many of those group commits may be written at once (at least
+    /// one): with two, a claim that arrives while a batch is written is
+    /// taken at once by the other writer, in a smaller batch.
+    pub claim_writers: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -296,6 +300,7 @@ impl Default for AllocationConfig {
             group_disconnect_reports: true,
             disconnect_writers: 1,
             group_claims: true,
+            claim_writers: 1,
         }
     }
 }

@@ -43,13 +43,13 @@ enum Answer {
 }
 
 impl SessionClaims {
-    /// Starts the writer task when `grouped`; it stops when the last clone
-    /// is dropped, once it has written what was queued. `limit` is the
-    /// sessions a user may have live (`allocation.max_sessions_per_user`).
-    pub fn start(store: DynStore, grouped: bool, limit: u32) -> SessionClaims {
+    /// Starts `writers` writer tasks when `grouped`; they stop when the last
+    /// clone is dropped, once they have written what was queued. `limit` is
+    /// the sessions a user may have live (`allocation.max_sessions_per_user`).
+    pub fn start(store: DynStore, grouped: bool, writers: usize, limit: u32) -> SessionClaims {
         let group = grouped.then(|| {
             let store = store.clone();
-            Batcher::start(std::time::Duration::ZERO, move |news: Vec<NewSession>| {
+            Batcher::start_writers(writers, std::time::Duration::ZERO, move |news: Vec<NewSession>| {
                 let store = store.clone();
                 async move { claim_batch(&store, news, limit).await }
             })

@@ -84,10 +84,31 @@ async fn whole_loop(backend: Backend) {
     assert_eq!(leaked, 0);
 }
 
-/// 300 users race for 100 warm boxes: exactly 100 win, no box twice.
+/// 300 users race for 100 warm boxes: exactly 100 win, no box twice. Their
+/// claims are grouped into shared commits by one writer (the default).
 async fn concurrent_allocations_never_share_a_box(backend: Backend) {
+    allocations_race(backend, Some(1)).await;
+}
+
+/// The same with two claim writers, whose batches run at the same time.
+async fn concurrent_allocations_with_two_claim_writers_never_share_a_box(backend: Backend) {
+    allocations_race(backend, Some(2)).await;
+}
+
+/// The same with every claim its own statement (`group_claims = false`).
+async fn concurrent_ungrouped_allocations_never_share_a_box(backend: Backend) {
+    allocations_race(backend, None).await;
+}
+
+/// `claim_writers`: None, claims not grouped.
+async fn allocations_race(backend: Backend, claim_writers: Option<usize>) {
     let hosts = (1..=10).map(|i| HostSpec::new(&format!("host-{i}"), "us-east-1", 10)).collect();
-    let app = TestApp::spawn(backend, TestOptions { hosts, ..Default::default() }).await.unwrap();
+    let app = TestApp::spawn_with(backend, TestOptions { hosts, ..Default::default() }, |config| {
+        config.allocation.group_claims = claim_writers.is_some();
+        config.allocation.claim_writers = claim_writers.unwrap_or(1);
+    })
+    .await
+    .unwrap();
     let clients: Vec<_> = (0..300).map(|i| app.user_client(&format!("user-{i}"))).collect();
     let calls = clients
         .into_iter()
@@ -503,6 +524,8 @@ on_both_backends!(
     draining_host_spawns_no_replacement,
     replacement_exiting_before_it_is_recorded_is_recorded_dead,
     concurrent_allocations_never_share_a_box,
+    concurrent_allocations_with_two_claim_writers_never_share_a_box,
+    concurrent_ungrouped_allocations_never_share_a_box,
     concurrent_allocations_of_one_user_respect_the_limit,
     concurrent_disconnect_reports_end_each_session_once,
     concurrent_disconnect_reports_with_two_writers_end_each_session_once,
