@@ -157,7 +157,9 @@ pub struct AllocationConfig {
     pub group_claims: bool,
     /// How many of those group commits may be written at once (at least
     /// one): with two, a claim that arrives while a batch is written is
-    /// taken at once by the other writer, in a smaller batch.
+    /// taken at once by the other writer, in a smaller batch. On one machine
+    /// with PostgreSQL local, two were no faster than one (BENCHMARKS.md,
+    /// run V).
     pub claim_writers: usize,
 }
 
