@@ -127,9 +127,9 @@ struct RunArgs {
     /// cycle write at once (`allocation.disconnect_writers`).
     #[arg(long, default_value_t = switchboard::config::AllocationConfig::default().disconnect_writers)]
     disconnect_writers: usize,
-    /// Write each Allocate's claim alone in the server
-    /// (`allocation.group_claims = false`): the "before" of its group commit,
-    /// for same-day comparisons with one binary.
+    /// Write each Allocate's claim alone, in the server and in the store
+    /// cycle (`allocation.group_claims = false`): the "before" of its group
+    /// commit, for same-day comparisons with one binary.
     #[arg(long)]
     separate_claims: bool,
     /// How many group commits of claims the server and the store cycle

@@ -144,8 +144,10 @@ impl StoreCycle {
         let store = switchboard::store::connect_with(url, settings.max_connections).await?;
         let bookkeeping = Bookkeeper::start(store.clone(), Duration::from_millis(settings.bookkeeping_linger_ms));
         let session_ends = SessionEnds::start(store.clone(), !settings.separate_disconnects, settings.writers);
+        // The sessions a user may have live, as on the server under test.
+        let session_limit = switchboard::config::AllocationConfig::default().max_sessions_per_user;
         let session_claims =
-            SessionClaims::start(store.clone(), !settings.separate_claims, settings.claim_writers, SESSION_LIMIT);
+            SessionClaims::start(store.clone(), !settings.separate_claims, settings.claim_writers, session_limit);
         const WAITING: &str = "SELECT id, token_hash FROM mandelboxes WHERE state = 'WAITING'";
         let mut tokens = HashMap::new();
         let database = match backend {
@@ -270,9 +272,6 @@ struct Claimed {
     box_id: Uuid,
     token_hash: String,
 }
-
-/// The sessions a user may have live, as the server's default.
-const SESSION_LIMIT: u32 = 3;
 
 /// Allocate's store call (grouped with the other clients' claims, as on the
 /// server). Ok(None): no warm box was there.

@@ -74,14 +74,10 @@ impl SessionClaims {
 
 /// One answer per session of `news`, in order.
 async fn claim_batch(store: &DynStore, news: Vec<NewSession>, limit: u32) -> Vec<Answer> {
-    if news.len() == 1 {
+    if let [new] = news.as_slice() {
         // The single statement is the cheaper one for one session. The
         // writer runs it itself: while it does, the next batch gathers.
-        let outcome = match news.first() {
-            Some(new) => store.create_session_and_claim(new, limit).await,
-            None => return Vec::new(),
-        };
-        return vec![Answer::Claimed(outcome)];
+        return vec![Answer::Claimed(store.create_session_and_claim(new, limit).await)];
     }
     let written = match store.create_sessions_and_claim(&news, limit).await {
         Ok(outcomes) if outcomes.len() == news.len() => outcomes,

@@ -590,8 +590,8 @@ pub trait Store: Send + Sync + 'static {
     /// (Allocate's group commit: `crate::session_claims`), one answer per
     /// session in order: the outcome of a session written as
     /// `create_session_and_claim` would have written it, or None for one this
-    /// call did not write: its user at the limit or without a row, its user
-    /// earlier in the same batch, or (PostgreSQL) its user's row held by
+    /// call did not write: its user at the limit or earlier in the same
+    /// batch, or (PostgreSQL) its user without a row or with its row held by
     /// another transaction. The caller runs those alone, which tells them
     /// apart. On `Err` none was written.
     async fn create_sessions_and_claim(
