@@ -9,6 +9,11 @@
 //! loadgen hosts …           (internal) a process of lean simulated hosts
 //! ```
 
+/// mimalloc, not glibc's malloc: allocation and free were a sixth of the
+/// server's CPU under load with glibc (BENCHMARKS.md, run W).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod lean;
 mod measure;
 mod report;

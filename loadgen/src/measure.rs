@@ -67,6 +67,92 @@ pub(crate) fn cpu_time(pid: u32) -> Option<Duration> {
     Some(Duration::from_millis(ticks * 10))
 }
 
+/// CPU time used so far by each party to an allocation run on this machine:
+/// the server process, the database's processes (PostgreSQL's postmaster and
+/// backends, found by name; none for SQLite, which runs inside the server),
+/// loadgen itself (its clients and simulated hosts), and the machine as a
+/// whole (busy time of every CPU, from /proc/stat).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct CpuSample {
+    server: Duration,
+    database: Duration,
+    loadgen: Duration,
+    machine_busy: Duration,
+}
+
+/// A window's CPU in cores (1.0 = one core busy for the whole window).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub(crate) struct CpuShares {
+    pub(crate) server_cores: f64,
+    pub(crate) database_cores: f64,
+    pub(crate) loadgen_cores: f64,
+    pub(crate) machine_busy_cores: f64,
+}
+
+impl CpuSample {
+    pub(crate) fn take(server_pid: u32) -> CpuSample {
+        CpuSample {
+            server: cpu_time(server_pid).unwrap_or_default(),
+            database: processes_named("postgres").iter().filter_map(|pid| cpu_time(*pid)).sum(),
+            loadgen: cpu_time(std::process::id()).unwrap_or_default(),
+            machine_busy: machine_busy().unwrap_or_default(),
+        }
+    }
+
+    /// The cores each party used from `self` to `later` over `seconds`.
+    pub(crate) fn shares_until(&self, later: &CpuSample, seconds: f64) -> CpuShares {
+        let cores =
+            |a: Duration, b: Duration| if seconds > 0.0 { b.saturating_sub(a).as_secs_f64() / seconds } else { 0.0 };
+        CpuShares {
+            server_cores: cores(self.server, later.server),
+            database_cores: cores(self.database, later.database),
+            loadgen_cores: cores(self.loadgen, later.loadgen),
+            machine_busy_cores: cores(self.machine_busy, later.machine_busy),
+        }
+    }
+}
+
+impl CpuShares {
+    /// The time-weighted mean of windows of `seconds` each.
+    pub(crate) fn weighted(windows: &[(CpuShares, f64)]) -> CpuShares {
+        let total: f64 = windows.iter().map(|(_, seconds)| seconds).sum();
+        if total <= 0.0 {
+            return CpuShares::default();
+        }
+        let mean =
+            |part: fn(&CpuShares) -> f64| windows.iter().map(|(shares, s)| part(shares) * s).sum::<f64>() / total;
+        CpuShares {
+            server_cores: mean(|c| c.server_cores),
+            database_cores: mean(|c| c.database_cores),
+            loadgen_cores: mean(|c| c.loadgen_cores),
+            machine_busy_cores: mean(|c| c.machine_busy_cores),
+        }
+    }
+}
+
+/// Pids of the processes whose command name is `name`.
+fn processes_named(name: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.trim_end() == name))
+        .collect()
+}
+
+/// Busy time of all CPUs together (everything but idle and iowait).
+fn machine_busy() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<u64> =
+        stat.lines().next()?.split_whitespace().skip(1).map(str::parse).collect::<Result<_, _>>().ok()?;
+    let all: u64 = ticks.iter().sum();
+    let idle = ticks.get(3)? + ticks.get(4)?;
+    // USER_HZ is 100 on Linux.
+    Some(Duration::from_millis(all.saturating_sub(idle) * 10))
+}
+
 /// What the machine is.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Machine {

@@ -139,18 +139,24 @@ pub(crate) fn markdown(report: &RunReport) -> String {
             let _ = writeln!(out, "### Warm allocation (Allocate; {returned})\n");
             let _ = writeln!(
                 out,
-                "| clients | allocations/s | Allocate p50 / p90 / p99 / max (ms) | ReportDisconnect p50 / p90 / p99 / max (ms) | server CPU (cores) | errors |"
+                "| clients | allocations/s | Allocate p50 / p90 / p99 / max (ms) | ReportDisconnect p50 / p90 / p99 / max (ms) | CPU, cores: server / database / loadgen / machine | CPU per allocation, ms: server / database / loadgen | errors |"
             );
-            let _ = writeln!(out, "|---:|---:|---|---|---:|---|");
+            let _ = writeln!(out, "|---:|---:|---|---|---|---|---|");
             for point in &backend.allocation {
                 let _ = writeln!(
                     out,
-                    "| {} | {:.0} | {} | {} | {:.2} | {} |",
+                    "| {} | {:.0} | {} | {} | {:.2} / {:.2} / {:.2} / {:.2} | {:.3} / {:.3} / {:.3} | {} |",
                     point.clients,
                     point.allocations_per_s,
                     p(&point.allocate),
                     p(&point.report_disconnect),
-                    point.server_cpu_cores,
+                    point.cpu.server_cores,
+                    point.cpu.database_cores,
+                    point.cpu.loadgen_cores,
+                    point.cpu.machine_busy_cores,
+                    per_allocation_ms(point.cpu.server_cores, point.allocations_per_s),
+                    per_allocation_ms(point.cpu.database_cores, point.allocations_per_s),
+                    per_allocation_ms(point.cpu.loadgen_cores, point.allocations_per_s),
                     if point.errors.is_empty() { "none".into() } else { format!("{:?}", point.errors) }
                 );
             }
@@ -266,4 +272,9 @@ pub(crate) fn markdown(report: &RunReport) -> String {
         }
     }
     out
+}
+
+/// Milliseconds of CPU per allocation from cores used at a rate.
+fn per_allocation_ms(cores: f64, allocations_per_s: f64) -> f64 {
+    if allocations_per_s > 0.0 { cores * 1000.0 / allocations_per_s } else { 0.0 }
 }

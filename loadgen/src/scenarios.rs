@@ -27,7 +27,7 @@ use tonic::{Request, Status, metadata::MetadataValue, transport::Channel};
 
 use crate::{
     lean::{self, HostCounters, HostsReport, LeanOptions},
-    measure::{Percentiles, Progress, cpu_time, rss_kib},
+    measure::{CpuSample, CpuShares, Percentiles, Progress, cpu_time, rss_kib},
     runtime::{EventKind, InstantRuntime, Observatory},
     server::{Backend, REGION, ServerInfo},
 };
@@ -238,8 +238,9 @@ pub(crate) struct AllocPoint {
     pub(crate) allocate: Percentiles,
     pub(crate) report_disconnect: Percentiles,
     pub(crate) errors: BTreeMap<String, u64>,
-    /// CPU the server process used during the window, in cores (1.0 = one core busy).
-    pub(crate) server_cpu_cores: f64,
+    /// CPU used during the window, in cores (1.0 = one core busy), by the
+    /// server, the database, loadgen and the machine as a whole.
+    pub(crate) cpu: CpuShares,
     /// The latencies behind `allocate` and `report_disconnect`, kept so that
     /// the rounds of an interleaved point can be merged.
     #[serde(skip)]
@@ -251,7 +252,7 @@ impl AllocPoint {
     pub(crate) fn merge(rounds: Vec<AllocPoint>) -> Option<AllocPoint> {
         let clients = rounds.first()?.clients;
         let seconds: f64 = rounds.iter().map(|round| round.seconds).sum();
-        let cpu_seconds: f64 = rounds.iter().map(|round| round.server_cpu_cores * round.seconds).sum();
+        let cpu = CpuShares::weighted(&rounds.iter().map(|round| (round.cpu, round.seconds)).collect::<Vec<_>>());
         let (mut allocate, mut disconnect) = (Vec::new(), Vec::new());
         let mut errors: BTreeMap<String, u64> = BTreeMap::new();
         for round in rounds {
@@ -261,7 +262,7 @@ impl AllocPoint {
                 *errors.entry(key).or_default() += value;
             }
         }
-        Some(AllocPoint::of(clients, seconds, (allocate, disconnect), errors, cpu_seconds / seconds))
+        Some(AllocPoint::of(clients, seconds, (allocate, disconnect), errors, cpu))
     }
 
     /// The point of `samples` (Allocate's latencies, ReportDisconnect's) over `seconds`.
@@ -270,7 +271,7 @@ impl AllocPoint {
         seconds: f64,
         (mut allocate, mut disconnect): (Vec<Duration>, Vec<Duration>),
         errors: BTreeMap<String, u64>,
-        server_cpu_cores: f64,
+        cpu: CpuShares,
     ) -> AllocPoint {
         AllocPoint {
             clients,
@@ -280,7 +281,7 @@ impl AllocPoint {
             allocate: Percentiles::of(&mut allocate),
             report_disconnect: Percentiles::of(&mut disconnect),
             errors,
-            server_cpu_cores,
+            cpu,
             samples: (allocate, disconnect),
         }
     }
@@ -422,16 +423,16 @@ pub(crate) async fn warm_allocation(
             anyhow::Ok((allocate, disconnect, errors))
         }));
     }
-    let cpu_before = cpu_time(info.pid);
     tokio::time::sleep_until(tokio::time::Instant::from_std(measure_from)).await;
-    let cpu_at_start = cpu_time(info.pid).or(cpu_before);
+    let cpu_at_start = CpuSample::take(info.pid);
     let mut allocate = Vec::new();
     let mut disconnect = Vec::new();
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     let mut cpu_at_end = None;
     for task in tasks {
         let (a, d, e) = task.await??;
-        cpu_at_end.get_or_insert_with(|| cpu_time(info.pid));
+        // The first client to finish ends the window (they all stop at `end`).
+        cpu_at_end.get_or_insert_with(|| CpuSample::take(info.pid));
         allocate.extend(a);
         disconnect.extend(d);
         for (key, value) in e {
@@ -439,12 +440,9 @@ pub(crate) async fn warm_allocation(
         }
     }
     let seconds = window.as_secs_f64();
-    let server_cpu_cores = match (cpu_at_start, cpu_at_end.flatten()) {
-        (Some(a), Some(b)) => b.saturating_sub(a).as_secs_f64() / seconds,
-        _ => 0.0,
-    };
+    let cpu = cpu_at_end.map(|at_end| cpu_at_start.shares_until(&at_end, seconds)).unwrap_or_default();
     progress.finish_line();
-    Ok(AllocPoint::of(clients, seconds, (allocate, disconnect), errors, server_cpu_cores))
+    Ok(AllocPoint::of(clients, seconds, (allocate, disconnect), errors, cpu))
 }
 
 /// Files one report's outcome: its latency if its Allocate was in the window.

@@ -1372,12 +1372,13 @@ mod contract {
     /// sessions: every session ends once, with one teardown. A batch may
     /// fail (two batches locking the same rows in different orders can
     /// deadlock); what failed changed nothing.
-    pub(crate) async fn concurrent_disconnect_batches_end_each_session_once(_db: &TestDatabase, store: DynStore) {
+    pub(crate) async fn concurrent_disconnect_batches_end_each_session_once(db: &TestDatabase, store: DynStore) {
         const SESSIONS: usize = 24;
         host(&store, "h1", "r1", "img", SESSIONS as u32).await;
         let mut claims = Vec::new();
-        for user in 0..SESSIONS {
-            claims.push(running_session(&store, "h1", "r1", &format!("u{user}")).await);
+        // Three sessions per user, so that a batch ends several of one user's.
+        for session in 0..SESSIONS {
+            claims.push(running_session(&store, "h1", "r1", &format!("u{}", session % 8)).await);
         }
         let reports: Vec<DisconnectReport> = claims
             .iter()
@@ -1437,6 +1438,49 @@ mod contract {
             assert_eq!(session(&store, claim.session.id).await.state, SessionState::Ended);
             assert_eq!(box_state(&store, claim.mandelbox.id).await, MandelboxState::Dying);
         }
+        let counted = db.query_i64("SELECT CAST(COALESCE(sum(live_sessions), 0) AS BIGINT) FROM users").await.unwrap();
+        assert_eq!(counted, 0, "every user got back each place it held, once");
+    }
+
+    /// The session counter follows a batch of ends: each user gets back as
+    /// many places as the batch ended of its sessions, and no more (a report
+    /// with a wrong token, or for a session already ended, gives nothing).
+    pub(crate) async fn disconnect_batch_gives_each_user_back_its_places(db: &TestDatabase, store: DynStore) {
+        host(&store, "h1", "r1", "img", 20).await;
+        let report = |claim: &Claim| DisconnectReport {
+            mandelbox_id: claim.mandelbox.id,
+            token_hash: format!("sha256-of-{}", claim.mandelbox.id),
+        };
+        let counted = |user: &'static str| {
+            let query = format!("SELECT CAST(live_sessions AS BIGINT) FROM users WHERE id = '{user}'");
+            async move { db.query_i64(&query).await.unwrap() }
+        };
+        let first = running_session(&store, "h1", "r1", "u1").await;
+        let second = running_session(&store, "h1", "r1", "u1").await;
+        let kept = running_session(&store, "h1", "r1", "u1").await;
+        let other = running_session(&store, "h1", "r1", "u2").await;
+        let wrong = running_session(&store, "h1", "r1", "u3").await;
+        let ended_before = running_session(&store, "h1", "r1", "u4").await;
+        let live = running_session(&store, "h1", "r1", "u4").await;
+        store.end_session(ended_before.session.id, EndReason::UserEnded).await.unwrap();
+        assert_eq!((counted("u1").await, counted("u2").await, counted("u3").await, counted("u4").await), (3, 1, 1, 1));
+
+        let batch = [
+            report(&first),
+            report(&other),
+            DisconnectReport { token_hash: "sha256-of-someone-else".into(), ..report(&wrong) },
+            report(&second),
+            report(&ended_before),
+            report(&first),
+        ];
+        let ends = store.end_sessions_by_token(&batch, EndReason::ClientDisconnected).await.unwrap();
+        assert_eq!(ends.len(), batch.len());
+        assert_eq!((counted("u1").await, counted("u2").await, counted("u3").await, counted("u4").await), (1, 0, 1, 1));
+        for (user, claim) in [("u1", &kept), ("u3", &wrong), ("u4", &live)] {
+            assert_eq!(store.count_live_sessions(user).await.unwrap(), 1, "{user}: the counter agrees with the rows");
+            assert_eq!(session(&store, claim.session.id).await.state, SessionState::Running);
+        }
+        assert_eq!(store.count_live_sessions("u2").await.unwrap(), 0);
     }
 
     pub(crate) async fn concurrent_requests_of_one_user_respect_the_limit(_db: &TestDatabase, store: DynStore) {
@@ -2306,6 +2350,7 @@ macro_rules! store_contract_suite {
             end_session_by_token_checks_the_token_then_ends_once,
             end_sessions_by_token_answers_each_as_alone,
             concurrent_disconnect_batches_end_each_session_once,
+            disconnect_batch_gives_each_user_back_its_places,
             concurrent_requests_of_one_user_respect_the_limit,
             concurrent_claims_take_distinct_boxes,
             claim_batch_writes_each_session_as_alone,

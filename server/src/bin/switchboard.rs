@@ -10,6 +10,11 @@ use switchboard::{
     dev::{self, DevOptions},
 };
 
+/// mimalloc, not glibc's malloc: allocation and free were a sixth of the
+/// server's CPU under load with glibc (BENCHMARKS.md, run W).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "switchboard", version, about = "Control plane for cloud app streaming")]
 struct Cli {
