@@ -69,7 +69,8 @@ pub(crate) fn cpu_time(pid: u32) -> Option<Duration> {
 
 /// CPU time used so far by each party to an allocation run on this machine:
 /// the server process, the database's processes (PostgreSQL's postmaster and
-/// backends, found by name; none for SQLite, which runs inside the server),
+/// backends, found by name; with SQLite, which runs inside the server, only
+/// what an idle local PostgreSQL did meanwhile),
 /// loadgen itself (its clients and simulated hosts), and the machine as a
 /// whole (busy time of every CPU, from /proc/stat).
 #[derive(Debug, Clone, Copy, Default)]
