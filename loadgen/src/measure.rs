@@ -73,7 +73,7 @@ pub(crate) fn cpu_time(pid: u32) -> Option<Duration> {
 /// what an idle local PostgreSQL did meanwhile),
 /// loadgen itself (its clients and simulated hosts), and the machine as a
 /// whole (busy time of every CPU, from /proc/stat).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct CpuSample {
     server: Duration,
     database: Duration,
