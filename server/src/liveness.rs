@@ -20,10 +20,6 @@ pub struct Sweeper {
 /// With several replicas, hosts whose replica is gone are looked for every
 /// this many passes (it reads every connected host's ownership).
 const ORPHAN_CHECK_EVERY: u64 = 3;
-/// Every how many passes the hosts' claimed counts are checked against their
-/// boxes (a read of every claimed box; the writes keep the counts, so this
-/// only heals a recount that failed).
-const CLAIMED_RECOUNT_EVERY: u64 = 30;
 /// How long the sweeping replica's lease lasts without renewal.
 const SWEEPER_LEASE: std::time::Duration = std::time::Duration::from_secs(5);
 /// A host that said Hello this recently may not have its ownership written yet.
@@ -114,12 +110,6 @@ impl Sweeper {
         for mandelbox in &outcome.expired_spawns {
             tracing::warn!(mandelbox_id = %mandelbox.id, host_id = %mandelbox.host_id, "spawn never confirmed");
             core.registry.refill(&mandelbox.host_id);
-        }
-        if pass.is_multiple_of(CLAIMED_RECOUNT_EVERY) {
-            let corrected = core.store.recount_claimed_boxes().await?;
-            if corrected > 0 {
-                tracing::warn!(hosts = corrected, "hosts' claimed counts were off and are recounted");
-            }
         }
         Ok(())
     }

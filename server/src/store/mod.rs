@@ -672,13 +672,6 @@ pub trait Store: Send + Sync + 'static {
     /// Housekeeping: expires PENDING sessions created before `pending_cutoff`
     /// and SPAWNING boxes last updated before `spawn_cutoff` (see `SweepOutcome`).
     async fn sweep(&self, pending_cutoff: DateTime<Utc>, spawn_cutoff: DateTime<Utc>) -> StoreResult<SweepOutcome>;
-
-    /// Housekeeping: sets each host's claimed count (the ALLOCATED and
-    /// RUNNING boxes by which claims rank hosts, fullest first) to the boxes
-    /// it has, where it differs, and returns how many hosts it corrected.
-    /// Every write that claims or frees a box keeps the count already, so
-    /// this finds nothing unless a recount after such a write failed.
-    async fn recount_claimed_boxes(&self) -> StoreResult<u64>;
 }
 
 /// Opens the store a URL names, `postgres://…` (or `postgresql://…`) or

@@ -59,22 +59,6 @@ pub struct PgStore {
 }
 
 impl PgStore {
-    /// After a write that claimed or freed boxes on `hosts` committed: their
-    /// claimed count, which orders the claims' hosts, is recounted. Not part
-    /// of the write (see migration 0011), so a failure here is logged and
-    /// left to the maintenance recount, never returned for a write that
-    /// is done.
-    async fn recount_claimed<'a>(&self, hosts: impl IntoIterator<Item = &'a str>) {
-        let mut host_ids: Vec<&str> = hosts.into_iter().collect();
-        if host_ids.is_empty() {
-            return;
-        }
-        host_ids.sort_unstable();
-        host_ids.dedup();
-        if let Err(error) = recount_claimed_on(&self.relaxed, &host_ids).await {
-            tracing::warn!(%error, hosts = host_ids.len(), "claimed boxes not recounted; the maintenance pass will");
-        }
-    }
     pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Self> {
         let options: PgConnectOptions = url.parse()?;
         let pool = pool_options(max_connections).connect_with(options.clone()).await?;
@@ -359,23 +343,6 @@ async fn commit_relaxed(mut tx: sqlx::Transaction<'_, Postgres>) -> StoreResult<
     Ok(())
 }
 
-/// Sets the `host_claims` of `host_ids` to their count of claimed boxes
-/// (migration 0011's `recount_claimed`: locks in id order, then counts).
-async fn recount_claimed_on<'c>(conn: impl sqlx::PgExecutor<'c>, host_ids: &[&str]) -> StoreResult<()> {
-    sqlx::query("SELECT recount_claimed($1)").bind(host_ids).execute(conn).await?;
-    Ok(())
-}
-
-/// The host whose box a disconnect freed.
-fn torn_down_host(end: &TokenEnd) -> Option<&str> {
-    match end {
-        TokenEnd::Ended { ended: Some(ended), .. } => {
-            ended.teardown.as_ref().map(|mandelbox| mandelbox.host_id.as_str())
-        }
-        _ => None,
-    }
-}
-
 // ----- queries shared by several methods -----------------------------------
 
 async fn select_host(conn: &mut PgConnection, host_id: &str) -> StoreResult<Option<HostRecord>> {
@@ -466,22 +433,20 @@ async fn end_sessions_on(
 }
 
 /// The hosts a claim may take a WAITING box of app `$2` from, best first
-/// (region order in `$1`, then the fullest by their claimed boxes as last
-/// counted, hosts with no free slot by that count last, then id), none of
-/// `$3`: the `best` CTE of both claim statements. It reads one row per host
-/// of the region; the walk over it stops at the first hosts with a WAITING
-/// box (it used to count every host's claimed boxes, and only keep hosts with
-/// a WAITING box, on every claim: a cost that grew with the fleet).
+/// (region order in `$1`, then the fullest, then id; each host's load
+/// counted once), none of `$3`: the `best` CTE of both claim statements.
 macro_rules! pg_best_hosts {
     () => {
         "SELECT h.id FROM hosts h \
          LEFT JOIN regions r ON r.name = h.region \
-         LEFT JOIN host_claims c ON c.host_id = h.id \
+         CROSS JOIN LATERAL (SELECT count(*) AS busy FROM mandelboxes a \
+                             WHERE a.host_id = h.id AND a.state IN ('ALLOCATED', 'RUNNING')) load \
          WHERE h.state = 'ACTIVE' AND h.region = ANY($1) \
+           AND h.id IN (SELECT w.host_id FROM mandelboxes w \
+                        WHERE w.state = 'WAITING' AND w.app = $2 AND w.region = ANY($1)) \
            AND (COALESCE(r.image, '') = '' OR h.image = r.image) \
            AND h.id <> ALL($3) \
-         ORDER BY array_position($1::text[], h.region), COALESCE(c.claimed, 0) >= h.capacity, \
-                  h.capacity - COALESCE(c.claimed, 0), h.id"
+         ORDER BY array_position($1::text[], h.region), h.capacity - load.busy, h.id"
     };
 }
 
@@ -489,8 +454,8 @@ macro_rules! pg_best_hosts {
 /// runs exactly this (`CLAIM_WAITING_SQL`) to measure the database's limit.
 macro_rules! pg_claim_waiting {
     ($state:literal) => {
-        // The hosts in claim order first (`best`: region order, fullest,
-        // id), then, host by host in that order, its oldest
+        // The hosts with a WAITING box of the app first (`best`: region
+        // order, fullest, id; each host's load counted once), then, host by host in that order, its oldest
         // WAITING box not locked by another claim: the same choice as one
         // ORDER BY over every candidate box, which joined and sorted the
         // whole warm pool on every claim. The outer query has no ORDER BY on
@@ -1038,7 +1003,6 @@ impl Store for PgStore {
         .execute(&mut *tx)
         .await?;
         let ended = end_sessions_on(&mut tx, &live_boxes, EndReason::HostLost, at).await?;
-        recount_claimed_on(&mut *tx, &[host_id]).await?;
         tx.commit().await?;
         Ok(ended)
     }
@@ -1154,7 +1118,6 @@ impl Store for PgStore {
         .await?;
         let mut ended_sessions = end_sessions_on(&mut tx, &lost, EndReason::HostLost, at).await?;
         ended_sessions.extend(end_sessions_on(&mut tx, &unassigned, EndReason::AssignFailed, at).await?);
-        recount_claimed_on(&mut *tx, &[host_id]).await?;
         tx.commit().await?;
         let lost = plan.order(lost);
         let unassigned = rows::in_order(&plan.unassigned, unassigned);
@@ -1257,9 +1220,6 @@ impl Store for PgStore {
         .await?
         .into_record()?;
         tx.commit().await?;
-        if spawned.state.is_assigned() {
-            self.recount_claimed([spawned.host_id.as_str()]).await;
-        }
         Ok(Some(spawned))
     }
 
@@ -1466,9 +1426,6 @@ impl Store for PgStore {
         } else {
             tx.commit().await?;
         }
-        if before.state.is_assigned() {
-            self.recount_claimed([before.host_id.as_str()]).await;
-        }
         Ok(Some((before, ended.into_iter().next())))
     }
 
@@ -1547,11 +1504,7 @@ impl Store for PgStore {
         let Some(row) = row else {
             return Err(StoreError::SessionLimit { limit });
         };
-        let outcome = row.into_outcome()?;
-        if let ClaimOutcome::Claimed(claim) = &outcome {
-            self.recount_claimed([claim.host.id.as_str()]).await;
-        }
-        Ok(outcome)
+        row.into_outcome()
     }
 
     async fn create_sessions_and_claim(
@@ -1600,11 +1553,6 @@ impl Store for PgStore {
             }
             tx.commit().await?;
         }
-        self.recount_claimed(outcomes.iter().filter_map(|outcome| match outcome {
-            Some(ClaimOutcome::Claimed(claim)) => Some(claim.host.id.as_str()),
-            _ => None,
-        }))
-        .await;
         Ok(outcomes)
     }
 
@@ -1625,7 +1573,6 @@ impl Store for PgStore {
         let session = assign_session(&mut tx, session_id, &mandelbox, at).await?;
         let host = host_of(&mut tx, &mandelbox).await?;
         tx.commit().await?;
-        self.recount_claimed([host.id.as_str()]).await;
         Ok(Some(Claim { session, mandelbox, host }))
     }
 
@@ -1647,7 +1594,6 @@ impl Store for PgStore {
         let session = assign_session(&mut tx, session_id, &mandelbox, at).await?;
         let host = host_of(&mut tx, &mandelbox).await?;
         tx.commit().await?;
-        self.recount_claimed([host.id.as_str()]).await;
         Ok(Some(Claim { session, mandelbox, host }))
     }
 
@@ -1699,17 +1645,16 @@ impl Store for PgStore {
             return Ok(());
         }
         // A box put back into the pool carries no session.
-        let host_id: Option<String> = sqlx::query_scalar(concat!(
+        sqlx::query(concat!(
             "UPDATE mandelboxes SET state = $2, updated_at = $3, \
              session_id = CASE WHEN $2 = 'WAITING' THEN NULL ELSE session_id END \
              WHERE id = $1 AND state IN ",
-            live_box_states!(),
-            " RETURNING host_id"
+            live_box_states!()
         ))
         .bind(mandelbox_id)
         .bind(box_state.as_str())
         .bind(at)
-        .fetch_optional(&mut *tx)
+        .execute(&mut *tx)
         .await?;
         sqlx::query(
             "UPDATE sessions SET state = 'PENDING', region = NULL, mandelbox_id = NULL, \
@@ -1720,7 +1665,6 @@ impl Store for PgStore {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        self.recount_claimed(host_id.as_deref()).await;
         Ok(())
     }
 
@@ -1774,7 +1718,6 @@ impl Store for PgStore {
             None => None,
         };
         tx.commit().await?;
-        self.recount_claimed(teardown.as_ref().map(|mandelbox| mandelbox.host_id.as_str())).await;
         Ok(Some(EndedSession { session: ended.into_record()?, teardown, changed: true }))
     }
 
@@ -1819,12 +1762,10 @@ impl Store for PgStore {
         .bind(at)
         .fetch_optional(&self.pool)
         .await?;
-        let end = match row {
-            Some(row) => row.into_token_end()?,
-            None => TokenEnd::UnknownBox,
-        };
-        self.recount_claimed(torn_down_host(&end)).await;
-        Ok(end)
+        match row {
+            Some(row) => row.into_token_end(),
+            None => Ok(TokenEnd::UnknownBox),
+        }
     }
 
     async fn end_sessions_by_token(
@@ -1882,9 +1823,7 @@ impl Store for PgStore {
         if rows.len() != reports.len() {
             return Err(StoreError::Corrupt("a disconnect batch returned the wrong number of rows".into()));
         }
-        let ends = rows.into_iter().map(TokenEndRow::into_token_end).collect::<StoreResult<Vec<_>>>()?;
-        self.recount_claimed(ends.iter().filter_map(torn_down_host)).await;
-        Ok(ends)
+        rows.into_iter().map(TokenEndRow::into_token_end).collect()
     }
 
     async fn get_session(&self, id: Uuid) -> StoreResult<Option<SessionRecord>> {
@@ -1948,26 +1887,6 @@ impl Store for PgStore {
         .fetch_one(&self.pool)
         .await?;
         rows::to_u32("count", live)
-    }
-
-    async fn recount_claimed_boxes(&self) -> StoreResult<u64> {
-        let wrong: Vec<String> = sqlx::query_scalar(
-            "SELECT h.id FROM hosts h \
-             LEFT JOIN host_claims k ON k.host_id = h.id \
-             LEFT JOIN ( \
-                 SELECT host_id, count(*) AS n FROM mandelboxes \
-                 WHERE state IN ('ALLOCATED', 'RUNNING') GROUP BY host_id \
-             ) c ON c.host_id = h.id \
-             WHERE COALESCE(k.claimed, 0) <> COALESCE(c.n, 0)",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        if !wrong.is_empty() {
-            // Counted again under the hosts' locks: a write may have changed
-            // them since the read above.
-            recount_claimed_on(&self.relaxed, &wrong.iter().map(String::as_str).collect::<Vec<_>>()).await?;
-        }
-        Ok(wrong.len() as u64)
     }
 
     async fn sweep(&self, pending_cutoff: DateTime<Utc>, spawn_cutoff: DateTime<Utc>) -> StoreResult<SweepOutcome> {
