@@ -1,0 +1,14 @@
+-- :hosts hosts of capacity :cap; each host: :busy RUNNING, rest WAITING; plus 20000 DEAD history
+TRUNCATE sessions, mandelboxes, hosts, users, regions CASCADE;
+INSERT INTO regions (name) VALUES ('us-east-1');
+INSERT INTO hosts (id, region, state, image, agent_version, address, capacity, generation, created_at, updated_at)
+SELECT 'host-' || lpad(g::text, 5, '0'), 'us-east-1', 'ACTIVE', 'img', 'v', '10.0.0.1', :cap, 1, now(), now()
+FROM generate_series(1, :hosts) g;
+INSERT INTO mandelboxes (id, host_id, region, app, state, session_id, token_hash, created_at, updated_at)
+SELECT gen_random_uuid(), h.id, 'us-east-1', 'chrome',
+       CASE WHEN s <= (random() * :cap)::int THEN 'RUNNING' ELSE 'WAITING' END, gen_random_uuid(), 'x', now(), now()
+FROM hosts h CROSS JOIN generate_series(1, :cap) s;
+INSERT INTO mandelboxes (id, host_id, region, app, state, session_id, token_hash, created_at, updated_at)
+SELECT gen_random_uuid(), 'host-' || lpad((1 + g % :hosts)::text, 5, '0'), 'us-east-1', 'chrome', 'DEAD', gen_random_uuid(), 'x', now(), now()
+FROM generate_series(1, 20000) g;
+ANALYZE;
