@@ -100,12 +100,25 @@ async fn concurrent_ungrouped_allocations_never_share_a_box(backend: Backend) {
     allocations_race(backend, None).await;
 }
 
+/// For the races: they are about who gets a box and how often a session ends,
+/// not about how fast a host answers. Hundreds of calls at once in a debug
+/// build, beside other tests on two cores, can hold a host's heartbeats past
+/// the tests' 3 × 200 ms (the host is then written off as silent and its boxes
+/// lost: once in CI, 10 of 100 boxes, one host's worth, so 90 winners) or an
+/// Assign's answer past their 3 s.
+fn patient_with_a_loaded_machine(config: &mut switchboard::config::Config) {
+    config.hosts.missed_heartbeats = 50;
+    config.allocation.assign_timeout_ms = 30_000;
+    config.hosts.command_timeout_ms = 30_000;
+}
+
 /// `claim_writers`: None, claims not grouped.
 async fn allocations_race(backend: Backend, claim_writers: Option<usize>) {
     let hosts = (1..=10).map(|i| HostSpec::new(&format!("host-{i}"), "us-east-1", 10)).collect();
     let app = TestApp::spawn_with(backend, TestOptions { hosts, ..Default::default() }, |config| {
         config.allocation.group_claims = claim_writers.is_some();
         config.allocation.claim_writers = claim_writers.unwrap_or(1);
+        patient_with_a_loaded_machine(config);
     })
     .await
     .unwrap();
@@ -165,6 +178,7 @@ async fn disconnect_reports_race(backend: Backend, writers: usize) {
     let hosts: Vec<HostSpec> = (1..=10).map(|i| HostSpec::new(&format!("host-{i}"), "us-east-1", 4)).collect();
     let app = TestApp::spawn_with(backend, TestOptions { hosts, ..Default::default() }, |config| {
         config.allocation.disconnect_writers = writers;
+        patient_with_a_loaded_machine(config);
     })
     .await
     .unwrap();
