@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Run W's A/B: two binaries alternated (A B B A ...), PostgreSQL, 16 and 64 clients in 4 rounds,
+# Run W's A/B (also run X's, with PREFIX=runX-pg...): two binaries alternated (A B B A ...), PostgreSQL, 16 and 64 clients in 4 rounds,
 # CPU by process sampled beside each run. Usage: ab.sh NAME_A BIN_A NAME_B BIN_B PAIRS [extra loadgen args]
 set -euo pipefail
 name_a=$1 bin_a=$2 name_b=$3 bin_b=$4 pairs=$5; shift 5
 cd "$(dirname "$0")/../.."
 run() {
   local name=$1 bin=$2; shift 2
-  local out=bench-results/runW-pg-$name
+  local out=bench-results/${PREFIX:-runW-pg}-$name
   mkdir -p "$out"
   "$bin" run --backends postgres --scenarios alloc,limit --clients 16,64 --window-s 20 --rounds 4 \
     --warmup-s 1 --out "$out" "$@" > "$out/run.log" 2>&1 &
