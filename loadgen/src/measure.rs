@@ -73,12 +73,14 @@ pub(crate) fn cpu_time(pid: u32) -> Option<Duration> {
 /// what an idle local PostgreSQL did meanwhile),
 /// loadgen itself (its clients and simulated hosts), and the machine as a
 /// whole (busy time of every CPU, from /proc/stat).
+/// A reading that failed is None, so that a window with one failed end shows
+/// no CPU for that party rather than all it used since it started.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct CpuSample {
-    server: Duration,
+    server: Option<Duration>,
     database: Duration,
-    loadgen: Duration,
-    machine_busy: Duration,
+    loadgen: Option<Duration>,
+    machine_busy: Option<Duration>,
 }
 
 /// A window's CPU in cores (1.0 = one core busy for the whole window).
@@ -93,20 +95,22 @@ pub(crate) struct CpuShares {
 impl CpuSample {
     pub(crate) fn take(server_pid: u32) -> CpuSample {
         CpuSample {
-            server: cpu_time(server_pid).unwrap_or_default(),
+            server: cpu_time(server_pid),
             database: processes_named("postgres").iter().filter_map(|pid| cpu_time(*pid)).sum(),
-            loadgen: cpu_time(std::process::id()).unwrap_or_default(),
-            machine_busy: machine_busy().unwrap_or_default(),
+            loadgen: cpu_time(std::process::id()),
+            machine_busy: machine_busy(),
         }
     }
 
     /// The cores each party used from `self` to `later` over `seconds`.
     pub(crate) fn shares_until(&self, later: &CpuSample, seconds: f64) -> CpuShares {
-        let cores =
-            |a: Duration, b: Duration| if seconds > 0.0 { b.saturating_sub(a).as_secs_f64() / seconds } else { 0.0 };
+        let cores = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
+            (Some(a), Some(b)) if seconds > 0.0 => b.saturating_sub(a).as_secs_f64() / seconds,
+            _ => 0.0,
+        };
         CpuShares {
             server_cores: cores(self.server, later.server),
-            database_cores: cores(self.database, later.database),
+            database_cores: cores(Some(self.database), Some(later.database)),
             loadgen_cores: cores(self.loadgen, later.loadgen),
             machine_busy_cores: cores(self.machine_busy, later.machine_busy),
         }
@@ -259,5 +263,32 @@ impl Progress {
     pub(crate) fn finish_line(&self) {
         self.draw();
         eprintln!();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(server: Option<u64>, database: u64) -> CpuSample {
+        CpuSample {
+            server: server.map(Duration::from_millis),
+            database: Duration::from_millis(database),
+            loadgen: Some(Duration::from_millis(100)),
+            machine_busy: None,
+        }
+    }
+
+    #[test]
+    fn shares_are_the_cores_used_over_the_window() {
+        let shares = sample(Some(1_000), 500).shares_until(&sample(Some(3_000), 1_500), 2.0);
+        assert_eq!((shares.server_cores, shares.database_cores, shares.loadgen_cores), (1.0, 0.5, 0.0));
+    }
+
+    #[test]
+    fn a_failed_reading_shows_no_cpu_rather_than_a_lifetime() {
+        let shares = sample(None, 0).shares_until(&sample(Some(60_000), 0), 2.0);
+        assert_eq!((shares.server_cores, shares.machine_busy_cores), (0.0, 0.0));
+        assert_eq!(sample(Some(0), 0).shares_until(&sample(Some(60_000), 0), 0.0).server_cores, 0.0);
     }
 }

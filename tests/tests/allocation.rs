@@ -104,8 +104,8 @@ async fn concurrent_ungrouped_allocations_never_share_a_box(backend: Backend) {
 /// not about how fast a host answers. Hundreds of calls at once in a debug
 /// build, beside other tests on two cores, can hold a host's heartbeats past
 /// the tests' 3 × 200 ms (the host is then written off as silent and its boxes
-/// lost: once in CI, 10 of 100 boxes, one host's worth, so 90 winners) or an
-/// Assign's answer past their 3 s.
+/// lost: once in CI, 90 winners of 100, one host's worth of boxes missing,
+/// which is how we read that failure) or an Assign's answer past their 3 s.
 fn patient_with_a_loaded_machine(config: &mut switchboard::config::Config) {
     config.hosts.missed_heartbeats = 50;
     config.allocation.assign_timeout_ms = 30_000;
