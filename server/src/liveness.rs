@@ -1,6 +1,7 @@
 //! Housekeeping on a timer: hosts that stayed disconnected past the reconnect
 //! grace period are lost (their sessions end), pending sessions that waited too
-//! long end with NO_CAPACITY, spawns that never completed are written off.
+//! long end with NO_CAPACITY, spawns that never completed are written off,
+//! and the order in which claims try hosts (the fullest first) is recomputed.
 //!
 //! A connected host that goes silent is caught faster, by its own connection
 //! task's heartbeat deadline.
@@ -111,6 +112,9 @@ impl Sweeper {
             tracing::warn!(mandelbox_id = %mandelbox.id, host_id = %mandelbox.host_id, "spawn never confirmed");
             core.registry.refill(&mandelbox.host_id);
         }
+        // Claims prefer hosts by these ranks, so they are at most a pass old.
+        let changed = core.store.refresh_host_ranks().await?;
+        tracing::trace!(hosts = changed, "host ranks refreshed");
         Ok(())
     }
 }

@@ -1019,6 +1019,7 @@ mod contract {
         let big = warm_box(&store, "h-big", APP).await;
         let half = warm_box(&store, "h-half", APP).await;
         let small = warm_box(&store, "h-small", APP).await;
+        store.refresh_host_ranks().await.unwrap();
 
         assert_eq!(claim(&store, "u1", &["r1"]).await.mandelbox.id, small.id); // 2 free
         assert_eq!(claim(&store, "u2", &["r1"]).await.mandelbox.id, half.id); // 3 free
@@ -1065,17 +1066,95 @@ mod contract {
             }
             wanted.truncate(1 + (rng.next() as usize) % 3);
 
+            // The ranks are fresh on most turns (the rule holds exactly);
+            // on the others they may be some claims and ends old, which may
+            // move the choice between hosts but never between regions, and
+            // never turns a claim that the rule serves into a pending one.
+            let fresh = turn % 4 != 3;
+            if fresh {
+                store.refresh_host_ranks().await.unwrap();
+            }
             let expected = chosen_by_the_rule(&store, &wanted).await;
             let outcome = store.create_session_and_claim(&new_session(&format!("u{turn}"), &wanted), NO_LIMIT).await;
             match (outcome.unwrap(), expected) {
-                (ClaimOutcome::Claimed(claim), Some(expected)) => {
+                (ClaimOutcome::Claimed(claim), Some(expected)) if fresh => {
                     assert_eq!(claim.mandelbox.id, expected, "turn {turn}, regions {wanted:?}");
+                    running.push(claim.session.id);
+                }
+                (ClaimOutcome::Claimed(claim), Some(expected)) => {
+                    let expected = store.get_mandelbox(expected).await.unwrap().unwrap();
+                    assert_eq!(claim.mandelbox.region, expected.region, "turn {turn}, regions {wanted:?}");
+                    assert_eq!(claim.mandelbox.app, APP);
                     running.push(claim.session.id);
                 }
                 (ClaimOutcome::Pending(_), None) => {}
                 (outcome, expected) => panic!("turn {turn}, regions {wanted:?}: {outcome:?}, expected {expected:?}"),
             }
         }
+    }
+
+    /// A region of more hosts than PostgreSQL's claim walks by rank before
+    /// it ranks the rest exactly (64), most of the fullest with no box of the
+    /// app: the rule holds on fresh ranks wherever the box is.
+    pub(crate) async fn claim_choice_matches_the_rule_on_a_large_region(_db: &TestDatabase, store: DynStore) {
+        let mut rng = XorShift(0x1a79_e5ee_d000_0001);
+        for i in 0..90_u64 {
+            let host_id = format!("h{i:02}");
+            let capacity = 1 + (rng.next() % 4) as u32;
+            host(&store, &host_id, "r1", "img", capacity).await;
+            // One host in ten warms boxes of the app; the others are full of
+            // another app's boxes (the fullest ranks, with nothing to take).
+            let app = if i % 10 == 7 { APP } else { "other-app" };
+            for _ in 0..capacity {
+                warm_box(&store, &host_id, app).await;
+            }
+        }
+        let mut served = 0;
+        for turn in 0..12 {
+            store.refresh_host_ranks().await.unwrap();
+            let expected = chosen_by_the_rule(&store, &["r1"]).await;
+            let outcome = store.create_session_and_claim(&new_session(&format!("u{turn}"), &["r1"]), NO_LIMIT).await;
+            match (outcome.unwrap(), expected) {
+                (ClaimOutcome::Claimed(claim), Some(expected)) => {
+                    assert_eq!(claim.mandelbox.id, expected, "turn {turn}");
+                    served += 1;
+                }
+                (ClaimOutcome::Pending(_), None) => {}
+                (outcome, expected) => panic!("turn {turn}: {outcome:?}, expected {expected:?}"),
+            }
+        }
+        assert!(served >= 9, "the fleet has boxes of the app for most turns ({served} served)");
+    }
+
+    /// Ranks as of an earlier refresh may move a claim between hosts, but
+    /// never hide a box: not on a host ranked full that has freed a slot, not
+    /// on a host that came after the refresh, not in a region listed first.
+    pub(crate) async fn a_stale_rank_never_hides_a_box(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h-was-full", "r1", "img", 1).await;
+        host(&store, "h-other-app", "r1", "img", 4).await;
+        host(&store, "h-r2", "r2", "img", 4).await;
+        let busy = running_session(&store, "h-was-full", "r1", "busy").await;
+        warm_box(&store, "h-other-app", "other-app").await;
+        warm_box(&store, "h-r2", APP).await;
+        store.refresh_host_ranks().await.unwrap();
+        assert_eq!(store.refresh_host_ranks().await.unwrap(), 0, "nothing changed since the last refresh");
+
+        // h-was-full frees its slot and warms a box: its rank still says full.
+        store.mandelbox_finished(busy.mandelbox.id, MandelboxState::Dead, EndReason::MandelboxExited).await.unwrap();
+        let freed = warm_box(&store, "h-was-full", APP).await;
+        assert_eq!(claim(&store, "u1", &["r1", "r2"]).await.mandelbox.id, freed.id);
+
+        // A host that connected after the refresh has no rank at all.
+        host(&store, "h-new", "r1", "img", 2).await;
+        let on_new = warm_box(&store, "h-new", APP).await;
+        assert_eq!(claim(&store, "u2", &["r1", "r2"]).await.mandelbox.id, on_new.id);
+
+        // A ranked host drained since the refresh is passed over.
+        let on_draining = warm_box(&store, "h-other-app", APP).await;
+        store.drain_host("h-other-app").await.unwrap();
+        let in_r2 = store.host_mandelboxes("h-r2", &[MandelboxState::Waiting]).await.unwrap();
+        assert_eq!(claim(&store, "u3", &["r1", "r2"]).await.mandelbox.id, in_r2[0].id);
+        assert_eq!(box_state(&store, on_draining.id).await, MandelboxState::Waiting);
     }
 
     pub(crate) async fn claim_breaks_ties_by_host_then_age(_db: &TestDatabase, store: DynStore) {
@@ -1522,6 +1601,7 @@ mod contract {
         tick().await;
         let small_new = warm_box(&store, "h-small", APP).await;
         let in_r2 = warm_box(&store, "h-r2", APP).await;
+        store.refresh_host_ranks().await.unwrap();
         for user in ["u1", "u2", "u3", "u4", "u5", "u6", "full"] {
             store.ensure_user(user, None).await.unwrap();
         }
@@ -1593,6 +1673,11 @@ mod contract {
             host(&store, &host_id, "r1", "img", 5).await;
             for _ in 0..5 {
                 warm_box(&store, &host_id, APP).await;
+            }
+            if host_index == 1 {
+                // Two hosts ranked, two not: the race crosses both parts of
+                // the claim's walk (the ranked window, then the exact rest).
+                store.refresh_host_ranks().await.unwrap();
             }
         }
         let batches: Vec<Vec<NewSession>> =
@@ -1670,6 +1755,11 @@ mod contract {
             host(&store, &host_id, "r1", "img", 5).await;
             for _ in 0..5 {
                 warm_box(&store, &host_id, APP).await;
+            }
+            if host_index == 1 {
+                // Two hosts ranked, two not: the race crosses both parts of
+                // the claim's walk (the ranked window, then the exact rest).
+                store.refresh_host_ranks().await.unwrap();
             }
         }
         let outcomes = race_claims(&store, 50, "user").await;
@@ -2343,6 +2433,8 @@ macro_rules! store_contract_suite {
             claim_prefers_the_fullest_host,
             claim_breaks_ties_by_host_then_age,
             claim_choice_matches_the_rule_on_a_random_fleet,
+            claim_choice_matches_the_rule_on_a_large_region,
+            a_stale_rank_never_hides_a_box,
             claim_skips_unfit_boxes,
             pending_session_is_stored_and_queued,
             session_limit_counts_live_sessions,

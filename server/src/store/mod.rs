@@ -672,6 +672,14 @@ pub trait Store: Send + Sync + 'static {
     /// Housekeeping: expires PENDING sessions created before `pending_cutoff`
     /// and SPAWNING boxes last updated before `spawn_cutoff` (see `SweepOutcome`).
     async fn sweep(&self, pending_cutoff: DateTime<Utc>, spawn_cutoff: DateTime<Utc>) -> StoreResult<SweepOutcome>;
+
+    /// Housekeeping: recomputes the order in which claims try a region's
+    /// hosts (the fullest first), which PostgreSQL keeps as of the last call
+    /// so that a claim need not count every host's boxes; returns how many
+    /// hosts' ranks changed. Between two calls a claim may prefer a host
+    /// that was the fullest at the last one; it never misses a box for it.
+    /// SQLite ranks by a count on every claim and returns 0.
+    async fn refresh_host_ranks(&self) -> StoreResult<u64>;
 }
 
 /// Opens the store a URL names, `postgres://…` (or `postgresql://…`) or

@@ -432,21 +432,68 @@ async fn end_sessions_on(
     Ok(ended)
 }
 
-/// The hosts a claim may take a WAITING box of app `$2` from, best first
-/// (region order in `$1`, then the fullest, then id; each host's load
-/// counted once), none of `$3`: the `best` CTE of both claim statements.
+/// The first 64 hosts of region `reg.name` in claim order
+/// by `host_ranks`: an index scan (`host_ranks_claim_order`) that the LIMIT
+/// keeps the planner on. Far more than a claim batch needs on a fleet with
+/// a warm pool; small enough that walking past all of them costs little.
+macro_rules! pg_ranked_window {
+    () => {
+        "SELECT k.host_id FROM host_ranks k WHERE k.region = reg.name \
+         ORDER BY k.free_slots, k.host_id LIMIT 64"
+    };
+}
+
+/// The hosts a claim may take a WAITING box of app `$2` from, best first,
+/// none of `$3`: the `best` CTE of both claim statements, read lazily (the
+/// claims stop at the first boxes they can lock).
+///
+/// For each region of `$1` in order (once each; skipped at once if it has no
+/// WAITING box of the app), first the region's first 64 hosts (`pg_ranked_window!`)
+/// of `host_ranks` (migration 0011: the fullest first as of the last
+/// maintenance pass, then id), an index walk that counts nothing; then,
+/// should none of those give a box, the region's other hosts with a WAITING
+/// box of the app ranked exactly (the fullest by a count of their claimed
+/// boxes, then id). That second part is what every claim used to run, a count
+/// per host and a sort of the region, linear in the region's hosts; it only
+/// runs now when the window is used up, so a host missing from `host_ranks`
+/// (new, or ACTIVE again, since the last pass) or a stale rank never hides a
+/// box. Both parts check the host row itself (ACTIVE, region, image).
+///
+/// The parts are an Append inside a lateral join over the regions, whose
+/// nested loops keep the order of their outer side: the same reliance as the
+/// walk over `best` in `pg_claim_waiting!`.
 macro_rules! pg_best_hosts {
     () => {
-        "SELECT h.id FROM hosts h \
-         LEFT JOIN regions r ON r.name = h.region \
-         CROSS JOIN LATERAL (SELECT count(*) AS busy FROM mandelboxes a \
-                             WHERE a.host_id = h.id AND a.state IN ('ALLOCATED', 'RUNNING')) load \
-         WHERE h.state = 'ACTIVE' AND h.region = ANY($1) \
-           AND h.id IN (SELECT w.host_id FROM mandelboxes w \
-                        WHERE w.state = 'WAITING' AND w.app = $2 AND w.region = ANY($1)) \
-           AND (COALESCE(r.image, '') = '' OR h.image = r.image) \
-           AND h.id <> ALL($3) \
-         ORDER BY array_position($1::text[], h.region), h.capacity - load.busy, h.id"
+        concat!(
+            "SELECT b.id FROM ( \
+                 SELECT u.name, min(u.ord) AS ord FROM unnest($1::text[]) WITH ORDINALITY AS u(name, ord) \
+                 WHERE EXISTS (SELECT 1 FROM mandelboxes w \
+                               WHERE w.state = 'WAITING' AND w.region = u.name AND w.app = $2) \
+                 GROUP BY u.name ORDER BY 2) reg \
+             CROSS JOIN LATERAL ( \
+                 (SELECT h.id FROM (",
+            pg_ranked_window!(),
+            ") k \
+                  CROSS JOIN LATERAL ( \
+                      SELECT h.id FROM hosts h LEFT JOIN regions r ON r.name = h.region \
+                      WHERE h.id = k.host_id AND h.region = reg.name AND h.state = 'ACTIVE' \
+                        AND (COALESCE(r.image, '') = '' OR h.image = r.image) AND h.id <> ALL($3) \
+                      OFFSET 0) h) \
+                 UNION ALL \
+                 (SELECT h.id FROM hosts h \
+                  LEFT JOIN regions r ON r.name = h.region \
+                  LEFT JOIN (",
+            pg_ranked_window!(),
+            ") seen ON seen.host_id = h.id \
+                  CROSS JOIN LATERAL (SELECT count(*) AS busy FROM mandelboxes a \
+                                      WHERE a.host_id = h.id AND a.state IN ('ALLOCATED', 'RUNNING')) load \
+                  WHERE seen.host_id IS NULL AND h.state = 'ACTIVE' AND h.region = reg.name \
+                    AND h.id IN (SELECT w.host_id FROM mandelboxes w \
+                                 WHERE w.state = 'WAITING' AND w.app = $2 AND w.region = reg.name) \
+                    AND (COALESCE(r.image, '') = '' OR h.image = r.image) AND h.id <> ALL($3) \
+                  ORDER BY h.capacity - load.busy, h.id) \
+             ) b"
+        )
     };
 }
 
@@ -454,8 +501,9 @@ macro_rules! pg_best_hosts {
 /// runs exactly this (`CLAIM_WAITING_SQL`) to measure the database's limit.
 macro_rules! pg_claim_waiting {
     ($state:literal) => {
-        // The hosts with a WAITING box of the app first (`best`: region
-        // order, fullest, id; each host's load counted once), then, host by host in that order, its oldest
+        // The hosts in claim order (`best`: region order, then the fullest
+        // by `host_ranks`, then the exact ranking of the rest), then, host
+        // by host in that order, its oldest
         // WAITING box not locked by another claim: the same choice as one
         // ORDER BY over every candidate box, which joined and sorted the
         // whole warm pool on every claim. The outer query has no ORDER BY on
@@ -631,8 +679,8 @@ async fn claim_for_new_sessions<'c>(
 /// it (Allocate's own claim, RUNNING, is part of `create_session_and_claim`).
 ///
 /// Best = first region in `regions`, then the fullest host (fewest free
-/// slots, counting assigned boxes), then host id and box age for a stable
-/// order. `SKIP LOCKED` makes concurrent claimers pass over a box another
+/// slots, counting assigned boxes, as of the last `refresh_host_ranks`),
+/// then host id and box age for a stable order. `SKIP LOCKED` makes concurrent claimers pass over a box another
 /// transaction is taking instead of waiting for it; the locking happens before
 /// `LIMIT`, so a claimer only gets nothing when every match is taken.
 async fn claim_waiting(
@@ -1887,6 +1935,41 @@ impl Store for PgStore {
         .fetch_one(&self.pool)
         .await?;
         rows::to_u32("count", live)
+    }
+
+    async fn refresh_host_ranks(&self) -> StoreResult<u64> {
+        // Derived data: the relaxed pool (no flush to wait for). One refresh
+        // at a time (the transaction's advisory lock; a second one skips),
+        // so that two never lock the same ranks in different orders.
+        let mut tx = self.relaxed.begin().await?;
+        let first: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtext('switchboard.host_ranks'))")
+            .fetch_one(&mut *tx)
+            .await?;
+        if !first {
+            return Ok(0);
+        }
+        // ACTIVE hosts only: a claim takes no box elsewhere, and a host that
+        // comes back is found by the claims' exact ranking until the next pass.
+        let gone = sqlx::query(
+            "DELETE FROM host_ranks k WHERE NOT EXISTS \
+             (SELECT 1 FROM hosts h WHERE h.id = k.host_id AND h.state = 'ACTIVE')",
+        )
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let changed = sqlx::query(
+            "INSERT INTO host_ranks (host_id, region, free_slots) \
+             SELECT h.id, h.region, NULLIF(GREATEST(h.capacity - count(m.id), 0), 0) FROM hosts h \
+             LEFT JOIN mandelboxes m ON m.host_id = h.id AND m.state IN ('ALLOCATED', 'RUNNING') \
+             WHERE h.state = 'ACTIVE' GROUP BY h.id ORDER BY h.id \
+             ON CONFLICT (host_id) DO UPDATE SET region = excluded.region, free_slots = excluded.free_slots \
+             WHERE (host_ranks.region, host_ranks.free_slots) IS DISTINCT FROM (excluded.region, excluded.free_slots)",
+        )
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(gone + changed)
     }
 
     async fn sweep(&self, pending_cutoff: DateTime<Utc>, spawn_cutoff: DateTime<Utc>) -> StoreResult<SweepOutcome> {

@@ -1604,6 +1604,12 @@ impl Store for SqliteStore {
         rows::to_u32("count", live)
     }
 
+    async fn refresh_host_ranks(&self) -> StoreResult<u64> {
+        // Nothing kept: a claim here counts each candidate host's boxes (one
+        // writer, and the embedded store serves small fleets).
+        Ok(0)
+    }
+
     async fn sweep(&self, pending_cutoff: DateTime<Utc>, spawn_cutoff: DateTime<Utc>) -> StoreResult<SweepOutcome> {
         let at = now();
         let mut tx = self.begin_write().await?;
