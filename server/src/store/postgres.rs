@@ -1950,20 +1950,25 @@ impl Store for PgStore {
         }
         // ACTIVE hosts only: a claim takes no box elsewhere, and a host that
         // comes back is found by the claims' exact ranking until the next pass.
-        let gone = sqlx::query(
-            "DELETE FROM host_ranks k WHERE NOT EXISTS \
-             (SELECT 1 FROM hosts h WHERE h.id = k.host_id AND h.state = 'ACTIVE')",
-        )
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        let gone = sqlx::query("DELETE FROM host_ranks k USING hosts h WHERE h.id = k.host_id AND h.state <> 'ACTIVE'")
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        // Only the ranks that changed are written: an upsert of every row
+        // would lock and dirty the whole table on every pass (the count is
+        // the pass's main cost: 115–170 ms at 15,000 mostly full hosts,
+        // BENCHMARKS.md run Y).
         let changed = sqlx::query(
-            "INSERT INTO host_ranks (host_id, region, free_slots) \
-             SELECT h.id, h.region, NULLIF(GREATEST(h.capacity - count(m.id), 0), 0) FROM hosts h \
-             LEFT JOIN mandelboxes m ON m.host_id = h.id AND m.state IN ('ALLOCATED', 'RUNNING') \
-             WHERE h.state = 'ACTIVE' GROUP BY h.id ORDER BY h.id \
-             ON CONFLICT (host_id) DO UPDATE SET region = excluded.region, free_slots = excluded.free_slots \
-             WHERE (host_ranks.region, host_ranks.free_slots) IS DISTINCT FROM (excluded.region, excluded.free_slots)",
+            "WITH fresh AS ( \
+                 SELECT h.id, h.region, NULLIF(GREATEST(h.capacity - count(m.id), 0), 0) AS free_slots \
+                 FROM hosts h \
+                 LEFT JOIN mandelboxes m ON m.host_id = h.id AND m.state IN ('ALLOCATED', 'RUNNING') \
+                 WHERE h.state = 'ACTIVE' GROUP BY h.id \
+             ) INSERT INTO host_ranks (host_id, region, free_slots) \
+             SELECT f.id, f.region, f.free_slots FROM fresh f LEFT JOIN host_ranks k ON k.host_id = f.id \
+             WHERE k.host_id IS NULL OR (k.region, k.free_slots) IS DISTINCT FROM (f.region, f.free_slots) \
+             ORDER BY f.id \
+             ON CONFLICT (host_id) DO UPDATE SET region = excluded.region, free_slots = excluded.free_slots",
         )
         .execute(&mut *tx)
         .await?
