@@ -432,9 +432,9 @@ async fn end_sessions_on(
     Ok(ended)
 }
 
-/// The first 64 hosts of region `reg.name` in claim order
-/// by `host_ranks`: an index scan (`host_ranks_claim_order`) that the LIMIT
-/// keeps the planner on. Far more than a claim batch needs on a fleet with
+/// The first 64 hosts of region `reg.name` in claim order by `host_ranks`:
+/// an index scan (`host_ranks_claim_order`) that the LIMIT keeps the planner
+/// on (unbounded, it would sort the region's ranks). Far more than a claim batch needs on a fleet with
 /// a warm pool; small enough that walking past all of them costs little.
 macro_rules! pg_ranked_window {
     () => {
@@ -448,9 +448,9 @@ macro_rules! pg_ranked_window {
 /// claims stop at the first boxes they can lock).
 ///
 /// For each region of `$1` in order (once each; skipped at once if it has no
-/// WAITING box of the app), first the region's first 64 hosts (`pg_ranked_window!`)
-/// of `host_ranks` (migration 0011: the fullest first as of the last
-/// maintenance pass, then id), an index walk that counts nothing; then,
+/// WAITING box of the app), first the region's first 64 hosts of
+/// `host_ranks` (`pg_ranked_window!`; migration 0011: the fullest first as of
+/// the last maintenance pass, then id), an index walk that counts nothing; then,
 /// should none of those give a box, the region's other hosts with a WAITING
 /// box of the app ranked exactly (the fullest by a count of their claimed
 /// boxes, then id). That second part is what every claim used to run, a count
@@ -680,9 +680,10 @@ async fn claim_for_new_sessions<'c>(
 ///
 /// Best = first region in `regions`, then the fullest host (fewest free
 /// slots, counting assigned boxes, as of the last `refresh_host_ranks`),
-/// then host id and box age for a stable order. `SKIP LOCKED` makes concurrent claimers pass over a box another
-/// transaction is taking instead of waiting for it; the locking happens before
-/// `LIMIT`, so a claimer only gets nothing when every match is taken.
+/// then host id and box age for a stable order. `SKIP LOCKED` makes
+/// concurrent claimers pass over a box another transaction is taking instead
+/// of waiting for it; the locking happens before `LIMIT`, so a claimer only
+/// gets nothing when every match is taken.
 async fn claim_waiting(
     conn: &mut PgConnection,
     regions: &[String],
