@@ -155,6 +155,10 @@ struct RunArgs {
     /// store cycle's.
     #[arg(long, default_value_t = switchboard::config::DatabaseConfig::default().max_connections)]
     max_connections: u32,
+    /// The server's maintenance pass (`hosts.maintenance_interval_ms`): the
+    /// sweeper, and the refresh of the host ranks that claims walk.
+    #[arg(long, default_value_t = switchboard::config::HostsConfig::default().maintenance_interval_ms)]
+    maintenance_interval_ms: u64,
     /// The allocation loops' client sends its box's ReportDisconnect itself
     /// and waits for it before allocating again (runs A–M), instead of the box
     /// reporting on its own connection as in the product.
@@ -183,6 +187,7 @@ impl RunArgs {
             claim_writers: self.claim_writers,
             bookkeeping_linger_ms: self.bookkeeping_linger_ms,
             max_connections: self.max_connections,
+            maintenance_interval_ms: self.maintenance_interval_ms,
         }
     }
 
@@ -221,6 +226,7 @@ impl RunArgs {
             claim_writers: switchboard::config::AllocationConfig::default().claim_writers,
             bookkeeping_linger_ms: switchboard::config::AllocationConfig::default().bookkeeping_linger_ms,
             max_connections: switchboard::config::DatabaseConfig::default().max_connections,
+            maintenance_interval_ms: switchboard::config::HostsConfig::default().maintenance_interval_ms,
             client_waits_for_disconnect: false,
             users_per_client: 2,
             postgres_url,

@@ -72,6 +72,9 @@ pub(crate) struct ServeArgs {
     /// `database.max_connections`.
     #[arg(long, default_value_t = switchboard::config::DatabaseConfig::default().max_connections)]
     pub(crate) max_connections: u32,
+    /// `hosts.maintenance_interval_ms`.
+    #[arg(long, default_value_t = switchboard::config::HostsConfig::default().maintenance_interval_ms)]
+    pub(crate) maintenance_interval_ms: u64,
 }
 
 /// How the server under test is set beyond its defaults: its PostgreSQL pool,
@@ -91,6 +94,8 @@ pub(crate) struct ServerSettings {
     pub(crate) claim_writers: usize,
     /// `allocation.bookkeeping_linger_ms`.
     pub(crate) bookkeeping_linger_ms: u64,
+    /// `hosts.maintenance_interval_ms`.
+    pub(crate) maintenance_interval_ms: u64,
 }
 
 /// Child side: runs the control plane until stdin closes.
@@ -105,6 +110,7 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.hosts.credential_secret = Secret::new(args.secret.clone());
     config.hosts.heartbeat_interval_ms = args.heartbeat_ms;
     config.hosts.missed_heartbeats = args.missed_heartbeats;
+    config.hosts.maintenance_interval_ms = args.maintenance_interval_ms;
     config.hosts.hello_timeout_ms = 30_000;
     config.hosts.command_timeout_ms = 30_000;
     config.allocation.min_client_version = "1.0.0".into();
@@ -225,6 +231,7 @@ impl ServerProcess {
             .args(["--claim-writers", &settings.claim_writers.to_string()])
             .args(["--bookkeeping-linger-ms", &settings.bookkeeping_linger_ms.to_string()])
             .args(["--max-connections", &settings.max_connections.to_string()])
+            .args(["--maintenance-interval-ms", &settings.maintenance_interval_ms.to_string()])
             .env("LOADGEN_HOST_SECRET", secret)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

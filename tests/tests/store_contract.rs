@@ -500,6 +500,42 @@ mod contract {
         assert_eq!(store.host_summary("nowhere").await.unwrap(), None);
     }
 
+    pub(crate) async fn box_coming_in_sees_free_and_freeing_boxes_of_active_hosts(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h1", "r1", "img", 10).await;
+        host(&store, "h2", "r2", "img", 10).await;
+        let coming = |regions: &'static [&'static str]| {
+            let store = store.clone();
+            async move {
+                let regions: Vec<String> = regions.iter().map(|region| (*region).to_owned()).collect();
+                store.box_coming_in(&regions).await.unwrap()
+            }
+        };
+        assert!(!coming(&["r1", "r2"]).await, "no boxes at all");
+        let running = running_session(&store, "h1", "r1", "u1").await;
+        assert!(!coming(&["r1"]).await, "a RUNNING box is taken");
+
+        let spawning = spawning_box(&store, "h1", APP).await;
+        assert!(coming(&["r1"]).await, "SPAWNING");
+        assert!(coming(&["r3", "r1"]).await, "any of the regions");
+        assert!(!coming(&["r2", "r3"]).await, "only the regions asked for");
+        assert!(!coming(&[]).await);
+        store.mandelbox_finished(spawning.id, MandelboxState::Dead, EndReason::MandelboxExited).await.unwrap();
+        assert!(!coming(&["r1"]).await, "a DEAD box is gone");
+
+        warm_box(&store, "h1", APP).await;
+        assert!(coming(&["r1"]).await, "WAITING");
+        claim(&store, "u2", &["r1"]).await;
+        assert!(!coming(&["r1"]).await, "its claim took it");
+        store.end_session(running.session.id, EndReason::UserEnded).await.unwrap();
+        assert_eq!(box_state(&store, running.mandelbox.id).await, MandelboxState::Dying);
+        assert!(coming(&["r1"]).await, "DYING: its replacement is on the way");
+
+        warm_box(&store, "h2", APP).await;
+        assert!(coming(&["r2"]).await);
+        store.drain_host("h2").await.unwrap();
+        assert!(!coming(&["r2"]).await, "a draining host gets no new sessions");
+    }
+
     pub(crate) async fn hosts_disconnected_before_a_cutoff(_db: &TestDatabase, store: DynStore) {
         host(&store, "h1", "r1", "img", 1).await;
         host(&store, "h2", "r1", "img", 1).await;
@@ -2413,6 +2449,7 @@ macro_rules! store_contract_suite {
             mark_host_lost_loses_boxes_and_ends_their_sessions,
             mark_host_lost_honours_the_generation,
             list_hosts_counts_boxes_by_kind,
+            box_coming_in_sees_free_and_freeing_boxes_of_active_hosts,
             hosts_disconnected_before_a_cutoff,
             mark_connected_hosts_disconnected_at_start_up,
             config_entries_are_read_by_key,
@@ -2498,6 +2535,34 @@ mod postgres {
     use super::*;
 
     store_contract_suite!(Backend::Postgres);
+
+    /// A setting of the store's connections, read on one of them.
+    async fn setting_of(store: &PgStore, name: &str) -> String {
+        sqlx::query_scalar(&format!("SHOW {name}")).fetch_one(store.pool()).await.unwrap()
+    }
+
+    /// The store's connections plan without bitmap scans, which never mark a
+    /// dead index entry, so that on tables whose rows change state thousands
+    /// of times a second a lookup's cost does not grow until the next vacuum
+    /// (`SESSION_SETTINGS` in store/postgres.rs; BENCHMARKS.md run Z). The
+    /// database URL's own options still win, and its other options are kept.
+    #[tokio::test]
+    async fn the_stores_connections_plan_without_bitmap_scans_unless_the_url_says_otherwise() {
+        let db = switchboard_tests::db::fresh(Backend::Postgres).await.unwrap();
+        let store = PgStore::connect(db.url(), 2).await.unwrap();
+        assert_eq!(setting_of(&store, "enable_bitmapscan").await, "off");
+
+        let separator = if db.url().contains('?') { '&' } else { '?' };
+        let url = format!("{}{separator}options=-c%20enable_bitmapscan%3Don%20-c%20work_mem%3D7MB", db.url());
+        let store = PgStore::connect(&url, 2).await.unwrap();
+        assert_eq!(setting_of(&store, "enable_bitmapscan").await, "on", "the URL's own setting is kept");
+        assert_eq!(setting_of(&store, "work_mem").await, "7MB", "the URL's other options are kept");
+
+        let url = format!("{}{separator}options=-c%20work_mem%3D7MB", db.url());
+        let store = PgStore::connect(&url, 2).await.unwrap();
+        assert_eq!(setting_of(&store, "enable_bitmapscan").await, "off", "added beside the URL's options");
+        assert_eq!(setting_of(&store, "work_mem").await, "7MB");
+    }
 
     /// Two stores on one database stand for two replicas: their claims can
     /// only be kept apart by the database itself.

@@ -30,7 +30,7 @@ use tokio::sync::Notify;
 pub use config::ScalingConfig;
 pub use scaler::{FleetScaler, ScalerOptions};
 
-use crate::{error::ApiResult, model::HostState, store::DynStore};
+use crate::{error::ApiResult, store::DynStore};
 
 #[async_trait]
 pub trait CapacityPlanner: Send + Sync + 'static {
@@ -63,12 +63,8 @@ impl CapacityPlanner for ScalingPlanner {
         for region in regions {
             self.scaler.wake(region);
         }
-        for region in regions {
-            let hosts = self.store.list_hosts(Some(region)).await?;
-            // Live and not assigned: SPAWNING, WAITING or DYING.
-            if hosts.iter().any(|summary| summary.host.state == HostState::Active && summary.live > summary.assigned) {
-                return Ok(true);
-            }
+        if self.store.box_coming_in(regions).await? {
+            return Ok(true);
         }
         let scaled = self.store.list_regions().await?;
         for region in scaled.iter().filter(|r| r.enabled && regions.contains(&r.name)) {

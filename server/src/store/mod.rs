@@ -452,6 +452,15 @@ pub trait Store: Send + Sync + 'static {
     /// Hosts (optionally of one region) with their box counts, by id.
     async fn list_hosts(&self, region: Option<&str>) -> StoreResult<Vec<HostSummary>>;
 
+    /// Whether an ACTIVE host of one of `regions` holds a box that is or will
+    /// soon be free: SPAWNING, WAITING, or DYING (a torn-down box's
+    /// replacement is spawned before it is written, so its slot shows DYING
+    /// until the replacement is warm). What an Allocate that found no box asks
+    /// before it queues its session; one lookup, whatever the fleet's size
+    /// (it used to count every box of every host of the region, on every such
+    /// Allocate: the work grew exactly when the pool ran dry).
+    async fn box_coming_in(&self, regions: &[String]) -> StoreResult<bool>;
+
     /// One host with its box counts, as `list_hosts` gives it; None if it is
     /// unknown or terminated.
     async fn host_summary(&self, host_id: &str) -> StoreResult<Option<HostSummary>>;

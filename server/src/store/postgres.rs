@@ -61,6 +61,7 @@ pub struct PgStore {
 impl PgStore {
     pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Self> {
         let options: PgConnectOptions = url.parse()?;
+        let options = with_session_settings(options);
         let pool = pool_options(max_connections).connect_with(options.clone()).await?;
         // Opened as bookkeeping needs them, so an idle replica holds none.
         let relaxed = pool_options((max_connections / 2).max(1))
@@ -78,6 +79,28 @@ impl PgStore {
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
+}
+
+/// Planner settings every connection of the store starts with, unless the
+/// database URL's `options` set them already.
+///
+/// No bitmap scans. The store's hot statements look up a few live rows of
+/// tables whose rows change state thousands of times a second (a box WAITING,
+/// RUNNING, DYING, DEAD; a session), and each change leaves an index entry
+/// pointing at a dead row version until a vacuum clears it. A plain index scan
+/// that finds such an entry marks it dead, so the next scan steps over it
+/// without reading the table; a bitmap scan reads the table for every entry
+/// and marks none. With bitmap scans, which the planner picks for a host's
+/// boxes, every claim, count of a host's boxes and bookkeeping batch read
+/// every version since the last vacuum: at 64 clients Allocate fell from
+/// 3,068/s to about 500/s within a minute, and autovacuum, which visits a
+/// database at most once a minute, cannot keep up with that (BENCHMARKS.md run
+/// Z: 3,400/s for the whole minute without them).
+const SESSION_SETTINGS: [(&str, &str); 1] = [("enable_bitmapscan", "off")];
+
+fn with_session_settings(options: PgConnectOptions) -> PgConnectOptions {
+    let given = options.get_options().unwrap_or_default().to_owned();
+    options.options(SESSION_SETTINGS.into_iter().filter(|(name, _)| !given.contains(name)))
 }
 
 fn pool_options(max_connections: u32) -> PgPoolOptions {
@@ -1070,6 +1093,16 @@ impl Store for PgStore {
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter().map(HostSummaryRow::into_summary).collect()
+    }
+
+    async fn box_coming_in(&self, regions: &[String]) -> StoreResult<bool> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM mandelboxes m JOIN hosts h ON h.id = m.host_id \
+             WHERE m.region = ANY($1) AND m.state IN ('SPAWNING', 'WAITING', 'DYING') AND h.state = 'ACTIVE')",
+        )
+        .bind(regions)
+        .fetch_one(&self.pool)
+        .await?)
     }
 
     async fn host_summary(&self, host_id: &str) -> StoreResult<Option<HostSummary>> {

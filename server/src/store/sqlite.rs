@@ -1101,6 +1101,17 @@ impl Store for SqliteStore {
         rows.into_iter().map(HostSummaryRow::into_summary).collect()
     }
 
+    async fn box_coming_in(&self, regions: &[String]) -> StoreResult<bool> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM mandelboxes m JOIN hosts h ON h.id = m.host_id \
+             WHERE m.region IN (SELECT value FROM json_each(?1)) \
+               AND m.state IN ('SPAWNING', 'WAITING', 'DYING') AND h.state = 'ACTIVE')",
+        )
+        .bind(json_list(regions)?)
+        .fetch_one(&self.reader)
+        .await?)
+    }
+
     async fn host_summary(&self, host_id: &str) -> StoreResult<Option<HostSummary>> {
         sqlx::query_as::<_, HostSummaryRow>(concat!(
             host_summary_select!(),
