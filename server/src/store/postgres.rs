@@ -1096,9 +1096,14 @@ impl Store for PgStore {
     }
 
     async fn box_coming_in(&self, regions: &[String]) -> StoreResult<bool> {
+        // From the region's ACTIVE hosts to each one's live boxes
+        // (`mandelboxes_live_by_host`), stopping at the first: no index leads
+        // with a box's region and state, so asked from the boxes' side the
+        // query would scan the whole table, history and all.
         Ok(sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM mandelboxes m JOIN hosts h ON h.id = m.host_id \
-             WHERE m.region = ANY($1) AND m.state IN ('SPAWNING', 'WAITING', 'DYING') AND h.state = 'ACTIVE')",
+            "SELECT EXISTS (SELECT 1 FROM hosts h WHERE h.region = ANY($1) AND h.state = 'ACTIVE' \
+             AND EXISTS (SELECT 1 FROM mandelboxes m \
+                         WHERE m.host_id = h.id AND m.state IN ('SPAWNING', 'WAITING', 'DYING')))",
         )
         .bind(regions)
         .fetch_one(&self.pool)
@@ -1154,12 +1159,18 @@ impl Store for PgStore {
         if lock_host(&mut tx, host_id).await?.is_none() {
             return Ok(Reconciliation { teardown: reported_ids, ..Reconciliation::default() });
         }
+        // Two lookups by index, not one `state IN … OR id = ANY(…)`: that OR
+        // spans two indexes, which only a bitmap scan combines, and the
+        // store's connections plan without bitmap scans (`SESSION_SETTINGS`),
+        // so it would scan the whole table, history and all, per reconnect.
         let known = sqlx::query_as::<_, MandelboxRow>(concat!(
             "SELECT ",
             mandelbox_columns!(),
-            " FROM mandelboxes WHERE host_id = $1 AND (state IN ",
+            " FROM mandelboxes WHERE host_id = $1 AND state IN ",
             live_box_states!(),
-            " OR id = ANY($2))"
+            " UNION SELECT ",
+            mandelbox_columns!(),
+            " FROM mandelboxes WHERE id = ANY($2) AND host_id = $1"
         ))
         .bind(host_id)
         .bind(&reported_ids)
