@@ -1159,21 +1159,19 @@ impl Store for PgStore {
         if lock_host(&mut tx, host_id).await?.is_none() {
             return Ok(Reconciliation { teardown: reported_ids, ..Reconciliation::default() });
         }
-        // Two lookups by index, not one `state IN … OR id = ANY(…)`: that OR
-        // spans two indexes, which only a bitmap scan combines, and the
-        // store's connections plan without bitmap scans (`SESSION_SETTINGS`),
-        // so it would scan the whole table, history and all, per reconnect.
+        // The host's live boxes only: a reported box that is not one of them
+        // is torn down whatever its row says (`ReconcilePlan::new`), so the
+        // finished rows of reported ids need not be read (asking for them too,
+        // `OR id = ANY(…)`, spanned two indexes, which only a bitmap scan
+        // combines: without bitmap scans, `SESSION_SETTINGS`, it scanned the
+        // whole table, history and all, on every reconnect).
         let known = sqlx::query_as::<_, MandelboxRow>(concat!(
             "SELECT ",
             mandelbox_columns!(),
             " FROM mandelboxes WHERE host_id = $1 AND state IN ",
-            live_box_states!(),
-            " UNION SELECT ",
-            mandelbox_columns!(),
-            " FROM mandelboxes WHERE id = ANY($2) AND host_id = $1"
+            live_box_states!()
         ))
         .bind(host_id)
-        .bind(&reported_ids)
         .fetch_all(&mut *tx)
         .await?;
         let plan = rows::ReconcilePlan::new(reported, &mandelboxes(known)?, claimed_before);

@@ -111,7 +111,8 @@ pub(super) fn unique_ids(reported: &[ReportedMandelbox]) -> Vec<Uuid> {
 }
 
 /// What `reconcile_host` will do, decided from what the host reported and the
-/// boxes the database holds for it (its live boxes plus any reported one).
+/// live boxes the database holds for it (a reported box that is not one of
+/// them is torn down, whether its row is finished, on another host or absent).
 pub(super) struct ReconcilePlan {
     /// Reported boxes the host must tear down, in reported order.
     pub(super) teardown: Vec<Uuid>,

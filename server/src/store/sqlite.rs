@@ -1161,15 +1161,15 @@ impl Store for SqliteStore {
         if select_host(&mut tx, host_id).await?.is_none() {
             return Ok(Reconciliation { teardown: reported_ids, ..Reconciliation::default() });
         }
+        // The host's live boxes only: a reported box that is not one of them
+        // is torn down whatever its row says (`ReconcilePlan::new`).
         let known = sqlx::query_as::<_, MandelboxRow>(concat!(
             "SELECT ",
             mandelbox_columns!(),
-            " FROM mandelboxes WHERE host_id = ?1 AND (state IN ",
-            live_box_states!(),
-            " OR id IN (SELECT value FROM json_each(?2)))"
+            " FROM mandelboxes WHERE host_id = ?1 AND state IN ",
+            live_box_states!()
         ))
         .bind(host_id)
-        .bind(json_list(&reported_ids)?)
         .fetch_all(&mut *tx)
         .await?;
         let plan = rows::ReconcilePlan::new(reported, &mandelboxes(known)?, claimed_before);
