@@ -456,9 +456,10 @@ pub trait Store: Send + Sync + 'static {
     /// soon be free: SPAWNING, WAITING, or DYING (a torn-down box's
     /// replacement is spawned before it is written, so its slot shows DYING
     /// until the replacement is warm). What an Allocate that found no box asks
-    /// before it queues its session; one lookup, whatever the fleet's size
-    /// (it used to count every box of every host of the region, on every such
-    /// Allocate: the work grew exactly when the pool ran dry).
+    /// before it queues its session: at most one index probe per host of the
+    /// regions, stopping at the first box, and no counts (it used to count
+    /// every box of every host of the region, on every such Allocate: the work
+    /// grew exactly when the pool ran dry).
     async fn box_coming_in(&self, regions: &[String]) -> StoreResult<bool>;
 
     /// One host with its box counts, as `list_hosts` gives it; None if it is

@@ -93,9 +93,9 @@ impl PgStore {
 /// and marks none. With bitmap scans, which the planner picks for a host's
 /// boxes, every claim, count of a host's boxes and bookkeeping batch read
 /// every version since the last vacuum: at 64 clients Allocate fell from
-/// 3,068/s to about 500/s within a minute, and autovacuum, which visits a
-/// database at most once a minute, cannot keep up with that (BENCHMARKS.md run
-/// Z: 3,400/s for the whole minute without them).
+/// about 3,100/s to about 620/s within a minute, and autovacuum, which visits
+/// a database at most once a minute, cannot keep up with that (BENCHMARKS.md
+/// run Z: 3,540–3,587/s over one and three minutes without them).
 const SESSION_SETTINGS: [(&str, &str); 1] = [("enable_bitmapscan", "off")];
 
 fn with_session_settings(options: PgConnectOptions) -> PgConnectOptions {

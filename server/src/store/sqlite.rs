@@ -1102,10 +1102,13 @@ impl Store for SqliteStore {
     }
 
     async fn box_coming_in(&self, regions: &[String]) -> StoreResult<bool> {
+        // From the hosts' side, as on PostgreSQL: no index leads with a box's
+        // region, while `mandelboxes_host_state` serves each host's boxes.
         Ok(sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM mandelboxes m JOIN hosts h ON h.id = m.host_id \
-             WHERE m.region IN (SELECT value FROM json_each(?1)) \
-               AND m.state IN ('SPAWNING', 'WAITING', 'DYING') AND h.state = 'ACTIVE')",
+            "SELECT EXISTS (SELECT 1 FROM hosts h \
+             WHERE h.region IN (SELECT value FROM json_each(?1)) AND h.state = 'ACTIVE' \
+               AND EXISTS (SELECT 1 FROM mandelboxes m \
+                           WHERE m.host_id = h.id AND m.state IN ('SPAWNING', 'WAITING', 'DYING')))",
         )
         .bind(json_list(regions)?)
         .fetch_one(&self.reader)
