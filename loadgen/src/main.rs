@@ -20,6 +20,7 @@ mod report;
 mod runtime;
 mod scenarios;
 mod server;
+mod server_phases;
 mod store_cycle;
 
 use std::{path::PathBuf, time::Duration};
@@ -93,7 +94,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 32)]
     hosts: usize,
     /// Boxes per host. 32 × 12 leaves room for 64 clients that each hold up
-    /// to `users_per_client` + 1 boxes and the boxes being recycled (with 8,
+    /// to `reports_in_flight` + 1 boxes and the boxes being recycled (with 8,
     /// the pool ran dry now and then at 64 clients and 2 users each).
     #[arg(long, default_value_t = 12)]
     capacity: u32,
@@ -164,14 +165,19 @@ struct RunArgs {
     /// reporting on its own connection as in the product.
     #[arg(long)]
     client_waits_for_disconnect: bool,
-    /// Users each allocation loop's client allocates as, in turn, with as
-    /// many of its boxes' reports in flight (a user holds at most two live
-    /// sessions). A client holds up to one box more than this (and the boxes
-    /// being recycled): keep the clients' boxes within hosts × capacity, or
-    /// the pool runs dry. 1: each Allocate after the first waits for the
-    /// previous report (runs N–Q).
-    #[arg(long, default_value_t = 2)]
+    /// Users each allocation loop's client allocates as, in turn. Above
+    /// `reports_in_flight`, a user allocates again only once its previous
+    /// session's end is written (runs Q–Z used 2 and 2: a user's Allocate
+    /// raced its own last session's end).
+    #[arg(long, default_value_t = 8)]
     users_per_client: usize,
+    /// Reports of a client's boxes in flight before it awaits the oldest. A
+    /// client holds up to one box more than this (and the boxes being
+    /// recycled): keep the clients' boxes within hosts × capacity, or the
+    /// pool runs dry. 1 (with one user): each Allocate after the first waits
+    /// for the previous report (runs N–Q).
+    #[arg(long, default_value_t = 2)]
+    reports_in_flight: usize,
     #[arg(long, env = "SWITCHBOARD_TEST_POSTGRES_URL", default_value = DEFAULT_POSTGRES)]
     postgres_url: String,
     #[arg(long, default_value = "target/loadgen")]
@@ -195,7 +201,10 @@ impl RunArgs {
         if self.client_waits_for_disconnect {
             scenarios::DisconnectModel::ClientWaits
         } else {
-            scenarios::DisconnectModel::FromTheBox { users: self.users_per_client.max(1) }
+            scenarios::DisconnectModel::FromTheBox {
+                users: self.users_per_client.max(1),
+                in_flight: self.reports_in_flight.max(1),
+            }
         }
     }
 
@@ -228,7 +237,8 @@ impl RunArgs {
             max_connections: switchboard::config::DatabaseConfig::default().max_connections,
             maintenance_interval_ms: switchboard::config::HostsConfig::default().maintenance_interval_ms,
             client_waits_for_disconnect: false,
-            users_per_client: 2,
+            users_per_client: 8,
+            reports_in_flight: 2,
             postgres_url,
             out,
         }

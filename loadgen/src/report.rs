@@ -128,9 +128,9 @@ pub(crate) fn markdown(report: &RunReport) -> String {
         }
         if !backend.allocation.is_empty() {
             let returned = match report.disconnect_model {
-                DisconnectModel::FromTheBox { users } => format!(
+                DisconnectModel::FromTheBox { users, in_flight } => format!(
                     "the box's ReportDisconnect returns the box while the client allocates again, as {users} \
-                     user(s) in turn with up to {users} report(s) in flight"
+                     user(s) in turn with up to {in_flight} report(s) in flight"
                 ),
                 DisconnectModel::ClientWaits => {
                     "then ReportDisconnect returns the box, the client waiting for it".into()
@@ -159,6 +159,46 @@ pub(crate) fn markdown(report: &RunReport) -> String {
                     per_allocation_ms(point.cpu.loadgen_cores, point.allocations_per_s),
                     if point.errors.is_empty() { "none".into() } else { format!("{:?}", point.errors) }
                 );
+            }
+            let _ = writeln!(out);
+        }
+        let phased: Vec<_> = backend
+            .allocation
+            .iter()
+            .filter_map(|point| Some((point.clients, point.server_phases.as_ref()?)))
+            .collect();
+        if !phased.is_empty() {
+            let _ = writeln!(
+                out,
+                "### Where Allocate's time goes on the server (its `/metrics` histograms over the window)\n\n\
+                 Each cell: p50 / p99 / the slowest's bucket bound (mean), ms, percentiles interpolated \
+                 inside the histogram's buckets. `claim` is \
+                 the caller's wait (queued, then written); `claim batch` one store write of a batch; \
+                 `handler` the whole handler after the policy (`auth`). The client's latency less \
+                 `auth` and `handler` is transport and scheduling.\n"
+            );
+            let names: Vec<&str> = phased
+                .first()
+                .map(|(_, phases)| phases.phases.iter().map(|phase| phase.phase.as_str()).collect())
+                .unwrap_or_default();
+            let _ = writeln!(out, "| clients | {} | claims per batch |", names.join(" | "));
+            let _ = writeln!(out, "|---:|{}---:|", "---|".repeat(names.len()));
+            for (clients, phases) in phased {
+                let cells: Vec<String> = names
+                    .iter()
+                    .map(|name| {
+                        phases.phases.iter().find(|phase| phase.phase == *name).map_or_else(
+                            || "-".to_owned(),
+                            |phase| {
+                                format!(
+                                    "{:.2} / {:.2} / ≤{} ({:.2})",
+                                    phase.p50_ms, phase.p99_ms, phase.max_bound_ms, phase.mean_ms
+                                )
+                            },
+                        )
+                    })
+                    .collect();
+                let _ = writeln!(out, "| {clients} | {} | {:.1} |", cells.join(" | "), phases.claims_per_batch);
             }
             let _ = writeln!(out);
         }

@@ -30,6 +30,7 @@ use crate::{
     measure::{CpuSample, CpuShares, Percentiles, Progress, cpu_time, rss_kib},
     runtime::{EventKind, InstantRuntime, Observatory},
     server::{Backend, REGION, ServerInfo},
+    server_phases::{self, ServerPhases},
 };
 
 pub(crate) async fn channel(endpoint: &str) -> anyhow::Result<Channel> {
@@ -241,10 +242,16 @@ pub(crate) struct AllocPoint {
     /// CPU used during the window, in cores (1.0 = one core busy), by the
     /// server, the database, loadgen and the machine as a whole.
     pub(crate) cpu: CpuShares,
+    /// The server's phase histograms over the window (None if it could not
+    /// be read).
+    pub(crate) server_phases: Option<ServerPhases>,
     /// The latencies behind `allocate` and `report_disconnect`, kept so that
     /// the rounds of an interleaved point can be merged.
     #[serde(skip)]
     samples: (Vec<Duration>, Vec<Duration>),
+    /// The histograms behind `server_phases`, kept for the same reason.
+    #[serde(skip)]
+    phase_counts: Option<server_phases::Reading>,
 }
 
 impl AllocPoint {
@@ -255,14 +262,20 @@ impl AllocPoint {
         let cpu = CpuShares::weighted(&rounds.iter().map(|round| (round.cpu, round.seconds)).collect::<Vec<_>>());
         let (mut allocate, mut disconnect) = (Vec::new(), Vec::new());
         let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+        // Only if every round has them: a partial sum would pass for the whole.
+        let mut phase_counts = Some(server_phases::Reading::default());
         for round in rounds {
+            match (&mut phase_counts, &round.phase_counts) {
+                (Some(sum), Some(counts)) => sum.add(counts),
+                _ => phase_counts = None,
+            }
             allocate.extend(round.samples.0);
             disconnect.extend(round.samples.1);
             for (key, value) in round.errors {
                 *errors.entry(key).or_default() += value;
             }
         }
-        Some(AllocPoint::of(clients, seconds, (allocate, disconnect), errors, cpu))
+        Some(AllocPoint::of(clients, seconds, (allocate, disconnect), errors, cpu, phase_counts))
     }
 
     /// The point of `samples` (Allocate's latencies, ReportDisconnect's) over `seconds`.
@@ -272,6 +285,7 @@ impl AllocPoint {
         (mut allocate, mut disconnect): (Vec<Duration>, Vec<Duration>),
         errors: BTreeMap<String, u64>,
         cpu: CpuShares,
+        phase_counts: Option<server_phases::Reading>,
     ) -> AllocPoint {
         AllocPoint {
             clients,
@@ -282,7 +296,9 @@ impl AllocPoint {
             report_disconnect: Percentiles::of(&mut disconnect),
             errors,
             cpu,
+            server_phases: phase_counts.as_ref().map(server_phases::Reading::figures),
             samples: (allocate, disconnect),
+            phase_counts,
         }
     }
 }
@@ -295,13 +311,18 @@ pub(crate) enum DisconnectModel {
     /// As in the product (PRODUCT.md: the protocol server inside the
     /// mandelbox reports), on a connection of its own: the box reports as soon
     /// as Allocate has answered and the client allocates again meanwhile. A
-    /// client allocates as `users` users in turn and has at most `users`
+    /// client allocates as `users` users in turn and has at most `in_flight`
     /// reports in flight (the oldest is awaited before another is sent), so
-    /// a user holds at most two live sessions (the limit is three) while the
-    /// client's Allocates need not wait for the reports: in the product no
-    /// client waits for another session's end. `users = 1` is runs N–Q's loop,
-    /// where each Allocate after the first waited for the previous report.
-    FromTheBox { users: usize },
+    /// its Allocates need not wait for the reports: in the product no client
+    /// waits for another session's end. With `users` above `in_flight` a user
+    /// allocates again only once its previous session's end is written, as a
+    /// person does; with them equal (runs Q–Z: 2 and 2) a user's next
+    /// Allocate raced the end of its session from two turns before, whose
+    /// commit held the user's row, and about 1% of claims (run AA) waited
+    /// for that commit and were written alone, at ~70 Allocates a second per
+    /// user. `users = in_flight = 1` is runs N–Q's loop, where each Allocate
+    /// after the first waited for the previous report.
+    FromTheBox { users: usize, in_flight: usize },
     /// The client sends its box's report itself and waits for it before its
     /// next Allocate (runs A–M): two durable round trips in sequence per loop.
     ClientWaits,
@@ -311,7 +332,15 @@ impl DisconnectModel {
     /// The users each client allocates as, in turn.
     pub(crate) fn users_per_client(self) -> usize {
         match self {
-            DisconnectModel::FromTheBox { users } => users.max(1),
+            DisconnectModel::FromTheBox { users, .. } => users.max(1),
+            DisconnectModel::ClientWaits => 1,
+        }
+    }
+
+    /// The reports a client may have in flight before it awaits the oldest.
+    pub(crate) fn reports_in_flight(self) -> usize {
+        match self {
+            DisconnectModel::FromTheBox { in_flight, .. } => in_flight.max(1),
             DisconnectModel::ClientWaits => 1,
         }
     }
@@ -337,6 +366,7 @@ pub(crate) async fn warm_allocation(
     let end = measure_from + window;
     let mut tasks = Vec::new();
     let users = model.users_per_client();
+    let reports_in_flight = model.reports_in_flight();
     for index in 0..clients {
         let tokens =
             info.user_tokens.get(index * users..(index + 1) * users).context("more clients than user tokens")?.to_vec();
@@ -406,7 +436,7 @@ pub(crate) async fn warm_allocation(
                 match model {
                     DisconnectModel::ClientWaits => record(report.await, counted, &mut disconnect, &mut errors),
                     DisconnectModel::FromTheBox { .. } => {
-                        if in_flight.len() >= users
+                        if in_flight.len() >= reports_in_flight
                             && let Some((oldest, was_counted)) = in_flight.pop_front()
                         {
                             let outcome = oldest.await.unwrap_or_else(|error| Err(error.to_string()));
@@ -425,14 +455,19 @@ pub(crate) async fn warm_allocation(
     }
     tokio::time::sleep_until(tokio::time::Instant::from_std(measure_from)).await;
     let cpu_at_start = CpuSample::take(info.pid);
+    let phases_at_start = server_phases::read(&info.endpoint, &info.admin_token).await;
     let mut allocate = Vec::new();
     let mut disconnect = Vec::new();
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     let mut cpu_at_end = None;
+    let mut phases_at_end = None;
     for task in tasks {
         let (a, d, e) = task.await??;
         // The first client to finish ends the window (they all stop at `end`).
-        cpu_at_end.get_or_insert_with(|| CpuSample::take(info.pid));
+        if cpu_at_end.is_none() {
+            cpu_at_end = Some(CpuSample::take(info.pid));
+            phases_at_end = server_phases::read(&info.endpoint, &info.admin_token).await;
+        }
         allocate.extend(a);
         disconnect.extend(d);
         for (key, value) in e {
@@ -441,8 +476,12 @@ pub(crate) async fn warm_allocation(
     }
     let seconds = window.as_secs_f64();
     let cpu = cpu_at_end.map(|at_end| cpu_at_start.shares_until(&at_end, seconds)).unwrap_or_default();
+    let phase_counts = match (phases_at_start, phases_at_end) {
+        (Some(start), Some(end)) => Some(start.until(&end)),
+        _ => None,
+    };
     progress.finish_line();
-    Ok(AllocPoint::of(clients, seconds, (allocate, disconnect), errors, cpu))
+    Ok(AllocPoint::of(clients, seconds, (allocate, disconnect), errors, cpu, phase_counts))
 }
 
 /// Files one report's outcome: its latency if its Allocate was in the window.

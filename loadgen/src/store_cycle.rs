@@ -146,8 +146,13 @@ impl StoreCycle {
         let session_ends = SessionEnds::start(store.clone(), !settings.separate_disconnects, settings.writers);
         // The sessions a user may have live, as on the server under test.
         let session_limit = switchboard::config::AllocationConfig::default().max_sessions_per_user;
-        let session_claims =
-            SessionClaims::start(store.clone(), !settings.separate_claims, settings.claim_writers, session_limit);
+        let session_claims = SessionClaims::start(
+            store.clone(),
+            !settings.separate_claims,
+            settings.claim_writers,
+            session_limit,
+            Default::default(),
+        );
         const WAITING: &str = "SELECT id, token_hash FROM mandelboxes WHERE state = 'WAITING'";
         let mut tokens = HashMap::new();
         let database = match backend {
@@ -224,7 +229,7 @@ impl StoreCycle {
                             match model {
                                 DisconnectModel::ClientWaits => returned.await,
                                 DisconnectModel::FromTheBox { .. } => {
-                                    if in_flight.len() >= users
+                                    if in_flight.len() >= model.reports_in_flight()
                                         && let Some(oldest) = in_flight.pop_front()
                                     {
                                         let _ = oldest.await;

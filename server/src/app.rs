@@ -145,7 +145,9 @@ impl Application {
             )),
             subscriptions: subscriptions.clone(),
         };
-        let access = Arc::new(AccessControl::new(verifier.clone(), subscriptions.clone(), store.clone()));
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let access =
+            Arc::new(AccessControl::new(verifier.clone(), subscriptions.clone(), store.clone(), metrics.clone()));
 
         let registry = Arc::new(ConnectionRegistry::default());
         let credentials = HostCredentials::new(config.hosts.credential_secret.clone());
@@ -194,8 +196,10 @@ impl Application {
             config.allocation.group_claims,
             config.allocation.claim_writers,
             config.allocation.max_sessions_per_user,
+            metrics.clone(),
         );
         let core: SharedCore = Arc::new(Core {
+            metrics,
             router,
             events,
             cluster,
@@ -326,6 +330,7 @@ impl Application {
             .layer(tonic_web::GrpcWebLayer::new())
             .route("/fleet", crate::fleet_page::page())
             .route("/fleet/api/hosts", crate::fleet_page::hosts_api(core.clone()))
+            .route("/metrics", crate::metrics::endpoint(core.metrics.clone()))
             .route("/healthz", axum::routing::get(|| async { "ok" }))
             .route("/stripe/webhook", axum::routing::post(crate::billing::webhook::handle).with_state(webhook))
             .route(

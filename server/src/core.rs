@@ -36,6 +36,8 @@ pub struct Core {
     pub session_claims: crate::session_claims::SessionClaims,
     /// Warm replacements spawned and not yet written (`crate::replacements`).
     pub unrecorded: crate::replacements::UnrecordedReplacements,
+    /// Latency histograms of the hot paths (`/metrics`).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 pub type SharedCore = Arc<Core>;

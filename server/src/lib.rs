@@ -23,6 +23,7 @@ pub mod fleet_page;
 pub mod lifecycle;
 pub mod liveness;
 pub mod maintenance;
+pub mod metrics;
 pub mod model;
 pub mod regions;
 pub mod replacements;

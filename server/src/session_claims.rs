@@ -19,7 +19,10 @@
 //! `Store::create_session_and_claim` gives it. With
 //! `allocation.group_claims = false` every claim goes straight to the store.
 
+use std::{sync::Arc, time::Instant};
+
 use crate::batcher::Batcher;
+use crate::metrics::Metrics;
 use crate::store::{ClaimOutcome, DynStore, NewSession, StoreResult};
 
 /// Allocate's claims, grouped (cheap to clone).
@@ -29,6 +32,7 @@ pub struct SessionClaims {
     limit: u32,
     /// None: every claim run alone.
     group: Option<Batcher<NewSession, Answer>>,
+    metrics: Arc<Metrics>,
 }
 
 /// The writer's answer for one session.
@@ -46,40 +50,60 @@ impl SessionClaims {
     /// Starts `writers` writer tasks when `grouped`; they stop when the last
     /// clone is dropped, once they have written what was queued. `limit` is
     /// the sessions a user may have live (`allocation.max_sessions_per_user`).
-    pub fn start(store: DynStore, grouped: bool, writers: usize, limit: u32) -> SessionClaims {
+    /// The writers' batches are timed into `metrics.claim_writes`, each
+    /// caller's wait into `metrics.allocate.claim`.
+    pub fn start(store: DynStore, grouped: bool, writers: usize, limit: u32, metrics: Arc<Metrics>) -> SessionClaims {
         let group = grouped.then(|| {
             let store = store.clone();
+            let metrics = metrics.clone();
             Batcher::start_writers(writers, std::time::Duration::ZERO, move |news: Vec<NewSession>| {
                 let store = store.clone();
-                async move { claim_batch(&store, news, limit).await }
+                let metrics = metrics.clone();
+                async move { claim_batch(&store, news, limit, &metrics).await }
             })
         });
-        SessionClaims { store, limit, group }
+        SessionClaims { store, limit, group, metrics }
     }
 
     /// `Store::create_session_and_claim` with the configured limit, in the
     /// next group, or alone if the group gives it back (on this task, so
     /// that the writer goes on to the next batch meanwhile).
     pub async fn create_and_claim(&self, new: NewSession) -> StoreResult<ClaimOutcome> {
-        let new = match &self.group {
-            Some(group) => match group.submit(new).await {
-                Ok(Answer::Claimed(outcome)) => return outcome,
-                Ok(Answer::Alone(new)) | Err(new) => new,
-            },
-            None => new,
+        let started = Instant::now();
+        let outcome = self.claim(new).await;
+        self.metrics.allocate.claim.record_since(started);
+        outcome
+    }
+
+    async fn claim(&self, new: NewSession) -> StoreResult<ClaimOutcome> {
+        let Some(group) = &self.group else {
+            return self
+                .metrics
+                .claim_writes
+                .record_batch(1, self.store.create_session_and_claim(&new, self.limit))
+                .await;
         };
-        self.store.create_session_and_claim(&new, self.limit).await
+        let new = match group.submit(new).await {
+            Ok(Answer::Claimed(outcome)) => return outcome,
+            Ok(Answer::Alone(new)) | Err(new) => new,
+        };
+        let started = Instant::now();
+        let outcome = self.store.create_session_and_claim(&new, self.limit).await;
+        self.metrics.allocate.claim_alone.record_since(started);
+        outcome
     }
 }
 
 /// One answer per session of `news`, in order.
-async fn claim_batch(store: &DynStore, news: Vec<NewSession>, limit: u32) -> Vec<Answer> {
+async fn claim_batch(store: &DynStore, news: Vec<NewSession>, limit: u32, metrics: &Metrics) -> Vec<Answer> {
+    let writes = &metrics.claim_writes;
     if let [new] = news.as_slice() {
         // The single statement is the cheaper one for one session. The
         // writer runs it itself: while it does, the next batch gathers.
-        return vec![Answer::Claimed(store.create_session_and_claim(new, limit).await)];
+        let outcome = writes.record_batch(1, store.create_session_and_claim(new, limit)).await;
+        return vec![Answer::Claimed(outcome)];
     }
-    let written = match store.create_sessions_and_claim(&news, limit).await {
+    let written = match writes.record_batch(news.len(), store.create_sessions_and_claim(&news, limit)).await {
         Ok(outcomes) if outcomes.len() == news.len() => outcomes,
         Ok(outcomes) => {
             tracing::error!(items = news.len(), answers = outcomes.len(), "claim batch answered the wrong count");

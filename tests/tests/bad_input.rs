@@ -347,4 +347,36 @@ mod fleet_page {
         assert_eq!(hosts[0]["warm"], 2);
         assert_eq!(hosts[0]["connected"], true);
     }
+
+    /// `/metrics` is the operator's, like the fleet's data; what it counts
+    /// is what Allocate did, phase by phase.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn metrics_need_an_admin_and_count_each_allocate_phase() {
+        let app = TestApp::spawn(Backend::Sqlite, TestOptions::default()).await.unwrap();
+        let (status, body) = get(&app, "/metrics", None).await;
+        assert_eq!(status, 401, "{body}");
+        let (status, body) = get(&app, "/metrics", Some(&app.user_token("alice"))).await;
+        assert_eq!(status, 403, "{body}");
+        app.user_client("alice").allocate(super::request()).await.unwrap();
+        let refused = app.user_client("bob").allocate(super::AllocateRequest::default()).await;
+        assert!(refused.is_err());
+        let (status, body) = get(&app, "/metrics", Some(&app.admin_token())).await;
+        assert_eq!(status, 200, "{body}");
+        let count = |series: &str| {
+            body.lines()
+                .find_map(|line| line.strip_prefix(series)?.trim().parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("no {series} in {body}"))
+        };
+        // Both calls passed the policy and reached the handler; only the
+        // valid one was checked through to a claim and an assignment.
+        let phase = |name: &str| count(&format!("switchboard_allocate_phase_seconds_count{{phase=\"{name}\"}}"));
+        assert_eq!(phase("auth"), 2);
+        assert_eq!(phase("handler"), 2);
+        assert_eq!(phase("checks"), 1);
+        assert_eq!(phase("claim"), 1);
+        assert_eq!(phase("assign"), 1);
+        assert_eq!(count("switchboard_claim_batches_total"), 1);
+        assert_eq!(count("switchboard_claims_batched_total"), 1);
+        assert_eq!(count("switchboard_claim_batch_seconds_bucket{writer=\"claims\",le=\"+Inf\"}"), 1);
+    }
 }

@@ -12,7 +12,10 @@ pub use dispatcher::Dispatcher;
 pub use pending::{AssignmentSecrets, PendingSessions};
 pub use request::{AllocationInput, is_valid_name, validate_request};
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use switchboard_proto::v1::{AllocateResponse, AssignMandelbox, SpawnMandelbox, command};
 use uuid::Uuid;
@@ -68,9 +71,21 @@ impl Allocator {
         &self.pending
     }
 
-    #[tracing::instrument(skip_all, fields(user_id = %principal.user_id(), session_id = tracing::field::Empty))]
     pub async fn allocate(
         &self,
+        principal: &Principal,
+        request: switchboard_proto::v1::AllocateRequest,
+    ) -> ApiResult<AllocateResponse> {
+        let started = Instant::now();
+        let answer = self.allocate_from(started, principal, request).await;
+        self.core.metrics.allocate.handler.record_since(started);
+        answer
+    }
+
+    #[tracing::instrument(skip_all, fields(user_id = %principal.user_id(), session_id = tracing::field::Empty))]
+    async fn allocate_from(
+        &self,
+        started: Instant,
         principal: &Principal,
         request: switchboard_proto::v1::AllocateRequest,
     ) -> ApiResult<AllocateResponse> {
@@ -97,6 +112,7 @@ impl Allocator {
             client_data_json: input.client_data_json,
             config_encryption_token: input.config_encryption_token,
         };
+        self.core.metrics.allocate.checks.record_since(started);
         let outcome = self.core.session_claims.create_and_claim(new).await?;
         let (session, claim) = match outcome {
             ClaimOutcome::Claimed(claim) => {
@@ -130,7 +146,10 @@ impl Allocator {
                 return self.pending_or_no_capacity(session, secrets).await;
             };
             attempts += 1;
-            match self.assign(&current, secrets).await {
+            let assigning = Instant::now();
+            let assigned = self.assign(&current, secrets).await;
+            self.core.metrics.allocate.assign.record_since(assigning);
+            match assigned {
                 Ok(assigned) => {
                     self.core.publish_change(assigned.change());
                     return Ok(response(assigned));

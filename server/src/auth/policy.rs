@@ -11,6 +11,7 @@
 //! | `switchboard.v1.HostService`         | the host credential, checked in Hello  |
 //! | `switchboard.v1.SessionEventsService`| the mandelbox token, checked in handler|
 //! | `/fleet/api/` (HTTP, JSON)           | a valid user token with scope `admin`  |
+//! | `/metrics` (HTTP, Prometheus text)   | a valid user token with scope `admin`  |
 //! | health, reflection, other HTTP pages | nothing                                |
 //!
 //! Every authenticated call registers its user (once per process, then cached).
@@ -60,6 +61,8 @@ impl Principal {
     }
 }
 
+const ALLOCATE_PATH: &str = "/switchboard.v1.AllocationService/Allocate";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Requirement {
     User,
@@ -73,10 +76,10 @@ enum Requirement {
 }
 
 fn requirement(path: &str) -> Requirement {
-    if path.starts_with("/fleet/api/") {
+    if path.starts_with("/fleet/api/") || path == "/metrics" {
         return Requirement::AdminHttp;
     }
-    if path == "/switchboard.v1.AllocationService/Allocate" {
+    if path == ALLOCATE_PATH {
         return Requirement::Subscriber;
     }
     let service = path.trim_start_matches('/').split('/').next().unwrap_or_default();
@@ -95,11 +98,18 @@ pub struct AccessControl {
     store: DynStore,
     /// Registered users and their billing customers (see `known_users`).
     known_users: KnownUsers,
+    /// Allocate's time in the policy is its first phase.
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl AccessControl {
-    pub fn new(verifier: Arc<TokenVerifier>, subscriptions: Subscriptions, store: DynStore) -> Self {
-        AccessControl { verifier, subscriptions, store, known_users: KnownUsers::default() }
+    pub fn new(
+        verifier: Arc<TokenVerifier>,
+        subscriptions: Subscriptions,
+        store: DynStore,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Self {
+        AccessControl { verifier, subscriptions, store, known_users: KnownUsers::default(), metrics }
     }
 
     async fn authorize(&self, path: &str, headers: &http::HeaderMap) -> Result<Option<Principal>, ApiError> {
@@ -213,7 +223,12 @@ where
         let access = self.access.clone();
         Box::pin(async move {
             let path = request.uri().path().to_owned();
-            match access.authorize(&path, request.headers()).await {
+            let started = std::time::Instant::now();
+            let authorized = access.authorize(&path, request.headers()).await;
+            if path == ALLOCATE_PATH {
+                access.metrics.allocate.auth.record_since(started);
+            }
+            match authorized {
                 Ok(principal) => {
                     if let Some(principal) = principal {
                         request.extensions_mut().insert(principal);
@@ -261,5 +276,6 @@ mod tests {
         assert_eq!(requirement("/.well-known/jwks.json"), Requirement::Public);
         assert_eq!(requirement("/fleet"), Requirement::Public);
         assert_eq!(requirement("/fleet/api/hosts"), Requirement::AdminHttp);
+        assert_eq!(requirement("/metrics"), Requirement::AdminHttp);
     }
 }
