@@ -187,8 +187,8 @@ pub(crate) fn markdown(report: &RunReport) -> String {
                 let cells: Vec<String> = names
                     .iter()
                     .map(|name| {
-                        phases.phases.iter().find(|phase| phase.phase == *name).map_or_else(
-                            || "-".to_owned(),
+                        phases.phases.iter().find(|phase| phase.phase == *name && phase.count > 0).map_or_else(
+                            || "none".to_owned(),
                             |phase| {
                                 format!(
                                     "{:.2} / {:.2} / ≤{} ({:.2})",

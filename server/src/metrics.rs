@@ -21,11 +21,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// Bucket upper bounds in microseconds (the last bucket, `+Inf`, is implied).
-const BOUNDS_US: [u64; 38] = [
-    50, 100, 150, 200, 300, 400, 500, 600, 800, 1_000, 1_250, 1_500, 2_000, 2_500, 3_000, 4_000, 5_000, 6_000, 7_000,
-    8_000, 9_000, 10_000, 12_000, 15_000, 20_000, 25_000, 30_000, 40_000, 50_000, 75_000, 100_000, 250_000, 500_000,
-    1_000_000, 2_500_000, 5_000_000, 10_000_000, 30_000_000,
+/// Bucket upper bounds in microseconds (the last bucket, `+Inf`, is implied):
+/// from 5 µs (the policy and the checks take a few) to 30 s.
+const BOUNDS_US: [u64; 41] = [
+    5, 10, 25, 50, 100, 150, 200, 300, 400, 500, 600, 800, 1_000, 1_250, 1_500, 2_000, 2_500, 3_000, 4_000, 5_000,
+    6_000, 7_000, 8_000, 9_000, 10_000, 12_000, 15_000, 20_000, 25_000, 30_000, 40_000, 50_000, 75_000, 100_000,
+    250_000, 500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000, 30_000_000,
 ];
 
 /// A latency histogram with fixed buckets.
@@ -197,6 +198,8 @@ mod tests {
             bucket("0.00005"),
             Some("switchboard_allocate_phase_seconds_bucket{phase=\"claim\",le=\"0.00005\"} 1")
         );
+        // 40 µs is above the 25 µs bound.
+        assert!(bucket("0.000025").is_some_and(|line| line.ends_with(" 0")), "{text}");
         // 1,000 µs is in the 1 ms bucket (upper bounds are inclusive); 1,001 µs is not.
         assert!(bucket("0.001").is_some_and(|line| line.ends_with(" 2")), "{text}");
         assert!(bucket("0.00125").is_some_and(|line| line.ends_with(" 3")), "{text}");
