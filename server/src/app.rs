@@ -172,6 +172,7 @@ impl Application {
             Some(cluster) => (Arc::new(cluster.clone()), Arc::new(cluster.clone())),
             None => (Arc::new(LocalRouter::new(registry.clone())), Arc::new(LocalEventBus::new(EVENT_BUFFER))),
         };
+        let router: DynRouter = Arc::new(crate::fleet::router::TimedRouter::new(router, metrics.clone()));
         let scaling = ScalerHandle::default();
         let flag: Arc<dyn crate::maintenance::MaintenanceFlag> = if config.redis.url.is_empty() {
             Arc::new(crate::maintenance::LocalFlag::default())

@@ -1,5 +1,6 @@
-//! Where an Allocate's time goes, by phase, served at `/metrics` in the
-//! Prometheus text format (admin token, like the fleet page's API).
+//! Where an Allocate's time goes, by phase, and how long hosts take to
+//! answer commands, served at `/metrics` in the Prometheus text format (admin
+//! token, like the fleet page's API).
 //!
 //! A client sees one latency; these histograms split it on the server: the
 //! access policy (token, registration, subscription), the checks before the
@@ -11,6 +12,8 @@
 //! enough for every call; buckets are fixed and finest around the latency
 //! targets (2 ms and 10 ms), so a scraper can diff two readings and
 //! interpolate percentiles of the window between them.
+
+use switchboard_proto::v1::command;
 
 use std::{
     fmt::Write as _,
@@ -126,11 +129,68 @@ impl ClaimWrites {
     }
 }
 
+/// Commands this process sent to hosts (wherever their streams live), from
+/// the send to the host's result or the failure, by kind.
+#[derive(Default)]
+pub struct HostCommands {
+    spawn: CommandKindStats,
+    assign: CommandKindStats,
+    teardown: CommandKindStats,
+    drain: CommandKindStats,
+}
+
+#[derive(Default)]
+struct CommandKindStats {
+    latency: LatencyHistogram,
+    /// Not answered, refused, timed out, or not sent (host not connected).
+    failed: AtomicU64,
+}
+
+/// A command's kind without its contents (which move on to the host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandKind {
+    Spawn,
+    Assign,
+    Teardown,
+    Drain,
+}
+
+impl From<&command::Kind> for CommandKind {
+    fn from(kind: &command::Kind) -> Self {
+        match kind {
+            command::Kind::Spawn(_) => CommandKind::Spawn,
+            command::Kind::Assign(_) => CommandKind::Assign,
+            command::Kind::Teardown(_) => CommandKind::Teardown,
+            command::Kind::Drain(_) => CommandKind::Drain,
+        }
+    }
+}
+
+impl HostCommands {
+    pub fn record(&self, kind: CommandKind, elapsed: Duration, ok: bool) {
+        let stats = match kind {
+            CommandKind::Spawn => &self.spawn,
+            CommandKind::Assign => &self.assign,
+            CommandKind::Teardown => &self.teardown,
+            CommandKind::Drain => &self.drain,
+        };
+        stats.latency.record(elapsed);
+        if !ok {
+            stats.failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn by_kind(&self) -> [(&'static str, &CommandKindStats); 4] {
+        [("spawn", &self.spawn), ("assign", &self.assign), ("teardown", &self.teardown), ("drain", &self.drain)]
+    }
+}
+
 /// The process's latency metrics (one per process, shared by `Arc`).
 #[derive(Default)]
 pub struct Metrics {
     pub allocate: AllocatePhases,
     pub claim_writes: ClaimWrites,
+    pub host_commands: HostCommands,
 }
 
 impl Metrics {
@@ -162,6 +222,18 @@ impl Metrics {
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} counter");
             let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
+        }
+        let name = "switchboard_host_command_seconds";
+        let _ = writeln!(out, "# HELP {name} A command to a host, from the send to its result or failure.");
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        for (kind, stats) in self.host_commands.by_kind() {
+            stats.latency.render(&mut out, name, &format!("kind=\"{kind}\""));
+        }
+        let name = "switchboard_host_command_failures_total";
+        let _ = writeln!(out, "# HELP {name} Commands to hosts not answered, refused, timed out or not sent.");
+        let _ = writeln!(out, "# TYPE {name} counter");
+        for (kind, stats) in self.host_commands.by_kind() {
+            let _ = writeln!(out, "{name}{{kind=\"{kind}\"}} {}", stats.failed.load(Ordering::Relaxed));
         }
         out
     }

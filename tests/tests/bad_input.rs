@@ -378,5 +378,11 @@ mod fleet_page {
         assert_eq!(count("switchboard_claim_batches_total"), 1);
         assert_eq!(count("switchboard_claims_batched_total"), 1);
         assert_eq!(count("switchboard_claim_batch_seconds_bucket{writer=\"claims\",le=\"+Inf\"}"), 1);
+        // The host's round trips: one Assign, and the spawns that warmed its two boxes.
+        let command = |kind: &str| count(&format!("switchboard_host_command_seconds_count{{kind=\"{kind}\"}}"));
+        assert_eq!(command("assign"), 1);
+        assert!(command("spawn") >= 2, "{body}");
+        assert_eq!(command("teardown"), 0);
+        assert_eq!(count("switchboard_host_command_failures_total{kind=\"assign\"}"), 0);
     }
 }

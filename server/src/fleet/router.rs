@@ -77,3 +77,48 @@ impl CommandRouter for LocalRouter {
         }
     }
 }
+
+/// Times every command this process sends (`Metrics::host_commands`), in
+/// front of whichever router reaches the host.
+pub struct TimedRouter {
+    inner: DynRouter,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl TimedRouter {
+    pub fn new(inner: DynRouter, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        TimedRouter { inner, metrics }
+    }
+}
+
+#[async_trait]
+impl CommandRouter for TimedRouter {
+    async fn send(&self, host_id: &str, kind: command::Kind, timeout: Duration) -> Result<CommandResult, RouteError> {
+        let label = crate::metrics::CommandKind::from(&kind);
+        let started = std::time::Instant::now();
+        let result = self.inner.send(host_id, kind, timeout).await;
+        self.metrics.host_commands.record(label, started.elapsed(), result.is_ok());
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use switchboard_proto::v1::TeardownMandelbox;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_command_that_fails_is_timed_and_counted_as_failed() {
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let local: DynRouter = Arc::new(LocalRouter::new(Arc::new(ConnectionRegistry::default())));
+        let router = TimedRouter::new(local, metrics.clone());
+        let kind = command::Kind::Teardown(TeardownMandelbox::default());
+        let result = router.send("host-nowhere", kind, Duration::from_secs(1)).await;
+        assert_eq!(result.err(), Some(RouteError::NotConnected));
+        let text = metrics.render();
+        assert!(text.contains("switchboard_host_command_seconds_count{kind=\"teardown\"} 1\n"), "{text}");
+        assert!(text.contains("switchboard_host_command_failures_total{kind=\"teardown\"} 1\n"), "{text}");
+        assert!(text.contains("switchboard_host_command_seconds_count{kind=\"assign\"} 0\n"), "{text}");
+    }
+}
