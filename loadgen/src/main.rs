@@ -178,6 +178,12 @@ struct RunArgs {
     /// for the previous report (runs N–Q).
     #[arg(long, default_value_t = 2)]
     reports_in_flight: usize,
+    /// Allocates per second offered in total, spread evenly over the
+    /// clients (each on its own schedule; a call's latency counts from its
+    /// scheduled start). Unset: every client calls again as soon as it has
+    /// its answer (closed loop, the machine saturated).
+    #[arg(long)]
+    rate: Option<f64>,
     #[arg(long, env = "SWITCHBOARD_TEST_POSTGRES_URL", default_value = DEFAULT_POSTGRES)]
     postgres_url: String,
     #[arg(long, default_value = "target/loadgen")]
@@ -239,6 +245,7 @@ impl RunArgs {
             client_waits_for_disconnect: false,
             users_per_client: 8,
             reports_in_flight: 2,
+            rate: None,
             postgres_url,
             out,
         }
@@ -277,6 +284,7 @@ async fn run(args: RunArgs, command: String) -> anyhow::Result<()> {
         started_at: chrono::Utc::now().format("%Y-%m-%d %H:%M:%S UTC").to_string(),
         command,
         disconnect_model: args.disconnect_model(),
+        offered_rate: args.rate,
         machine,
         backends: Vec::new(),
     };
@@ -416,6 +424,7 @@ async fn allocation_scenarios(
                             clients,
                             (warmup, round_window),
                             args.disconnect_model(),
+                            args.rate,
                             progress,
                         )
                         .await?,

@@ -16,6 +16,8 @@ pub(crate) struct RunReport {
     pub(crate) command: String,
     /// Who sends ReportDisconnect in the allocation loops, and who waits.
     pub(crate) disconnect_model: DisconnectModel,
+    /// Allocates per second offered in total (`--rate`); None: closed loop.
+    pub(crate) offered_rate: Option<f64>,
     pub(crate) machine: Machine,
     pub(crate) backends: Vec<BackendReport>,
 }
@@ -136,7 +138,12 @@ pub(crate) fn markdown(report: &RunReport) -> String {
                     "then ReportDisconnect returns the box, the client waiting for it".into()
                 }
             };
-            let _ = writeln!(out, "### Warm allocation (Allocate; {returned})\n");
+            let paced = report.offered_rate.map_or_else(String::new, |rate| {
+                format!(
+                    "; paced at {rate:.0} Allocates/s offered in total, latency from each call's scheduled start"
+                )
+            });
+            let _ = writeln!(out, "### Warm allocation (Allocate; {returned}{paced})\n");
             let _ = writeln!(
                 out,
                 "| clients | allocations/s | Allocate p50 / p90 / p99 / max (ms) | ReportDisconnect p50 / p90 / p99 / max (ms) | CPU, cores: server / database / loadgen / machine | CPU per allocation, ms: server / database / loadgen | errors |"

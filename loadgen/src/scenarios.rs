@@ -358,9 +358,15 @@ pub(crate) async fn warm_allocation(
     clients: usize,
     (warmup, window): (Duration, Duration),
     model: DisconnectModel,
+    rate: Option<f64>,
     progress: &Progress,
 ) -> anyhow::Result<AllocPoint> {
     progress.phase(format!("allocate x{clients}"));
+    // Paced: each client starts its calls on a schedule of its own (the
+    // clients' schedules staggered over one interval), and a call's latency
+    // counts from its scheduled start, so a late call carries its wait (no
+    // coordinated omission).
+    let interval = rate.filter(|rate| *rate > 0.0).map(|rate| Duration::from_secs_f64(clients as f64 / rate));
     let start = Instant::now();
     let measure_from = start + warmup;
     let end = measure_from + window;
@@ -392,10 +398,19 @@ pub(crate) async fn warm_allocation(
             // and whether their Allocate was in the window.
             let mut in_flight: VecDeque<(tokio::task::JoinHandle<ReportOutcome>, bool)> = VecDeque::new();
             let mut turn = 0_usize;
+            let mut scheduled = interval.map(|interval| start + interval.mul_f64(index as f64 / clients as f64));
             while Instant::now() < end {
                 let allocation = &mut as_users[turn % users];
                 turn += 1;
-                let started = Instant::now();
+                let started = match (interval, scheduled.as_mut()) {
+                    (Some(interval), Some(next)) => {
+                        let at = *next;
+                        *next += interval;
+                        tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+                        at
+                    }
+                    _ => Instant::now(),
+                };
                 let result = allocation.allocate(allocate_request()).await;
                 let took = started.elapsed();
                 let counted = started >= measure_from;
