@@ -139,9 +139,7 @@ pub(crate) fn markdown(report: &RunReport) -> String {
                 }
             };
             let paced = report.offered_rate.map_or_else(String::new, |rate| {
-                format!(
-                    "; paced at {rate:.0} Allocates/s offered in total, latency from each call's scheduled start"
-                )
+                format!("; paced at {rate:.0} Allocates/s offered in total, latency from each call's scheduled start")
             });
             let _ = writeln!(out, "### Warm allocation (Allocate; {returned}{paced})\n");
             let _ = writeln!(
