@@ -405,6 +405,11 @@ pub(crate) async fn warm_allocation(
                 let started = match (interval, scheduled.as_mut()) {
                     (Some(interval), Some(next)) => {
                         let at = *next;
+                        // A call scheduled after the window is not made (it
+                        // would be counted in a window it is not part of).
+                        if at >= end {
+                            break;
+                        }
                         *next += interval;
                         tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
                         at

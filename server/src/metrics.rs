@@ -60,7 +60,8 @@ impl LatencyHistogram {
         self.record(started.elapsed());
     }
 
-    pub fn count(&self) -> u64 {
+    #[cfg(test)]
+    fn count(&self) -> u64 {
         self.buckets.iter().map(|count| count.load(Ordering::Relaxed)).sum()
     }
 
