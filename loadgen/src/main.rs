@@ -120,6 +120,9 @@ struct RunArgs {
     /// (see BENCHMARKS.md), so all 15,000 take long.
     #[arg(long, default_value_t = 1_000)]
     push_limit: usize,
+    /// Allocates timed one by one while the fleet has no room (its hosts have no slots).
+    #[arg(long, default_value_t = 200)]
+    full_fleet_allocates: usize,
     #[arg(long, default_value_t = 5)]
     failure_hosts: usize,
     #[arg(long, default_value_t = 1_000)]
@@ -232,6 +235,7 @@ impl RunArgs {
             fleet_cpu_window_s: 1.0,
             push_concurrency: 16,
             push_limit: 0,
+            full_fleet_allocates: 20,
             failure_hosts: 2,
             failure_heartbeat_ms: 200,
             minimal_claim: true,
@@ -341,6 +345,7 @@ async fn run_backend(
                 cpu_window: Duration::from_secs_f64(args.fleet_cpu_window_s),
                 push_concurrency: args.push_concurrency,
                 push_limit: args.push_limit,
+                full_fleet_allocates: args.full_fleet_allocates,
             };
             let fleet = scenarios::fleet(&server.info, &secret, &settings, progress).await;
             server.stop().await;

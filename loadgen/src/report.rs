@@ -294,6 +294,13 @@ pub(crate) fn markdown(report: &RunReport) -> String {
             );
             let _ = writeln!(
                 out,
+                "| Allocate with no room anywhere, one at a time: p50 / p90 / p99 / max | {} ms ({} of {} NO_CAPACITY) |",
+                p(&f.full_fleet_allocate),
+                f.full_fleet_no_capacity,
+                f.full_fleet_allocates
+            );
+            let _ = writeln!(
+                out,
                 "| load generator's host processes RSS | {:.1} MiB |",
                 f.host_processes_rss_kib as f64 / 1024.0
             );

@@ -830,6 +830,56 @@ mod contract {
         assert_eq!(store.reserve_mandelbox_in_regions(&[], &[], &new_box(APP, None)).await.unwrap(), None);
     }
 
+    /// The on-demand reservation in a region of more hosts than one page of
+    /// PostgreSQL's walk over its ranks (32): it finds room past hosts that
+    /// filled since the last refresh, on a host that connected since, and,
+    /// after a refresh, on a host that has freed a slot; none on a full fleet.
+    pub(crate) async fn reservation_finds_room_past_hosts_filled_since_the_refresh(
+        _db: &TestDatabase,
+        store: DynStore,
+    ) {
+        for i in 0..40 {
+            host(&store, &format!("h{i:02}"), "r1", "img", 2).await;
+        }
+        store.refresh_host_ranks().await.unwrap();
+        // Every host but the last fills after the refresh: their ranks still
+        // say two open slots each.
+        let mut first_box = None;
+        for i in 0..39 {
+            for _ in 0..2 {
+                let spawned = spawning_box(&store, &format!("h{i:02}"), APP).await;
+                first_box.get_or_insert(spawned);
+            }
+        }
+        let reserve = || {
+            let store = store.clone();
+            async move {
+                store
+                    .reserve_mandelbox_in_regions(&["r1".to_owned()], &[], &new_box(APP, None))
+                    .await
+                    .unwrap()
+                    .map(|mandelbox| mandelbox.host_id)
+            }
+        };
+        assert_eq!(reserve().await.as_deref(), Some("h39"));
+        assert_eq!(reserve().await.as_deref(), Some("h39"));
+        assert_eq!(reserve().await, None, "every host is full");
+
+        // A host that connects after the refresh is offered at once.
+        host(&store, "h-new", "r1", "img", 1).await;
+        assert_eq!(reserve().await.as_deref(), Some("h-new"));
+        assert_eq!(reserve().await, None);
+
+        // Ranked full (as it reconnects), then a box gone: offered from the
+        // next refresh on.
+        let gone = first_box.expect("boxes were reserved");
+        host(&store, &gone.host_id, "r1", "img", 2).await;
+        store.mandelbox_finished(gone.id, MandelboxState::Dead, EndReason::MandelboxExited).await.unwrap();
+        store.refresh_host_ranks().await.unwrap();
+        assert_eq!(reserve().await.as_deref(), Some(gone.host_id.as_str()));
+        assert_eq!(reserve().await, None);
+    }
+
     pub(crate) async fn concurrent_reservations_respect_capacity(_db: &TestDatabase, store: DynStore) {
         host(&store, "h1", "r1", "img", 5).await;
         host(&store, "h2", "r2", "img", 3).await;
@@ -1180,7 +1230,7 @@ mod contract {
         let freed = warm_box(&store, "h-was-full", APP).await;
         assert_eq!(claim(&store, "u1", &["r1", "r2"]).await.mandelbox.id, freed.id);
 
-        // A host that connected after the refresh has no rank at all.
+        // A host that connected after the refresh (ranked as it connected).
         host(&store, "h-new", "r1", "img", 2).await;
         let on_new = warm_box(&store, "h-new", APP).await;
         assert_eq!(claim(&store, "u2", &["r1", "r2"]).await.mandelbox.id, on_new.id);
@@ -2460,6 +2510,7 @@ macro_rules! store_contract_suite {
             reserve_mandelboxes_takes_what_fits_in_order,
             mandelbox_token_hash_is_stored_for_auth,
             reserve_in_regions_picks_first_region_then_fullest_host,
+            reservation_finds_room_past_hosts_filled_since_the_refresh,
             concurrent_reservations_respect_capacity,
             mandelbox_spawned_goes_waiting_or_allocated,
             mandelbox_finished_ends_the_session_on_it,
@@ -2507,6 +2558,7 @@ macro_rules! store_contract_suite {
             a_stale_leaders_writes_are_refused,
             concurrent_lease_claims_have_one_winner,
             instances_follow_their_lifecycle,
+            region_can_grow_below_its_maximum_or_while_launching,
             operations_are_durable_and_one_rollout_runs_at_a_time,
             complete_rollout_switches_every_region_at_once,
         );

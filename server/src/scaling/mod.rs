@@ -71,10 +71,7 @@ impl CapacityPlanner for ScalingPlanner {
             if region.scaling.instance_types.is_empty() {
                 continue;
             }
-            let live = self.store.list_instances(Some(&region.name), false).await?;
-            if live.len() < region.scaling.max_instances as usize
-                || live.iter().any(|i| i.state == crate::model::InstanceState::Launching)
-            {
+            if self.store.region_can_grow(&region.name, region.scaling.max_instances).await? {
                 return Ok(true);
             }
         }

@@ -374,6 +374,12 @@ pub trait Store: Send + Sync + 'static {
     /// How many instances were ever recorded in `region` (names new hosts).
     async fn count_instances(&self, region: &str) -> StoreResult<u64>;
 
+    /// Whether `region` may get an instance soon: one is LAUNCHING, or fewer
+    /// than `max_instances` are live (not TERMINATED). What an Allocate that
+    /// found no box asks; it counts at most `max_instances` index entries and
+    /// lists nothing.
+    async fn region_can_grow(&self, region: &str, max_instances: u32) -> StoreResult<bool>;
+
     // ----- operations (durable admin work) -------------------------------
 
     /// Stores a new operation; `Conflict` if one of the same kind is RUNNING.
@@ -505,6 +511,14 @@ pub trait Store: Send + Sync + 'static {
     /// first region first, then the fullest host (fewest free slots), hosts
     /// whose image matches the region's image (or any if the region has none),
     /// ACTIVE only, skipping `exclude_hosts`.
+    ///
+    /// SQLite counts every host's boxes on each call. PostgreSQL walks the
+    /// hosts that had room at the last `refresh_host_ranks` or connected
+    /// since, the fullest first, counting a page of them at a time, so that
+    /// an Allocate in a dry spell does not count a whole fleet's boxes: the
+    /// room it finds is exact (checked under the host's lock) and the order
+    /// is exact within a page, but a host that was full at the last refresh
+    /// and has freed a slot since is offered only from the next refresh on.
     async fn reserve_mandelbox_in_regions(
         &self,
         regions: &[String],
@@ -683,10 +697,11 @@ pub trait Store: Send + Sync + 'static {
     /// and SPAWNING boxes last updated before `spawn_cutoff` (see `SweepOutcome`).
     async fn sweep(&self, pending_cutoff: DateTime<Utc>, spawn_cutoff: DateTime<Utc>) -> StoreResult<SweepOutcome>;
 
-    /// Housekeeping: recomputes the order in which claims try a region's
-    /// hosts (the fullest first), which PostgreSQL keeps as of the last call
-    /// so that a claim need not count every host's boxes; returns how many
-    /// hosts' ranks changed. Between two calls a claim may prefer a host
+    /// Housekeeping: recomputes the order in which claims and on-demand
+    /// reservations try a region's hosts (the fullest first), which
+    /// PostgreSQL keeps as of the last call (and ranks a host anew when it
+    /// connects) so that neither need count every host's boxes; returns how
+    /// many hosts' ranks changed. Between two calls a claim may prefer a host
     /// that was the fullest at the last one; it never misses a box for it.
     /// SQLite ranks by a count on every claim and returns 0.
     async fn refresh_host_ranks(&self) -> StoreResult<u64>;

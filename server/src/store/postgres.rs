@@ -459,6 +459,24 @@ async fn end_sessions_on(
 /// an index scan (`host_ranks_claim_order`) that the LIMIT keeps the planner
 /// on (unbounded, it would sort the region's ranks). Far more than a claim batch needs on a fleet with
 /// a warm pool; small enough that walking past all of them costs little.
+/// Hosts' ranks as `refresh_host_ranks` computes them (`host_connected`
+/// computes the same for one host), up to the WHERE clause (hosts `h`, grouped by `h.id`): `free_slots`, the
+/// slots not ALLOCATED or RUNNING (the claims' order), and `open_slots`, the
+/// slots with no live box at all (the on-demand reservation's), each NULL
+/// when there are none.
+macro_rules! pg_fresh_ranks {
+    () => {
+        concat!(
+            "SELECT h.id, h.region, \
+                    NULLIF(GREATEST(h.capacity \
+                        - count(m.id) FILTER (WHERE m.state IN ('ALLOCATED', 'RUNNING')), 0), 0) AS free_slots, \
+                    NULLIF(GREATEST(h.capacity - count(m.id), 0), 0) AS open_slots \
+             FROM hosts h LEFT JOIN mandelboxes m ON m.host_id = h.id AND m.state IN ",
+            live_box_states!()
+        )
+    };
+}
+
 macro_rules! pg_ranked_window {
     () => {
         "SELECT k.host_id FROM host_ranks k WHERE k.region = reg.name \
@@ -477,10 +495,13 @@ macro_rules! pg_ranked_window {
 /// should none of those give a box, the region's other hosts with a WAITING
 /// box of the app ranked exactly (the fullest by a count of their claimed
 /// boxes, then id). That second part is what every claim used to run, a count
-/// per host and a sort of the region, linear in the region's hosts; it only
-/// runs now when the window is used up, so a host missing from `host_ranks`
-/// (new, or ACTIVE again, since the last pass) or a stale rank never hides a
-/// box. Both parts check the host row itself (ACTIVE, region, image).
+/// per host and a sort; it is driven by the region's WAITING boxes of the app
+/// (`mandelboxes_waiting`), so its cost grows with the warm pool, not the
+/// fleet (0.4 ms at 15,000 hosts with a nearly dry pool, BENCHMARKS.md run
+/// AB), and it only runs when the window is used up, so a host missing from
+/// `host_ranks` (one whose rank a concurrent pass removed as it connected) or
+/// a stale rank never hides a box. Both parts check the host row itself
+/// (ACTIVE, region, image).
 ///
 /// The parts are an Append inside a lateral join over the regions, whose
 /// nested loops keep the order of their outer side: the same reliance as the
@@ -727,6 +748,58 @@ async fn claim_waiting(
         .transpose()
 }
 
+/// Hosts per page of the on-demand reservation's walk over `host_ranks`.
+const OPEN_HOSTS_PAGE: usize = 32;
+
+/// One ranked host of a reservation page, with its exact count.
+#[derive(sqlx::FromRow)]
+struct OpenHost {
+    host_id: String,
+    /// Unoccupied slots as of the last maintenance pass (the walk's key).
+    open_slots: i32,
+    /// Unoccupied slots now; None if the host may not take the box (not
+    /// ACTIVE, moved region, wrong image, or excluded).
+    free: Option<i64>,
+}
+
+/// The next `OPEN_HOSTS_PAGE` hosts of `region` after `after` in
+/// `host_ranks_open_order` (migration 0012: fewest unoccupied slots first as
+/// of the last maintenance pass, then id), each with its unoccupied slots
+/// counted now. A rank is at most a pass old: a host that filled since is
+/// counted full here and passed over; one that freed a slot since it was
+/// ranked full is offered from the next pass on.
+async fn open_hosts_page(
+    pool: &PgPool,
+    region: &str,
+    exclude_hosts: &[String],
+    after: Option<&(i32, String)>,
+) -> StoreResult<Vec<OpenHost>> {
+    let (after_slots, after_host) = after.map_or((0, ""), |(slots, host)| (*slots, host.as_str()));
+    Ok(sqlx::query_as::<_, OpenHost>(concat!(
+        "SELECT k.host_id, k.open_slots, f.free FROM ( \
+             SELECT k.host_id, k.open_slots FROM host_ranks k \
+             WHERE k.region = $1 AND k.open_slots IS NOT NULL AND (k.open_slots, k.host_id) > ($3, $4) \
+             ORDER BY k.open_slots, k.host_id LIMIT $5) k \
+         LEFT JOIN LATERAL ( \
+             SELECT h.capacity - (SELECT count(*) FROM mandelboxes m \
+                                  WHERE m.host_id = h.id AND m.state IN ",
+        live_box_states!(),
+        ") AS free \
+             FROM hosts h LEFT JOIN regions r ON r.name = h.region \
+             WHERE h.id = k.host_id AND h.state = 'ACTIVE' AND h.region = $1 AND h.id <> ALL($2) \
+               AND (COALESCE(r.image, '') = '' OR h.image = r.image) \
+         ) f ON TRUE \
+         ORDER BY k.open_slots, k.host_id"
+    ))
+    .bind(region)
+    .bind(exclude_hosts)
+    .bind(after_slots)
+    .bind(after_host)
+    .bind(i64::try_from(OPEN_HOSTS_PAGE).unwrap_or(i64::MAX))
+    .fetch_all(pool)
+    .await?)
+}
+
 /// Puts a PENDING session onto a claimed box.
 async fn assign_session(
     conn: &mut PgConnection,
@@ -872,6 +945,10 @@ impl Store for PgStore {
         fleet::count_instances(&self.pool, region).await
     }
 
+    async fn region_can_grow(&self, region: &str, max_instances: u32) -> StoreResult<bool> {
+        fleet::region_can_grow(&self.pool, region, max_instances).await
+    }
+
     async fn create_operation(&self, operation: &OperationRecord) -> StoreResult<()> {
         fleet::create_operation(&self.pool, operation).await
     }
@@ -949,18 +1026,39 @@ impl Store for PgStore {
     async fn host_connected(&self, hello: &HostHello) -> StoreResult<HostRecord> {
         let at = now();
         let mut tx = self.pool.begin().await?;
+        // The host is ranked in the same statement (`ranked`), so that claims
+        // and on-demand reservations see a host that joins or comes back
+        // before the next maintenance pass; as a statement of its own it
+        // made connecting 15,000 hosts 15% slower (BENCHMARKS.md run AB).
         let record = sqlx::query_as::<_, HostRow>(concat!(
-            "INSERT INTO hosts (id, region, state, draining, image, agent_version, address, capacity, \
-             generation, last_heartbeat_at, disconnected_at, created_at, updated_at) \
-             VALUES ($1, $2, 'ACTIVE', FALSE, $3, $4, $5, $6, 1, $7, NULL, $7, $7) \
-             ON CONFLICT (id) DO UPDATE SET region = excluded.region, image = excluded.image, \
-             agent_version = excluded.agent_version, address = excluded.address, \
-             capacity = excluded.capacity, generation = hosts.generation + 1, \
-             state = CASE WHEN hosts.draining THEN 'DRAINING' ELSE 'ACTIVE' END, \
-             last_heartbeat_at = excluded.last_heartbeat_at, disconnected_at = NULL, \
-             updated_at = excluded.updated_at \
-             RETURNING ",
-            host_columns!()
+            "WITH upserted AS ( \
+                 INSERT INTO hosts (id, region, state, draining, image, agent_version, address, capacity, \
+                 generation, last_heartbeat_at, disconnected_at, created_at, updated_at) \
+                 VALUES ($1, $2, 'ACTIVE', FALSE, $3, $4, $5, $6, 1, $7, NULL, $7, $7) \
+                 ON CONFLICT (id) DO UPDATE SET region = excluded.region, image = excluded.image, \
+                 agent_version = excluded.agent_version, address = excluded.address, \
+                 capacity = excluded.capacity, generation = hosts.generation + 1, \
+                 state = CASE WHEN hosts.draining THEN 'DRAINING' ELSE 'ACTIVE' END, \
+                 last_heartbeat_at = excluded.last_heartbeat_at, disconnected_at = NULL, \
+                 updated_at = excluded.updated_at \
+                 RETURNING ",
+            host_columns!(),
+            "), ranked AS ( \
+                 INSERT INTO host_ranks (host_id, region, free_slots, open_slots) \
+                 SELECT u.id, u.region, NULLIF(GREATEST(u.capacity - boxes.claimed, 0), 0), \
+                        NULLIF(GREATEST(u.capacity - boxes.live, 0), 0) \
+                 FROM upserted u CROSS JOIN LATERAL ( \
+                     SELECT count(*) FILTER (WHERE m.state IN ('ALLOCATED', 'RUNNING')) AS claimed, \
+                            count(*) AS live \
+                     FROM mandelboxes m WHERE m.host_id = u.id AND m.state IN ",
+            live_box_states!(),
+            ") boxes \
+                 WHERE u.state = 'ACTIVE' \
+                 ON CONFLICT (host_id) DO UPDATE SET region = excluded.region, free_slots = excluded.free_slots, \
+                 open_slots = excluded.open_slots \
+             ) SELECT ",
+            host_columns!(),
+            " FROM upserted"
         ))
         .bind(&hello.host_id)
         .bind(&hello.region)
@@ -1096,14 +1194,17 @@ impl Store for PgStore {
     }
 
     async fn box_coming_in(&self, regions: &[String]) -> StoreResult<bool> {
-        // From the region's ACTIVE hosts to each one's live boxes
-        // (`mandelboxes_live_by_host`), stopping at the first: no index leads
-        // with a box's region and state, so asked from the boxes' side the
-        // query would scan the whole table, history and all.
+        // From the boxes' side, one state at a time, each through an index
+        // that holds only that state's boxes (migration 0012), so that a
+        // "no" (a full fleet with nothing coming) costs three short index
+        // walks, not a probe of every host of the region.
         Ok(sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM hosts h WHERE h.region = ANY($1) AND h.state = 'ACTIVE' \
-             AND EXISTS (SELECT 1 FROM mandelboxes m \
-                         WHERE m.host_id = h.id AND m.state IN ('SPAWNING', 'WAITING', 'DYING')))",
+            "SELECT EXISTS (SELECT 1 FROM mandelboxes m JOIN hosts h ON h.id = m.host_id \
+                            WHERE m.state = 'WAITING' AND m.region = ANY($1) AND h.state = 'ACTIVE') \
+                 OR EXISTS (SELECT 1 FROM mandelboxes m JOIN hosts h ON h.id = m.host_id \
+                            WHERE m.state = 'DYING' AND m.region = ANY($1) AND h.state = 'ACTIVE') \
+                 OR EXISTS (SELECT 1 FROM mandelboxes m JOIN hosts h ON h.id = m.host_id \
+                            WHERE m.state = 'SPAWNING' AND m.region = ANY($1) AND h.state = 'ACTIVE')",
         )
         .bind(regions)
         .fetch_one(&self.pool)
@@ -1232,30 +1333,38 @@ impl Store for PgStore {
         exclude_hosts: &[String],
         new: &NewMandelbox,
     ) -> StoreResult<Option<MandelboxRecord>> {
-        let candidates: Vec<String> = sqlx::query_scalar(concat!(
-            "SELECT id FROM ( \
-                 SELECT h.id, h.region, h.capacity - (SELECT count(*) FROM mandelboxes m \
-                     WHERE m.host_id = h.id AND m.state IN ",
-            live_box_states!(),
-            ") AS free \
-                 FROM hosts h LEFT JOIN regions r ON r.name = h.region \
-                 WHERE h.state = 'ACTIVE' AND h.region = ANY($1) AND h.id <> ALL($2) \
-                   AND (COALESCE(r.image, '') = '' OR h.image = r.image) \
-             ) candidates \
-             WHERE free > 0 \
-             ORDER BY array_position($1::text[], region), free, id"
-        ))
-        .bind(regions)
-        .bind(exclude_hosts)
-        .fetch_all(&self.pool)
-        .await?;
-        // One transaction per candidate: holding a rejected host's lock while
-        // locking the next could deadlock with a reservation going the other way.
-        for host_id in candidates {
-            let mut tx = self.pool.begin().await?;
-            if let Some(reserved) = reserve_on_host(&mut tx, &host_id, std::slice::from_ref(new), now()).await?.pop() {
-                tx.commit().await?;
-                return Ok(Some(reserved));
+        // Region by region in the client's order, the hosts that had an
+        // unoccupied slot at the last maintenance pass (or connected since),
+        // the fullest first, a page at a time (`open_hosts_page`); each page
+        // is counted exactly and tried the fullest first. A full fleet has
+        // no rank with an open slot: one empty index probe per region.
+        let mut seen = std::collections::HashSet::with_capacity(regions.len());
+        for region in regions.iter().filter(|region| seen.insert(region.as_str())) {
+            let mut after: Option<(i32, String)> = None;
+            loop {
+                let page = open_hosts_page(&self.pool, region, exclude_hosts, after.as_ref()).await?;
+                let complete = page.len() < OPEN_HOSTS_PAGE;
+                after = page.last().map(|host| (host.open_slots, host.host_id.clone()));
+                let mut candidates: Vec<(i64, String)> = page
+                    .into_iter()
+                    .filter_map(|host| host.free.filter(|&free| free > 0).map(|free| (free, host.host_id)))
+                    .collect();
+                candidates.sort();
+                // One transaction per candidate: holding a rejected host's
+                // lock while locking the next could deadlock with a
+                // reservation going the other way.
+                for (_, host_id) in candidates {
+                    let mut tx = self.pool.begin().await?;
+                    if let Some(reserved) =
+                        reserve_on_host(&mut tx, &host_id, std::slice::from_ref(new), now()).await?.pop()
+                    {
+                        tx.commit().await?;
+                        return Ok(Some(reserved));
+                    }
+                }
+                if complete {
+                    break;
+                }
             }
         }
         Ok(None)
@@ -1991,8 +2100,8 @@ impl Store for PgStore {
         if !first {
             return Ok(0);
         }
-        // ACTIVE hosts only: a claim takes no box elsewhere, and a host that
-        // comes back is found by the claims' exact ranking until the next pass.
+        // ACTIVE hosts only: neither a claim nor a reservation takes a box
+        // elsewhere, and a host that comes back is ranked when it connects.
         let gone = sqlx::query("DELETE FROM host_ranks k USING hosts h WHERE h.id = k.host_id AND h.state <> 'ACTIVE'")
             .execute(&mut *tx)
             .await?
@@ -2001,18 +2110,18 @@ impl Store for PgStore {
         // would lock and dirty the whole table on every pass (the count is
         // the pass's main cost: 115–170 ms at 15,000 mostly full hosts,
         // BENCHMARKS.md run Y).
-        let changed = sqlx::query(
-            "WITH fresh AS ( \
-                 SELECT h.id, h.region, NULLIF(GREATEST(h.capacity - count(m.id), 0), 0) AS free_slots \
-                 FROM hosts h \
-                 LEFT JOIN mandelboxes m ON m.host_id = h.id AND m.state IN ('ALLOCATED', 'RUNNING') \
-                 WHERE h.state = 'ACTIVE' GROUP BY h.id \
-             ) INSERT INTO host_ranks (host_id, region, free_slots) \
-             SELECT f.id, f.region, f.free_slots FROM fresh f LEFT JOIN host_ranks k ON k.host_id = f.id \
-             WHERE k.host_id IS NULL OR (k.region, k.free_slots) IS DISTINCT FROM (f.region, f.free_slots) \
+        let changed = sqlx::query(concat!(
+            "WITH fresh AS (",
+            pg_fresh_ranks!(),
+            " WHERE h.state = 'ACTIVE' GROUP BY h.id \
+             ) INSERT INTO host_ranks (host_id, region, free_slots, open_slots) \
+             SELECT f.id, f.region, f.free_slots, f.open_slots FROM fresh f LEFT JOIN host_ranks k ON k.host_id = f.id \
+             WHERE k.host_id IS NULL \
+                OR (k.region, k.free_slots, k.open_slots) IS DISTINCT FROM (f.region, f.free_slots, f.open_slots) \
              ORDER BY f.id \
-             ON CONFLICT (host_id) DO UPDATE SET region = excluded.region, free_slots = excluded.free_slots",
-        )
+             ON CONFLICT (host_id) DO UPDATE SET region = excluded.region, free_slots = excluded.free_slots, \
+             open_slots = excluded.open_slots",
+        ))
         .execute(&mut *tx)
         .await?
         .rows_affected();

@@ -312,6 +312,20 @@ pub(super) async fn count_instances(pool: &PgPool, region: &str) -> StoreResult<
     rows::to_u64("count", count)
 }
 
+pub(super) async fn region_can_grow(pool: &PgPool, region: &str, max_instances: u32) -> StoreResult<bool> {
+    // The live states by name: each is a range of `instances_region_state`,
+    // where `<> 'TERMINATED'` would walk the region's whole history.
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM instances WHERE region = $1 AND state = 'LAUNCHING') \
+             OR (SELECT count(*) FROM (SELECT 1 FROM instances WHERE region = $1 \
+                 AND state IN ('LAUNCHING', 'RUNNING', 'DRAINING', 'TERMINATING') LIMIT $2) live) < $2",
+    )
+    .bind(region)
+    .bind(i64::from(max_instances))
+    .fetch_one(pool)
+    .await?)
+}
+
 /// At a host's Hello: its LAUNCHING instance is RUNNING from now.
 pub(super) async fn instance_connected(conn: &mut PgConnection, host_id: &str, at: DateTime<Utc>) -> StoreResult<()> {
     sqlx::query(

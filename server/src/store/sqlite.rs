@@ -898,6 +898,10 @@ impl Store for SqliteStore {
         fleet::count_instances(&self.reader, region).await
     }
 
+    async fn region_can_grow(&self, region: &str, max_instances: u32) -> StoreResult<bool> {
+        fleet::region_can_grow(&self.reader, region, max_instances).await
+    }
+
     async fn create_operation(&self, operation: &OperationRecord) -> StoreResult<()> {
         fleet::create_operation(&self.writer, operation).await
     }

@@ -308,6 +308,18 @@ pub(super) async fn list_instances(
     .collect()
 }
 
+pub(super) async fn region_can_grow(reader: &SqlitePool, region: &str, max_instances: u32) -> StoreResult<bool> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM instances WHERE region = ?1 AND state = 'LAUNCHING') \
+             OR (SELECT count(*) FROM (SELECT 1 FROM instances WHERE region = ?1 \
+                 AND state IN ('LAUNCHING', 'RUNNING', 'DRAINING', 'TERMINATING') LIMIT ?2)) < ?2",
+    )
+    .bind(region)
+    .bind(i64::from(max_instances))
+    .fetch_one(reader)
+    .await?)
+}
+
 pub(super) async fn count_instances(reader: &SqlitePool, region: &str) -> StoreResult<u64> {
     let count: i64 =
         sqlx::query_scalar("SELECT count(*) FROM instances WHERE region = ?1").bind(region).fetch_one(reader).await?;

@@ -177,6 +177,27 @@ pub(crate) async fn instances_follow_their_lifecycle(db: &TestDatabase, store: D
     assert_eq!(store.count_instances("other").await.unwrap(), 0);
 }
 
+/// What an Allocate that found no box asks of a scaled region: an instance
+/// LAUNCHING, or fewer live (not TERMINATED) instances than the maximum.
+pub(crate) async fn region_can_grow_below_its_maximum_or_while_launching(_db: &TestDatabase, store: DynStore) {
+    assert!(store.region_can_grow("r1", 2).await.unwrap(), "no instance yet");
+    assert!(!store.region_can_grow("r1", 0).await.unwrap(), "a maximum of none");
+    let lease = lease(&store, "scaler:r1", "replica-a").await;
+    store.record_launch(&lease, &[new_instance("h-1", "r1", None), new_instance("h-2", "r1", None)]).await.unwrap();
+    assert!(store.region_can_grow("r1", 2).await.unwrap(), "at the maximum, but launching");
+    assert!(store.region_can_grow("r1", 1).await.unwrap(), "above the maximum, but launching");
+    host(&store, "h-1", "r1", "ami-1", 2).await;
+    host(&store, "h-2", "r1", "ami-1", 2).await;
+    assert!(!store.region_can_grow("r1", 2).await.unwrap(), "two running, none launching");
+    assert!(store.region_can_grow("r1", 3).await.unwrap());
+    assert!(store.region_can_grow("other", 1).await.unwrap(), "another region's instances do not count");
+    store.set_instance_state(&lease, "h-1", InstanceState::Draining, "excess").await.unwrap().unwrap();
+    assert!(!store.region_can_grow("r1", 2).await.unwrap(), "a draining instance is live");
+    store.set_instance_state(&lease, "h-2", InstanceState::Terminated, "drained").await.unwrap().unwrap();
+    assert!(store.region_can_grow("r1", 2).await.unwrap(), "a terminated instance is not");
+    assert!(!store.region_can_grow("r1", 1).await.unwrap());
+}
+
 pub(crate) async fn operations_are_durable_and_one_rollout_runs_at_a_time(_db: &TestDatabase, store: DynStore) {
     let lease = lease(&store, "rollouts", "replica-a").await;
     let mut first = rollout(now());
