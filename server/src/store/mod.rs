@@ -512,13 +512,15 @@ pub trait Store: Send + Sync + 'static {
     /// whose image matches the region's image (or any if the region has none),
     /// ACTIVE only, skipping `exclude_hosts`.
     ///
-    /// SQLite counts every host's boxes on each call. PostgreSQL walks the
-    /// hosts that had room at the last `refresh_host_ranks` or connected
-    /// since, the fullest first, counting a page of them at a time, so that
-    /// an Allocate in a dry spell does not count a whole fleet's boxes: the
-    /// room it finds is exact (checked under the host's lock) and the order
-    /// is exact within a page, but a host that was full at the last refresh
-    /// and has freed a slot since is offered only from the next refresh on.
+    /// Neither backend counts a whole fleet's boxes for it (an Allocate in a
+    /// dry spell makes this call). SQLite keeps each host's live boxes
+    /// counted (triggers, one writer) and walks an index of hosts by room:
+    /// exact. PostgreSQL walks the hosts that had room at the last
+    /// `refresh_host_ranks` or connected since, the fullest first, counting
+    /// a page of them at a time: the room it finds is exact (checked under
+    /// the host's lock) and the order is exact within a page, but a host that
+    /// was full at the last refresh and has freed a slot since is offered
+    /// only from the next refresh on.
     async fn reserve_mandelbox_in_regions(
         &self,
         regions: &[String],

@@ -1106,13 +1106,22 @@ impl Store for SqliteStore {
     }
 
     async fn box_coming_in(&self, regions: &[String]) -> StoreResult<bool> {
-        // From the hosts' side, as on PostgreSQL: no index leads with a box's
-        // region, while `mandelboxes_host_state` serves each host's boxes.
+        // From the boxes' side, one state at a time, each through an index
+        // that holds only that state's boxes (WAITING and DYING by region,
+        // SPAWNING by age: the spawns in flight), so that a "no" costs three
+        // short index walks, not a probe of every host of the region. The
+        // planner would scan the hosts for the SPAWNING part unless told.
         Ok(sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM hosts h \
-             WHERE h.region IN (SELECT value FROM json_each(?1)) AND h.state = 'ACTIVE' \
-               AND EXISTS (SELECT 1 FROM mandelboxes m \
-                           WHERE m.host_id = h.id AND m.state IN ('SPAWNING', 'WAITING', 'DYING')))",
+            "SELECT EXISTS (SELECT 1 FROM mandelboxes m JOIN hosts h ON h.id = m.host_id \
+                            WHERE m.state = 'WAITING' AND m.region IN (SELECT value FROM json_each(?1)) \
+                              AND h.state = 'ACTIVE') \
+                 OR EXISTS (SELECT 1 FROM mandelboxes m JOIN hosts h ON h.id = m.host_id \
+                            WHERE m.state = 'DYING' AND m.region IN (SELECT value FROM json_each(?1)) \
+                              AND h.state = 'ACTIVE') \
+                 OR EXISTS (SELECT 1 FROM mandelboxes m INDEXED BY mandelboxes_spawning_since \
+                            JOIN hosts h ON h.id = m.host_id \
+                            WHERE m.state = 'SPAWNING' AND m.region IN (SELECT value FROM json_each(?1)) \
+                              AND h.state = 'ACTIVE')",
         )
         .bind(json_list(regions)?)
         .fetch_one(&self.reader)
@@ -1230,34 +1239,34 @@ impl Store for SqliteStore {
         exclude_hosts: &[String],
         new: &NewMandelbox,
     ) -> StoreResult<Option<MandelboxRecord>> {
+        let excluded = json_list(exclude_hosts)?;
         let mut tx = self.begin_write().await?;
-        let best: Option<String> = sqlx::query_scalar(concat!(
-            "SELECT id FROM ( \
-                 SELECT h.id, h.region, h.capacity - (SELECT count(*) FROM mandelboxes m \
-                     WHERE m.host_id = h.id AND m.state IN ",
-            live_box_states!(),
-            ") AS free \
-                 FROM hosts h LEFT JOIN regions r ON r.name = h.region \
-                 WHERE h.state = 'ACTIVE' AND h.id NOT IN (SELECT value FROM json_each(?2)) \
+        let mut seen = std::collections::HashSet::with_capacity(regions.len());
+        for region in regions.iter().filter(|region| seen.insert(region.as_str())) {
+            // The region's fullest ACTIVE host with room, by `hosts_room`
+            // (migration 0008: the live boxes the triggers count): the walk
+            // starts at the first host with room, so a full region costs one
+            // index probe. The expression is the index's, word for word.
+            let best: Option<String> = sqlx::query_scalar(
+                "SELECT h.id FROM hosts h LEFT JOIN regions r ON r.name = h.region \
+                 WHERE h.region = ?1 AND h.state = 'ACTIVE' AND h.capacity - h.live_boxes > 0 \
+                   AND h.id NOT IN (SELECT value FROM json_each(?2)) \
                    AND (COALESCE(r.image, '') = '' OR h.image = r.image) \
-             ) candidates \
-             JOIN (SELECT value, min(key) AS position FROM json_each(?1) GROUP BY value) wanted \
-               ON wanted.value = candidates.region \
-             WHERE free > 0 \
-             ORDER BY wanted.position, free, id \
-             LIMIT 1"
-        ))
-        .bind(json_list(regions)?)
-        .bind(json_list(exclude_hosts)?)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(host_id) = best else {
-            return Ok(None);
-        };
-        // The write transaction keeps the count true, so this cannot refuse.
-        let reserved = reserve_on_host(&mut tx, &host_id, std::slice::from_ref(new), now()).await?.pop();
-        tx.commit().await?;
-        Ok(reserved)
+                 ORDER BY h.capacity - h.live_boxes, h.id LIMIT 1",
+            )
+            .bind(region)
+            .bind(&excluded)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(host_id) = best else {
+                continue;
+            };
+            // The write transaction keeps the count true, so this cannot refuse.
+            let reserved = reserve_on_host(&mut tx, &host_id, std::slice::from_ref(new), now()).await?.pop();
+            tx.commit().await?;
+            return Ok(reserved);
+        }
+        Ok(None)
     }
 
     async fn mandelbox_spawned(&self, id: Uuid, ports: &[PortSpec]) -> StoreResult<Option<MandelboxRecord>> {
