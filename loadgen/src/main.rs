@@ -45,7 +45,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Runs the scenarios.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Every scenario for a few seconds at small sizes; prints the figures, asserts nothing.
     Smoke {
         #[arg(long, default_value = "target/loadgen/smoke")]
@@ -261,7 +261,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         match cli.command {
-            Cmd::Run(args) => run(args, command_line()).await,
+            Cmd::Run(args) => run(*args, command_line()).await,
             Cmd::Smoke { out, postgres_url } => run(RunArgs::smoke(out, postgres_url), command_line()).await,
             Cmd::Serve(args) => server::serve(args).await,
             Cmd::Hosts(args) => lean::run_hosts(args).await,
