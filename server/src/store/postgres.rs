@@ -455,15 +455,11 @@ async fn end_sessions_on(
     Ok(ended)
 }
 
-/// The first 64 hosts of region `reg.name` in claim order by `host_ranks`:
-/// an index scan (`host_ranks_claim_order`) that the LIMIT keeps the planner
-/// on (unbounded, it would sort the region's ranks). Far more than a claim batch needs on a fleet with
-/// a warm pool; small enough that walking past all of them costs little.
 /// Hosts' ranks as `refresh_host_ranks` computes them (`host_connected`
-/// computes the same for one host), up to the WHERE clause (hosts `h`, grouped by `h.id`): `free_slots`, the
-/// slots not ALLOCATED or RUNNING (the claims' order), and `open_slots`, the
-/// slots with no live box at all (the on-demand reservation's), each NULL
-/// when there are none.
+/// computes the same for one host), up to the WHERE clause, over hosts `h`
+/// to be grouped by `h.id`: `free_slots`, the slots not ALLOCATED or RUNNING
+/// (the claims' order), and `open_slots`, the slots with no live box at all
+/// (the on-demand reservation's), each NULL when there are none.
 macro_rules! pg_fresh_ranks {
     () => {
         concat!(
@@ -477,6 +473,10 @@ macro_rules! pg_fresh_ranks {
     };
 }
 
+/// The first 64 hosts of region `reg.name` in claim order by `host_ranks`:
+/// an index scan (`host_ranks_claim_order`) that the LIMIT keeps the planner
+/// on (unbounded, it would sort the region's ranks). Far more than a claim batch needs on a fleet with
+/// a warm pool; small enough that walking past all of them costs little.
 macro_rules! pg_ranked_window {
     () => {
         "SELECT k.host_id FROM host_ranks k WHERE k.region = reg.name \
