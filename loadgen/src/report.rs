@@ -294,10 +294,9 @@ pub(crate) fn markdown(report: &RunReport) -> String {
             );
             let _ = writeln!(
                 out,
-                "| Allocate with no room anywhere, one at a time: p50 / p90 / p99 / max | {} ms ({} of {} NO_CAPACITY) |",
+                "| Allocate with no room anywhere, one at a time: p50 / p90 / p99 / max | {} ms ({} calls, each NO_CAPACITY) |",
                 p(&f.full_fleet_allocate),
-                f.full_fleet_no_capacity,
-                f.full_fleet_allocates
+                f.full_fleet_allocate.count
             );
             let _ = writeln!(
                 out,

@@ -907,11 +907,9 @@ pub(crate) struct Fleet {
     pub(crate) drain_acks: u64,
     /// Allocates, one at a time, while no host of the fleet has room (the
     /// fleet's hosts have no slots): each looks for a warm box, for room to
-    /// spawn on demand, and for a box coming, then answers NO_CAPACITY.
+    /// spawn on demand, and for a box coming, then answers NO_CAPACITY (any
+    /// other answer fails the run).
     pub(crate) full_fleet_allocate: Percentiles,
-    pub(crate) full_fleet_allocates: usize,
-    /// Of those, how many were answered NO_CAPACITY (all, when nothing else runs).
-    pub(crate) full_fleet_no_capacity: usize,
 }
 
 pub(crate) struct FleetSettings {
@@ -1013,8 +1011,7 @@ pub(crate) async fn fleet(
     };
     progress.finish_line();
 
-    let (full_fleet_allocate, full_fleet_no_capacity) =
-        allocate_with_no_room(info, settings.full_fleet_allocates, progress).await?;
+    let full_fleet_allocate = allocate_with_no_room(info, settings.full_fleet_allocates, progress).await?;
 
     progress.phase("fleet: DrainHost to every host");
     let admin = admin_client(channel(&info.endpoint).await?, info)?;
@@ -1072,31 +1069,24 @@ pub(crate) async fn fleet(
         push_rpc_errors,
         drain_acks,
         full_fleet_allocate,
-        full_fleet_allocates: settings.full_fleet_allocates,
-        full_fleet_no_capacity,
     })
 }
 
 /// `count` Allocates one after another while every connected host is
 /// without room: the path of an Allocate in a dry spell on a full fleet,
-/// whose cost must not grow with the fleet. Returns their latencies and how
-/// many were answered NO_CAPACITY.
-async fn allocate_with_no_room(
-    info: &ServerInfo,
-    count: usize,
-    progress: &Progress,
-) -> anyhow::Result<(Percentiles, usize)> {
+/// whose cost must not grow with the fleet. Returns their latencies; an
+/// answer other than NO_CAPACITY is an error.
+async fn allocate_with_no_room(info: &ServerInfo, count: usize, progress: &Progress) -> anyhow::Result<Percentiles> {
     progress.phase(format!("fleet: {count} Allocates with no room anywhere"));
     let token = info.user_tokens.first().context("no user token")?;
     let mut allocation = AllocationServiceClient::with_interceptor(channel(&info.endpoint).await?, bearer(token)?);
     let mut latencies = Vec::with_capacity(count);
-    let mut no_capacity = 0;
     for _ in 0..count {
         let started = Instant::now();
         let outcome = allocation.allocate(allocate_request()).await;
         latencies.push(started.elapsed());
         match outcome {
-            Err(status) if reason(&status) == "NO_CAPACITY" => no_capacity += 1,
+            Err(status) if reason(&status) == "NO_CAPACITY" => {}
             Err(status) => anyhow::bail!("Allocate with no room answered {}: {}", reason(&status), status.message()),
             Ok(response) => {
                 anyhow::bail!("Allocate with no room was answered with session {}", response.into_inner().session_id)
@@ -1105,7 +1095,7 @@ async fn allocate_with_no_room(
         progress.add(1);
     }
     progress.finish_line();
-    Ok((Percentiles::of(&mut latencies), no_capacity))
+    Ok(Percentiles::of(&mut latencies))
 }
 
 async fn report_all(children: &mut [(usize, HostsChild)]) -> anyhow::Result<Vec<HostsReport>> {
