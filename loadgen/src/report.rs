@@ -289,6 +289,11 @@ pub(crate) fn markdown(report: &RunReport) -> String {
             );
             let _ = writeln!(
                 out,
+                "| PostgreSQL's processes meanwhile (heartbeat batches, maintenance pass) | {:.3} cores |",
+                f.heartbeat_database_cpu_cores
+            );
+            let _ = writeln!(
+                out,
                 "| DrainHost to {} hosts, all acked | {:.2} s ({} RPC errors, {} acks seen by the hosts) |",
                 f.pushed, f.push_all_s, f.push_rpc_errors, f.drain_acks
             );

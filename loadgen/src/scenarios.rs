@@ -27,7 +27,7 @@ use tonic::{Request, Status, metadata::MetadataValue, transport::Channel};
 
 use crate::{
     lean::{self, HostCounters, HostsReport, LeanOptions},
-    measure::{CpuSample, CpuShares, Percentiles, Progress, cpu_time, rss_kib},
+    measure::{CpuSample, CpuShares, Percentiles, Progress, rss_kib},
     runtime::{EventKind, InstantRuntime, Observatory},
     server::{Backend, REGION, ServerInfo},
     server_phases::{self, ServerPhases},
@@ -898,6 +898,10 @@ pub(crate) struct Fleet {
     pub(crate) cpu_window_s: f64,
     /// Server CPU while the fleet only heartbeats, in cores.
     pub(crate) heartbeat_server_cpu_cores: f64,
+    /// PostgreSQL's processes meanwhile (the heartbeat batches and the
+    /// maintenance pass at this fleet's size), in cores; with SQLite, which
+    /// runs inside the server, what an idle local PostgreSQL did.
+    pub(crate) heartbeat_database_cpu_cores: f64,
     pub(crate) heartbeats_per_s: f64,
     pub(crate) host_processes_rss_kib: u64,
     /// One DrainHost per host through the admin API (each waits for the host's ack).
@@ -997,18 +1001,15 @@ pub(crate) async fn fleet(
     tokio::time::sleep(Duration::from_secs(2)).await;
     let server_rss_after_kib = rss_kib(info.pid).unwrap_or(0);
     let beats_before: u64 = report_all(&mut children).await?.iter().map(|r| r.heartbeats).sum();
-    let cpu_before = cpu_time(info.pid);
+    let cpu_before = CpuSample::take(info.pid);
     let window_started = Instant::now();
     tokio::time::sleep(settings.cpu_window).await;
-    let cpu_after = cpu_time(info.pid);
+    let cpu_after = CpuSample::take(info.pid);
     let cpu_window_s = window_started.elapsed().as_secs_f64();
+    let cpu = cpu_before.shares_until(&cpu_after, cpu_window_s);
     let reports = report_all(&mut children).await?;
     let beats_after: u64 = reports.iter().map(|r| r.heartbeats).sum();
     let host_processes_rss_kib = reports.iter().map(|r| r.rss_kib).sum();
-    let heartbeat_server_cpu_cores = match (cpu_before, cpu_after) {
-        (Some(a), Some(b)) => b.saturating_sub(a).as_secs_f64() / cpu_window_s,
-        _ => 0.0,
-    };
     progress.finish_line();
 
     let full_fleet_allocate = allocate_with_no_room(info, settings.full_fleet_allocates, progress).await?;
@@ -1061,7 +1062,8 @@ pub(crate) async fn fleet(
         server_rss_after_kib,
         server_kib_per_host: per_host,
         cpu_window_s,
-        heartbeat_server_cpu_cores,
+        heartbeat_server_cpu_cores: cpu.server_cores,
+        heartbeat_database_cpu_cores: cpu.database_cores,
         heartbeats_per_s: beats_after.saturating_sub(beats_before) as f64 / cpu_window_s,
         host_processes_rss_kib,
         pushed,

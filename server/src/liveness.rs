@@ -39,12 +39,10 @@ impl Sweeper {
         let cutoff = chrono::Utc::now() - ORPHAN_MIN_AGE;
         let candidates: Vec<(String, u64)> = core
             .store
-            .list_hosts(None)
+            .connected_hosts_changed_before(cutoff)
             .await?
             .into_iter()
-            .map(|summary| summary.host)
-            .filter(|host| matches!(host.state, crate::model::HostState::Active | crate::model::HostState::Draining))
-            .filter(|host| host.updated_at < cutoff && !core.registry.is_connected(&host.id))
+            .filter(|host| !core.registry.is_connected(&host.id))
             .map(|host| (host.id, host.generation))
             .collect();
         let ids: Vec<String> = candidates.iter().map(|(id, _)| id.clone()).collect();

@@ -436,6 +436,24 @@ async fn replacement_exiting_before_it_is_recorded_is_recorded_dead(backend: Bac
     assert!(!warm.contains(&response.mandelbox_id));
 }
 
+/// A slot freed where no wake-up reaches (here a box written DEAD straight
+/// into the store, as another replica or the sweep would write it) is
+/// refilled by the warm pool's sweep within a few maintenance passes.
+async fn a_slot_freed_behind_the_connection_is_refilled_by_the_sweep(backend: Backend) {
+    let app = TestApp::spawn(backend, TestOptions::default()).await.unwrap();
+    let warm_before = warm_ids(&app, "host-1").await;
+    let (_, _, runtime) = app.host("host-1").unwrap();
+    let spawned_before = runtime.spawned().len();
+    let gone = warm_before.iter().next().map(|id| uuid::Uuid::parse_str(id).unwrap()).unwrap();
+    app.store.mandelbox_finished(gone, MandelboxState::Dead, EndReason::MandelboxExited).await.unwrap();
+    assert_eq!(warm_ids(&app, "host-1").await.len(), 1);
+
+    app.wait_warm(2, Duration::from_secs(5)).await.unwrap();
+    let spawned = runtime.spawned();
+    assert_eq!(spawned.len(), spawned_before + 1, "one box spawned in the freed slot");
+    assert!(warm_ids(&app, "host-1").await.contains(&spawned[spawned_before]));
+}
+
 /// A recycled slot costs its host one command: the teardown names the
 /// replacement, and the host's one answer confirms both.
 async fn a_recycled_slot_is_one_host_command(backend: Backend) {
@@ -534,6 +552,7 @@ fn old_agent_hello(app: &TestApp, host_id: &str) -> HostMessage {
 on_both_backends!(
     whole_loop,
     a_recycled_slot_is_one_host_command,
+    a_slot_freed_behind_the_connection_is_refilled_by_the_sweep,
     an_agent_without_replacements_gets_the_spawn_separately,
     draining_host_spawns_no_replacement,
     replacement_exiting_before_it_is_recorded_is_recorded_dead,

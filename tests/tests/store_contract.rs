@@ -551,6 +551,29 @@ mod contract {
         assert_eq!(listed, vec!["h2", "h1"], "oldest disconnect first");
     }
 
+    pub(crate) async fn connected_hosts_changed_before_a_cutoff(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h-draining", "r1", "img", 1).await;
+        host(&store, "h-active", "r1", "img", 1).await;
+        host(&store, "h-gone", "r1", "img", 1).await;
+        host(&store, "h-lost", "r1", "img", 1).await;
+        store.drain_host("h-draining").await.unwrap();
+        store.host_disconnected("h-gone", 1).await.unwrap();
+        store.mark_host_lost("h-lost", None).await.unwrap();
+        let before = tick().await;
+        host(&store, "h-late", "r1", "img", 1).await;
+        let after = tick().await;
+
+        let listed = |cutoff| {
+            let store = store.clone();
+            async move {
+                let hosts = store.connected_hosts_changed_before(cutoff).await.unwrap();
+                hosts.into_iter().map(|host| host.id).collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(listed(before).await, ["h-active", "h-draining"], "connected, by id, changed before the cutoff");
+        assert_eq!(listed(after).await, ["h-active", "h-draining", "h-late"]);
+    }
+
     pub(crate) async fn mark_connected_hosts_disconnected_at_start_up(_db: &TestDatabase, store: DynStore) {
         host(&store, "h1", "r1", "img", 1).await;
         host(&store, "h2", "r1", "img", 1).await;
@@ -878,6 +901,30 @@ mod contract {
         store.refresh_host_ranks().await.unwrap();
         assert_eq!(reserve().await.as_deref(), Some(gone.host_id.as_str()));
         assert_eq!(reserve().await, None);
+    }
+
+    pub(crate) async fn hosts_with_open_slots_are_the_active_hosts_with_room(_db: &TestDatabase, store: DynStore) {
+        host(&store, "h-room", "r1", "img", 2).await;
+        host(&store, "h-full", "r1", "img", 1).await;
+        host(&store, "h-freed", "r2", "img", 1).await;
+        host(&store, "h-draining", "r1", "img", 2).await;
+        spawning_box(&store, "h-room", APP).await;
+        spawning_box(&store, "h-full", APP).await;
+        let freed = spawning_box(&store, "h-freed", APP).await;
+        store.refresh_host_ranks().await.unwrap();
+        // Drained since the refresh: no longer named.
+        store.drain_host("h-draining").await.unwrap();
+        assert_eq!(store.hosts_with_open_slots().await.unwrap(), ["h-room"], "full and draining hosts are not");
+
+        // A box that died frees its slot; a host filled has none.
+        store.mandelbox_finished(freed.id, MandelboxState::Dead, EndReason::MandelboxExited).await.unwrap();
+        spawning_box(&store, "h-room", APP).await;
+        store.refresh_host_ranks().await.unwrap();
+        assert_eq!(store.hosts_with_open_slots().await.unwrap(), ["h-freed"]);
+
+        // A host that connects is named at once, before any refresh.
+        host(&store, "h-new", "r2", "img", 1).await;
+        assert_eq!(store.hosts_with_open_slots().await.unwrap(), ["h-freed", "h-new"]);
     }
 
     pub(crate) async fn concurrent_reservations_respect_capacity(_db: &TestDatabase, store: DynStore) {
@@ -2501,6 +2548,7 @@ macro_rules! store_contract_suite {
             list_hosts_counts_boxes_by_kind,
             box_coming_in_sees_free_and_freeing_boxes_of_active_hosts,
             hosts_disconnected_before_a_cutoff,
+            connected_hosts_changed_before_a_cutoff,
             mark_connected_hosts_disconnected_at_start_up,
             config_entries_are_read_by_key,
             stripe_customer_is_remembered_once,
@@ -2511,6 +2559,7 @@ macro_rules! store_contract_suite {
             mandelbox_token_hash_is_stored_for_auth,
             reserve_in_regions_picks_first_region_then_fullest_host,
             reservation_finds_room_past_hosts_filled_since_the_refresh,
+            hosts_with_open_slots_are_the_active_hosts_with_room,
             concurrent_reservations_respect_capacity,
             mandelbox_spawned_goes_waiting_or_allocated,
             mandelbox_finished_ends_the_session_on_it,

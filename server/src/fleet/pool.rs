@@ -15,7 +15,7 @@ use crate::{
     auth::mandelbox_token,
     core::SharedCore,
     events::Event,
-    model::{EndReason, HostState, MandelboxRecord, MandelboxState, PortSpec},
+    model::{EndReason, MandelboxRecord, MandelboxState, PortSpec},
     store::{NewMandelbox, SpawnReport},
 };
 
@@ -26,7 +26,10 @@ const REFILL_SWEEP_FACTOR: u32 = 5;
 /// query: a slot freed where no wake-up reached (a teardown confirmed through
 /// another replica, a box expired by the sweep) is refilled within a period.
 /// One read per period for the whole fleet, instead of a reservation attempt
-/// per host, which with 15,000 hosts was half of the server's CPU.
+/// per host, which with 15,000 hosts was half of the server's CPU; and a read
+/// of the hosts with room only, not of every host with its counts (on
+/// PostgreSQL as of the last rank refresh, a maintenance pass old, which
+/// this sweep's period of five passes covers).
 pub async fn run_refill_sweep(core: SharedCore, shutdown: CancellationToken) {
     let period = Duration::from_millis(core.config.hosts.maintenance_interval_ms.max(1)) * REFILL_SWEEP_FACTOR;
     crate::shutdown::run_every(period, shutdown, || wake_hosts_with_free_slots(&core)).await;
@@ -36,17 +39,15 @@ async fn wake_hosts_with_free_slots(core: &SharedCore) {
     if !core.config.allocation.warm_pool || core.registry.is_empty() {
         return;
     }
-    let hosts = match core.store.list_hosts(None).await {
+    let hosts = match core.store.hosts_with_open_slots().await {
         Ok(hosts) => hosts,
         Err(error) => {
-            tracing::debug!(%error, "refill sweep could not list hosts");
+            tracing::debug!(%error, "refill sweep could not list hosts with room");
             return;
         }
     };
-    for summary in hosts {
-        if summary.host.state == HostState::Active && summary.live < summary.host.capacity {
-            core.registry.refill(&summary.host.id);
-        }
+    for host_id in hosts {
+        core.registry.refill(&host_id);
     }
 }
 

@@ -458,6 +458,15 @@ pub trait Store: Send + Sync + 'static {
     /// Hosts (optionally of one region) with their box counts, by id.
     async fn list_hosts(&self, region: Option<&str>) -> StoreResult<Vec<HostSummary>>;
 
+    /// The ACTIVE hosts with a slot that holds no live box, by id: what the
+    /// warm pool's refill sweep looks for. PostgreSQL answers from the ranks
+    /// as of the last `refresh_host_ranks` (a host is also ranked as it
+    /// connects), SQLite from its kept counts; either reads an index of the
+    /// hosts with room only, so a full fleet costs next to nothing (the
+    /// sweep used to list every host with three counts each: 137 ms at
+    /// 15,000 hosts, every few seconds on every replica).
+    async fn hosts_with_open_slots(&self) -> StoreResult<Vec<String>>;
+
     /// Whether an ACTIVE host of one of `regions` holds a box that is or will
     /// soon be free: SPAWNING, WAITING, or DYING (a torn-down box's
     /// replacement is spawned before it is written, so its slot shows DYING
@@ -474,6 +483,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// DISCONNECTED hosts whose `disconnected_at` is before `cutoff`.
     async fn hosts_disconnected_before(&self, cutoff: DateTime<Utc>) -> StoreResult<Vec<HostRecord>>;
+
+    /// ACTIVE and DRAINING hosts whose row last changed (`updated_at`: a
+    /// Hello, a drain; not a heartbeat) before `cutoff`, by id, without box
+    /// counts: the hosts that may be orphans of a replica that is gone.
+    async fn connected_hosts_changed_before(&self, cutoff: DateTime<Utc>) -> StoreResult<Vec<HostRecord>>;
 
     /// At start-up of a single control plane: every ACTIVE/DRAINING host →
     /// DISCONNECTED with `disconnected_at` = `at`, so it gets the reconnect

@@ -868,21 +868,23 @@ async fn reserve_on_host(
 }
 
 /// A host with its box counts, up to the WHERE clause (`list_hosts`,
-/// `host_summary`).
+/// `host_summary`). The three counts come from one pass over the host's
+/// live boxes (`mandelboxes_live_by_host`, index only): three subqueries
+/// read it three times, 115 ms against 55 ms for 15,000 hosts of 8 boxes
+/// (BENCHMARKS.md run AC).
 macro_rules! host_summary_select {
     () => {
         concat!(
             "SELECT h.id, h.region, h.state, h.image, h.agent_version, h.address, h.capacity, \
              h.generation, h.last_heartbeat_at, h.disconnected_at, h.terminated_at, h.created_at, h.updated_at, \
-             (SELECT count(*) FROM mandelboxes m WHERE m.host_id = h.id \
-                AND m.state IN ('SPAWNING', 'WAITING')) AS warm, \
-             (SELECT count(*) FROM mandelboxes m WHERE m.host_id = h.id \
-                AND m.state IN ('ALLOCATED', 'RUNNING')) AS assigned, \
-             (SELECT count(*) FROM mandelboxes m WHERE m.host_id = h.id \
-                AND m.state IN ",
+             c.warm, c.assigned, c.live \
+             FROM hosts h CROSS JOIN LATERAL ( \
+                 SELECT count(*) FILTER (WHERE m.state IN ('SPAWNING', 'WAITING')) AS warm, \
+                        count(*) FILTER (WHERE m.state IN ('ALLOCATED', 'RUNNING')) AS assigned, \
+                        count(*) AS live \
+                 FROM mandelboxes m WHERE m.host_id = h.id AND m.state IN ",
             live_box_states!(),
-            ") AS live \
-             FROM hosts h"
+            ") c"
         )
     };
 }
@@ -1193,6 +1195,17 @@ impl Store for PgStore {
         rows.into_iter().map(HostSummaryRow::into_summary).collect()
     }
 
+    async fn hosts_with_open_slots(&self) -> StoreResult<Vec<String>> {
+        // `host_ranks_open_order` holds the hosts ranked with room only; the
+        // join drops a host drained or gone since it was ranked.
+        Ok(sqlx::query_scalar(
+            "SELECT k.host_id FROM host_ranks k JOIN hosts h ON h.id = k.host_id \
+             WHERE k.open_slots IS NOT NULL AND h.state = 'ACTIVE' ORDER BY k.host_id",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     async fn box_coming_in(&self, regions: &[String]) -> StoreResult<bool> {
         // From the boxes' side, one state at a time, each through an index
         // that holds only that state's boxes (migration 0012), so that a
@@ -1229,6 +1242,18 @@ impl Store for PgStore {
             host_columns!(),
             " FROM hosts WHERE state = 'DISCONNECTED' AND disconnected_at < $1 \
              ORDER BY disconnected_at, id"
+        ))
+        .bind(cutoff)
+        .fetch_all(&self.pool)
+        .await?;
+        hosts(rows)
+    }
+
+    async fn connected_hosts_changed_before(&self, cutoff: DateTime<Utc>) -> StoreResult<Vec<HostRecord>> {
+        let rows = sqlx::query_as::<_, HostRow>(concat!(
+            "SELECT ",
+            host_columns!(),
+            " FROM hosts WHERE state IN ('ACTIVE', 'DRAINING') AND updated_at < $1 ORDER BY id"
         ))
         .bind(cutoff)
         .fetch_all(&self.pool)

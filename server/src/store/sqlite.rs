@@ -821,22 +821,18 @@ async fn reserve_on_locked_host(
 }
 
 /// A host with its box counts, up to the WHERE clause (`list_hosts`,
-/// `host_summary`).
+/// `host_summary`). The live boxes are the count the triggers keep
+/// (migration 0008), so only the warm and assigned ones are counted here.
 macro_rules! host_summary_select {
     () => {
-        concat!(
-            "SELECT h.id, h.region, h.state, h.image, h.agent_version, h.address, h.capacity, \
-             h.generation, h.last_heartbeat_at, h.disconnected_at, h.terminated_at, h.created_at, h.updated_at, \
-             (SELECT count(*) FROM mandelboxes m WHERE m.host_id = h.id \
-                AND m.state IN ('SPAWNING', 'WAITING')) AS warm, \
-             (SELECT count(*) FROM mandelboxes m WHERE m.host_id = h.id \
-                AND m.state IN ('ALLOCATED', 'RUNNING')) AS assigned, \
-             (SELECT count(*) FROM mandelboxes m WHERE m.host_id = h.id \
-                AND m.state IN ",
-            live_box_states!(),
-            ") AS live \
-             FROM hosts h"
-        )
+        "SELECT h.id, h.region, h.state, h.image, h.agent_version, h.address, h.capacity, \
+         h.generation, h.last_heartbeat_at, h.disconnected_at, h.terminated_at, h.created_at, h.updated_at, \
+         (SELECT count(*) FROM mandelboxes m WHERE m.host_id = h.id \
+            AND m.state IN ('SPAWNING', 'WAITING')) AS warm, \
+         (SELECT count(*) FROM mandelboxes m WHERE m.host_id = h.id \
+            AND m.state IN ('ALLOCATED', 'RUNNING')) AS assigned, \
+         h.live_boxes AS live \
+         FROM hosts h"
     };
 }
 
@@ -1105,6 +1101,14 @@ impl Store for SqliteStore {
         rows.into_iter().map(HostSummaryRow::into_summary).collect()
     }
 
+    async fn hosts_with_open_slots(&self) -> StoreResult<Vec<String>> {
+        // `hosts_room` (migration 0008) holds the ACTIVE hosts by room; the
+        // expression is the index's, word for word.
+        Ok(sqlx::query_scalar("SELECT id FROM hosts WHERE state = 'ACTIVE' AND capacity - live_boxes > 0 ORDER BY id")
+            .fetch_all(&self.reader)
+            .await?)
+    }
+
     async fn box_coming_in(&self, regions: &[String]) -> StoreResult<bool> {
         // From the boxes' side, one state at a time, each through an index
         // that holds only that state's boxes (WAITING and DYING by region,
@@ -1146,6 +1150,18 @@ impl Store for SqliteStore {
             host_columns!(),
             " FROM hosts WHERE state = 'DISCONNECTED' AND disconnected_at < ?1 \
              ORDER BY disconnected_at, id"
+        ))
+        .bind(micros(cutoff))
+        .fetch_all(&self.reader)
+        .await?;
+        hosts(rows)
+    }
+
+    async fn connected_hosts_changed_before(&self, cutoff: DateTime<Utc>) -> StoreResult<Vec<HostRecord>> {
+        let rows = sqlx::query_as::<_, HostRow>(concat!(
+            "SELECT ",
+            host_columns!(),
+            " FROM hosts WHERE state IN ('ACTIVE', 'DRAINING') AND updated_at < ?1 ORDER BY id"
         ))
         .bind(micros(cutoff))
         .fetch_all(&self.reader)
