@@ -461,10 +461,11 @@ pub trait Store: Send + Sync + 'static {
     /// The ACTIVE hosts with a slot that holds no live box, by id: what the
     /// warm pool's refill sweep looks for. PostgreSQL answers from the ranks
     /// as of the last `refresh_host_ranks` (a host is also ranked as it
-    /// connects), SQLite from its kept counts; either reads an index of the
-    /// hosts with room only, so a full fleet costs next to nothing (the
-    /// sweep used to list every host with three counts each: 137 ms at
-    /// 15,000 hosts, every few seconds on every replica).
+    /// connects), through an index of the hosts with room only; SQLite from
+    /// the live boxes its triggers count. Neither counts boxes (the sweep
+    /// used to list every host with three counts each: 107 ms at 15,000
+    /// hosts of 8 boxes on PostgreSQL, every few seconds on every replica;
+    /// now 2 ms, BENCHMARKS.md run AC).
     async fn hosts_with_open_slots(&self) -> StoreResult<Vec<String>>;
 
     /// Whether an ACTIVE host of one of `regions` holds a box that is or will
