@@ -165,6 +165,9 @@ pub(crate) struct HostsArgs {
     pub(crate) count: usize,
     #[arg(long, default_value_t = 5_000)]
     pub(crate) heartbeat_ms: u64,
+    /// Slots each host offers (0: none; a spawn is answered at once).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) capacity: u32,
     /// Handshakes in flight at once.
     #[arg(long, default_value_t = 32)]
     pub(crate) concurrency: usize,
@@ -199,7 +202,7 @@ pub(crate) async fn run_hosts(args: HostsArgs) -> anyhow::Result<()> {
                 credential: credentials.issue(&host_id),
                 host_id,
                 region: crate::server::REGION.into(),
-                capacity: 0,
+                capacity: args.capacity,
                 heartbeat,
                 phase: heartbeat.mul_f64((index % 997) as f64 / 997.0),
             };

@@ -114,6 +114,12 @@ struct RunArgs {
     fleet_heartbeat_ms: u64,
     #[arg(long, default_value_t = 15.0)]
     fleet_cpu_window_s: f64,
+    /// Slots of each fleet host (0: lean hosts without boxes). With slots the
+    /// server fills them (each host answers its spawns at once) before the
+    /// heartbeat window, which then holds the housekeeping of a fleet with
+    /// boxes; the no-room Allocates are skipped.
+    #[arg(long, default_value_t = 0)]
+    fleet_capacity: u32,
     #[arg(long, default_value_t = 64)]
     push_concurrency: usize,
     /// DrainHost is sent to this many of the fleet's hosts (0: all). Each DrainHost lists every host
@@ -233,6 +239,7 @@ impl RunArgs {
             fleet_per_process: 100,
             fleet_heartbeat_ms: 500,
             fleet_cpu_window_s: 1.0,
+            fleet_capacity: 0,
             push_concurrency: 16,
             push_limit: 0,
             full_fleet_allocates: 20,
@@ -343,6 +350,7 @@ async fn run_backend(
                 per_process: args.fleet_per_process,
                 heartbeat_ms: args.fleet_heartbeat_ms,
                 cpu_window: Duration::from_secs_f64(args.fleet_cpu_window_s),
+                capacity: args.fleet_capacity,
                 push_concurrency: args.push_concurrency,
                 push_limit: args.push_limit,
                 full_fleet_allocates: args.full_fleet_allocates,

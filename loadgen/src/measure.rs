@@ -242,6 +242,11 @@ impl Progress {
         self.inner.done.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// The phase's count of done items, when it is read rather than counted.
+    pub(crate) fn set(&self, n: u64) {
+        self.inner.done.store(n, Ordering::Relaxed);
+    }
+
     pub(crate) fn error(&self) {
         self.inner.errors.fetch_add(1, Ordering::Relaxed);
     }

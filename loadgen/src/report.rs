@@ -275,6 +275,15 @@ pub(crate) fn markdown(report: &RunReport) -> String {
                 let _ = writeln!(out, "| first connect error | {error} |");
             }
             let _ = writeln!(out, "| time to connect all | {:.1} s |", f.connect_all_s);
+            if f.capacity > 0 {
+                let _ = writeln!(
+                    out,
+                    "| slots filled with warm boxes, {} per host (each spawn answered at once) | {}, the last {:.1} s after the last host connected |",
+                    f.capacity,
+                    f.connected * f.capacity as usize,
+                    f.fill_all_s
+                );
+            }
             let _ = writeln!(
                 out,
                 "| server RSS before → after | {:.1} MiB → {:.1} MiB |",
@@ -297,12 +306,14 @@ pub(crate) fn markdown(report: &RunReport) -> String {
                 "| DrainHost to {} hosts, all acked | {:.2} s ({} RPC errors, {} acks seen by the hosts) |",
                 f.pushed, f.push_all_s, f.push_rpc_errors, f.drain_acks
             );
-            let _ = writeln!(
-                out,
-                "| Allocate with no room anywhere, one at a time: p50 / p90 / p99 / max | {} ms ({} calls, each NO_CAPACITY) |",
-                p(&f.full_fleet_allocate),
-                f.full_fleet_allocate.count
-            );
+            if f.full_fleet_allocate.count > 0 {
+                let _ = writeln!(
+                    out,
+                    "| Allocate with no room anywhere, one at a time: p50 / p90 / p99 / max | {} ms ({} calls, each NO_CAPACITY) |",
+                    p(&f.full_fleet_allocate),
+                    f.full_fleet_allocate.count
+                );
+            }
             let _ = writeln!(
                 out,
                 "| load generator's host processes RSS | {:.1} MiB |",

@@ -891,6 +891,10 @@ pub(crate) struct Fleet {
     pub(crate) failed: usize,
     pub(crate) first_error: Option<String>,
     pub(crate) connect_all_s: f64,
+    /// Slots per host, and the time to fill them all after the last host
+    /// connected (0 and 0 for lean hosts).
+    pub(crate) capacity: u32,
+    pub(crate) fill_all_s: f64,
     pub(crate) heartbeat_interval_ms: u64,
     pub(crate) server_rss_before_kib: u64,
     pub(crate) server_rss_after_kib: u64,
@@ -921,6 +925,8 @@ pub(crate) struct FleetSettings {
     pub(crate) per_process: usize,
     pub(crate) heartbeat_ms: u64,
     pub(crate) cpu_window: Duration,
+    /// Slots per host (0: lean hosts without boxes; see `fleet_capacity`).
+    pub(crate) capacity: u32,
     pub(crate) push_concurrency: usize,
     /// DrainHost goes to this many hosts (0: all).
     pub(crate) push_limit: usize,
@@ -973,6 +979,7 @@ pub(crate) async fn fleet(
         let mut child = Command::new(&exe)
             .args(["hosts", "--endpoint", &info.endpoint, "--prefix", &format!("fleet{index}-")])
             .args(["--count", &count.to_string(), "--heartbeat-ms", &settings.heartbeat_ms.to_string()])
+            .args(["--capacity", &settings.capacity.to_string()])
             .env("LOADGEN_HOST_SECRET", secret)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -997,6 +1004,11 @@ pub(crate) async fn fleet(
     let connect_all_s = started.elapsed().as_secs_f64();
     progress.finish_line();
 
+    let filling = Instant::now();
+    if settings.capacity > 0 {
+        fill_fleet(&mut children, connected * settings.capacity as usize, progress).await?;
+    }
+    let fill_all_s = filling.elapsed().as_secs_f64();
     progress.phase("fleet: heartbeating");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let server_rss_after_kib = rss_kib(info.pid).unwrap_or(0);
@@ -1012,7 +1024,9 @@ pub(crate) async fn fleet(
     let host_processes_rss_kib = reports.iter().map(|r| r.rss_kib).sum();
     progress.finish_line();
 
-    let full_fleet_allocate = allocate_with_no_room(info, settings.full_fleet_allocates, progress).await?;
+    // A fleet with slots has warm boxes: an Allocate would take one.
+    let no_room_allocates = if settings.capacity > 0 { 0 } else { settings.full_fleet_allocates };
+    let full_fleet_allocate = allocate_with_no_room(info, no_room_allocates, progress).await?;
 
     progress.phase("fleet: DrainHost to every host");
     let admin = admin_client(channel(&info.endpoint).await?, info)?;
@@ -1057,6 +1071,8 @@ pub(crate) async fn fleet(
         failed,
         first_error,
         connect_all_s,
+        capacity: settings.capacity,
+        fill_all_s,
         heartbeat_interval_ms: settings.heartbeat_ms,
         server_rss_before_kib,
         server_rss_after_kib,
@@ -1098,6 +1114,26 @@ async fn allocate_with_no_room(info: &ServerInfo, count: usize, progress: &Progr
     }
     progress.finish_line();
     Ok(Percentiles::of(&mut latencies))
+}
+
+/// Waits until the fleet's hosts have answered `spawns` commands (each host's
+/// slots filled: a lean host answers a spawn at once), for at most 10 minutes.
+async fn fill_fleet(children: &mut [(usize, HostsChild)], spawns: usize, progress: &Progress) -> anyhow::Result<()> {
+    progress.phase(format!("fleet: filling {spawns} slots"));
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let answered: u64 = report_all(children).await?.iter().map(|r| r.commands).sum();
+        progress.set(answered);
+        if answered >= spawns as u64 {
+            break;
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!("the fleet's slots were not filled within 10 minutes ({answered} of {spawns} spawns)");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    progress.finish_line();
+    Ok(())
 }
 
 async fn report_all(children: &mut [(usize, HostsChild)]) -> anyhow::Result<Vec<HostsReport>> {
