@@ -280,7 +280,7 @@ pub(crate) fn markdown(report: &RunReport) -> String {
                     out,
                     "| slots filled with warm boxes, {} per host (each spawn answered at once) | {}, the last {:.1} s after the last host connected |",
                     f.capacity,
-                    f.connected * f.capacity as usize,
+                    f.connected.saturating_mul(f.capacity as usize),
                     f.fill_all_s
                 );
             }

@@ -1006,7 +1006,7 @@ pub(crate) async fn fleet(
 
     let filling = Instant::now();
     if settings.capacity > 0 {
-        fill_fleet(&mut children, connected * settings.capacity as usize, progress).await?;
+        fill_fleet(&mut children, connected.saturating_mul(settings.capacity as usize), progress).await?;
     }
     let fill_all_s = filling.elapsed().as_secs_f64();
     progress.phase("fleet: heartbeating");
