@@ -1116,8 +1116,10 @@ async fn allocate_with_no_room(info: &ServerInfo, count: usize, progress: &Progr
     Ok(Percentiles::of(&mut latencies))
 }
 
-/// Waits until the fleet's hosts have answered `spawns` commands (each host's
-/// slots filled: a lean host answers a spawn at once), for at most 10 minutes.
+/// Waits until the fleet's hosts have received `spawns` commands (a lean host
+/// answers each at once; the server writes the boxes WAITING in its next
+/// bookkeeping batch, well inside the pause before the heartbeat window),
+/// for at most 10 minutes.
 async fn fill_fleet(children: &mut [(usize, HostsChild)], spawns: usize, progress: &Progress) -> anyhow::Result<()> {
     progress.phase(format!("fleet: filling {spawns} slots"));
     let deadline = Instant::now() + Duration::from_secs(600);
