@@ -12,7 +12,7 @@ use switchboard::{
     events::{Event, EventBus, LocalEventBus},
     fleet::{CommandRouter, ConnectionRegistry, LocalRouter, RouteError, registry::HostConnection},
 };
-use switchboard_proto::v1::{CommandResult, DrainHost, Port, command};
+use switchboard_proto::v1::{CommandResult, ControlMessage, DrainHost, Port, command, control_message};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -73,18 +73,27 @@ async fn redis() -> Pair {
     }
 }
 
-/// Registers a fake connection for `host_id` that behaves as `host` does.
+/// Registers a fake connection for `host_id` that behaves as `host` does:
+/// it reads the commands queued on the host's stream and answers them as the
+/// connection's task would hand the host's results over.
 fn connect(registry: &ConnectionRegistry, host_id: &str, host: Host) {
-    let (commands, mut inbox) = mpsc::channel(8);
-    registry.register(host_id, HostConnection::new(1, "us-east-1".into(), commands, CancellationToken::new()));
+    let (stream, mut inbox) = mpsc::channel(8);
+    let connection = HostConnection::new(1, "us-east-1".into(), stream.downgrade(), CancellationToken::new());
+    registry.register(host_id, connection.clone());
     tokio::spawn(async move {
+        // The task's own sender: the stream stays open while it runs.
+        let _stream = stream;
         let mut kept = Vec::new();
         while let Some(outbound) = inbox.recv().await {
-            let command_id = outbound.command.command_id.clone();
+            let Ok(ControlMessage { body: Some(control_message::Body::Command(command)) }) = *outbound else {
+                continue;
+            };
+            let command_id = command.command_id;
+            let Some(reply) = connection.answered(&command_id) else { continue };
             match host {
                 Host::Acks => {
                     let ports = vec![Port { name: "tcp_32262".into(), port: 40001, protocol: "tcp".into() }];
-                    let _ = outbound.reply.send(CommandResult {
+                    let _ = reply.send(CommandResult {
                         command_id,
                         ok: true,
                         ports,
@@ -93,15 +102,13 @@ fn connect(registry: &ConnectionRegistry, host_id: &str, host: Host) {
                     });
                 }
                 Host::Refuses => {
-                    let _ = outbound.reply.send(CommandResult {
-                        command_id,
-                        ok: false,
-                        error: "no".into(),
-                        ..Default::default()
-                    });
+                    let _ =
+                        reply.send(CommandResult { command_id, ok: false, error: "no".into(), ..Default::default() });
                 }
-                Host::NeverAnswers => kept.push(outbound),
-                Host::Dies => drop(outbound),
+                // Unanswered: the waiter stays until its deadline.
+                Host::NeverAnswers => kept.push(reply),
+                // The connection ends: every waiter hears the host is gone.
+                Host::Dies => connection.close_commands(),
             }
         }
     });

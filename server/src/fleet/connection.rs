@@ -1,12 +1,13 @@
 //! One task per host connection. It owns the stream's channels and selects on:
-//! messages from the host, commands for the host, its heartbeat deadline, and
-//! being told to stop (superseded or shutdown). A failed send means the host
-//! is gone.
+//! messages from the host (results go to the commands' waiters), its
+//! heartbeat deadline, and being told to stop (superseded or shutdown).
+//! Commands are queued on the host's stream by their senders
+//! (`HostConnection::send_command`). A failed send means the host is gone.
 
-use std::{collections::HashMap, time::Duration};
+use std::time::Duration;
 
 use switchboard_proto::v1::{
-    CommandResult, ControlMessage, HostMessage, TeardownMandelbox, Welcome, command, control_message, host_message,
+    ControlMessage, HostMessage, TeardownMandelbox, Welcome, command, control_message, host_message,
 };
 use tokio::{
     sync::{mpsc, oneshot},
@@ -20,7 +21,7 @@ use uuid::Uuid;
 use super::{
     handshake::{check_hello, read_hello},
     pool,
-    registry::{HostConnection, OutboundCommand, StopReason},
+    registry::{HostConnection, Outbound, StopReason},
 };
 use crate::{
     auth::host_credential::HostCredentials,
@@ -31,14 +32,9 @@ use crate::{
     store::ReportedMandelbox,
 };
 
-/// Outbound messages buffered per host before a send waits.
-const OUTBOUND_BUFFER: usize = 64;
-/// Commands queued per host before senders wait.
-const COMMAND_BUFFER: usize = 256;
-
-/// What the connection task queues for its host. Boxed: a channel allocates
-/// room for 32 items up front, and unboxed that is 5 KiB per host.
-type Outbound = Box<Result<ControlMessage, Status>>;
+/// Messages queued per host (commands, and the task's own) before a
+/// sender waits.
+const OUTBOUND_BUFFER: usize = 256;
 
 /// The response stream of `HostService.Connect`.
 pub type ControlStream = futures::stream::Map<ReceiverStream<Outbound>, fn(Outbound) -> Result<ControlMessage, Status>>;
@@ -99,14 +95,6 @@ impl Fleet {
         tracing::info!(host_id = %host.host_id, generation, region = %host.region, capacity = host.capacity, "host connected");
 
         let (outbound, outbound_rx) = mpsc::channel(OUTBOUND_BUFFER);
-        let (commands, commands_rx) = mpsc::channel(COMMAND_BUFFER);
-        let stop = self.shutdown.child_token();
-        let connection = HostConnection::new(generation, host.region.clone(), commands, stop.clone());
-        if record.state == HostState::Draining {
-            connection.draining();
-        }
-        self.core.registry.register(&host.host_id, connection.clone());
-
         let welcome = ControlMessage {
             body: Some(control_message::Body::Welcome(Welcome {
                 heartbeat_interval_ms: u32::try_from(config.heartbeat_interval_ms).unwrap_or(u32::MAX),
@@ -114,16 +102,18 @@ impl Fleet {
                 session_events_endpoint: self.core.public_endpoint.clone(),
             })),
         };
-        // The receiver is still in our hands: this cannot fail.
+        // Queued before the connection is registered (a command can be sent
+        // to it from then on): the host hears Welcome first. The receiver is
+        // still in our hands: this cannot fail.
         let _ = outbound.send(Box::new(Ok(welcome))).await;
+        let stop = self.shutdown.child_token();
+        let connection = HostConnection::new(generation, host.region.clone(), outbound.downgrade(), stop.clone());
+        if record.state == HostState::Draining {
+            connection.draining();
+        }
+        self.core.registry.register(&host.host_id, connection.clone());
 
-        let task = ConnectionTask {
-            core: self.core.clone(),
-            host_id: host.host_id.clone(),
-            connection,
-            outbound,
-            pending: HashMap::new(),
-        };
+        let task = ConnectionTask { core: self.core.clone(), host_id: host.host_id.clone(), connection, outbound };
         // The warm pool is topped up only once the database agrees with what
         // the host runs (a box reserved before that would look lost): the
         // connection task starts filling when this reconciliation is done.
@@ -133,7 +123,7 @@ impl Fleet {
             reconcile(core, host.host_id, host.region, hello.mandelboxes).await;
             let _ = reconciled.send(());
         });
-        tokio::spawn(task.run(inbound, commands_rx, reconciled_rx, stop));
+        tokio::spawn(task.run(inbound, reconciled_rx, stop));
         Ok(futures::StreamExt::map(
             ReceiverStream::new(outbound_rx),
             unbox as fn(Outbound) -> Result<ControlMessage, Status>,
@@ -214,10 +204,9 @@ struct ConnectionTask {
     core: SharedCore,
     host_id: String,
     connection: HostConnection,
+    /// The only strong sender of the host's stream (senders of commands
+    /// hold a weak one): the stream ends when the task drops it.
     outbound: mpsc::Sender<Outbound>,
-    /// Commands sent and not yet answered; dropped with the task, which tells
-    /// every waiter the host is gone.
-    pending: HashMap<String, tokio::sync::oneshot::Sender<CommandResult>>,
 }
 
 impl ConnectionTask {
@@ -225,7 +214,6 @@ impl ConnectionTask {
     async fn run(
         mut self,
         mut inbound: Streaming<HostMessage>,
-        mut commands: mpsc::Receiver<Box<OutboundCommand>>,
         reconciled: oneshot::Receiver<()>,
         stop: CancellationToken,
     ) {
@@ -262,22 +250,13 @@ impl ConnectionTask {
                         break Ending::Closed;
                     }
                 },
-                Some(outbound) = commands.recv() => {
-                    if matches!(outbound.command.kind, Some(command::Kind::Drain(_))) {
-                        self.connection.draining();
-                    }
-                    let id = outbound.command.command_id.clone();
-                    let message = ControlMessage { body: Some(control_message::Body::Command(outbound.command)) };
-                    if self.outbound.send(Box::new(Ok(message))).await.is_err() {
-                        break Ending::Closed;
-                    }
-                    self.pending.insert(id, outbound.reply);
-                }
                 _ = &mut heartbeat_due => break Ending::HeartbeatTimeout,
             }
         };
-        // Whatever hangs off the connection's token ends with it.
+        // Whatever hangs off the connection's token ends with it, and every
+        // command still awaited is answered "gone".
         stop.cancel();
+        self.connection.close_commands();
         // Boxed: its state would otherwise sit in every connection's task for
         // the connection's whole life (see BENCHMARKS.md, memory per host).
         Box::pin(self.finish(ending)).await;
@@ -301,7 +280,7 @@ impl ConnectionTask {
         match message.body {
             // Written with the replica's next batch (`fleet::heartbeats`).
             Some(host_message::Body::Heartbeat(_)) => self.connection.heard(),
-            Some(host_message::Body::Result(result)) => match self.pending.remove(&result.command_id) {
+            Some(host_message::Body::Result(result)) => match self.connection.answered(&result.command_id) {
                 Some(reply) => {
                     let _ = reply.send(result);
                 }

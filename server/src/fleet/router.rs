@@ -6,9 +6,8 @@ use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use switchboard_proto::v1::{Command, CommandResult, command};
-use tokio::sync::oneshot;
 
-use super::registry::{ConnectionRegistry, OutboundCommand};
+use super::registry::ConnectionRegistry;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RouteError {
@@ -57,20 +56,24 @@ impl LocalRouter {
 impl CommandRouter for LocalRouter {
     async fn send(&self, host_id: &str, kind: command::Kind, timeout: Duration) -> Result<CommandResult, RouteError> {
         let connection = self.registry.get(host_id).ok_or(RouteError::NotConnected)?;
-        let (reply, answer) = oneshot::channel();
-        let command =
-            Command { command_id: uuid::Uuid::new_v4().to_string(), kind: Some(kind), traceparent: traceparent() };
-        tracing::debug!(host_id, command_id = %command.command_id, traceparent = %command.traceparent, "sending command");
-        let send = connection.commands.send(Box::new(OutboundCommand { command, reply }));
+        let command_id = uuid::Uuid::new_v4().to_string();
+        let command = Command { command_id: command_id.clone(), kind: Some(kind), traceparent: traceparent() };
+        tracing::debug!(host_id, %command_id, traceparent = %command.traceparent, "sending command");
         // A full queue means a stuck host: that counts against the deadline too.
         let deadline = tokio::time::Instant::now() + timeout;
-        match tokio::time::timeout_at(deadline, send).await {
-            Err(_) => return Err(RouteError::Timeout(timeout)),
+        let answer = match tokio::time::timeout_at(deadline, connection.send_command(command)).await {
+            Err(_) => {
+                connection.forget(&command_id);
+                return Err(RouteError::Timeout(timeout));
+            }
             Ok(Err(_)) => return Err(RouteError::Gone),
-            Ok(Ok(())) => {}
-        }
+            Ok(Ok(answer)) => answer,
+        };
         match tokio::time::timeout_at(deadline, answer).await {
-            Err(_) => Err(RouteError::Timeout(timeout)),
+            Err(_) => {
+                connection.forget(&command_id);
+                Err(RouteError::Timeout(timeout))
+            }
             Ok(Err(_)) => Err(RouteError::Gone),
             Ok(Ok(result)) if result.ok => Ok(result),
             Ok(Ok(result)) => Err(RouteError::Refused(result.error)),
