@@ -56,8 +56,8 @@ struct Shared {
     stop_reason: std::sync::Mutex<Option<StopReason>>,
     /// A heartbeat arrived since the heartbeat writer last looked.
     heard: AtomicBool,
-    /// The host is draining (it was DRAINING when it connected, or this
-    /// connection relayed it a Drain): no replacement is spawned on it.
+    /// The host is draining (it was DRAINING when it connected, or a Drain
+    /// was sent to it on this connection): no replacement is spawned on it.
     draining: AtomicBool,
     /// The commands sent and not answered yet, each with its waiter.
     awaiting: std::sync::Mutex<Awaiting>,
